@@ -1,0 +1,270 @@
+"""Run configuration: one dataclass per component, nested in one `RunConfig`.
+
+Every field carries its help text (`help=` in the metadata); `fednano options`
+and the example config are generated from it, so documentation cannot drift.
+Configs are TOML files whose tables mirror the dataclasses (`[model]`,
+`[adapter]`, ...). Unknown keys and out-of-range values raise `ConfigError`
+naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config file or value is malformed; the message names the file and field."""
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("FEDNANO_CACHE", str(Path.home() / ".cache" / "fednano"))
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = _f("smol", "Backbone to assemble: 'smol' (EfficientNet-Lite0 + SmolLM2-135M, from packages) or 'tiny' (random, for tests).")
+    cache_dir: str = _f("", "Where prepared backbones are cached (default: $FEDNANO_CACHE or ~/.cache/fednano).")
+    visual_grid: int = _f(3, "Visual tokens per side: the encoder's 7x7 feature grid is average-pooled to grid x grid tokens. 3 (9 tokens) keeps sequences short; easy-vqa images hold one shape.")
+    image_size: int = _f(224, "Resolution the images are resized to before the vision encoder.")
+    llm_dtype: str = _f("bfloat16", "Server LLM compute dtype: 'bfloat16' (about 4x faster on CPU) or 'float32'.")
+
+    def __post_init__(self) -> None:
+        _check(self.backbone in ("smol", "tiny"), "model.backbone", f"unknown backbone {self.backbone!r}; choose 'smol' or 'tiny'")
+        _check(1 <= self.visual_grid <= 7, "model.visual_grid", "must be between 1 and 7")
+        _check(self.image_size >= 32, "model.image_size", "must be >= 32")
+        _check(self.llm_dtype in ("bfloat16", "float32"), "model.llm_dtype", "must be 'bfloat16' or 'float32'")
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        return Path(os.path.expanduser(self.cache_dir or default_cache_dir()))
+
+
+@dataclass
+class AdapterConfig:
+    rank: int = _f(16, "Rank r of each NanoAdapter (A: d->r, B: r->d).")
+    alpha: float = _f(32.0, "Scale numerator: the adapter adds (alpha / rank) * B(A(x)).")
+    dropout: float = _f(0.0, "Dropout on the adapter input during training.")
+
+    def __post_init__(self) -> None:
+        _check(self.rank >= 1, "adapter.rank", "must be >= 1")
+        _check(self.alpha > 0, "adapter.alpha", "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, "adapter.dropout", "must be in [0, 1)")
+
+
+@dataclass
+class PrepareConfig:
+    caption_images: int = _f(800, "easy-vqa train images held out for connector pre-training (stage-1 alignment); federated clients never see them.")
+    steps: int = _f(150, "Connector pre-training steps.")
+    batch_size: int = _f(16, "Connector pre-training batch size.")
+    lr: float = _f(1e-3, "Connector pre-training learning rate (AdamW).")
+    seed: int = _f(0, "Seed for the held-out split and the connector's initialisation.")
+
+    def __post_init__(self) -> None:
+        _check(self.caption_images >= 1, "prepare.caption_images", "must be >= 1")
+        _check(self.steps >= 0, "prepare.steps", "must be >= 0")
+        _check(self.batch_size >= 1, "prepare.batch_size", "must be >= 1")
+        _check(self.lr > 0, "prepare.lr", "must be > 0")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = _f("easy-vqa", "Dataset: 'easy-vqa' (ships inside its package).")
+    num_clients: int = _f(5, "Number of federated clients (partitions).")
+    partitioner: str = _f("dirichlet", "'dirichlet' (non-IID over `partition_by`) or 'iid'.")
+    dirichlet_alpha: float = _f(1.0, "Dirichlet concentration: small (0.1) = highly non-IID, large (5) = near IID.")
+    partition_by: str = _f("answer", "Label the Dirichlet partition is drawn over.")
+    min_partition_size: int = _f(20, "Smallest partition accepted; the partitioner redraws until every client has this many samples.")
+    local_test_fraction: float = _f(0.1, "Fraction of each client's partition held out as its local test split.")
+    max_local_test: int = _f(64, "Cap on each client's local test split (evaluation cost).")
+    global_test_samples: int = _f(500, "Questions sampled from easy-vqa's test split for the global test set (0 = all 9,673).")
+    seed: int = _f(0, "Seed for partitioning and test sampling.")
+
+    def __post_init__(self) -> None:
+        _check(self.dataset == "easy-vqa", "data.dataset", f"unknown dataset {self.dataset!r}; only 'easy-vqa' is available")
+        _check(self.num_clients >= 1, "data.num_clients", "must be >= 1")
+        _check(self.partitioner in ("dirichlet", "iid"), "data.partitioner", "must be 'dirichlet' or 'iid'")
+        _check(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
+        _check(self.partition_by == "answer", "data.partition_by", "easy-vqa supports only 'answer'")
+        _check(self.min_partition_size >= 2, "data.min_partition_size", "must be >= 2")
+        _check(0.0 < self.local_test_fraction < 1.0, "data.local_test_fraction", "must be in (0, 1)")
+        _check(self.max_local_test >= 1, "data.max_local_test", "must be >= 1")
+        _check(self.global_test_samples >= 0, "data.global_test_samples", "must be >= 0")
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = _f(25, "Optimiser steps each client takes per round.")
+    batch_size: int = _f(8, "Client batch size (samples per split step).")
+    lr: float = _f(2e-3, "Client learning rate (AdamW on the NanoAdapters).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    fisher_samples: int = _f(32, "Samples for the diagonal Fisher (extra pass after local training).")
+    eval_batch_size: int = _f(16, "Batch size when scoring candidate answers.")
+
+    def __post_init__(self) -> None:
+        _check(self.local_steps >= 1, "train.local_steps", "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.lr > 0, "train.lr", "must be > 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(self.fisher_samples >= 1, "train.fisher_samples", "must be >= 1")
+        _check(self.eval_batch_size >= 1, "train.eval_batch_size", "must be >= 1")
+
+
+@dataclass
+class FederationConfig:
+    strategy: str = _f("fednano", "Aggregation: 'fednano' (Fisher merging) or 'fedavg' (same adapters, weights n_k only: the no-Fisher ablation).")
+    rounds: int = _f(3, "Federated rounds.")
+    fraction_train: float = _f(1.0, "Fraction of clients sampled per round.")
+    min_train_clients: int = _f(2, "Fewest valid replies a round needs; otherwise the previous global adapters are kept.")
+    fisher_floor: float = _f(1e-6, "Lower bound on each Fisher entry (keeps the merge defined where all Fishers vanish).")
+    fisher_normalize: bool = _f(False, "Divide each client's Fisher by its mean before merging.")
+    client_cpus: float = _f(1.0, "CPUs Ray reserves per simulated client.")
+    round_timeout: float = _f(3600.0, "Seconds the server waits for replies in a round.")
+    seed: int = _f(0, "Seed for adapter initialisation and client sampling.")
+
+    def __post_init__(self) -> None:
+        from fednano.aggregation import STRATEGIES
+
+        _check(self.strategy in STRATEGIES, "federation.strategy", f"unknown strategy {self.strategy!r}; choose one of {sorted(STRATEGIES)}")
+        _check(self.rounds >= 1, "federation.rounds", "must be >= 1")
+        _check(0.0 < self.fraction_train <= 1.0, "federation.fraction_train", "must be in (0, 1]")
+        _check(self.min_train_clients >= 1, "federation.min_train_clients", "must be >= 1")
+        _check(self.fisher_floor > 0, "federation.fisher_floor", "must be > 0")
+        _check(self.client_cpus > 0, "federation.client_cpus", "must be > 0")
+        _check(self.round_timeout > 0, "federation.round_timeout", "must be > 0")
+
+
+@dataclass
+class SplitConfig:
+    host: str = _f("127.0.0.1", "Address the split-learning server binds to.")
+    port: int = _f(0, "Port of the split-learning server (0 = pick a free port).")
+    advertised_address: str = _f("", "host:port clients dial (default: host:port as bound).")
+    wire_dtype: str = _f("bfloat16", "dtype of activations and gradients on the wire: 'bfloat16' or 'float32'.")
+    max_frame_mb: float = _f(64.0, "Largest frame (MiB) the split server accepts.")
+
+    def __post_init__(self) -> None:
+        _check(self.wire_dtype in ("bfloat16", "float32"), "split.wire_dtype", "must be 'bfloat16' or 'float32'")
+        _check(0 <= self.port < 65536, "split.port", "must be in [0, 65535]")
+        _check(self.max_frame_mb > 0, "split.max_frame_mb", "must be > 0")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def to_toml(self) -> str:
+        return dump_toml(self.to_dict())
+
+
+def _check(ok: bool, name: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {msg}")
+
+
+def from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
+    """Build a validated RunConfig; unknown tables/keys and bad values name `source`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a table of sections")
+    sections = {f.name: f.type for f in dataclasses.fields(RunConfig)}
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown section [{name}]; known: {sorted(sections)}")
+        cls = _SECTION_CLASSES[name]
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        for key, v in value.items():
+            if key not in known:
+                raise ConfigError(f"{source}: unknown field {name}.{key}; known: {sorted(known)}")
+            expected = type(known[key].default)
+            if expected is float and isinstance(v, int) and not isinstance(v, bool):
+                value[key] = float(v)
+            elif not isinstance(v, expected) or (expected is int and isinstance(v, bool)):
+                raise ConfigError(f"{source}: {name}.{key} must be {expected.__name__}, got {type(v).__name__} {v!r}")
+        try:
+            kwargs[name] = cls(**value)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+    return RunConfig(**kwargs)
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Load a TOML config (or the defaults when `path` is None) and apply dotted overrides."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: config file not found") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        data.setdefault(section, {})[key] = value
+    return from_dict(data, source)
+
+
+_SECTION_CLASSES: dict[str, type] = {
+    "model": ModelConfig,
+    "adapter": AdapterConfig,
+    "prepare": PrepareConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "federation": FederationConfig,
+    "split": SplitConfig,
+}
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    return json.dumps(v)
+
+
+def dump_toml(data: dict[str, Any], with_help: bool = False) -> str:
+    """Write the config as TOML (optionally with each field's help as a comment)."""
+    lines: list[str] = []
+    for section, values in data.items():
+        lines.append(f"[{section}]")
+        helps = {f.name: f.metadata.get("help", "") for f in dataclasses.fields(_SECTION_CLASSES[section])}
+        for key, v in values.items():
+            if with_help and helps.get(key):
+                lines.append(f"# {helps[key]}")
+            lines.append(f"{key} = {_toml_value(v)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def options_help() -> str:
+    """Every option with its default and help, for `--help` and the docs."""
+    out = []
+    for section, cls in _SECTION_CLASSES.items():
+        for f in dataclasses.fields(cls):
+            out.append(f"{section}.{f.name} (default {f.default!r}): {f.metadata['help']}")
+    return "\n".join(out)

@@ -1,0 +1,163 @@
+"""The ServerApp: holds the frozen LLM, serves the split channel, runs the rounds.
+
+Per round: send the global NanoAdapters -> clients train through the split
+channel (and compute their Fisher) -> validate and merge -> clients evaluate
+the merged adapters on their local test splits -> the server evaluates them on
+the global test set. results.json is rewritten after every round.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+
+from fednano.config import RunConfig, load_config
+from fednano.data.easyvqa import answer_set
+from fednano.data.partition import global_test_set
+from fednano.federation import keys
+from fednano.federation.strategy import FedNanoStrategy
+from fednano.models.bundle import load_nanoedge, load_server_llm
+from fednano.prepare import DTYPES, ensure_prepared
+from fednano.progress import progress_bar
+from fednano.results import BYTES_FIELDS, RunRecorder
+from fednano.split.server import SplitServer
+from fednano.training import ImageFeatures, Workload, evaluate
+
+log = logging.getLogger("fednano")
+
+
+class _Locked:
+    """The server's in-process view of its LLM, sharing the split server's lock."""
+
+    def __init__(self, llm, lock: threading.Lock) -> None:  # noqa: ANN001
+        self.llm, self.lock = llm, lock
+
+    def train_step(self, *a, **kw):  # noqa: ANN002, ANN003, ANN201
+        with self.lock:
+            return self.llm.train_step(*a, **kw)
+
+    def score(self, *a, **kw):  # noqa: ANN002, ANN003, ANN201
+        with self.lock:
+            return self.llm.score(*a, **kw)
+
+
+def _array_bytes(arrays: ArrayRecord) -> int:
+    return sum(int(a.numpy().nbytes) for a in arrays.values())
+
+
+def run_server(grid: Grid, cfg: RunConfig, out_dir: Path) -> dict:
+    t_start = time.time()
+    recorder = RunRecorder(out_dir, cfg)
+    bundle = ensure_prepared(cfg)
+    llm = load_server_llm(bundle, DTYPES[cfg.model.llm_dtype])
+    split = SplitServer(llm, cfg.split.host, cfg.split.port, cfg.split.max_frame_mb).start()
+    address = cfg.split.advertised_address or split.address
+    try:
+        # The server owns the whole MLLM, so it evaluates the global adapters itself.
+        owner = load_nanoedge(bundle / "client", cfg.adapter)
+        edge = owner.edge
+        work = Workload(owner.tokenizer, ImageFeatures(edge.vision), edge.num_visual_tokens)
+        local = _Locked(llm, split.service._lock)
+        answers, test = answer_set(), global_test_set(cfg.data)
+
+        def global_eval(state: dict[str, torch.Tensor]) -> float:
+            edge.load_adapter_state(state)
+            with progress_bar(len(test), "global evaluation") as bar:
+                return evaluate(edge, local, test, work, answers, cfg.train.eval_batch_size, on_batch=bar.update)["accuracy"]
+
+        gen = torch.Generator().manual_seed(cfg.federation.seed)
+        edge.adapter_i.reset_parameters(gen)
+        edge.adapter_t.reset_parameters(gen)
+        global_state = edge.adapter_state()
+        zero_shot = global_eval(global_state)
+        log.info("zero-shot accuracy of the prepared MLLM on %d global test questions: %.4f", len(test), zero_shot)
+        recorder.set(zero_shot_accuracy=zero_shot, split_address=address, bundle=str(bundle))
+
+        strategy = FedNanoStrategy(cfg.federation)
+        strategy.summary()
+        base_config = {keys.RUN_CONFIG: cfg.to_json(), keys.SPLIT_ADDRESS: address}
+        steps_per_round = cfg.data.num_clients * cfg.train.local_steps
+        acc = zero_shot
+        with progress_bar(cfg.federation.rounds, "rounds", position=0) as rounds_bar:
+            for rnd in range(1, cfg.federation.rounds + 1):
+                t0 = time.time()
+                arrays = ArrayRecord(global_state)
+                with progress_bar(steps_per_round, f"round {rnd} local steps (all clients)", position=1) as steps_bar:
+                    split.service.on_frame = lambda op: steps_bar.update(1) if op == "train" else None
+                    msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(base_config)), grid))
+                    replies = list(grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout))
+                    split.service.on_frame = None
+                merged, train_metrics = strategy.aggregate_train(rnd, replies)
+                train_out = strategy.last_train
+                if merged is not None:
+                    global_state = merged.to_torch_state_dict()
+                eval_msgs = list(strategy.configure_evaluate(rnd, ArrayRecord(global_state), ConfigRecord(dict(base_config)), grid))
+                strategy.aggregate_evaluate(rnd, grid.send_and_receive(eval_msgs, timeout=cfg.federation.round_timeout))
+                acc = global_eval(global_state)
+
+                down = _array_bytes(arrays)
+                ok = [o for o in train_out if not o.rejected]
+                bytes_ = dict.fromkeys(BYTES_FIELDS, 0)
+                bytes_["adapters_down"] = down * (len(msgs) + len(eval_msgs))
+                bytes_["adapters_up"] = down * len([o for o in train_out if o.metrics])
+                bytes_["fisher_up"] = down * len([o for o in train_out if o.metrics]) if strategy.want_fisher else 0
+                for o in train_out + strategy.last_evaluate:
+                    for k in keys.BYTES_KEYS:
+                        bytes_[k] += int(o.metrics.get(k, 0))
+                entry = {
+                    "round": rnd,
+                    "global_accuracy": acc,
+                    "client_accuracy": {str(o.partition_id): o.metrics[keys.ACCURACY] for o in strategy.last_evaluate if not o.rejected},
+                    "train_loss": float(train_metrics[keys.TRAIN_LOSS]) if train_metrics else None,
+                    "client_train_loss": {str(o.partition_id): o.metrics[keys.TRAIN_LOSS] for o in ok},
+                    "aggregated": merged is not None,
+                    "clients_sampled": len(msgs),
+                    "clients_accepted": len(ok),
+                    "rejected": [{"node_id": o.node_id, "partition_id": o.partition_id, "reason": o.rejected} for o in train_out if o.rejected],
+                    "bytes": bytes_,
+                    "seconds": round(time.time() - t0, 2),
+                }
+                recorder.add_round(entry)
+                rounds_bar.update(1, acc=acc)
+                log.info(
+                    "round %d/%d: global acc %.4f (zero-shot %.4f) | train loss %s | %d/%d clients merged | %.2f MiB moved | %.0f s",
+                    rnd, cfg.federation.rounds, acc, zero_shot,
+                    f"{entry['train_loss']:.4f}" if entry["train_loss"] is not None else "n/a",
+                    len(ok), len(msgs), sum(bytes_.values()) / 2**20, entry["seconds"],
+                )
+        last = recorder.data["rounds"][-1]
+        final = {
+            "global_accuracy": acc,
+            "zero_shot_accuracy": zero_shot,
+            "client_accuracy": last["client_accuracy"],
+            "bytes_total": {k: sum(r["bytes"][k] for r in recorder.data["rounds"]) for k in BYTES_FIELDS},
+            "adapter_parameters": sum(v.numel() for v in global_state.values()),
+            "seconds": round(time.time() - t_start, 1),
+        }
+        recorder.finish(final, global_state)
+        return recorder.data
+    finally:
+        split.stop()
+
+
+def build_server_app(cfg: RunConfig | None = None, out_dir: Path | None = None) -> ServerApp:
+    """A ServerApp bound to a config (simulation), or reading `config-file` /
+    `output-dir` from Flower's run config (`flwr run`)."""
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg = cfg or load_config(context.run_config.get("config-file") or None)
+        out = out_dir or Path(str(context.run_config.get("output-dir", "results/flwr-run")))
+        run_server(grid, run_cfg, out)
+
+    return server_app
+
+
+app = build_server_app()

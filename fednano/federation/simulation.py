@@ -1,0 +1,50 @@
+"""Run a FedNano experiment as a Flower simulation on this machine.
+
+The ServerApp (with the LLM and the split server) runs in this process; each
+client runs in a Ray actor process and reaches the LLM only through the split
+channel. Ray is shut down afterwards: nothing is left running.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+from fednano.config import RunConfig
+
+log = logging.getLogger("fednano")
+
+
+def simulate(cfg: RunConfig, out_dir: Path) -> dict:
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Keep Flower's state inside the run folder, never in ~ (and stay offline).
+    os.environ.setdefault("FLWR_HOME", str(out_dir / ".flwr"))
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+    import ray
+    from flwr.simulation import run_simulation
+
+    from fednano.federation.client_app import app as client_app
+    from fednano.federation.server_app import build_server_app
+
+    backend = {
+        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
+        "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False, "logging_level": "error", "log_to_driver": True},
+    }
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # run_simulation's deprecation notice; we keep the in-process runtime on purpose
+            run_simulation(build_server_app(cfg, out_dir), client_app, num_supernodes=cfg.data.num_clients, backend_config=backend)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    results = json.loads((out_dir / "results.json").read_text())
+    if not results.get("final"):
+        raise RuntimeError(f"the run did not finish; completed rounds are in {out_dir / 'results.json'}")
+    return results

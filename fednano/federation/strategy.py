@@ -1,0 +1,123 @@
+"""FedNanoStrategy: Flower's Strategy interface around the pure merge functions.
+
+A strategy only aggregates (Flower's rule): it samples clients with an explicit
+seeded RNG, builds the messages, gates each reply through `validate_update`,
+and merges with the registered method (Fisher merging or FedAvg). Per-client
+outcomes of the last round are kept in `last_train` / `last_evaluate`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fednano.aggregation import STRATEGIES, validate_update
+from fednano.config import FederationConfig
+from fednano.federation import keys
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ClientOutcome:
+    node_id: int
+    partition_id: int | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    rejected: str | None = None
+
+
+class FedNanoStrategy(Strategy):
+    def __init__(self, cfg: FederationConfig) -> None:
+        self.cfg = cfg
+        self.want_fisher, self._merge = STRATEGIES[cfg.strategy]
+        self.last_train: list[ClientOutcome] = []
+        self.last_evaluate: list[ClientOutcome] = []
+        self._reference: dict[str, torch.Tensor] | None = None
+
+    def summary(self) -> None:
+        log.info("strategy %s: fraction_train=%s min_train_clients=%s fisher_floor=%g normalize=%s",
+                 self.cfg.strategy, self.cfg.fraction_train, self.cfg.min_train_clients, self.cfg.fisher_floor, self.cfg.fisher_normalize)
+
+    # --- sampling and messages ------------------------------------------------------
+    def _sample(self, grid: Grid, server_round: int, fraction: float) -> list[int]:
+        nodes = sorted(grid.get_node_ids())
+        k = max(1, min(len(nodes), round(len(nodes) * fraction)))
+        return sorted(random.Random(f"{self.cfg.seed}-{server_round}").sample(nodes, k))
+
+    def _messages(self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str) -> list[Message]:
+        return [Message(content=RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config}), message_type=kind, dst_node_id=n) for n in nodes]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._reference = arrays.to_torch_state_dict()
+        config[keys.SERVER_ROUND] = server_round
+        config[keys.WANT_FISHER] = self.want_fisher
+        return self._messages(arrays, config, self._sample(grid, server_round, self.cfg.fraction_train), MessageType.TRAIN)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        config[keys.SERVER_ROUND] = server_round
+        return self._messages(arrays, config, sorted(grid.get_node_ids()), MessageType.EVALUATE)
+
+    # --- aggregation ------------------------------------------------------------------
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        assert self._reference is not None, "configure_train must run first"
+        outcomes, accepted, thetas, fishers, counts = [], [], [], [], []
+        for msg in replies:
+            out = ClientOutcome(msg.metadata.src_node_id, None)
+            outcomes.append(out)
+            if msg.has_error():
+                out.rejected = f"client error: {msg.error.reason}"
+                continue
+            try:
+                metrics = dict(msg.content[keys.METRICS])
+                out.partition_id = int(metrics.get(keys.PARTITION_ID, -1))
+                out.metrics = {k: float(v) for k, v in metrics.items()}
+                theta = msg.content[keys.ARRAYS].to_torch_state_dict()
+                fisher = msg.content[keys.FISHER].to_torch_state_dict() if self.want_fisher else None
+            except (KeyError, TypeError, ValueError) as e:
+                out.rejected = f"malformed reply: {type(e).__name__}: {e}"
+                continue
+            problems = validate_update(self._reference, theta, fisher, out.metrics.get(keys.NUM_EXAMPLES, 0.0))
+            if problems:
+                out.rejected = "; ".join(problems)
+                continue
+            accepted.append(out)
+            thetas.append(theta)
+            fishers.append(fisher)
+            counts.append(out.metrics[keys.NUM_EXAMPLES])
+        for out in outcomes:
+            if out.rejected:
+                log.warning("round %d: rejected update from node %d (partition %s): %s", server_round, out.node_id, out.partition_id, out.rejected)
+        self.last_train = outcomes
+        if len(thetas) < self.cfg.min_train_clients:
+            log.warning("round %d: only %d valid updates (< min_train_clients=%d): keeping the previous global adapters",
+                        server_round, len(thetas), self.cfg.min_train_clients)
+            return None, None
+        merged = self._merge(thetas, fishers, counts, floor=self.cfg.fisher_floor, normalize=self.cfg.fisher_normalize)
+        total = sum(counts)
+        loss = sum(c * o.metrics[keys.TRAIN_LOSS] for c, o in zip(counts, accepted, strict=True)) / total
+        return ArrayRecord(merged), MetricRecord({keys.TRAIN_LOSS: loss, keys.NUM_EXAMPLES: total})
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        outcomes = []
+        for msg in replies:
+            out = ClientOutcome(msg.metadata.src_node_id, None)
+            if msg.has_error():
+                out.rejected = f"client error: {msg.error.reason}"
+                log.warning("round %d: evaluation failed on node %d: %s", server_round, out.node_id, msg.error.reason)
+            else:
+                out.metrics = {k: float(v) for k, v in dict(msg.content[keys.METRICS]).items()}
+                out.partition_id = int(out.metrics.get(keys.PARTITION_ID, -1))
+            outcomes.append(out)
+        self.last_evaluate = outcomes
+        ok = [o for o in outcomes if not o.rejected]
+        if not ok:
+            return None
+        n = sum(o.metrics[keys.NUM_EXAMPLES] for o in ok)
+        return MetricRecord({keys.ACCURACY: sum(o.metrics[keys.ACCURACY] * o.metrics[keys.NUM_EXAMPLES] for o in ok) / n})

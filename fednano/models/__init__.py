@@ -1,0 +1,1 @@
+"""Model components: the client's NanoEdge and the server's frozen LLM step."""

@@ -1,0 +1,81 @@
+"""NanoEdge: everything a client holds.
+
+    images -> vision encoder (frozen) -> connector (frozen) -> NanoAdapter-I ─┐
+    text ids -> LLM input-embedding table (frozen) -> NanoAdapter-T ──────────┴-> input embeddings
+
+The output is the sequence of input embeddings the server LLM consumes. The
+client never holds an LLM transformer block: only the embedding table.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fednano.config import AdapterConfig
+from fednano.models.adapters import ADAPTER_PARAM_NAMES, NanoAdapter
+from fednano.models.connector import Connector
+from fednano.models.vision import VisionEncoder
+
+# Marks the positions of visual tokens in input ids (LLaVA uses -200 the same way).
+IMAGE_PLACEHOLDER = -200
+
+
+class NanoEdge(nn.Module):
+    def __init__(self, vision: VisionEncoder, connector: Connector, embed_tokens: nn.Embedding, adapter: AdapterConfig) -> None:
+        super().__init__()
+        dim = embed_tokens.embedding_dim
+        self.vision, self.connector, self.embed_tokens = vision, connector, embed_tokens
+        for frozen in (self.vision, self.connector, self.embed_tokens):
+            frozen.requires_grad_(False)
+        self.adapter_i = NanoAdapter(dim, adapter.rank, adapter.alpha, adapter.dropout)
+        self.adapter_t = NanoAdapter(dim, adapter.rank, adapter.alpha, adapter.dropout)
+
+    @property
+    def dim(self) -> int:
+        return self.embed_tokens.embedding_dim
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.vision.num_tokens
+
+    # --- the trainable state (what crosses the wire) -------------------------------
+    def adapter_parameters(self) -> dict[str, nn.Parameter]:
+        named = dict(self.named_parameters())
+        return {name: named[name] for name in ADAPTER_PARAM_NAMES}
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.adapter_parameters().items()}
+
+    def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
+        params = self.adapter_parameters()
+        if set(state) != set(params):
+            raise ValueError(f"adapter state keys {sorted(state)} != expected {sorted(params)}")
+        with torch.no_grad():
+            for k, p in params.items():
+                if tuple(state[k].shape) != tuple(p.shape):
+                    raise ValueError(f"adapter tensor {k}: shape {tuple(state[k].shape)} != expected {tuple(p.shape)}")
+                p.copy_(state[k])
+
+    # --- forward ------------------------------------------------------------------
+    def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """(M, N, C) encoder features -> (M, N, d) adapted visual tokens."""
+        return self.adapter_i(self.connector(features))
+
+    def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """Adapted input embeddings (B, T, d).
+
+        input_ids: (B, T), visual positions marked IMAGE_PLACEHOLDER, each run of
+        N placeholders filled, in row-major order, by one image's N tokens from
+        `features` (M, N, C) (M = images in the batch; None if there are none).
+        """
+        is_image = input_ids == IMAGE_PLACEHOLDER  # (B, T)
+        text = self.adapter_t(self.embed_tokens(input_ids.clamp(min=0)))  # (B, T, d)
+        n_slots = int(is_image.sum())
+        if n_slots == 0:
+            return text
+        if features is None or features.shape[0] * features.shape[1] != n_slots:
+            got = 0 if features is None else features.shape[0] * features.shape[1]
+            raise ValueError(f"{n_slots} image placeholders but {got} visual tokens")
+        vis = self.visual_tokens(features).reshape(-1, self.dim)  # (M*N, d)
+        return text.masked_scatter(is_image.unsqueeze(-1), vis.to(text.dtype))

@@ -1,0 +1,85 @@
+"""The server side: a frozen causal LLM exposing one split-learning step.
+
+Given input embeddings, an attention mask and labels, `train_step` returns the
+loss and d loss / d embeddings; the LLM's own parameters never get gradients.
+Logits are computed only at positions that carry a label: for a small LLM the
+full-vocabulary head over every position is a large share of the work.
+`score` returns the log-likelihood of each candidate continuation (closed-set
+answer scoring), sharing one prompt pass across candidates via the KV cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+class ServerLLM:
+    """Wraps a HF causal LM (`model.model` = decoder stack, `lm_head` = head)."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+        self.model = model.to(dtype).eval()
+        self.model.requires_grad_(False)
+        self.dtype = dtype
+        self.decoder = model.get_decoder()
+        self.head = model.get_output_embeddings()
+        self.hidden_size = model.config.hidden_size
+        self.vocab_size = model.config.vocab_size
+
+    def train_step(
+        self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """-> (loss, d loss / d embeds with embeds' dtype, number of label tokens).
+
+        reduction="mean": mean NLL over label tokens (training).
+        reduction="sum": summed NLL; its gradient w.r.t. sample i's embeddings is
+        the gradient of sample i's own log-likelihood (used for per-sample Fisher).
+        """
+        x = embeds.to(self.dtype).requires_grad_(True)  # (B, T, d)
+        hidden = self.decoder(inputs_embeds=x, attention_mask=mask).last_hidden_state  # (B, T, d)
+        targets = labels[:, 1:]  # token t+1 is predicted at position t
+        sel = targets != IGNORE_INDEX  # (B, T-1)
+        n_tokens = int(sel.sum())
+        if n_tokens == 0:
+            raise ValueError("labels contain no supervised token")
+        logits = self.head(hidden[:, :-1][sel]).float()  # (N, V): only labelled positions
+        nll = F.cross_entropy(logits, targets[sel], reduction="sum")
+        loss = nll / n_tokens if reduction == "mean" else nll
+        (grad,) = torch.autograd.grad(loss, x)
+        return loss.detach().float(), grad.to(embeds.dtype), n_tokens
+
+    @torch.no_grad()
+    def score(
+        self,
+        embeds: torch.Tensor,
+        mask: torch.Tensor,
+        cand_embeds: torch.Tensor,
+        cand_ids: torch.Tensor,
+        cand_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Log-likelihood of each candidate after each prompt -> (B, K) float32.
+
+        embeds (B, T, d), mask (B, T): right-padded prompts.
+        cand_embeds (K, L, d), cand_ids (K, L), cand_mask (K, L): right-padded candidates.
+        """
+        B, K, L = embeds.shape[0], cand_ids.shape[0], cand_ids.shape[1]
+        lengths = mask.sum(1).long()  # (B,)
+        out = self.decoder(inputs_embeds=embeds.to(self.dtype), attention_mask=mask, use_cache=True)
+        last = out.last_hidden_state[torch.arange(B), lengths - 1]  # (B, d)
+        first_lp = torch.log_softmax(self.head(last).float(), -1)[:, cand_ids[:, 0]]  # (B, K)
+        if L == 1:
+            return first_lp
+        # Continue every prompt with every candidate: repeat the cache K times.
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(K)
+        x = cand_embeds.to(self.dtype).repeat(B, 1, 1)  # (B*K, L, d)
+        full_mask = torch.cat([mask.repeat_interleave(K, 0), cand_mask.repeat(B, 1)], dim=1)  # (B*K, T+L)
+        pos = lengths.repeat_interleave(K).unsqueeze(1) + torch.arange(L).unsqueeze(0)  # (B*K, L)
+        h = self.decoder(inputs_embeds=x, attention_mask=full_mask, position_ids=pos, past_key_values=cache).last_hidden_state
+        lp = torch.log_softmax(self.head(h[:, :-1]).float(), -1)  # (B*K, L-1, V)
+        nxt = cand_ids[:, 1:].repeat(B, 1)  # (B*K, L-1)
+        tok_lp = lp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1) * cand_mask[:, 1:].repeat(B, 1)
+        return first_lp + tok_lp.sum(1).view(B, K)

@@ -1,0 +1,89 @@
+"""The results folder: full config, per-round metrics (JSON, rewritten after every
+round so no completed round is lost), final adapters, a plot and a Markdown table."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from fednano.config import RunConfig
+
+BYTES_FIELDS = ("adapters_down", "adapters_up", "fisher_up", "activations_up", "gradients_down", "eval_activations_up", "eval_scores_down")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunRecorder:
+    def __init__(self, out_dir: Path, cfg: RunConfig) -> None:
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        atomic_write(self.out / "config.toml", cfg.to_toml())
+        self.data: dict[str, Any] = {"config": cfg.to_dict(), "rounds": [], "final": {}}
+
+    def set(self, **fields: Any) -> None:
+        self.data.update(fields)
+        self.save()
+
+    def add_round(self, entry: dict[str, Any]) -> None:
+        self.data["rounds"].append(entry)
+        self.save()
+
+    def save(self) -> None:
+        atomic_write(self.out / "results.json", json.dumps(self.data, indent=2))
+
+    def finish(self, final: dict[str, Any], adapters: dict[str, torch.Tensor]) -> None:
+        save_file({k: v.contiguous() for k, v in adapters.items()}, self.out / "adapters.safetensors")
+        self.data["final"] = final
+        self.save()
+        plot_accuracy(self.data, self.out / "accuracy.png")
+        atomic_write(self.out / "table.md", markdown_table(self.data))
+
+
+def plot_accuracy(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = results["rounds"]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    zs = results.get("zero_shot_accuracy")
+    xs = [0] + [r["round"] for r in rounds]
+    ax.plot(xs, [zs] + [r["global_accuracy"] for r in rounds], "o-", lw=2, color="black", label="global test (server)")
+    clients = sorted({c for r in rounds for c in r["client_accuracy"]}, key=int)
+    for c in clients:
+        pts = [(r["round"], r["client_accuracy"][c]) for r in rounds if c in r["client_accuracy"]]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], ".--", alpha=0.6, label=f"client {c} (local test)")
+    if zs is not None:
+        ax.axhline(zs, color="grey", ls=":", lw=1, label="zero-shot")
+    cfg = results["config"]
+    ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1),
+           title=f"{cfg['federation']['strategy']} · {cfg['data']['num_clients']} clients · α={cfg['data']['dirichlet_alpha']}")
+    ax.set_xticks(xs)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """Per-round table, pasteable into a paper or README."""
+    lines = ["| round | global acc. | mean client acc. | train loss | MiB moved |", "|---:|---:|---:|---:|---:|"]
+    if results.get("zero_shot_accuracy") is not None:
+        lines.append(f"| 0 (zero-shot) | {results['zero_shot_accuracy']:.4f} | | | |")
+    for r in results["rounds"]:
+        ca = list(r["client_accuracy"].values())
+        mean = f"{sum(ca) / len(ca):.4f}" if ca else ""
+        loss = f"{r['train_loss']:.4f}" if r["train_loss"] is not None else ""
+        lines.append(f"| {r['round']} | {r['global_accuracy']:.4f} | {mean} | {loss} | {sum(r['bytes'].values()) / 2**20:.2f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,112 @@
+"""The client stub: ServerLLM's `train_step` / `score`, executed on the server.
+
+Tensors go out in the wire dtype (bf16 by default) and every byte is counted
+per op, both ways. A stream broken by the server (e.g. a frame refused for
+size) is reopened on the next call.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections import defaultdict
+from collections.abc import Iterator
+
+import grpc
+import torch
+
+from fednano.split.frames import DTYPES, Frame, decode, encode
+from fednano.split.server import METHOD
+
+
+class SplitChannelError(RuntimeError):
+    """The server refused a frame or failed; `status` is the gRPC-style code."""
+
+    def __init__(self, status: str, message: str) -> None:
+        super().__init__(f"split server: {status}: {message}")
+        self.status = status
+
+
+class SplitClient:
+    def __init__(self, address: str, wire_dtype: str = "bfloat16", max_frame_mb: float = 64.0, timeout: float = 600.0) -> None:
+        self.address, self.wire = address, DTYPES[wire_dtype]
+        limit = int(max_frame_mb * 1024 * 1024) + 64 * 1024
+        self._channel = grpc.insecure_channel(
+            address, options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        )
+        self._call = self._channel.stream_stream(METHOD, request_serializer=None, response_deserializer=None)
+        self.timeout = timeout
+        self._requests: queue.Queue | None = None
+        self._responses: Iterator[bytes] | None = None
+        self.bytes_up: dict[str, int] = defaultdict(int)  # per op
+        self.bytes_down: dict[str, int] = defaultdict(int)
+        self.calls: dict[str, int] = defaultdict(int)
+
+    # --- transport -------------------------------------------------------------------
+    def _open(self) -> None:
+        self._requests = queue.Queue()
+        self._responses = self._call(iter(self._requests.get, None), timeout=self.timeout)
+
+    def request_bytes(self, data: bytes, op: str = "raw") -> Frame:
+        """Send one encoded frame, return the decoded reply (raises SplitChannelError)."""
+        if self._responses is None:
+            self._open()
+        assert self._requests is not None and self._responses is not None
+        self._requests.put(data)
+        try:
+            reply = next(self._responses)
+        except grpc.RpcError as e:
+            self._close_stream()
+            raise SplitChannelError(e.code().name, e.details() or "") from None
+        except StopIteration:
+            self._close_stream()
+            raise SplitChannelError("UNAVAILABLE", "stream closed by the server") from None
+        self.bytes_up[op] += len(data)
+        self.bytes_down[op] += len(reply)
+        self.calls[op] += 1
+        frame = decode(reply)
+        if frame.op == "error":
+            raise SplitChannelError(frame.meta.get("status", "UNKNOWN"), frame.meta.get("message", ""))
+        return frame
+
+    def request(self, frame: Frame) -> Frame:
+        return self.request_bytes(encode(frame), frame.op)
+
+    def _close_stream(self) -> None:
+        if self._requests is not None:
+            self._requests.put(None)
+        self._requests = self._responses = None
+
+    def close(self) -> None:
+        self._close_stream()
+        self._channel.close()
+
+    def __enter__(self) -> SplitClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the ServerLLM interface ----------------------------------------------------
+    def info(self) -> dict:
+        return self.request(Frame("info")).meta
+
+    def train_step(self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor, int]:
+        reply = self.request(
+            Frame("train", {"embeds": embeds.detach().to(self.wire), "mask": mask.to(torch.uint8), "labels": labels.to(torch.int32)}, {"reduction": reduction})
+        )
+        return reply.tensors["loss"].float(), reply.tensors["grad"].to(embeds.dtype), int(reply.meta["n_tokens"])
+
+    def score(self, embeds: torch.Tensor, mask: torch.Tensor, cand_embeds: torch.Tensor, cand_ids: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
+        reply = self.request(
+            Frame("score", {
+                "embeds": embeds.detach().to(self.wire), "mask": mask.to(torch.uint8),
+                "cand_embeds": cand_embeds.detach().to(self.wire), "cand_ids": cand_ids.to(torch.int32), "cand_mask": cand_mask.to(torch.uint8),
+            })
+        )
+        return reply.tensors["logprobs"]
+
+    def traffic(self) -> dict[str, int]:
+        return {
+            "activations_up": self.bytes_up["train"], "gradients_down": self.bytes_down["train"],
+            "eval_activations_up": self.bytes_up["score"], "eval_scores_down": self.bytes_down["score"],
+        }

@@ -1,0 +1,168 @@
+"""The split-learning server: a gRPC bidirectional stream in front of a ServerLLM.
+
+Each client opens one stream (`Session`) and sends one frame per step; the
+server answers each with one frame. Ops:
+
+    info   -> {hidden_size, vocab_size, dtype}            (handshake)
+    train  embeds (B,T,d), mask (B,T), labels (B,T)        -> loss (), grad (B,T,d)
+    score  embeds, mask, cand_embeds (K,L,d), cand_ids, cand_mask -> logprobs (B,K)
+
+A malformed frame gets an in-band `error` frame (status INVALID_ARGUMENT) and
+the stream stays usable; frames over the size limit are refused by gRPC with
+RESOURCE_EXHAUSTED. One client's garbage never stops the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+
+import grpc
+import torch
+
+from fednano.models.server_llm import IGNORE_INDEX, ServerLLM
+from fednano.split.frames import Frame, FrameError, decode, encode, error_frame
+
+log = logging.getLogger(__name__)
+
+SERVICE = "fednano.split.v1.SplitLLM"
+METHOD = f"/{SERVICE}/Session"
+_FLOAT = (torch.bfloat16, torch.float16, torch.float32)
+_INT = (torch.int64, torch.int32, torch.uint8, torch.bool)
+
+
+def _tensor(frame: Frame, name: str, kinds: tuple, ndim: int) -> torch.Tensor:
+    t = frame.tensors.get(name)
+    if t is None:
+        raise FrameError(f"op {frame.op!r}: missing tensor {name!r}")
+    if t.dtype not in kinds:
+        raise FrameError(f"tensor {name!r}: dtype {t.dtype} not allowed here")
+    if t.dim() != ndim:
+        raise FrameError(f"tensor {name!r}: expected {ndim} dims, got shape {tuple(t.shape)}")
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise FrameError(f"tensor {name!r}: contains NaN or Inf")
+    return t
+
+
+def _check_embeds(frame: Frame, prefix: str, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    emb = _tensor(frame, f"{prefix}embeds", _FLOAT, 3)
+    mask = _tensor(frame, f"{prefix}mask", _INT, 2).long()
+    if emb.shape[-1] != hidden:
+        raise FrameError(f"tensor {prefix}embeds: hidden size {emb.shape[-1]} != the LLM's {hidden}")
+    if tuple(mask.shape) != tuple(emb.shape[:2]):
+        raise FrameError(f"tensor {prefix}mask: shape {tuple(mask.shape)} != embeds' {tuple(emb.shape[:2])}")
+    if emb.shape[0] == 0 or emb.shape[1] == 0:
+        raise FrameError(f"tensor {prefix}embeds: empty batch")
+    if not ((mask == 0) | (mask == 1)).all():
+        raise FrameError(f"tensor {prefix}mask: values must be 0 or 1")
+    if (mask[:, 0] != 1).any():
+        raise FrameError(f"tensor {prefix}mask: sequences must be right-padded and non-empty")
+    return emb, mask
+
+
+class SplitService:
+    """Validates frames and runs the LLM; one lock serialises LLM compute."""
+
+    def __init__(self, llm: ServerLLM, max_frame_bytes: int) -> None:
+        self.llm, self.max_frame_bytes = llm, max_frame_bytes
+        self._lock = threading.Lock()
+        self.stats = {"frames": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0}
+        self._stats_lock = threading.Lock()
+        self.on_frame: Callable[[str], None] | None = None  # called with the op of every served frame
+
+    def handle(self, data: bytes) -> bytes:
+        try:
+            reply = self._dispatch(decode(data, self.max_frame_bytes))
+        except FrameError as e:
+            reply = error_frame("INVALID_ARGUMENT", str(e))
+        except Exception as e:  # noqa: BLE001 - the server must outlive any one request
+            log.exception("split step failed")
+            reply = error_frame("INTERNAL", f"{type(e).__name__}: {e}")
+        out = encode(reply)
+        with self._stats_lock:
+            self.stats["frames"] += 1
+            self.stats["errors"] += reply.op == "error"
+            self.stats["bytes_in"] += len(data)
+            self.stats["bytes_out"] += len(out)
+        if self.on_frame is not None:
+            self.on_frame(reply.op)
+        return out
+
+    def _dispatch(self, frame: Frame) -> Frame:
+        if frame.op == "info":
+            return Frame("info", meta={"hidden_size": self.llm.hidden_size, "vocab_size": self.llm.vocab_size, "dtype": str(self.llm.dtype)})
+        if frame.op == "train":
+            return self._train(frame)
+        if frame.op == "score":
+            return self._score(frame)
+        raise FrameError(f"unknown op {frame.op!r} (known: info, train, score)")
+
+    def _train(self, frame: Frame) -> Frame:
+        emb, mask = _check_embeds(frame, "", self.llm.hidden_size)
+        labels = _tensor(frame, "labels", (torch.int64, torch.int32), 2).long()
+        if tuple(labels.shape) != tuple(mask.shape):
+            raise FrameError(f"tensor labels: shape {tuple(labels.shape)} != mask's {tuple(mask.shape)}")
+        valid = (labels == IGNORE_INDEX) | ((labels >= 0) & (labels < self.llm.vocab_size))
+        if not valid.all():
+            raise FrameError(f"tensor labels: ids must be in [0, {self.llm.vocab_size}) or {IGNORE_INDEX}")
+        if not (labels[:, 1:] != IGNORE_INDEX).any():
+            raise FrameError("tensor labels: no supervised token")
+        reduction = frame.meta.get("reduction", "mean")
+        if reduction not in ("mean", "sum"):
+            raise FrameError(f"meta.reduction must be 'mean' or 'sum', got {reduction!r}")
+        with self._lock:
+            loss, grad, n_tokens = self.llm.train_step(emb, mask, labels, reduction)
+        return Frame("train", {"loss": loss.reshape(()), "grad": grad}, {"n_tokens": n_tokens})
+
+    def _score(self, frame: Frame) -> Frame:
+        emb, mask = _check_embeds(frame, "", self.llm.hidden_size)
+        c_emb, c_mask = _check_embeds(frame, "cand_", self.llm.hidden_size)
+        c_ids = _tensor(frame, "cand_ids", (torch.int64, torch.int32), 2).long()
+        if tuple(c_ids.shape) != tuple(c_mask.shape):
+            raise FrameError(f"tensor cand_ids: shape {tuple(c_ids.shape)} != cand_mask's {tuple(c_mask.shape)}")
+        if ((c_ids < 0) | (c_ids >= self.llm.vocab_size)).any():
+            raise FrameError(f"tensor cand_ids: ids must be in [0, {self.llm.vocab_size})")
+        with self._lock:
+            lp = self.llm.score(emb, mask, c_emb, c_ids, c_mask)
+        return Frame("score", {"logprobs": lp.float()})
+
+
+class SplitServer:
+    """Runs SplitService on a gRPC server; `address` is what clients dial."""
+
+    def __init__(self, llm: ServerLLM, host: str = "127.0.0.1", port: int = 0, max_frame_mb: float = 64.0, workers: int = 16) -> None:
+        self.max_frame_bytes = int(max_frame_mb * 1024 * 1024)
+        self.service = SplitService(llm, self.max_frame_bytes)
+        grpc_limit = self.max_frame_bytes + 64 * 1024  # beyond this gRPC itself refuses (RESOURCE_EXHAUSTED)
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="split"),
+            options=[("grpc.max_receive_message_length", grpc_limit), ("grpc.max_send_message_length", grpc_limit)],
+        )
+        handler = grpc.method_handlers_generic_handler(
+            SERVICE, {"Session": grpc.stream_stream_rpc_method_handler(self._session)}
+        )
+        self._server.add_generic_rpc_handlers((handler,))
+        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        if self.port == 0:
+            raise RuntimeError(f"split server could not bind {host}:{port}")
+        self.address = f"{host}:{self.port}"
+
+    def _session(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        for data in requests:
+            yield self.service.handle(data)
+
+    def start(self) -> SplitServer:
+        self._server.start()
+        log.info("split server listening on %s", self.address)
+        return self
+
+    def stop(self, grace: float = 1.0) -> None:
+        self._server.stop(grace).wait()
+
+    def __enter__(self) -> SplitServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

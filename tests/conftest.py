@@ -1,0 +1,57 @@
+"""Shared fixtures: a tiny random backbone prepared once per session (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("FEDNANO_PROGRESS", "off")
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.toml"
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fednano-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tiny_cache: Path):
+    from fednano.config import load_config
+
+    return load_config(TINY, {"model.cache_dir": str(tiny_cache)})
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_cfg) -> Path:
+    from fednano.prepare import ensure_prepared
+
+    return ensure_prepared(tiny_cfg)
+
+
+@pytest.fixture()
+def tiny_llm(tiny_bundle: Path):
+    from fednano.models.bundle import load_server_llm
+
+    return load_server_llm(tiny_bundle, torch.float32)
+
+
+@pytest.fixture()
+def tiny_edge(tiny_bundle: Path, tiny_cfg):
+    from fednano.models.bundle import load_nanoedge
+
+    return load_nanoedge(tiny_bundle / "client", tiny_cfg.adapter)
+
+
+def randomize_adapters(edge, seed: int = 0, scale: float = 0.05) -> None:
+    """Give B non-zero values so gradients reach A as well (B = 0 at init)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in edge.adapter_parameters().values():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)

@@ -1,0 +1,109 @@
+"""The gRPC split channel against a tiny LLM on loopback: round trips, counting, rejections."""
+
+import math
+
+import pytest
+import torch
+
+from fednano.split.client import SplitChannelError, SplitClient
+from fednano.split.frames import Frame, encode
+from fednano.split.server import SplitServer
+
+
+@pytest.fixture()
+def server(tiny_llm):
+    srv = SplitServer(tiny_llm, "127.0.0.1", 0, max_frame_mb=1.0).start()
+    yield srv
+    srv.stop()
+
+
+def _request(d: int, B: int = 2, T: int = 6, vocab: int = 10):
+    g = torch.Generator().manual_seed(0)
+    embeds = torch.randn(B, T, d, generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, -2:] = 0
+    labels = torch.full((B, T), -100)
+    labels[:, 3:5] = torch.randint(0, vocab, (B, 2), generator=g)
+    return embeds, mask, labels
+
+
+def test_train_step_round_trip_equals_local_and_counts_bytes(server, tiny_llm):
+    embeds, mask, labels = _request(tiny_llm.hidden_size)
+    with SplitClient(server.address, wire_dtype="float32") as client:
+        loss, grad, n = client.train_step(embeds, mask, labels)
+        traffic = client.traffic()
+    ref_loss, ref_grad, ref_n = tiny_llm.train_step(embeds, mask, labels)
+    assert n == ref_n == 4
+    assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-6)
+    assert torch.allclose(grad, ref_grad, atol=1e-7)
+    # embeds (fp32) + mask (uint8) + labels (int32) go up; grad (fp32) + loss come down
+    B, T, d = embeds.shape
+    assert traffic["activations_up"] > B * T * d * 4 + B * T * 5
+    assert traffic["gradients_down"] > B * T * d * 4
+    assert server.service.stats["frames"] == 1 and server.service.stats["errors"] == 0
+
+
+def test_bf16_wire_halves_activation_bytes(server, tiny_llm):
+    embeds, mask, labels = _request(tiny_llm.hidden_size)
+    up = {}
+    for wire in ("float32", "bfloat16"):
+        with SplitClient(server.address, wire_dtype=wire) as client:
+            client.train_step(embeds, mask, labels)
+            up[wire] = client.traffic()["activations_up"]
+    # 2 bytes fewer per element; the header names the longer dtype ("bfloat16" vs "float32")
+    assert up["float32"] - up["bfloat16"] == embeds.numel() * 2 - (len("bfloat16") - len("float32"))
+
+
+def _bad_frames(d: int):
+    embeds, mask, labels = _request(d)
+    nan = embeds.clone()
+    nan[0, 0, 0] = math.nan
+    labels_oob = labels.clone()
+    labels_oob[0, 3] = 10**6
+    return {
+        "unknown op": Frame("launch", {}),
+        "missing tensor": Frame("train", {"embeds": embeds, "mask": mask}),
+        "wrong dtype": Frame("train", {"embeds": embeds.long(), "mask": mask, "labels": labels}),
+        "wrong hidden size": Frame("train", {"embeds": embeds[..., :-1], "mask": mask, "labels": labels}),
+        "mask shape": Frame("train", {"embeds": embeds, "mask": mask[:, :-1], "labels": labels}),
+        "NaN": Frame("train", {"embeds": nan, "mask": mask, "labels": labels}),
+        "label out of vocab": Frame("train", {"embeds": embeds, "mask": mask, "labels": labels_oob}),
+        "no supervised token": Frame("train", {"embeds": embeds, "mask": mask, "labels": torch.full_like(labels, -100)}),
+        "bad reduction": Frame("train", {"embeds": embeds, "mask": mask, "labels": labels}, {"reduction": "max"}),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_frames(8)))
+def test_malformed_requests_are_refused_and_the_stream_keeps_working(server, tiny_llm, case):
+    frame = _bad_frames(tiny_llm.hidden_size)[case]
+    embeds, mask, labels = _request(tiny_llm.hidden_size)
+    with SplitClient(server.address, wire_dtype="float32") as client:
+        with pytest.raises(SplitChannelError) as err:
+            client.request(frame)
+        assert err.value.status == "INVALID_ARGUMENT"
+        # same client, same stream: the next valid step is served
+        loss, _, _ = client.train_step(embeds, mask, labels)
+    assert math.isfinite(loss.item())
+    assert server.service.stats["errors"] == 1
+
+
+@pytest.mark.parametrize("garbage", [b"\x00" * 10, b"FNS1" + b"\xff" * 20, encode(Frame("train", {"x": torch.zeros(4)}))[:-3]])
+def test_garbage_and_truncated_bytes_are_refused(server, garbage):
+    with SplitClient(server.address) as client:
+        with pytest.raises(SplitChannelError, match="INVALID_ARGUMENT"):
+            client.request_bytes(garbage)
+        assert client.info()["hidden_size"] > 0
+
+
+def test_oversized_frame_is_refused_and_server_keeps_serving(server, tiny_llm):
+    embeds, mask, labels = _request(tiny_llm.hidden_size)
+    huge = torch.zeros(2, 1024, 1024)  # 8 MiB > the 1 MiB limit
+    with SplitClient(server.address, max_frame_mb=64) as greedy:
+        with pytest.raises(SplitChannelError) as err:
+            greedy.request(Frame("train", {"embeds": huge}))
+        assert err.value.status == "RESOURCE_EXHAUSTED"
+        # the client reopens its stream and goes on
+        assert greedy.info()["hidden_size"] == tiny_llm.hidden_size
+    with SplitClient(server.address, wire_dtype="float32") as other:
+        loss, _, _ = other.train_step(embeds, mask, labels)
+    assert math.isfinite(loss.item())
