@@ -22,15 +22,16 @@ SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override 
 def _setup_logging(log_file: Path | None = None) -> None:
     from rich.logging import RichHandler
 
-    handlers: list[logging.Handler] = [RichHandler(show_path=False, rich_tracebacks=False)]
+    handlers: list[logging.Handler] = [RichHandler(level=logging.INFO, show_path=False, rich_tracebacks=False)]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         fh = logging.FileHandler(log_file)
+        fh.setLevel(logging.INFO)
         fh.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handlers.append(fh)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=handlers, force=True)
-    for noisy in ("transformers", "datasets", "urllib3", "filelock", "flwr"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    # Third-party libraries speak at WARNING and above; FedNano's own loggers at INFO.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", handlers=handlers, force=True)
+    logging.getLogger("fednano").setLevel(logging.INFO)
 
 
 def _overrides(pairs: list[str] | None) -> dict:

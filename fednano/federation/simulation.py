@@ -33,6 +33,10 @@ def simulate(cfg: RunConfig, out_dir: Path) -> dict:
     from fednano.federation.client_app import app as client_app
     from fednano.federation.server_app import build_server_app
 
+    # Flower logs every message (and run_simulation's deprecation notice: we keep this
+    # in-process runtime on purpose); FedNano logs its own per-round summary.
+    logging.getLogger("flwr").setLevel(logging.ERROR)
+
     backend = {
         "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
         "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False, "logging_level": "error", "log_to_driver": True},

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save_file
 from torch import nn
 
 from fednano.config import AdapterConfig
@@ -41,6 +42,11 @@ class ClientBundle:
     edge: NanoEdge
     tokenizer: Any
     meta: dict
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a small safetensors file through Python's open (visible to audit hooks)."""
+    return load_safetensors_bytes(path.read_bytes())
 
 
 def _require(path: Path, what: str) -> Path:
@@ -154,12 +160,12 @@ def load_nanoedge(client_dir: Path, adapter: AdapterConfig) -> ClientBundle:
     meta = load_client_meta(client_dir)
     vision_state = None
     if (client_dir / "vision.safetensors").exists():
-        vision_state = load_file(client_dir / "vision.safetensors")
+        vision_state = read_safetensors(client_dir / "vision.safetensors")
     vision = build_vision_encoder(meta["vision"], meta["image_size"], meta["visual_grid"], vision_state)
-    emb_w = load_file(_require(client_dir / "embeddings.safetensors", "embedding table"))["weight"]
+    emb_w = read_safetensors(_require(client_dir / "embeddings.safetensors", "embedding table"))["weight"]
     embed = nn.Embedding.from_pretrained(emb_w, freeze=True)
     connector = Connector(vision.feature_dim, emb_w.shape[1])
-    connector.load_state_dict(load_file(_require(client_dir / "connector.safetensors", "connector weights")))
+    connector.load_state_dict(read_safetensors(_require(client_dir / "connector.safetensors", "connector weights")))
     tok = AutoTokenizer.from_pretrained(_require(client_dir / "tokenizer", "tokenizer"))
     return ClientBundle(NanoEdge(vision, connector, embed, adapter), tok, meta)
 

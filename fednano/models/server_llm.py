@@ -79,7 +79,9 @@ class ServerLLM:
         full_mask = torch.cat([mask.repeat_interleave(K, 0), cand_mask.repeat(B, 1)], dim=1)  # (B*K, T+L)
         pos = lengths.repeat_interleave(K).unsqueeze(1) + torch.arange(L).unsqueeze(0)  # (B*K, L)
         h = self.decoder(inputs_embeds=x, attention_mask=full_mask, position_ids=pos, past_key_values=cache).last_hidden_state
-        lp = torch.log_softmax(self.head(h[:, :-1]).float(), -1)  # (B*K, L-1, V)
+        # A contiguous 2-D input: torch's bf16 linear on a strided 3-D slice is ~400x slower on CPU.
+        flat = h[:, :-1].reshape(-1, h.shape[-1]).contiguous()  # (B*K*(L-1), d)
+        lp = torch.log_softmax(self.head(flat).float(), -1).view(B * K, L - 1, -1)  # (B*K, L-1, V)
         nxt = cand_ids[:, 1:].repeat(B, 1)  # (B*K, L-1)
         tok_lp = lp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1) * cand_mask[:, 1:].repeat(B, 1)
         return first_lp + tok_lp.sum(1).view(B, K)

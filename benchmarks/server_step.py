@@ -1,0 +1,148 @@
+"""Benchmark the split-learning step on this machine, side by side in one run.
+
+Measures:
+  * this machine's bf16 and fp32 matmul rate (2048 x 2048, the reference peak);
+  * the server step (SmolLM2-135M, loss + d loss / d embeddings) in three variants:
+      ours-bf16  : bf16, logits only at labelled positions (what FedNano runs)
+      full-head  : bf16, HF's own loss: full-vocabulary head over every position
+      ours-fp32  : fp32, logits only at labelled positions
+    FLOPs are counted by torch's FlopCounterMode on the real step, so
+    achieved GFLOP/s / matmul GFLOP/s is an honest utilisation ratio;
+  * the client step (NanoEdge forward + backward into the adapters) and a full
+    split step over the real gRPC channel on loopback, with bytes per step.
+
+    python benchmarks/server_step.py [--batch 8] [--repeats 5]
+
+Needs the prepared smol bundle (`fednano prepare`, also done by `make run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from fednano.config import RunConfig
+from fednano.data.easyvqa import load_split
+from fednano.models.bundle import load_nanoedge, load_server_llm
+from fednano.prepare import ensure_prepared
+from fednano.split.client import SplitClient
+from fednano.split.frames import Frame, encode
+from fednano.split.server import SplitServer
+from fednano.training import ImageFeatures, Workload
+
+
+def timeit(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / timeit(lambda: a @ b, repeats) / 1e9
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def full_head_step(llm, embeds, mask, labels):
+    """The naive step: HF's loss, full-vocabulary logits at every position."""
+    x = embeds.to(llm.dtype).requires_grad_(True)
+    out = llm.model(inputs_embeds=x, attention_mask=mask)
+    logits = out.logits.float()
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    (g,) = torch.autograd.grad(loss, x)
+    return loss, g
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=8, help="samples per step (default 8, the training default)")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repetitions per variant (median reported)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+
+    cfg = RunConfig()
+    bundle = ensure_prepared(cfg)
+    client = load_nanoedge(bundle / "client", cfg.adapter)
+    edge = client.edge
+    work = Workload(client.tokenizer, ImageFeatures(edge.vision), edge.num_visual_tokens)
+    samples = list(load_split("train")[: args.batch])
+    batch, feats = work.train_batch(samples)
+    B, T = batch.input_ids.shape
+    with torch.no_grad():
+        embeds = edge.embed(batch.input_ids, feats)
+
+    peak_bf16, peak_fp32 = matmul_gflops(torch.bfloat16), matmul_gflops(torch.float32)
+    rows = []
+    llm = load_server_llm(bundle, torch.bfloat16)
+    for name, dtype in (("ours-bf16", torch.bfloat16), ("full-head", torch.bfloat16), ("ours-fp32", torch.float32)):
+        if llm.dtype != dtype:
+            llm = load_server_llm(bundle, dtype)
+        if name == "full-head":
+            step = lambda: full_head_step(llm, embeds, batch.attention_mask, batch.labels)  # noqa: E731
+        else:
+            step = lambda: llm.train_step(embeds, batch.attention_mask, batch.labels)  # noqa: E731
+        flops = count_flops(step)
+        sec = timeit(step, args.repeats)
+        peak = peak_bf16 if dtype == torch.bfloat16 else peak_fp32
+        rows.append((name, sec, flops, flops / sec / 1e9, flops / sec / 1e9 / peak_bf16, flops / sec / 1e9 / peak))
+
+    # client side and the real channel (bf16 wire, as in training)
+    llm = load_server_llm(bundle, torch.bfloat16)
+    params = list(edge.adapter_parameters().values())
+
+    def client_only():
+        e = edge.embed(batch.input_ids, feats)
+        e.backward(torch.ones_like(e))
+        for p in params:
+            p.grad = None
+
+    client_sec = timeit(client_only, args.repeats)
+    fresh = ImageFeatures(edge.vision)
+    encode_sec = timeit(lambda: (fresh._memo.clear(), fresh([s.image_path for s in samples])), args.repeats)
+    with SplitServer(llm) as server, SplitClient(server.address, "bfloat16") as split:
+
+        def split_step():
+            e = edge.embed(batch.input_ids, feats)
+            _, g, _ = split.train_step(e, batch.attention_mask, batch.labels)
+            e.backward(g)
+
+        split_sec = timeit(split_step, args.repeats)
+        up = split.bytes_up["train"] / split.calls["train"]
+        down = split.bytes_down["train"] / split.calls["train"]
+    local_sec = rows[0][1]
+    payload = len(encode(Frame("x", {"e": embeds.to(torch.bfloat16)})))
+
+    print(f"\nSplit step benchmark: SmolLM2-135M server, batch {B} x {T} tokens, torch threads {torch.get_num_threads()}\n")
+    print(f"matmul 2048^2: bf16 {peak_bf16:.0f} GFLOP/s, fp32 {peak_fp32:.0f} GFLOP/s (ratio {peak_bf16 / peak_fp32:.2f}x)\n")
+    print("| server step | seconds | GFLOP counted | achieved GFLOP/s | / bf16 matmul peak | / same-dtype peak |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, sec, flops, rate, r_bf16, r_same in rows:
+        print(f"| {name} | {sec:.3f} | {flops / 1e9:.1f} | {rate:.0f} | {r_bf16:.2f} | {r_same:.2f} |")
+    print(f"\nspeed-up of ours-bf16: {rows[1][1] / rows[0][1]:.2f}x over full-head, {rows[2][1] / rows[0][1]:.2f}x over ours-fp32\n")
+    print("| client / channel | value |")
+    print("|---|---:|")
+    print(f"| client NanoEdge forward+backward (features cached) | {client_sec * 1000:.1f} ms |")
+    print(f"| vision encoder, {B} new images (EfficientNet-Lite0, 224 px) | {encode_sec * 1000:.0f} ms |")
+    print(f"| full split step over gRPC loopback (client + server + wire) | {split_sec:.3f} s |")
+    print(f"| channel + client overhead vs in-process server step | {(split_sec - local_sec) * 1000:.0f} ms ({split_sec / local_sec:.2f}x) |")
+    print(f"| bytes up per step (embeds bf16 + mask + labels + header) | {up:,.0f} |")
+    print(f"| bytes down per step (grad bf16 + loss + header) | {down:,.0f} |")
+    print(f"| of which raw embeddings (B x T x d x 2 bytes) | {B * T * edge.dim * 2:,} (frame {payload:,}) |")
+
+
+if __name__ == "__main__":
+    main()

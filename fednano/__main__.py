@@ -1,0 +1,3 @@
+from fednano.cli import main
+
+main()

@@ -1,0 +1,64 @@
+import pytest
+from typer.testing import CliRunner
+
+from fednano.cli import app
+from fednano.config import ConfigError, RunConfig, dump_toml, load_config
+from tests.conftest import ROOT
+
+
+def _write(tmp_path, text):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[model]\nbackbonez = 'smol'\n", "unknown field model.backbonez"),
+        ("[modle]\n", r"unknown section \[modle\]"),
+        ("[train]\nlocal_steps = 'ten'\n", "train.local_steps must be int"),
+        ("[train]\nlocal_steps = 0\n", "train.local_steps: must be >= 1"),
+        ("[federation]\nstrategy = 'fedadgrad'\n", "unknown strategy 'fedadgrad'"),
+        ("[data]\ndirichlet_alpha = -1\n", "data.dirichlet_alpha: must be > 0"),
+        ("[model\n", "not valid TOML"),
+    ],
+)
+def test_bad_configs_name_file_and_field(tmp_path, text, needle):
+    p = _write(tmp_path, text)
+    with pytest.raises(ConfigError, match=needle) as err:
+        load_config(p)
+    assert str(p) in str(err.value)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "none.toml")
+
+
+def test_config_round_trips_through_toml(tmp_path):
+    cfg = load_config(ROOT / "configs" / "tiny.toml")
+    again = load_config(_write(tmp_path, cfg.to_toml()))
+    assert again == cfg
+
+
+def test_default_config_file_is_the_documented_defaults():
+    # configs/default.toml is generated from the dataclasses: it cannot drift.
+    assert (ROOT / "configs" / "default.toml").read_text().strip() == dump_toml(RunConfig().to_dict(), with_help=True).strip()
+    assert load_config(ROOT / "configs" / "default.toml") == RunConfig()
+
+
+def test_cli_reports_bad_config_without_traceback(tmp_path):
+    p = _write(tmp_path, "[train]\nlr = 'fast'\n")
+    res = CliRunner().invoke(app, ["prepare", "--config", str(p)])
+    assert res.exit_code == 2
+    assert "train.lr must be float" in res.output and str(p) in res.output
+
+
+def test_cli_set_overrides_and_help():
+    res = CliRunner().invoke(app, ["run", "--help"])
+    assert res.exit_code == 0 and "--config" in res.output and "--set" in res.output and "--output" in res.output
+    res = CliRunner().invoke(app, ["options"])
+    assert "federation.strategy" in res.output and "Fisher merging" in res.output
+    res = CliRunner().invoke(app, ["run", "--set", "federation.rounds=zero"])
+    assert res.exit_code == 2 and "federation.rounds must be int" in res.output

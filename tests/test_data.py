@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from fednano.config import DataConfig
+from fednano.data.easyvqa import DataError, captions, held_out_image_ids, load_image, load_split
+from fednano.data.partition import federated_pool, global_test_set, split_clients
+from fednano.data.prompts import answer_ids, prompt_ids, training_batch
+from fednano.models.nanoedge import IMAGE_PLACEHOLDER
+from fednano.models.server_llm import IGNORE_INDEX
+
+
+def test_easyvqa_ships_its_data():
+    train, test = load_split("train"), load_split("test")
+    assert len(train) == 38_575 and len(test) == 9_673
+    assert load_image(train[0].image_path).shape == (3, 64, 64)
+
+
+def test_held_out_images_never_reach_clients():
+    held = held_out_image_ids(100, seed=3)
+    pool = federated_pool(100, 3)
+    assert len(held) == 100
+    assert not {s.image_id for s in pool} & held
+    assert len(pool) < len(load_split("train"))
+
+
+def test_captions_come_from_the_image_questions():
+    train = load_split("train")
+    img = train[0].image_id
+    caps = captions(train, {img})
+    (path, text), = caps.values()
+    answers = {s.answer for s in train if s.image_id == img}
+    assert path == train[0].image_path and text.startswith("A ")
+    assert all(w in answers for w in text[2:-1].split())
+
+
+def _cfg(**kw):
+    base = dict(num_clients=4, dirichlet_alpha=0.3, min_partition_size=20, max_local_test=10, seed=5)
+    return DataConfig(**{**base, **kw})
+
+
+def test_dirichlet_partition_is_reproducible_disjoint_and_non_iid():
+    pool = federated_pool(100, 0)[:4000]
+    a, b = split_clients(pool, _cfg()), split_clients(pool, _cfg())
+    assert [len(c.train) for c in a] == [len(c.train) for c in b]
+    assert [c.train[:3] for c in a] == [c.train[:3] for c in b]
+    seen = [id(s) for c in a for s in c.train + c.test]
+    assert len(seen) == len(set(seen)) == 4000  # every sample exactly once
+    assert all(len(c.train) + len(c.test) >= 20 for c in a)
+    assert all(1 <= len(c.test) <= 10 for c in a)
+    # alpha = 0.3 skews label histograms: the top label's share differs between clients
+    shares = [max(c.label_histogram().values()) / len(c.train) for c in a]
+    assert max(shares) - min(shares) > 0.05
+    c = split_clients(pool, _cfg(seed=6))
+    assert [len(x.train) for x in c] != [len(x.train) for x in a]
+
+
+def test_iid_partition_is_balanced():
+    pool = federated_pool(100, 0)[:1000]
+    parts = split_clients(pool, _cfg(partitioner="iid"))
+    assert {len(p.train) + len(p.test) for p in parts} == {250}
+
+
+def test_global_test_set_sampling():
+    assert len(global_test_set(DataConfig(global_test_samples=50))) == 50
+    assert global_test_set(DataConfig(global_test_samples=50)) == global_test_set(DataConfig(global_test_samples=50))
+    assert len(global_test_set(DataConfig(global_test_samples=0))) == 9_673
+
+
+def test_prompt_has_visual_slots_and_labels_only_the_answer(tiny_edge):
+    tok = tiny_edge.tokenizer
+    ids = prompt_ids(tok, "what shape is this?", 4)
+    assert ids.count(IMAGE_PLACEHOLDER) == 4
+    batch = training_batch(tok, ["what color is the shape?", "is there a circle?"], ["blue", "no"], 4)
+    for i, ans in enumerate(["blue", "no"]):
+        labelled = batch.labels[i][batch.labels[i] != IGNORE_INDEX].tolist()
+        assert labelled == answer_ids(tok, ans)
+
+
+def test_missing_and_corrupt_images_name_the_file(tmp_path):
+    with pytest.raises(DataError, match="not found: .*nope.png"):
+        load_image(str(tmp_path / "nope.png"))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(DataError, match="unreadable image .*bad.png"):
+        load_image(str(bad))
+
+
+def test_embed_rejects_placeholder_feature_mismatch(tiny_edge):
+    edge = tiny_edge.edge
+    ids = torch.tensor([[5, IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER, 6]])
+    with pytest.raises(ValueError, match="2 image placeholders but 0 visual tokens"):
+        edge.embed(ids, None)

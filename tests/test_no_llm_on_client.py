@@ -1,0 +1,82 @@
+"""The client never loads an LLM transformer weight.
+
+A client process (a fresh interpreter) builds its NanoEdge and trains through
+the split channel while a Python audit hook records every file it opens; the
+LLM's files must not be among them, and no transformer block may exist in it.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+
+from safetensors import safe_open
+
+from fednano.split.server import SplitServer
+from tests.conftest import ROOT
+
+CLIENT = textwrap.dedent(
+    """
+    import json, os, sys
+    opened = []
+    sys.addaudithook(lambda ev, args: opened.append(os.fsdecode(args[0])) if ev == "open" and isinstance(args[0], (str, bytes, os.PathLike)) else None)
+    import torch
+    from fednano.config import load_config
+    from fednano.data.easyvqa import answer_set, load_split
+    from fednano.fisher import empirical_fisher
+    from fednano.models.bundle import load_nanoedge
+    from fednano.split.client import SplitClient
+    from fednano.training import ImageFeatures, Workload, evaluate, split_step
+
+    bundle_dir, address, config = sys.argv[1:4]
+    cfg = load_config(config)
+    b = load_nanoedge(bundle_dir + "/client", cfg.adapter)
+    work = Workload(b.tokenizer, ImageFeatures(b.edge.vision), b.edge.num_visual_tokens)
+    samples = list(load_split("train")[:4])
+    with SplitClient(address, "float32") as client:
+        loss = split_step(b.edge, client, *work.train_batch(samples))
+        empirical_fisher(b.edge, client, [work.train_batch(samples)])
+        evaluate(b.edge, client, samples, work, answer_set(), 4)
+        traffic = client.traffic()
+    print(json.dumps({
+        "opened": opened, "loss": loss, "traffic": traffic,
+        "modules": sorted({type(m).__name__ for m in b.edge.modules()}),
+        "params": sum(p.numel() for p in b.edge.parameters()),
+    }))
+    """
+)
+
+
+def test_client_process_never_opens_llm_weights(tiny_bundle, tiny_llm, tiny_cfg, tmp_path):
+    cfg_file = tmp_path / "c.toml"
+    cfg_file.write_text(tiny_cfg.to_toml())
+    # The client machine gets client/ only, as in a deployment: the LLM is not on its disk.
+    device = tmp_path / "device"
+    shutil.copytree(tiny_bundle / "client", device / "client")
+    with SplitServer(tiny_llm) as server:
+        out = subprocess.run([sys.executable, "-c", CLIENT, str(device), server.address, str(cfg_file)],
+                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    opened_on_device = [p for p in report["opened"] if p.startswith(str(device))]
+    for f in ("embeddings.safetensors", "connector.safetensors", "nanoedge.json"):  # the hook does see the client's files
+        assert any(p.endswith(f) for p in opened_on_device), f
+    assert not [p for p in report["opened"] if p.startswith(str(tiny_bundle))]  # nothing of the server's bundle
+    assert not [m for m in report["modules"] if "Decoder" in m or "Attention" in m or "CausalLM" in m]
+    assert "NanoAdapter" in report["modules"]
+    assert report["traffic"]["activations_up"] > 0 and report["traffic"]["eval_scores_down"] > 0
+    # the client holds: encoder + connector + embedding table + adapters, and nothing of the LLM's blocks
+    llm_params = sum(p.numel() for p in tiny_llm.model.parameters())
+    embed_params = tiny_llm.model.get_input_embeddings().weight.numel()
+    assert report["params"] < llm_params + 1  # strictly less than the LLM alone here
+    assert embed_params < report["params"]
+
+
+def test_client_bundle_holds_no_transformer_tensor(tiny_bundle):
+    names = []
+    for f in (tiny_bundle / "client").glob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            names += [f"{f.name}:{k}" for k in st.keys()]
+    assert "embeddings.safetensors:weight" in names
+    assert not [n for n in names if "layers." in n or "self_attn" in n or "mlp" in n or "lm_head" in n]

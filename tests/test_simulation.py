@@ -1,0 +1,44 @@
+"""A real Flower simulation (ServerApp + ClientApps in Ray actors) through the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from tests.conftest import ROOT, TINY
+
+
+def _ray_processes(settle: float = 0.0) -> int:
+    deadline = time.time() + settle
+    while True:  # Ray's processes take a few seconds to exit after shutdown
+        out = subprocess.run(["pgrep", "-f", "raylet|gcs_server|ray::"], capture_output=True, text=True)
+        n = len(out.stdout.split())
+        if n == 0 or time.time() > deadline:
+            return n
+        time.sleep(0.5)
+
+
+def test_tiny_run_two_clients_two_rounds(tiny_bundle, tiny_cache, tmp_path):
+    before = _ray_processes()
+    out_dir = tmp_path / "run"
+    env = {**os.environ, "FEDNANO_CACHE": str(tiny_cache), "FEDNANO_PROGRESS": "off"}
+    proc = subprocess.run([sys.executable, "-m", "fednano", "run", "--config", str(TINY), "--output", str(out_dir)],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    for name in ("config.toml", "results.json", "adapters.safetensors", "accuracy.png", "table.md", "run.log"):
+        assert (out_dir / name).stat().st_size > 0, name
+    res = json.loads((out_dir / "results.json").read_text())
+    assert [r["round"] for r in res["rounds"]] == [1, 2]
+    for r in res["rounds"]:
+        assert set(r["client_accuracy"]) == {"0", "1"}
+        assert 0.0 <= r["global_accuracy"] <= 1.0 and r["train_loss"] > 0
+        assert r["clients_accepted"] == 2 and r["aggregated"]
+        b = r["bytes"]
+        assert b["adapters_up"] == b["fisher_up"] > 0
+        assert b["adapters_down"] == 2 * b["adapters_up"]  # train + evaluate messages
+        assert b["activations_up"] > 0 and b["gradients_down"] > 0 and b["eval_activations_up"] > 0
+    assert set(res["final"]) >= {"global_accuracy", "zero_shot_accuracy"}
+    assert res["config"]["federation"]["strategy"] == "fednano"
+    assert _ray_processes(settle=20) <= before  # nothing left running

@@ -1,0 +1,113 @@
+"""FedNanoStrategy with hand-built Flower Messages: merging, and rejecting bad updates."""
+
+import logging
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from fednano.aggregation import fisher_merge
+from fednano.config import FederationConfig
+from fednano.federation import keys
+from fednano.federation.strategy import FedNanoStrategy
+
+
+class _Nodes:
+    """The part of a Grid that sampling reads (node ids); no transport involved."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+    def get_node_ids(self):
+        return self.ids
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+
+
+GLOBAL = {"adapter_i.A.weight": torch.zeros(2, 3), "adapter_i.B.weight": torch.zeros(3, 2)}
+
+
+def _reply(instr, theta, fisher, n, pid, loss=1.0):
+    content = RecordDict({
+        keys.ARRAYS: ArrayRecord({k: v.clone() for k, v in theta.items()}),
+        keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n, keys.PARTITION_ID: pid, keys.TRAIN_LOSS: loss}),
+    })
+    if fisher is not None:
+        content[keys.FISHER] = ArrayRecord({k: v.clone() for k, v in fisher.items()})
+    return Message(content=content, reply_to=instr)
+
+
+def _instructions(strategy, n=3):
+    return list(strategy.configure_train(1, ArrayRecord(GLOBAL), ConfigRecord({}), _Nodes(list(range(10, 10 + n)))))
+
+
+def _like(value):
+    return {k: torch.full_like(v, value) for k, v in GLOBAL.items()}
+
+
+def test_fednano_strategy_merges_with_fisher_and_weights():
+    s = FedNanoStrategy(FederationConfig(strategy="fednano", min_train_clients=2))
+    m = _instructions(s, 2)
+    assert all(bool(x.content[keys.CONFIG][keys.WANT_FISHER]) for x in m)
+    replies = [_reply(m[0], _like(1.0), _like(1.0), 10, 0, loss=2.0), _reply(m[1], _like(3.0), _like(3.0), 30, 1, loss=1.0)]
+    arrays, metrics = s.aggregate_train(1, replies)
+    got = arrays.to_torch_state_dict()
+    want = fisher_merge([_like(1.0), _like(3.0)], [_like(1.0), _like(3.0)], [10, 30])
+    for k in want:
+        assert torch.allclose(got[k], want[k])
+    # (10*1*1 + 30*3*3) / (10*1 + 30*3) = 280/100
+    assert got["adapter_i.A.weight"][0, 0].item() == pytest.approx(2.8)
+    assert metrics[keys.TRAIN_LOSS] == pytest.approx((10 * 2.0 + 30 * 1.0) / 40)
+
+
+def test_bad_updates_are_rejected_with_client_ids(caplog):
+    s = FedNanoStrategy(FederationConfig(strategy="fednano", min_train_clients=1))
+    m = _instructions(s, 4)
+    nan = _like(1.0)
+    nan["adapter_i.A.weight"][0, 0] = math.nan
+    wrong = {"adapter_i.A.weight": torch.zeros(4, 4), "adapter_i.B.weight": torch.zeros(3, 2)}
+    replies = [
+        _reply(m[0], _like(5.0), _like(1.0), 10, 0),
+        _reply(m[1], nan, _like(1.0), 10, 1),
+        _reply(m[2], wrong, _like(1.0), 10, 2),
+        Message(Error(code=0, reason="client crashed"), reply_to=m[3]),
+    ]
+    with caplog.at_level(logging.WARNING):
+        arrays, _ = s.aggregate_train(1, replies)
+    assert torch.allclose(arrays.to_torch_state_dict()["adapter_i.A.weight"], torch.full((2, 3), 5.0))
+    reasons = {o.partition_id: o.rejected for o in s.last_train}
+    assert reasons[0] is None
+    assert "NaN" in reasons[1] and "shape" in reasons[2]
+    assert "client crashed" in reasons[None]
+    assert "partition 1" in caplog.text and "partition 2" in caplog.text and "node 13" in caplog.text
+
+
+def test_round_with_too_few_valid_updates_keeps_previous_adapters(caplog):
+    s = FedNanoStrategy(FederationConfig(strategy="fedavg", min_train_clients=2))
+    m = _instructions(s, 2)
+    assert not any(bool(x.content[keys.CONFIG][keys.WANT_FISHER]) for x in m)
+    negative_n = _reply(m[1], _like(1.0), None, -3, 1)
+    with caplog.at_level(logging.WARNING):
+        arrays, metrics = s.aggregate_train(1, [_reply(m[0], _like(1.0), None, 10, 0), negative_n])
+    assert arrays is None and metrics is None
+    assert "keeping the previous global adapters" in caplog.text
+
+
+def test_missing_fisher_record_is_a_malformed_reply():
+    s = FedNanoStrategy(FederationConfig(strategy="fednano", min_train_clients=1))
+    m = _instructions(s, 1)
+    arrays, _ = s.aggregate_train(1, [_reply(m[0], _like(1.0), None, 10, 0)])
+    assert arrays is None
+    assert "malformed reply" in s.last_train[0].rejected
+
+
+def test_sampling_is_seeded_and_explicit():
+    s = FedNanoStrategy(FederationConfig(fraction_train=0.5, seed=3))
+    pick = lambda r: sorted(x.metadata.dst_node_id for x in s.configure_train(r, ArrayRecord(GLOBAL), ConfigRecord({}), _Nodes(list(range(10)))))  # noqa: E731
+    assert pick(1) == pick(1) and len(pick(1)) == 5
+    assert any(pick(1) != pick(r) for r in range(2, 6))
