@@ -22,7 +22,7 @@ class ConfigError(ValueError):
     """A config file or value is malformed; the message names the file and field."""
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:  # noqa: A002 - mirrors argparse
+def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 

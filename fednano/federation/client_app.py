@@ -19,8 +19,8 @@ from flwr.clientapp import ClientApp
 from fednano.config import RunConfig, from_dict
 from fednano.data.easyvqa import answer_set
 from fednano.data.partition import ClientData, federated_pool, split_clients
-from fednano.fisher import empirical_fisher
 from fednano.federation import keys
+from fednano.fisher import empirical_fisher
 from fednano.models.bundle import load_nanoedge
 from fednano.models.nanoedge import NanoEdge
 from fednano.prepare import bundle_dir

@@ -35,14 +35,14 @@ log = logging.getLogger("fednano")
 class _Locked:
     """The server's in-process view of its LLM, sharing the split server's lock."""
 
-    def __init__(self, llm, lock: threading.Lock) -> None:  # noqa: ANN001
+    def __init__(self, llm, lock: threading.Lock) -> None:
         self.llm, self.lock = llm, lock
 
-    def train_step(self, *a, **kw):  # noqa: ANN002, ANN003, ANN201
+    def train_step(self, *a, **kw):
         with self.lock:
             return self.llm.train_step(*a, **kw)
 
-    def score(self, *a, **kw):  # noqa: ANN002, ANN003, ANN201
+    def score(self, *a, **kw):
         with self.lock:
             return self.llm.score(*a, **kw)
 

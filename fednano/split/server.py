@@ -77,7 +77,7 @@ class SplitService:
             reply = self._dispatch(decode(data, self.max_frame_bytes))
         except FrameError as e:
             reply = error_frame("INVALID_ARGUMENT", str(e))
-        except Exception as e:  # noqa: BLE001 - the server must outlive any one request
+        except Exception as e:
             log.exception("split step failed")
             reply = error_frame("INTERNAL", f"{type(e).__name__}: {e}")
         out = encode(reply)

