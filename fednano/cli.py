@@ -57,7 +57,12 @@ def _load(config: Path | None, sets: list[str] | None) -> RunConfig:
         raise typer.Exit(2) from None
 
 
-@app.command()
+_OPTIONS_EPILOG = "Config options (TOML tables; override any with --set section.field=value):\n\n" + "\n\n".join(
+    f"  {line}" for line in options_help().splitlines()
+)
+
+
+@app.command(epilog=_OPTIONS_EPILOG)
 def run(
     config: ConfigOpt = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Results folder: config.toml, results.json, adapters.safetensors, accuracy.png, table.md, run.log.")] = Path("results/latest"),
@@ -75,7 +80,7 @@ def run(
     typer.echo((output / "table.md").read_text())
 
 
-@app.command()
+@app.command(epilog=_OPTIONS_EPILOG)
 def prepare(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Assemble the backbone and pre-train its connector (cached; `run` does this when needed)."""
     cfg = _load(config, set_)

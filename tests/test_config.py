@@ -58,6 +58,7 @@ def test_cli_reports_bad_config_without_traceback(tmp_path):
 def test_cli_set_overrides_and_help():
     res = CliRunner().invoke(app, ["run", "--help"])
     assert res.exit_code == 0 and "--config" in res.output and "--set" in res.output and "--output" in res.output
+    assert "train.local_steps" in res.output and "federation.fisher_floor" in res.output  # every option explained
     res = CliRunner().invoke(app, ["options"])
     assert "federation.strategy" in res.output and "Fisher merging" in res.output
     res = CliRunner().invoke(app, ["run", "--set", "federation.rounds=zero"])

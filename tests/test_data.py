@@ -90,3 +90,9 @@ def test_embed_rejects_placeholder_feature_mismatch(tiny_edge):
     ids = torch.tensor([[5, IMAGE_PLACEHOLDER, IMAGE_PLACEHOLDER, 6]])
     with pytest.raises(ValueError, match="2 image placeholders but 0 visual tokens"):
         edge.embed(ids, None)
+
+
+def test_impossible_partition_names_the_settings():
+    pool = federated_pool(100, 0)[:200]
+    with pytest.raises(DataError, match="data.min_partition_size=150"):
+        split_clients(pool, _cfg(num_clients=4, min_partition_size=150))

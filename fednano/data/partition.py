@@ -12,7 +12,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from fednano.config import DataConfig
-from fednano.data.easyvqa import Sample, held_out_image_ids, load_split
+from fednano.data.easyvqa import DataError, Sample, held_out_image_ids, load_split
 
 
 @dataclass
@@ -38,7 +38,13 @@ def partition_indices(labels: list[str], cfg: DataConfig) -> list[list[int]]:
             min_partition_size=cfg.min_partition_size, self_balancing=False, shuffle=True, seed=cfg.seed,
         )
     part.dataset = ds
-    return [list(part.load_partition(i)["idx"]) for i in range(cfg.num_clients)]
+    try:
+        return [list(part.load_partition(i)["idx"]) for i in range(cfg.num_clients)]
+    except ValueError as e:
+        raise DataError(
+            f"cannot split {len(labels)} samples into data.num_clients={cfg.num_clients} partitions with "
+            f"data.dirichlet_alpha={cfg.dirichlet_alpha} and data.min_partition_size={cfg.min_partition_size}: {e}"
+        ) from None
 
 
 def federated_pool(held_out_images: int, prepare_seed: int) -> list[Sample]:
