@@ -16,6 +16,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 log = logging.getLogger("fednano")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML run config (see `fednano options`; defaults apply to anything it omits).")]
+BackboneOpt = Annotated[str | None, typer.Option("--backbone", "-b", help="Shortcut for --set model.backbone=NAME: smol, compose, llava, blip2, tiny.")]
+CheckpointOpt = Annotated[Path | None, typer.Option("--checkpoint", help="Shortcut for --set model.checkpoint=DIR (a local llava / blip2 checkpoint).")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override one option, e.g. --set federation.rounds=5 (repeatable; value parsed as TOML).")]
 
 
@@ -49,9 +51,14 @@ def _overrides(pairs: list[str] | None) -> dict:
     return out
 
 
-def _load(config: Path | None, sets: list[str] | None) -> RunConfig:
+def _load(config: Path | None, sets: list[str] | None, backbone: str | None = None, checkpoint: Path | None = None) -> RunConfig:
     try:
-        return load_config(config, _overrides(sets))
+        overrides = _overrides(sets)
+        if backbone:
+            overrides["model.backbone"] = backbone
+        if checkpoint:
+            overrides["model.checkpoint"] = str(checkpoint)
+        return load_config(config, overrides)
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -66,10 +73,12 @@ _OPTIONS_EPILOG = "Config options (TOML tables; override any with --set section.
 def run(
     config: ConfigOpt = None,
     output: Annotated[Path, typer.Option("--output", "-o", help="Results folder: config.toml, results.json, adapters.safetensors, accuracy.png, table.md, run.log.")] = Path("results/latest"),
+    backbone: BackboneOpt = None,
+    checkpoint: CheckpointOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """Run a federated experiment as a Flower simulation (prepares the backbone first if needed)."""
-    cfg = _load(config, set_)
+    cfg = _load(config, set_, backbone, checkpoint)
     _setup_logging(output / "run.log")
     from fednano.federation.simulation import simulate
 
@@ -81,13 +90,36 @@ def run(
 
 
 @app.command(epilog=_OPTIONS_EPILOG)
-def prepare(config: ConfigOpt = None, set_: SetOpt = None) -> None:
-    """Assemble the backbone and pre-train its connector (cached; `run` does this when needed)."""
-    cfg = _load(config, set_)
+def prepare(config: ConfigOpt = None, backbone: BackboneOpt = None, checkpoint: CheckpointOpt = None, set_: SetOpt = None) -> None:
+    """Split the backbone into client and server parts, pre-training a composed connector (cached; `run` does this when needed)."""
+    cfg = _load(config, set_, backbone, checkpoint)
     _setup_logging()
     from fednano.prepare import ensure_prepared
 
     typer.echo(str(ensure_prepared(cfg)))
+
+
+@app.command()
+def footprint(
+    backbone: Annotated[list[str] | None, typer.Option("--backbone", "-b", help="llava-1.5-7b, minigpt4 or smol (repeatable; default: all three).")] = None,
+    rank: Annotated[int, typer.Option(help="NanoAdapter rank r.")] = 64,
+    batch: Annotated[int, typer.Option(help="Samples per split step, for the activation bytes.")] = 8,
+    text_tokens: Annotated[int, typer.Option(help="Text tokens per sample, for the activation bytes.")] = 64,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a Markdown table.")] = False,
+) -> None:
+    """Client/server parameters, storage reduction and traffic, from real configurations (no weights needed)."""
+    import json
+
+    from fednano.footprint import FOOTPRINTS, markdown
+    from fednano.footprint import footprint as measure
+
+    names = backbone or list(FOOTPRINTS)
+    try:
+        rows = [measure(n, rank, batch, text_tokens) for n in names]
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps([r.as_dict() for r in rows], indent=2) if as_json else markdown(rows))
 
 
 @app.command()

@@ -30,16 +30,25 @@ def default_cache_dir() -> str:
     return os.environ.get("FEDNANO_CACHE", str(Path.home() / ".cache" / "fednano"))
 
 
+BACKBONES = ("smol", "tiny", "compose", "llava", "blip2")
+
+
 @dataclass
 class ModelConfig:
-    backbone: str = _f("smol", "Backbone to assemble: 'smol' (EfficientNet-Lite0 + SmolLM2-135M, from packages) or 'tiny' (random, for tests).")
+    backbone: str = _f("smol", "MLLM: 'smol' (EfficientNet-Lite0 + SmolLM2-135M, from packages), 'compose' (vision_encoder + connector + the causal LM at llm_path), 'llava' or 'blip2' (a local HF checkpoint at `checkpoint`), 'tiny' (random, for tests).")
+    checkpoint: str = _f("", "llava / blip2: local directory of a HF LlavaForConditionalGeneration / Blip2ForConditionalGeneration checkpoint (config, weights, tokenizer).")
+    llm_path: str = _f("", "compose: local directory of a HF causal LM (config, weights, tokenizer).")
+    vision_encoder: str = _f("efficientnet-lite0", "compose: vision encoder ('efficientnet-lite0', ImageNet weights from its package).")
     cache_dir: str = _f("", "Where prepared backbones are cached (default: $FEDNANO_CACHE or ~/.cache/fednano).")
-    visual_grid: int = _f(3, "Visual tokens per side: the encoder's 7x7 feature grid is average-pooled to grid x grid tokens. 3 (9 tokens) keeps sequences short; easy-vqa images hold one shape.")
-    image_size: int = _f(224, "Resolution the images are resized to before the vision encoder.")
+    visual_grid: int = _f(3, "smol/compose: visual tokens per side; the encoder's 7x7 feature grid is average-pooled to grid x grid tokens. 3 (9 tokens) keeps sequences short; easy-vqa images hold one shape.")
+    image_size: int = _f(224, "smol/compose: resolution images are resized to before the vision encoder (llava/blip2 use their checkpoint's).")
     llm_dtype: str = _f("bfloat16", "Server LLM compute dtype: 'bfloat16' (about 4x faster on CPU) or 'float32'.")
 
     def __post_init__(self) -> None:
-        _check(self.backbone in ("smol", "tiny"), "model.backbone", f"unknown backbone {self.backbone!r}; choose 'smol' or 'tiny'")
+        _check(self.backbone in BACKBONES, "model.backbone", f"unknown backbone {self.backbone!r}; choose one of {list(BACKBONES)}")
+        _check(self.backbone not in ("llava", "blip2") or bool(self.checkpoint), "model.checkpoint", f"backbone {self.backbone!r} needs the path of a local checkpoint")
+        _check(self.backbone != "compose" or bool(self.llm_path), "model.llm_path", "backbone 'compose' needs the path of a local causal LM")
+        _check(self.vision_encoder == "efficientnet-lite0", "model.vision_encoder", "only 'efficientnet-lite0' is available")
         _check(1 <= self.visual_grid <= 7, "model.visual_grid", "must be between 1 and 7")
         _check(self.image_size >= 32, "model.image_size", "must be >= 32")
         _check(self.llm_dtype in ("bfloat16", "float32"), "model.llm_dtype", "must be 'bfloat16' or 'float32'")

@@ -1,11 +1,14 @@
-"""`fednano prepare`: assemble the MLLM and pre-train its connector once, centrally.
+"""`fednano prepare`: turn a backbone into a bundle (client part + server part), once.
 
-Like LLaVA's stage-1 feature alignment: the vision encoder and the LLM stay
-frozen, the connector learns to map visual features into the LLM's embedding
-space from image-caption pairs. The pairs come from easy-vqa train images held
-out from federated training (`prepare.caption_images`); the federated clients
-never see those images. The result is cached under the cache dir, keyed by
-every setting that changes it.
+* smol / tiny / compose: assemble vision encoder + MLP connector + causal LM and
+  pre-train the connector centrally, like LLaVA's stage-1 feature alignment (the
+  encoder and the LLM stay frozen) on image-caption pairs from easy-vqa train
+  images held out from federated training (`prepare.caption_images`): the
+  federated clients never see those images. `smol` is `compose` with SmolLM2
+  from its package; `tiny` is `compose` with random tiny models.
+* llava / blip2: split an existing HF checkpoint (its connector is trained already).
+
+The result is cached under the cache dir, keyed by every setting that changes it.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import random
-import re
 import shutil
 import time
 from pathlib import Path
@@ -23,12 +26,13 @@ import torch
 from torch import nn
 
 from fednano.config import AdapterConfig, RunConfig
-from fednano.data.easyvqa import captions, held_out_image_ids, load_split, vocabulary_words
-from fednano.data.prompts import SYSTEM_PROMPT, training_batch
-from fednano.models.bundle import build_tiny_llm, convert_smollm2, load_llm, write_client_bundle
+from fednano.data.easyvqa import captions, held_out_image_ids, load_split
+from fednano.data.prompts import training_batch
+from fednano.models.bundle import convert_smollm2, load_llm, write_compose_bundle, write_hf_mllm_bundle
 from fednano.models.connector import Connector
 from fednano.models.nanoedge import NanoEdge
 from fednano.models.server_llm import ServerLLM
+from fednano.models.tiny import build_tiny_llm
 from fednano.models.vision import TinyCNN, build_vision_encoder
 from fednano.progress import progress_bar
 from fednano.training import ImageFeatures, split_step
@@ -40,8 +44,17 @@ CAPTION_QUESTION = "What is in the image?"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+def _abs(path: str) -> str:
+    return str(Path(os.path.expanduser(path)).resolve()) if path else ""
+
+
 def bundle_dir(cfg: RunConfig) -> Path:
-    key = {"model": {k: getattr(cfg.model, k) for k in ("backbone", "visual_grid", "image_size")}, "prepare": cfg.prepare.__dict__}
+    m = cfg.model
+    if m.backbone in ("llava", "blip2"):
+        key: dict = {"backbone": m.backbone, "checkpoint": _abs(m.checkpoint)}
+    else:
+        key = {"model": {"backbone": m.backbone, "visual_grid": m.visual_grid, "image_size": m.image_size, "llm_path": _abs(m.llm_path),
+                         "vision_encoder": m.vision_encoder}, "prepare": cfg.prepare.__dict__}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return cfg.model.resolved_cache_dir / f"{cfg.model.backbone}-{digest}"
 
@@ -53,31 +66,47 @@ def ensure_prepared(cfg: RunConfig) -> Path:
     return prepare(cfg)
 
 
-def _tiny_words() -> list[str]:
-    text = " ".join([SYSTEM_PROMPT, CAPTION_SYSTEM, CAPTION_QUESTION, "system user assistant a"])
-    return vocabulary_words() + re.findall(r"\w+|[^\w\s]+", text.lower())
-
-
 def prepare(cfg: RunConfig) -> Path:
-    """Build the bundle (client/ + server.json) and pre-train the connector."""
+    """Build the bundle (client/ + server.json + prepare.json) for `cfg.model.backbone`."""
     t0 = time.time()
     out = bundle_dir(cfg)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    m = cfg.model
+    log.info("preparing backbone %r into %s", m.backbone, out)
+    if m.backbone in ("llava", "blip2"):
+        checkpoint = Path(_abs(m.checkpoint))
+        meta = write_hf_mllm_bundle(tmp / "client", checkpoint, m.backbone)
+        server = {"kind": m.backbone, "path": str(checkpoint)}
+        report: dict = {"checkpoint": str(checkpoint), "num_visual_tokens": meta["num_visual_tokens"]}
+    else:
+        if m.backbone == "smol":
+            llm_dir, server_path = convert_smollm2(m.resolved_cache_dir / "smollm2-135m-instruct"), None
+        elif m.backbone == "tiny":
+            llm_dir, server_path = build_tiny_llm(tmp / "llm", seed=cfg.prepare.seed), "llm"
+        else:
+            llm_dir, server_path = Path(_abs(m.llm_path)), None
+        if m.backbone == "tiny":
+            torch.manual_seed(cfg.prepare.seed)
+            vision_spec, vision_state = {"type": "tiny-cnn", "channels": 16}, TinyCNN(16).state_dict()
+        else:
+            vision_spec, vision_state = {"type": m.vision_encoder}, None
+        report = _prepare_compose(cfg, tmp / "client", llm_dir, vision_spec, vision_state)
+        server = {"kind": "causal-lm", "path": server_path or str(llm_dir)}
+    (tmp / "server.json").write_text(json.dumps(server))
+    report = {"backbone": m.backbone, "config": {"model": m.__dict__, "prepare": cfg.prepare.__dict__}, **report,
+              "seconds": round(time.time() - t0, 1)}
+    (tmp / "prepare.json").write_text(json.dumps(report, indent=2))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log.info("prepared %s in %.0f s", out, report["seconds"])
+    return out
+
+
+def _prepare_compose(cfg: RunConfig, client_dir: Path, llm_dir: Path, vision_spec: dict, vision_state: dict | None) -> dict:
+    """Stage-1 alignment: train the connector between a frozen encoder and a frozen LLM."""
     p = cfg.prepare
-    log.info("preparing backbone %r into %s", cfg.model.backbone, out)
-
-    if cfg.model.backbone == "smol":
-        llm_dir = convert_smollm2(cfg.model.resolved_cache_dir / "smollm2-135m-instruct")
-        llm_ref = str(llm_dir)
-        vision_spec, vision_state = {"type": "efficientnet-lite0"}, None
-    else:  # tiny: random weights built from config (tests)
-        llm_dir = build_tiny_llm(tmp / "llm", _tiny_words(), seed=p.seed)
-        llm_ref = "llm"
-        torch.manual_seed(p.seed)
-        vision_spec, vision_state = {"type": "tiny-cnn", "channels": 16}, TinyCNN(16).state_dict()
-
     model, tokenizer = load_llm(llm_dir)
     embed_weight = model.get_input_embeddings().weight.detach().float().clone()  # (V, d)
     llm = ServerLLM(model, DTYPES[cfg.model.llm_dtype])
@@ -85,7 +114,7 @@ def prepare(cfg: RunConfig) -> Path:
     torch.manual_seed(p.seed)
     connector = Connector(vision.feature_dim, embed_weight.shape[1])
     edge = NanoEdge(vision, connector, nn.Embedding.from_pretrained(embed_weight, freeze=True), AdapterConfig())
-    edge.connector.requires_grad_(True)  # stage 1: only the connector trains
+    edge.connector.requires_grad_(True)  # stage 1: only the connector trains (an MLP: no dropout, no norm)
 
     held = held_out_image_ids(p.caption_images, p.seed)
     pairs = list(captions(load_split("train"), held).values())
@@ -104,21 +133,12 @@ def prepare(cfg: RunConfig) -> Path:
             sched.step()
             bar.update(1, loss=losses[-1])
 
-    meta = {"backbone": cfg.model.backbone, "hidden_size": int(embed_weight.shape[1]), "vocab_size": int(embed_weight.shape[0]),
+    meta = {"hidden_size": int(embed_weight.shape[1]), "vocab_size": int(embed_weight.shape[0]),
             "visual_grid": cfg.model.visual_grid, "image_size": cfg.model.image_size}
-    write_client_bundle(tmp / "client", vision_spec=vision_spec, vision_state=vision_state, connector=edge.connector,
-                        embed_weight=embed_weight, tokenizer=tokenizer, meta=meta)
-    (tmp / "server.json").write_text(json.dumps({"llm_dir": llm_ref}))
+    write_compose_bundle(client_dir, vision_spec=vision_spec, vision_state=vision_state, connector=edge.connector,
+                         embed_weight=embed_weight, tokenizer=tokenizer, meta=meta)
     window = max(1, min(10, len(losses)))
-    report = {
-        "config": {"model": cfg.model.__dict__, "prepare": p.__dict__},
-        "caption_pairs": len(pairs), "held_out_images": sorted(held),
-        "caption_loss_first": sum(losses[:window]) / window if losses else None,
-        "caption_loss_last": sum(losses[-window:]) / window if losses else None,
-        "seconds": round(time.time() - t0, 1),
-    }
-    (tmp / "prepare.json").write_text(json.dumps(report, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    log.info("prepared %s in %.0f s (caption loss %.3f -> %.3f)", out, report["seconds"], report["caption_loss_first"] or 0, report["caption_loss_last"] or 0)
-    return out
+    first = sum(losses[:window]) / window if losses else None
+    last = sum(losses[-window:]) / window if losses else None
+    log.info("connector pre-training: caption loss %.3f -> %.3f over %d steps", first or 0, last or 0, len(losses))
+    return {"caption_pairs": len(pairs), "held_out_images": sorted(held), "caption_loss_first": first, "caption_loss_last": last}

@@ -92,6 +92,7 @@ def test_embed_rejects_placeholder_feature_mismatch(tiny_edge):
         edge.embed(ids, None)
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # flwr-datasets warns on every redraw
 def test_impossible_partition_names_the_settings():
     pool = federated_pool(100, 0)[:200]
     with pytest.raises(DataError, match="data.min_partition_size=150"):

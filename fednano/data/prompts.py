@@ -12,21 +12,41 @@ from fednano.models.server_llm import IGNORE_INDEX
 
 IMAGE_MARK = "<image>"
 SYSTEM_PROMPT = "Answer the question about the image with one word."
-END_OF_TURN = "<|im_end|>"
+CHATML_END = "<|im_end|>"
+
+
+def _has_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def end_of_turn(tokenizer: Any) -> str:
+    """ChatML's <|im_end|> where the tokenizer knows it, else its EOS (LLaVA-1.5's </s>)."""
+    vocab = tokenizer.get_vocab()
+    return CHATML_END if CHATML_END in vocab else str(tokenizer.eos_token)
+
+
+def prompt_text(tokenizer: Any, question: str, system: str = SYSTEM_PROMPT) -> str:
+    """The tokenizer's chat template; without one, LLaVA-1.5's plain 'USER: ... ASSISTANT:' format."""
+    content = f"{IMAGE_MARK}\n{question}"
+    if _has_template(tokenizer):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": content}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return f"{system} USER: {content} ASSISTANT:"
 
 
 def prompt_ids(tokenizer: Any, question: str, n_visual: int, system: str = SYSTEM_PROMPT) -> list[int]:
-    """Chat-template prompt ending with the assistant header; `<image>` -> n_visual slots."""
-    messages = [{"role": "system", "content": system}, {"role": "user", "content": f"{IMAGE_MARK}\n{question}"}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    before, after = text.split(IMAGE_MARK)
+    """Prompt ending where the answer starts; the `<image>` mark becomes n_visual slots,
+    as HF's LLaVA / BLIP-2 processors expand their image token."""
+    before, after = prompt_text(tokenizer, question, system).split(IMAGE_MARK)
     enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    return enc(before) + [IMAGE_PLACEHOLDER] * n_visual + enc(after)
+    bos = [tokenizer.bos_token_id] if not _has_template(tokenizer) and tokenizer.bos_token_id is not None else []
+    return bos + enc(before) + [IMAGE_PLACEHOLDER] * n_visual + enc(after)
 
 
 def answer_ids(tokenizer: Any, answer: str) -> list[int]:
     """The supervised continuation: the answer and the end-of-turn token."""
-    return tokenizer(answer + END_OF_TURN, add_special_tokens=False)["input_ids"]
+    lead = "" if _has_template(tokenizer) else " "  # after "ASSISTANT:" comes a space
+    return tokenizer(lead + answer + end_of_turn(tokenizer), add_special_tokens=False)["input_ids"]
 
 
 @dataclass

@@ -14,22 +14,35 @@ from torch import nn
 
 from fednano.config import AdapterConfig
 from fednano.models.adapters import ADAPTER_PARAM_NAMES, NanoAdapter
-from fednano.models.connector import Connector
-from fednano.models.vision import VisionEncoder
 
 # Marks the positions of visual tokens in input ids (LLaVA uses -200 the same way).
 IMAGE_PLACEHOLDER = -200
 
 
 class NanoEdge(nn.Module):
-    def __init__(self, vision: VisionEncoder, connector: Connector, embed_tokens: nn.Embedding, adapter: AdapterConfig) -> None:
+    def __init__(
+        self, vision: nn.Module, connector: nn.Module, embed_tokens: nn.Embedding, adapter: AdapterConfig, num_visual_tokens: int | None = None
+    ) -> None:
+        """vision: frozen images -> features (M, P, C); connector: features -> (M, N, d)."""
         super().__init__()
+        self._num_visual_tokens = num_visual_tokens if num_visual_tokens is not None else vision.num_tokens
         dim = embed_tokens.embedding_dim
         self.vision, self.connector, self.embed_tokens = vision, connector, embed_tokens
-        for frozen in (self.vision, self.connector, self.embed_tokens):
+        for frozen in self._frozen():
             frozen.requires_grad_(False)
+            frozen.eval()
         self.adapter_i = NanoAdapter(dim, adapter.rank, adapter.alpha, adapter.dropout)
         self.adapter_t = NanoAdapter(dim, adapter.rank, adapter.alpha, adapter.dropout)
+
+    def _frozen(self) -> tuple[nn.Module, ...]:
+        return (self.vision, self.connector, self.embed_tokens)
+
+    def train(self, mode: bool = True) -> NanoEdge:
+        """Only the adapters change mode: frozen parts stay in eval (no dropout, fixed norms)."""
+        super().train(mode)
+        for frozen in self._frozen():
+            frozen.eval()
+        return self
 
     @property
     def dim(self) -> int:
@@ -37,7 +50,8 @@ class NanoEdge(nn.Module):
 
     @property
     def num_visual_tokens(self) -> int:
-        return self.vision.num_tokens
+        """Visual tokens per image that reach the LLM (after the connector)."""
+        return self._num_visual_tokens
 
     # --- the trainable state (what crosses the wire) -------------------------------
     def adapter_parameters(self) -> dict[str, nn.Parameter]:
@@ -59,7 +73,7 @@ class NanoEdge(nn.Module):
 
     # --- forward ------------------------------------------------------------------
     def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
-        """(M, N, C) encoder features -> (M, N, d) adapted visual tokens."""
+        """(M, P, C) encoder features -> (M, N, d) adapted visual tokens."""
         return self.adapter_i(self.connector(features))
 
     def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
@@ -74,8 +88,7 @@ class NanoEdge(nn.Module):
         n_slots = int(is_image.sum())
         if n_slots == 0:
             return text
-        if features is None or features.shape[0] * features.shape[1] != n_slots:
-            got = 0 if features is None else features.shape[0] * features.shape[1]
-            raise ValueError(f"{n_slots} image placeholders but {got} visual tokens")
-        vis = self.visual_tokens(features).reshape(-1, self.dim)  # (M*N, d)
+        vis = self.visual_tokens(features).reshape(-1, self.dim) if features is not None else text.new_zeros(0, self.dim)  # (M*N, d)
+        if vis.shape[0] != n_slots:
+            raise ValueError(f"{n_slots} image placeholders but {vis.shape[0]} visual tokens")
         return text.masked_scatter(is_image.unsqueeze(-1), vis.to(text.dtype))

@@ -18,16 +18,22 @@ IGNORE_INDEX = -100
 
 
 class ServerLLM:
-    """Wraps a HF causal LM (`model.model` = decoder stack, `lm_head` = head)."""
+    """A frozen decoder stack + output head.
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> None:
+    `decoder(inputs_embeds=, attention_mask=, ...)` returns `last_hidden_state`
+    (after the final norm); `head` maps hidden states to vocabulary logits.
+    `model` is the module that owns both (kept for tests and parameter counts).
+    """
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, decoder: nn.Module | None = None, head: nn.Module | None = None) -> None:
         self.model = model.to(dtype).eval()
         self.model.requires_grad_(False)
         self.dtype = dtype
-        self.decoder = model.get_decoder()
-        self.head = model.get_output_embeddings()
-        self.hidden_size = model.config.hidden_size
-        self.vocab_size = model.config.vocab_size
+        self.decoder = decoder if decoder is not None else model.get_decoder()
+        self.head = head if head is not None else model.get_output_embeddings()
+        text_cfg = model.config.get_text_config()
+        self.hidden_size = text_cfg.hidden_size
+        self.vocab_size = text_cfg.vocab_size
 
     def train_step(
         self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"

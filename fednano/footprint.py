@@ -1,0 +1,159 @@
+"""`fednano footprint`: what each side holds and what crosses the network, from real configs.
+
+The model is instantiated on PyTorch's meta device (shapes only, no weights),
+from a configuration FedNano ships (LLaVA-1.5-7B, MiniGPT-4 with Vicuna-7B) or
+built in code (smol). Parameters are counted per component on the client
+(NanoEdge: vision encoder, connector, the LLM's input-embedding table, the two
+NanoAdapters) and on the server (everything else of the LLM). Bytes assume
+bf16/fp16 storage (2 bytes per parameter), as these models are distributed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+
+import torch
+from torch import nn
+
+from fednano.models.adapters import adapter_param_count
+
+BYTES_PER_PARAM = 2  # bf16 / fp16 checkpoints
+FOOTPRINTS = {
+    "llava-1.5-7b": ("llava", "llava-1.5-7b.json"),
+    "minigpt4": ("blip2", "minigpt4-vicuna-7b.json"),
+    "smol": ("compose", None),
+}
+# The paper's own figures, for side-by-side comparison (FedNano, arXiv 2506.14824).
+PAPER = {"storage_reduction_pct": 95.0, "upload_pct": 0.01, "adapter_params_llava_r64": 1_048_576, "feddpa_f_upload_params": 180_890_000}
+
+
+@dataclass
+class Footprint:
+    name: str
+    rank: int
+    hidden_size: int
+    total_params: int
+    client: dict[str, int] = field(default_factory=dict)  # component -> parameters
+    server_params: int = 0
+    visual_tokens: int = 0
+    batch: int = 8
+    text_tokens: int = 64
+
+    @property
+    def client_params(self) -> int:
+        return sum(self.client.values())
+
+    @property
+    def adapter_params(self) -> int:
+        return self.client["nanoadapters"]
+
+    @property
+    def storage_reduction_pct(self) -> float:
+        """Client storage saved vs deploying the whole MLLM (plus adapters) on the client."""
+        return 100.0 * (1 - self.client_params / (self.total_params + self.adapter_params))
+
+    @property
+    def step_activation_bytes(self) -> int:
+        """Embeddings up per split step (bf16): batch x (visual + text tokens) x d x 2."""
+        return self.batch * (self.visual_tokens + self.text_tokens) * self.hidden_size * BYTES_PER_PARAM
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.update(client_params=self.client_params, adapter_params=self.adapter_params, storage_reduction_pct=self.storage_reduction_pct,
+                 upload_params=self.adapter_params, upload_with_fisher_params=2 * self.adapter_params,
+                 upload_pct=100 * self.adapter_params / self.total_params, upload_with_fisher_pct=200 * self.adapter_params / self.total_params,
+                 step_activation_bytes=self.step_activation_bytes, step_gradient_bytes=self.step_activation_bytes)
+        return d
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _unique_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def load_config_file(filename: str) -> dict:
+    data = json.loads(resources.files("fednano.footprints").joinpath(filename).read_text())
+    data.pop("_source", None)
+    return data
+
+
+def footprint(name: str, rank: int = 64, batch: int = 8, text_tokens: int = 64) -> Footprint:
+    if name not in FOOTPRINTS:
+        raise ValueError(f"unknown footprint backbone {name!r}; choose one of {sorted(FOOTPRINTS)}")
+    kind, filename = FOOTPRINTS[name]
+    with torch.device("meta"):
+        if kind == "llava":
+            from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+            cfg = LlavaConfig.from_dict(load_config_file(filename))
+            m = LlavaForConditionalGeneration(cfg)
+            vision, connector = _count(m.model.vision_tower), _count(m.model.multi_modal_projector)
+            visual_tokens = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+        elif kind == "blip2":
+            from transformers import Blip2Config, Blip2ForConditionalGeneration
+
+            cfg = Blip2Config.from_dict(load_config_file(filename))
+            m = Blip2ForConditionalGeneration(cfg)
+            vision = _count(m.vision_model)
+            connector = _count(m.qformer) + _count(m.language_projection) + m.query_tokens.numel()
+            visual_tokens = cfg.num_query_tokens
+        else:
+            m, vision, connector, visual_tokens = _smol_meta()
+    text = m.config.get_text_config()
+    d = text.hidden_size
+    embed = m.get_input_embeddings().weight.numel()
+    total = _unique_count(m)
+    client = {"vision_encoder": vision, "connector": connector, "embedding_table": embed, "nanoadapters": adapter_param_count(d, rank)}
+    tied = m.get_output_embeddings() is not None and m.get_output_embeddings().weight is m.get_input_embeddings().weight
+    server = total - vision - connector - (0 if tied else embed)  # a tied table doubles as the LM head on the server
+    return Footprint(name, rank, d, total, client, server, visual_tokens, batch, text_tokens)
+
+
+def _smol_meta() -> tuple[nn.Module, int, int, int]:
+    """EfficientNet-Lite0 + connector 1280->576 + SmolLM2-135M (config of the packaged GGUF)."""
+    from efficientnet_lite_pytorch import EfficientNet
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fednano.models.connector import Connector
+
+    lm = LlamaForCausalLM(LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, tie_word_embeddings=True,
+    ))
+    encoder, connector = EfficientNet.from_name("efficientnet-lite0"), Connector(1280, 576)
+    holder = nn.Module()
+    holder.lm, holder.encoder, holder.connector = lm, encoder, connector
+    holder.config = lm.config
+    holder.get_input_embeddings = lm.get_input_embeddings  # type: ignore[method-assign]
+    holder.get_output_embeddings = lm.get_output_embeddings  # type: ignore[method-assign]
+    return holder, _count(encoder), _count(connector), 9
+
+
+def markdown(rows: list[Footprint]) -> str:
+    def m(x: int) -> str:
+        return f"{x / 1e6:,.2f}M"
+
+    out = ["| | " + " | ".join(r.name for r in rows) + " |", "|---|" + "---:|" * len(rows)]
+    lines = [
+        ("total parameters (MLLM)", lambda r: m(r.total_params)),
+        ("client: vision encoder", lambda r: m(r.client["vision_encoder"])),
+        ("client: connector", lambda r: m(r.client["connector"])),
+        ("client: embedding table", lambda r: m(r.client["embedding_table"])),
+        ("client: NanoAdapters (rank r)", lambda r: f"{r.adapter_params:,} (r={r.rank})"),
+        ("client total (parameters / bf16 bytes)", lambda r: f"{m(r.client_params)} / {r.client_params * BYTES_PER_PARAM / 2**30:.2f} GiB"),
+        ("server: LLM it must hold / bf16", lambda r: f"{m(r.server_params)} / {r.server_params * BYTES_PER_PARAM / 2**30:.2f} GiB"),
+        ("client storage reduction vs whole MLLM", lambda r: f"{r.storage_reduction_pct:.2f} %"),
+        ("upload per round: adapters (params, % of total)", lambda r: f"{r.adapter_params:,} ({100 * r.adapter_params / r.total_params:.4f} %)"),
+        ("upload per round: adapters + Fisher", lambda r: f"{2 * r.adapter_params:,} ({200 * r.adapter_params / r.total_params:.4f} %)"),
+        ("visual tokens per image", lambda r: str(r.visual_tokens)),
+        ("per split step, up (bf16 embeddings, batch x tokens)", lambda r: f"{r.step_activation_bytes / 2**20:.2f} MiB ({r.batch}x{r.visual_tokens + r.text_tokens})"),
+        ("per split step, down (bf16 gradients)", lambda r: f"{r.step_activation_bytes / 2**20:.2f} MiB"),
+    ]
+    for label, fn in lines:
+        out.append(f"| {label} | " + " | ".join(fn(r) for r in rows) + " |")
+    return "\n".join(out) + "\n"
