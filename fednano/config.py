@@ -85,29 +85,41 @@ class PrepareConfig:
         _check(self.lr > 0, "prepare.lr", "must be > 0")
 
 
+DATASETS = ("easy-vqa", "scienceqa", "iconqa", "llava-json")
+
+
 @dataclass
 class DataConfig:
-    dataset: str = _f("easy-vqa", "Dataset: 'easy-vqa' (ships inside its package).")
+    dataset: str = _f("easy-vqa", "Dataset: 'easy-vqa' (ships inside its package), 'scienceqa', 'iconqa' or 'llava-json' (from `path`).")
+    path: str = _f("", "scienceqa / iconqa / llava-json: where the data lies (see README: official layouts, HF parquet, LLaVA JSON).")
+    train_split: str = _f("train", "Split the clients' data comes from (scienceqa / iconqa: 'train', 'val', ...).")
+    test_split: str = _f("test", "Split the global test set comes from.")
+    subtasks: str = _f("choose_txt,choose_img,fill_in_blank", "iconqa: comma-separated sub-tasks to load.")
+    skip_invalid: bool = _f(False, "Skip malformed samples (missing image, missing field, answer out of range) and report them, instead of stopping.")
     num_clients: int = _f(5, "Number of federated clients (partitions).")
-    partitioner: str = _f("dirichlet", "'dirichlet' (non-IID over `partition_by`) or 'iid'.")
+    partitioner: str = _f("dirichlet", "'dirichlet' (non-IID over `partition_by`), 'iid', or 'natural' (one client per value of `partition_by`).")
     dirichlet_alpha: float = _f(1.0, "Dirichlet concentration: small (0.1) = highly non-IID, large (5) = near IID.")
-    partition_by: str = _f("answer", "Label the Dirichlet partition is drawn over.")
-    min_partition_size: int = _f(20, "Smallest partition accepted; the partitioner redraws until every client has this many samples.")
+    partition_by: str = _f("answer", "Field the partition is drawn over: 'answer', or a category such as 'subject' (scienceqa) or 'subtask' (iconqa).")
+    min_partition_size: int = _f(20, "Fewest samples a client may get; the Dirichlet partitioner redraws until every client has this many.")
     local_test_fraction: float = _f(0.1, "Fraction of each client's partition held out as its local test split.")
     max_local_test: int = _f(64, "Cap on each client's local test split (evaluation cost).")
-    global_test_samples: int = _f(500, "Questions sampled from easy-vqa's test split for the global test set (0 = all 9,673).")
+    global_test_samples: int = _f(500, "Questions sampled from the test split for the global test set (0 = all).")
     seed: int = _f(0, "Seed for partitioning and test sampling.")
 
     def __post_init__(self) -> None:
-        _check(self.dataset == "easy-vqa", "data.dataset", f"unknown dataset {self.dataset!r}; only 'easy-vqa' is available")
+        _check(self.dataset in DATASETS, "data.dataset", f"unknown dataset {self.dataset!r}; choose one of {list(DATASETS)}")
+        _check(self.dataset == "easy-vqa" or bool(self.path), "data.path", f"dataset {self.dataset!r} needs the path of its files")
         _check(self.num_clients >= 1, "data.num_clients", "must be >= 1")
-        _check(self.partitioner in ("dirichlet", "iid"), "data.partitioner", "must be 'dirichlet' or 'iid'")
+        _check(self.partitioner in ("dirichlet", "iid", "natural"), "data.partitioner", "must be 'dirichlet', 'iid' or 'natural'")
         _check(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
-        _check(self.partition_by == "answer", "data.partition_by", "easy-vqa supports only 'answer'")
+        _check(bool(self.partition_by), "data.partition_by", "must name a field")
         _check(self.min_partition_size >= 2, "data.min_partition_size", "must be >= 2")
         _check(0.0 < self.local_test_fraction < 1.0, "data.local_test_fraction", "must be in (0, 1)")
         _check(self.max_local_test >= 1, "data.max_local_test", "must be >= 1")
         _check(self.global_test_samples >= 0, "data.global_test_samples", "must be >= 0")
+
+    def to_key(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from torch import nn
 from fednano.config import AdapterConfig, RunConfig
 from fednano.data.easyvqa import captions, held_out_image_ids, load_split
 from fednano.data.prompts import training_batch
+from fednano.data.samples import IMAGE_MARK
 from fednano.models.bundle import convert_smollm2, load_llm, write_compose_bundle, write_hf_mllm_bundle
 from fednano.models.connector import Connector
 from fednano.models.nanoedge import NanoEdge
@@ -126,7 +127,8 @@ def _prepare_compose(cfg: RunConfig, client_dir: Path, llm_dir: Path, vision_spe
     with progress_bar(p.steps, "pre-training connector") as bar:
         for _ in range(p.steps):
             part = rng.sample(pairs, min(p.batch_size, len(pairs)))
-            batch = training_batch(tokenizer, [CAPTION_QUESTION] * len(part), [c for _, c in part], vision.num_tokens, system=CAPTION_SYSTEM)
+            content = f"{IMAGE_MARK}\n{CAPTION_QUESTION}"
+            batch = training_batch(tokenizer, [content] * len(part), [c for _, c in part], vision.num_tokens, system=CAPTION_SYSTEM)
             opt.zero_grad(set_to_none=True)
             losses.append(split_step(edge, llm, batch, features([path for path, _ in part])))
             opt.step()

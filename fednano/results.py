@@ -76,6 +76,28 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_partition(rows: list[dict], key: str, path: Path) -> None:
+    """Stacked bars: each client's training samples by the partition key."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    values = sorted({v for r in rows for v in r[key]})
+    fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(rows) + 2), 4), dpi=120)
+    bottom = [0] * len(rows)
+    cmap = plt.get_cmap("tab20")
+    for j, v in enumerate(values):
+        heights = [r[key].get(v, 0) for r in rows]
+        ax.bar([str(r["client"]) for r in rows], heights, bottom=bottom, label=v, color=cmap(j % 20))
+        bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+    ax.set(xlabel="client", ylabel="training samples", title=f"partition by {key}")
+    ax.legend(fontsize=6, ncol=2, bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def markdown_table(results: dict[str, Any]) -> str:
     """Per-round table, pasteable into a paper or README."""
     lines = ["| round | global acc. | mean client acc. | train loss | MiB moved |", "|---:|---:|---:|---:|---:|"]
@@ -86,4 +108,9 @@ def markdown_table(results: dict[str, Any]) -> str:
         mean = f"{sum(ca) / len(ca):.4f}" if ca else ""
         loss = f"{r['train_loss']:.4f}" if r["train_loss"] is not None else ""
         lines.append(f"| {r['round']} | {r['global_accuracy']:.4f} | {mean} | {loss} | {sum(r['bytes'].values()) / 2**20:.2f} |")
+    cats = results["rounds"][-1].get("global_accuracy_by_category") if results["rounds"] else None
+    if cats:
+        zs = results.get("zero_shot_by_category", {})
+        lines += ["", "| category | zero-shot | final global acc. |", "|---|---:|---:|"]
+        lines += [f"| {c} | {zs.get(c, float('nan')):.4f} | {v:.4f} |" for c, v in cats.items()]
     return "\n".join(lines) + "\n"

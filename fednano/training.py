@@ -18,8 +18,10 @@ from typing import Any, Protocol
 import torch
 
 from fednano.config import TrainConfig
-from fednano.data.easyvqa import Sample, load_image
+from fednano.data.easyvqa import SYSTEM_PROMPT
 from fednano.data.prompts import TokenBatch, candidate_batch, prompt_batch, training_batch
+from fednano.data.samples import Sample, load_image
+from fednano.metrics import accuracy_report
 from fednano.models.nanoedge import NanoEdge
 from fednano.models.vision import VisionEncoder
 
@@ -53,10 +55,16 @@ class Workload:
     tokenizer: Any
     features: ImageFeatures
     n_visual: int
+    system: str = SYSTEM_PROMPT
 
-    def train_batch(self, samples: list[Sample]) -> tuple[TokenBatch, torch.Tensor]:
-        batch = training_batch(self.tokenizer, [s.question for s in samples], [s.answer for s in samples], self.n_visual)
-        return batch, self.features([s.image_path for s in samples])
+    def images(self, samples: list[Sample]) -> torch.Tensor | None:
+        """Encoder features of every image of the batch, in order (None: text-only batch)."""
+        paths = [p for s in samples for p in s.images]
+        return self.features(paths) if paths else None
+
+    def train_batch(self, samples: list[Sample]) -> tuple[TokenBatch, torch.Tensor | None]:
+        batch = training_batch(self.tokenizer, [s.content() for s in samples], [s.answer for s in samples], self.n_visual, self.system)
+        return batch, self.images(samples)
 
 
 def split_step(edge: NanoEdge, endpoint: LLMEndpoint, batch: TokenBatch, features: torch.Tensor) -> float:
@@ -110,22 +118,32 @@ def train_local(
 
 @torch.no_grad()
 def evaluate(
-    edge: NanoEdge, endpoint: LLMEndpoint, samples: list[Sample], work: Workload, answers: list[str], batch_size: int,
-    on_batch: Callable[[int], None] | None = None,
+    edge: NanoEdge, endpoint: LLMEndpoint, samples: list[Sample], work: Workload, candidate_sets: dict[str, list[str]], batch_size: int,
+    categories: tuple[str, ...] = (), on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Closed-set accuracy: the answer with the highest log-likelihood is the prediction."""
+    """Closed-set accuracy: the valid candidate with the highest log-likelihood is the prediction.
+
+    Samples are scored against their task's candidate set (`Sample.candidates`);
+    for multiple choice only the first `n_choices` candidates are valid.
+    """
     edge.eval()
-    cand = candidate_batch(work.tokenizer, answers)
-    cand_embeds = edge.embed(cand.input_ids, None)  # (K, L, d): candidates pass NanoAdapter-T too
-    index = {a: i for i, a in enumerate(answers)}
-    correct = 0
-    for i in range(0, len(samples), batch_size):
-        part = samples[i : i + batch_size]
-        batch = prompt_batch(work.tokenizer, [s.question for s in part], work.n_visual)
-        embeds = edge.embed(batch.input_ids, work.features([s.image_path for s in part]))
-        lp = endpoint.score(embeds, batch.attention_mask, cand_embeds, cand.input_ids, cand.attention_mask)  # (B, K)
-        pred = lp.argmax(-1).tolist()
-        correct += sum(int(p == index[s.answer]) for p, s in zip(pred, part, strict=True))
-        if on_batch:
-            on_batch(len(part))
-    return {"accuracy": correct / max(1, len(samples)), "num_examples": float(len(samples))}
+    correct: dict[int, bool] = {}
+    for name in sorted({s.candidates for s in samples}):
+        cands = candidate_sets[name]
+        cand = candidate_batch(work.tokenizer, cands)
+        cand_embeds = edge.embed(cand.input_ids, None)  # (K, L, d): candidates pass NanoAdapter-T too
+        group = [i for i, s in enumerate(samples) if s.candidates == name]
+        for j in range(0, len(group), batch_size):
+            idx = group[j : j + batch_size]
+            part = [samples[i] for i in idx]
+            batch = prompt_batch(work.tokenizer, [s.content() for s in part], work.n_visual, work.system)
+            embeds = edge.embed(batch.input_ids, work.images(part))
+            lp = endpoint.score(embeds, batch.attention_mask, cand_embeds, cand.input_ids, cand.attention_mask)  # (B, K)
+            for row, s in enumerate(part):
+                if s.n_choices:
+                    lp[row, s.n_choices :] = float("-inf")
+            for i, s, p in zip(idx, part, lp.argmax(-1).tolist(), strict=True):
+                correct[i] = cands[p] == s.answer
+            if on_batch:
+                on_batch(len(part))
+    return accuracy_report(samples, [correct[i] for i in range(len(samples))], categories)

@@ -60,7 +60,7 @@ def test_split_equals_unsplit_hf_model(checkpoints, tiny_cache, backbone, random
     if randomized:
         randomize_adapters(edge)
     samples = list(load_split("train")[:3])
-    batch = training_batch(tok, [s.question for s in samples], [s.answer for s in samples], edge.num_visual_tokens)
+    batch = training_batch(tok, [s.content() for s in samples], [s.answer for s in samples], edge.num_visual_tokens)
     images = torch.stack([load_image(s.image_path) for s in samples])
 
     hf, _ = load_hf_mllm(checkpoints[backbone], backbone)

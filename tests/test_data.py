@@ -1,9 +1,10 @@
 import pytest
 import torch
 
-from fednano.config import DataConfig
-from fednano.data.easyvqa import DataError, captions, held_out_image_ids, load_image, load_split
-from fednano.data.partition import federated_pool, global_test_set, split_clients
+from fednano.config import DataConfig, RunConfig
+from fednano.data import load_task
+from fednano.data.easyvqa import DataError, captions, easyvqa_task, held_out_image_ids, load_image, load_split
+from fednano.data.partition import split_clients
 from fednano.data.prompts import answer_ids, prompt_ids, training_batch
 from fednano.models.nanoedge import IMAGE_PLACEHOLDER
 from fednano.models.server_llm import IGNORE_INDEX
@@ -15,20 +16,24 @@ def test_easyvqa_ships_its_data():
     assert load_image(train[0].image_path).shape == (3, 64, 64)
 
 
+def federated_pool(n, seed):
+    return easyvqa_task(DataConfig(), n, seed).train
+
+
 def test_held_out_images_never_reach_clients():
     held = held_out_image_ids(100, seed=3)
     pool = federated_pool(100, 3)
     assert len(held) == 100
-    assert not {s.image_id for s in pool} & held
+    assert not {s.get("image") for s in pool} & held
     assert len(pool) < len(load_split("train"))
 
 
 def test_captions_come_from_the_image_questions():
     train = load_split("train")
-    img = train[0].image_id
+    img = train[0].get("image")
     caps = captions(train, {img})
     (path, text), = caps.values()
-    answers = {s.answer for s in train if s.image_id == img}
+    answers = {s.answer for s in train if s.get("image") == img}
     assert path == train[0].image_path and text.startswith("A ")
     assert all(w in answers for w in text[2:-1].split())
 
@@ -60,17 +65,25 @@ def test_iid_partition_is_balanced():
     assert {len(p.train) + len(p.test) for p in parts} == {250}
 
 
+def _test_set(n):
+    cfg = RunConfig()
+    cfg.data = DataConfig(global_test_samples=n)
+    return load_task(cfg).test
+
+
 def test_global_test_set_sampling():
-    assert len(global_test_set(DataConfig(global_test_samples=50))) == 50
-    assert global_test_set(DataConfig(global_test_samples=50)) == global_test_set(DataConfig(global_test_samples=50))
-    assert len(global_test_set(DataConfig(global_test_samples=0))) == 9_673
+    assert len(_test_set(50)) == 50
+    assert _test_set(50) == _test_set(50)
+    assert len(_test_set(0)) == 9_673
 
 
 def test_prompt_has_visual_slots_and_labels_only_the_answer(tiny_edge):
     tok = tiny_edge.tokenizer
-    ids = prompt_ids(tok, "what shape is this?", 4)
+    ids = prompt_ids(tok, "<image>\nwhat shape is this?", 4)
     assert ids.count(IMAGE_PLACEHOLDER) == 4
-    batch = training_batch(tok, ["what color is the shape?", "is there a circle?"], ["blue", "no"], 4)
+    assert prompt_ids(tok, "<image> or <image>?", 3).count(IMAGE_PLACEHOLDER) == 6  # several images
+    assert IMAGE_PLACEHOLDER not in prompt_ids(tok, "no image here", 3)  # text-only sample
+    batch = training_batch(tok, ["<image>\nwhat color is the shape?", "<image>\nis there a circle?"], ["blue", "no"], 4)
     for i, ans in enumerate(["blue", "no"]):
         labelled = batch.labels[i][batch.labels[i] != IGNORE_INDEX].tolist()
         assert labelled == answer_ids(tok, ans)

@@ -17,7 +17,7 @@ from tests.conftest import randomize_adapters
 def _batch(bundle, n=3):
     samples = list(load_split("train")[:n])
     tok, edge = bundle.tokenizer, bundle.edge
-    batch = training_batch(tok, [s.question for s in samples], [s.answer for s in samples], edge.num_visual_tokens)
+    batch = training_batch(tok, [s.content() for s in samples], [s.answer for s in samples], edge.num_visual_tokens)
     feats = ImageFeatures(edge.vision)([s.image_path for s in samples])
     return batch, feats
 

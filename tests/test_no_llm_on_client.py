@@ -37,7 +37,7 @@ CLIENT = textwrap.dedent(
     with SplitClient(address, "float32") as client:
         loss = split_step(b.edge, client, *work.train_batch(samples))
         empirical_fisher(b.edge, client, [work.train_batch(samples)])
-        evaluate(b.edge, client, samples, work, answer_set(), 4)
+        evaluate(b.edge, client, samples, work, {"answers": answer_set()}, 4)
         traffic = client.traffic()
     print(json.dumps({
         "opened": opened, "loss": loss, "traffic": traffic,

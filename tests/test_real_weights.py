@@ -57,7 +57,7 @@ def test_real_split_step_over_grpc(smol):
     samples = list(load_split("train")[:4])
     feats = ImageFeatures(vision)([s.image_path for s in samples])
     assert feats.shape == (4, 9, 1280) and feats.std() > 0.1  # real ImageNet features, not zeros
-    batch = training_batch(tok, [s.question for s in samples], [s.answer for s in samples], vision.num_tokens)
+    batch = training_batch(tok, [s.content() for s in samples], [s.answer for s in samples], vision.num_tokens)
     llm = ServerLLM(model, torch.bfloat16)
     with SplitServer(llm) as server, SplitClient(server.address, "bfloat16") as client:
         loss = split_step(edge, client, batch, feats)

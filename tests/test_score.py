@@ -13,7 +13,7 @@ def test_score_equals_brute_force_log_likelihood(tiny_edge, tiny_llm):
     answers = answer_set()
     feats = ImageFeatures(edge.vision)([s.image_path for s in samples])
     with torch.no_grad():
-        batch = prompt_batch(tok, [s.question for s in samples], edge.num_visual_tokens)
+        batch = prompt_batch(tok, [s.content() for s in samples], edge.num_visual_tokens)
         embeds = edge.embed(batch.input_ids, feats)
         cand = candidate_batch(tok, answers)
         cand_embeds = edge.embed(cand.input_ids, None)

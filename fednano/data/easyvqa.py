@@ -4,24 +4,9 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
 from functools import lru_cache
 
-import numpy as np
-import torch
-from PIL import Image, UnidentifiedImageError
-
-
-class DataError(ValueError):
-    """A data file or sample is malformed; the message names the file or sample."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    question: str
-    answer: str
-    image_path: str
-    image_id: str  # e.g. "train/17"
+from fednano.data.samples import DataError, Sample, Task, load_image  # noqa: F401 - re-exported
 
 
 @lru_cache(maxsize=2)
@@ -36,7 +21,10 @@ def load_split(split: str) -> tuple[Sample, ...]:
         paths = get_test_image_paths()
     else:
         raise ValueError(f"unknown easy-vqa split {split!r}")
-    return tuple(Sample(q, a, paths[i], f"{split}/{i}") for q, a, i in zip(texts, answers, ids, strict=True))
+    return tuple(
+        Sample(f"easy-vqa/{split}/{n}", q, a, (paths[i],), meta=(("image", f"{split}/{i}"),))
+        for n, (q, a, i) in enumerate(zip(texts, answers, ids, strict=True))
+    )
 
 
 def answer_set() -> list[str]:
@@ -58,19 +46,20 @@ SHAPES = ("circle", "rectangle", "triangle")
 
 
 def captions(samples: tuple[Sample, ...], image_ids: set[str]) -> dict[str, tuple[str, str]]:
-    """(image_path, caption) per image, from its own shape/colour questions (stage-1 data)."""
+    """(image_path, caption) per image id, from its own shape/colour questions (stage-1 data)."""
     colours = set(answer_set()) - set(SHAPES) - {"yes", "no"}
     shape: dict[str, str] = {}
     colour: dict[str, str] = {}
     path: dict[str, str] = {}
     for s in samples:
-        if s.image_id not in image_ids:
+        image = s.get("image")
+        if image not in image_ids:
             continue
-        path[s.image_id] = s.image_path
+        path[image] = s.image_path
         if s.answer in SHAPES:
-            shape[s.image_id] = s.answer
+            shape[image] = s.answer
         elif s.answer in colours:
-            colour[s.image_id] = s.answer
+            colour[image] = s.answer
     out = {}
     for i in sorted(path):
         parts = [p for p in (colour.get(i), shape.get(i)) if p]
@@ -81,17 +70,16 @@ def captions(samples: tuple[Sample, ...], image_ids: set[str]) -> dict[str, tupl
 
 def held_out_image_ids(n: int, seed: int) -> set[str]:
     """Train images reserved for connector pre-training; clients never see them."""
-    ids = sorted({s.image_id for s in load_split("train")}, key=lambda x: int(x.split("/")[1]))
+    ids = sorted({s.get("image") for s in load_split("train")}, key=lambda x: int(x.split("/")[1]))
     return set(random.Random(seed).sample(ids, min(n, len(ids))))
 
 
-def load_image(path: str) -> torch.Tensor:
-    """A PNG -> (3, H, W) uint8; a missing or unreadable file names the path."""
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise DataError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"unreadable image {path}: {e}") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1)
+SYSTEM_PROMPT = "Answer the question about the image with one word."
+
+
+def easyvqa_task(data_cfg, caption_images: int, prepare_seed: int) -> Task:
+    """Clients share the train questions of images not held out for connector pre-training;
+    the test split is easy-vqa's."""
+    held = held_out_image_ids(caption_images, prepare_seed)
+    pool = [s for s in load_split("train") if s.get("image") not in held]
+    return Task("easy-vqa", pool, list(load_split("test")), {"answers": answer_set()}, SYSTEM_PROMPT)

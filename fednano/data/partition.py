@@ -1,8 +1,10 @@
 """Federated partitions: which samples each client holds, and its local test split.
 
-Non-IID splits use flwr-datasets' DirichletPartitioner over the answer label
-(IidPartitioner for IID). Everything is a pure function of (samples, config):
-every client process recomputes the same partition from the same seed.
+flwr-datasets' partitioners on an in-memory Dataset of partition keys:
+IidPartitioner, DirichletPartitioner over `partition_by` (answer, subject,
+subtask, ...), NaturalIdPartitioner (one client per value of the key).
+Everything is a pure function of (samples, config): every client process
+recomputes the same partition from the same seed.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from fednano.config import DataConfig
-from fednano.data.easyvqa import DataError, Sample, held_out_image_ids, load_split
+from fednano.data.samples import DataError, Sample
 
 
 @dataclass
@@ -20,41 +22,52 @@ class ClientData:
     train: list[Sample]
     test: list[Sample]
 
+    def histogram(self, key: str) -> dict[str, int]:
+        return dict(sorted(Counter(s.get(key) for s in self.train).items()))
+
     def label_histogram(self) -> dict[str, int]:
-        return dict(sorted(Counter(s.answer for s in self.train).items()))
+        return self.histogram("answer")
 
 
 def partition_indices(labels: list[str], cfg: DataConfig) -> list[list[int]]:
-    """Indices of each client's samples (flwr-datasets partitioners on an in-memory Dataset)."""
+    """Indices of each client's samples."""
     import datasets
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, NaturalIdPartitioner
 
-    ds = datasets.Dataset.from_dict({"idx": list(range(len(labels))), cfg.partition_by: labels})
+    ds = datasets.Dataset.from_dict({"idx": list(range(len(labels))), "key": labels})
     if cfg.partitioner == "iid":
         part = IidPartitioner(num_partitions=cfg.num_clients)
+    elif cfg.partitioner == "natural":
+        values = sorted(set(labels))
+        if len(values) != cfg.num_clients:
+            raise DataError(f"natural partition by {cfg.partition_by!r} gives {len(values)} clients ({values}) but data.num_clients={cfg.num_clients}")
+        part = NaturalIdPartitioner(partition_by="key")
     else:
         part = DirichletPartitioner(
-            num_partitions=cfg.num_clients, partition_by=cfg.partition_by, alpha=cfg.dirichlet_alpha,
+            num_partitions=cfg.num_clients, partition_by="key", alpha=cfg.dirichlet_alpha,
             min_partition_size=cfg.min_partition_size, self_balancing=False, shuffle=True, seed=cfg.seed,
         )
     part.dataset = ds
     try:
-        return [list(part.load_partition(i)["idx"]) for i in range(cfg.num_clients)]
+        parts = [list(part.load_partition(i)["idx"]) for i in range(cfg.num_clients)]
     except ValueError as e:
         raise DataError(
             f"cannot split {len(labels)} samples into data.num_clients={cfg.num_clients} partitions with "
             f"data.dirichlet_alpha={cfg.dirichlet_alpha} and data.min_partition_size={cfg.min_partition_size}: {e}"
         ) from None
-
-
-def federated_pool(held_out_images: int, prepare_seed: int) -> list[Sample]:
-    """easy-vqa train questions whose image was not used to pre-train the connector."""
-    held = held_out_image_ids(held_out_images, prepare_seed)
-    return [s for s in load_split("train") if s.image_id not in held]
+    small = [i for i, p in enumerate(parts) if len(p) < cfg.min_partition_size]
+    if small:
+        raise DataError(f"clients {small} get fewer than data.min_partition_size={cfg.min_partition_size} samples "
+                        f"({[len(parts[i]) for i in small]}) with data.partitioner={cfg.partitioner!r}")
+    return parts
 
 
 def split_clients(pool: list[Sample], cfg: DataConfig) -> list[ClientData]:
-    parts = partition_indices([s.answer for s in pool], cfg)
+    labels = [s.get(cfg.partition_by) for s in pool]
+    missing = [s.uid for s, v in zip(pool, labels, strict=True) if not v]
+    if missing:
+        raise DataError(f"data.partition_by={cfg.partition_by!r}: samples without that field, e.g. {missing[:3]}")
+    parts = partition_indices(labels, cfg)
     clients = []
     for cid, idx in enumerate(parts):
         rng = random.Random(f"{cfg.seed}-local-test-{cid}")
@@ -65,8 +78,6 @@ def split_clients(pool: list[Sample], cfg: DataConfig) -> list[ClientData]:
     return clients
 
 
-def global_test_set(cfg: DataConfig) -> list[Sample]:
-    test = list(load_split("test"))
-    if cfg.global_test_samples and cfg.global_test_samples < len(test):
-        test = random.Random(f"{cfg.seed}-global-test").sample(test, cfg.global_test_samples)
-    return test
+def summary(clients: list[ClientData], key: str) -> list[dict]:
+    """Per client: sizes and the histogram of the partition key (written to partition.json)."""
+    return [{"client": i, "train": len(c.train), "test": len(c.test), key: c.histogram(key)} for i, c in enumerate(clients)]

@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
+from fednano.data.easyvqa import SYSTEM_PROMPT
+from fednano.data.samples import IMAGE_MARK
 from fednano.models.nanoedge import IMAGE_PLACEHOLDER
 from fednano.models.server_llm import IGNORE_INDEX
 
-IMAGE_MARK = "<image>"
-SYSTEM_PROMPT = "Answer the question about the image with one word."
 CHATML_END = "<|im_end|>"
 
 
@@ -25,22 +25,24 @@ def end_of_turn(tokenizer: Any) -> str:
     return CHATML_END if CHATML_END in vocab else str(tokenizer.eos_token)
 
 
-def prompt_text(tokenizer: Any, question: str, system: str = SYSTEM_PROMPT) -> str:
+def prompt_text(tokenizer: Any, content: str, system: str = SYSTEM_PROMPT) -> str:
     """The tokenizer's chat template; without one, LLaVA-1.5's plain 'USER: ... ASSISTANT:' format."""
-    content = f"{IMAGE_MARK}\n{question}"
     if _has_template(tokenizer):
         messages = [{"role": "system", "content": system}, {"role": "user", "content": content}]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return f"{system} USER: {content} ASSISTANT:"
 
 
-def prompt_ids(tokenizer: Any, question: str, n_visual: int, system: str = SYSTEM_PROMPT) -> list[int]:
-    """Prompt ending where the answer starts; the `<image>` mark becomes n_visual slots,
-    as HF's LLaVA / BLIP-2 processors expand their image token."""
-    before, after = prompt_text(tokenizer, question, system).split(IMAGE_MARK)
-    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
-    bos = [tokenizer.bos_token_id] if not _has_template(tokenizer) and tokenizer.bos_token_id is not None else []
-    return bos + enc(before) + [IMAGE_PLACEHOLDER] * n_visual + enc(after)
+def prompt_ids(tokenizer: Any, content: str, n_visual: int, system: str = SYSTEM_PROMPT) -> list[int]:
+    """Prompt ending where the answer starts; each `<image>` mark in `content` becomes
+    n_visual slots, as HF's LLaVA / BLIP-2 processors expand their image token."""
+    parts = prompt_text(tokenizer, content, system).split(IMAGE_MARK)
+    ids = [tokenizer.bos_token_id] if not _has_template(tokenizer) and tokenizer.bos_token_id is not None else []
+    for i, part in enumerate(parts):
+        if i:
+            ids += [IMAGE_PLACEHOLDER] * n_visual
+        ids += tokenizer(part, add_special_tokens=False)["input_ids"] if part else []
+    return ids
 
 
 def answer_ids(tokenizer: Any, answer: str) -> list[int]:
@@ -69,17 +71,18 @@ def pad_batch(seqs: list[list[int]], labels: list[list[int]] | None, pad_id: int
     return TokenBatch(ids, mask, lab)
 
 
-def training_batch(tokenizer: Any, questions: list[str], answers: list[str], n_visual: int, system: str = SYSTEM_PROMPT) -> TokenBatch:
+def training_batch(tokenizer: Any, contents: list[str], answers: list[str], n_visual: int, system: str = SYSTEM_PROMPT) -> TokenBatch:
+    """contents: user messages with their `<image>` marks (Sample.content())."""
     seqs, labs = [], []
-    for q, a in zip(questions, answers, strict=True):
+    for q, a in zip(contents, answers, strict=True):
         p, t = prompt_ids(tokenizer, q, n_visual, system), answer_ids(tokenizer, a)
         seqs.append(p + t)
         labs.append([IGNORE_INDEX] * len(p) + t)
     return pad_batch(seqs, labs, pad_id(tokenizer))
 
 
-def prompt_batch(tokenizer: Any, questions: list[str], n_visual: int) -> TokenBatch:
-    return pad_batch([prompt_ids(tokenizer, q, n_visual) for q in questions], None, pad_id(tokenizer))
+def prompt_batch(tokenizer: Any, contents: list[str], n_visual: int, system: str = SYSTEM_PROMPT) -> TokenBatch:
+    return pad_batch([prompt_ids(tokenizer, q, n_visual, system) for q in contents], None, pad_id(tokenizer))
 
 
 def candidate_batch(tokenizer: Any, answers: list[str]) -> TokenBatch:

@@ -17,8 +17,8 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fednano.config import RunConfig, from_dict
-from fednano.data.easyvqa import answer_set
-from fednano.data.partition import ClientData, federated_pool, split_clients
+from fednano.data import load_task
+from fednano.data.partition import ClientData, split_clients
 from fednano.federation import keys
 from fednano.fisher import empirical_fisher
 from fednano.models.bundle import load_nanoedge
@@ -41,19 +41,24 @@ def _runtime(config_json: str, address: str) -> ClientRuntime:
     cfg = from_dict(json.loads(config_json), "run-config")
     torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
     bundle = load_nanoedge(bundle_dir(cfg) / "client", cfg.adapter)  # client/ only: no LLM weights
-    work = Workload(bundle.tokenizer, ImageFeatures(bundle.edge.vision), bundle.edge.num_visual_tokens)
+    work = Workload(bundle.tokenizer, ImageFeatures(bundle.edge.vision), bundle.edge.num_visual_tokens, load_task(cfg).system)
     split = SplitClient(address, cfg.split.wire_dtype, cfg.split.max_frame_mb, cfg.federation.round_timeout)
     return ClientRuntime(cfg, bundle.edge, work, split)
 
 
-@lru_cache(maxsize=4)
-def _partitions(data_json: str, caption_images: int, prepare_seed: int) -> list[ClientData]:
-    cfg = from_dict({"data": json.loads(data_json)}, "run-config").data
-    return split_clients(federated_pool(caption_images, prepare_seed), cfg)
+_PARTS: dict[str, list[ClientData]] = {}
+
+
+def partitions(cfg: RunConfig) -> list[ClientData]:
+    """Every client's data, computed identically by every process from the config."""
+    key = json.dumps([cfg.data.to_key(), cfg.prepare.caption_images, cfg.prepare.seed])
+    if key not in _PARTS:
+        _PARTS[key] = split_clients(load_task(cfg).train, cfg.data)
+    return _PARTS[key]
 
 
 def client_data(cfg: RunConfig, partition_id: int) -> ClientData:
-    parts = _partitions(json.dumps(cfg.data.__dict__, sort_keys=True), cfg.prepare.caption_images, cfg.prepare.seed)
+    parts = partitions(cfg)
     if not 0 <= partition_id < len(parts):
         raise ValueError(f"partition-id {partition_id} out of range for {len(parts)} clients")
     return parts[partition_id]
@@ -102,10 +107,10 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     """Accuracy of the global adapters on this client's local test split."""
     rt, data, pid, _ = _setup(msg, context)
     before = rt.split.traffic()
-    res = evaluate(rt.edge, rt.split, data.test, rt.work, answer_set(), rt.cfg.train.eval_batch_size)
-    metrics = MetricRecord({
-        keys.NUM_EXAMPLES: len(data.test), keys.PARTITION_ID: pid, keys.ACCURACY: res["accuracy"], **_traffic_delta(rt, before),
-    })
+    task = load_task(rt.cfg)
+    res = evaluate(rt.edge, rt.split, data.test, rt.work, task.candidate_sets, rt.cfg.train.eval_batch_size, task.categories)
+    res.pop("num_examples")
+    metrics = MetricRecord({keys.NUM_EXAMPLES: len(data.test), keys.PARTITION_ID: pid, **res, **_traffic_delta(rt, before)})
     return Message(content=RecordDict({keys.METRICS: metrics}), reply_to=msg)
 
 

@@ -8,6 +8,7 @@ the global test set. results.json is rewritten after every round.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -18,10 +19,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from fednano.config import RunConfig, load_config
-from fednano.data.easyvqa import answer_set
-from fednano.data.partition import global_test_set
+from fednano.data import load_task
+from fednano.data.partition import summary
 from fednano.federation import keys
 from fednano.federation.strategy import FedNanoStrategy
+from fednano.metrics import by_category
 from fednano.models.bundle import load_nanoedge, load_server_llm
 from fednano.prepare import DTYPES, ensure_prepared
 from fednano.progress import progress_bar
@@ -64,20 +66,25 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path) -> dict:
         edge = owner.edge
         work = Workload(owner.tokenizer, ImageFeatures(edge.vision), edge.num_visual_tokens)
         local = _Locked(llm, split.service._lock)
-        answers, test = answer_set(), global_test_set(cfg.data)
+        task = load_task(cfg)
+        work.system, test = task.system, task.test
+        _write_partition(out_dir, cfg, task)
 
-        def global_eval(state: dict[str, torch.Tensor]) -> float:
+        def global_eval(state: dict[str, torch.Tensor]) -> dict[str, float]:
             edge.load_adapter_state(state)
             with progress_bar(len(test), "global evaluation") as bar:
-                return evaluate(edge, local, test, work, answers, cfg.train.eval_batch_size, on_batch=bar.update)["accuracy"]
+                return evaluate(edge, local, test, work, task.candidate_sets, cfg.train.eval_batch_size, task.categories, on_batch=bar.update)
 
         gen = torch.Generator().manual_seed(cfg.federation.seed)
         edge.adapter_i.reset_parameters(gen)
         edge.adapter_t.reset_parameters(gen)
         global_state = edge.adapter_state()
-        zero_shot = global_eval(global_state)
+        zero = global_eval(global_state)
+        zero_shot = zero["accuracy"]
         log.info("zero-shot accuracy of the prepared MLLM on %d global test questions: %.4f", len(test), zero_shot)
-        recorder.set(zero_shot_accuracy=zero_shot, split_address=address, bundle=str(bundle))
+        recorder.set(zero_shot_accuracy=zero_shot, zero_shot_by_category=by_category(zero), split_address=address, bundle=str(bundle),
+                     data={"dataset": task.name, "train_pool": len(task.train), "global_test": len(test), "skipped": len(task.skipped),
+                           "skipped_samples": task.skipped})
 
         strategy = FedNanoStrategy(cfg.federation)
         strategy.summary()
@@ -99,7 +106,8 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path) -> dict:
                     global_state = merged.to_torch_state_dict()
                 eval_msgs = list(strategy.configure_evaluate(rnd, ArrayRecord(global_state), ConfigRecord(dict(base_config)), grid))
                 strategy.aggregate_evaluate(rnd, grid.send_and_receive(eval_msgs, timeout=cfg.federation.round_timeout))
-                acc = global_eval(global_state)
+                report = global_eval(global_state)
+                acc = report["accuracy"]
 
                 down = _array_bytes(arrays)
                 ok = [o for o in train_out if not o.rejected]
@@ -113,7 +121,9 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path) -> dict:
                 entry = {
                     "round": rnd,
                     "global_accuracy": acc,
+                    "global_accuracy_by_category": by_category(report),
                     "client_accuracy": {str(o.partition_id): o.metrics[keys.ACCURACY] for o in strategy.last_evaluate if not o.rejected},
+                    "client_accuracy_by_category": {str(o.partition_id): by_category(o.metrics) for o in strategy.last_evaluate if not o.rejected},
                     "train_loss": float(train_metrics[keys.TRAIN_LOSS]) if train_metrics else None,
                     "client_train_loss": {str(o.partition_id): o.metrics[keys.TRAIN_LOSS] for o in ok},
                     "aggregated": merged is not None,
@@ -134,6 +144,7 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path) -> dict:
         last = recorder.data["rounds"][-1]
         final = {
             "global_accuracy": acc,
+            "global_accuracy_by_category": last["global_accuracy_by_category"],
             "zero_shot_accuracy": zero_shot,
             "client_accuracy": last["client_accuracy"],
             "bytes_total": {k: sum(r["bytes"][k] for r in recorder.data["rounds"]) for k in BYTES_FIELDS},
@@ -144,6 +155,16 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path) -> dict:
         return recorder.data
     finally:
         split.stop()
+
+
+def _write_partition(out_dir: Path, cfg: RunConfig, task) -> None:
+    """partition.json + partition.png: what each client holds (when the server can see the data)."""
+    from fednano.federation.client_app import partitions
+    from fednano.results import plot_partition
+
+    rows = summary(partitions(cfg), cfg.data.partition_by)
+    (Path(out_dir) / "partition.json").write_text(json.dumps({"partition_by": cfg.data.partition_by, "clients": rows}, indent=2))
+    plot_partition(rows, cfg.data.partition_by, Path(out_dir) / "partition.png")
 
 
 def build_server_app(cfg: RunConfig | None = None, out_dir: Path | None = None) -> ServerApp:
