@@ -18,8 +18,7 @@ def accuracy_report(samples: Sequence[Sample], correct: Sequence[bool], categori
     for key in categories:
         groups: dict[str, list[bool]] = {}
         for s, c in zip(samples, correct, strict=True):
-            value = s.get(key)
-            if value:
+            for value in filter(None, s.get(key).split("|")):  # "TXT|IMG": the sample counts in both
                 groups.setdefault(value, []).append(c)
         for value, flags in sorted(groups.items()):
             out[f"acc/{key}={value}"] = sum(flags) / len(flags)

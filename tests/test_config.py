@@ -63,3 +63,10 @@ def test_cli_set_overrides_and_help():
     assert "federation.strategy" in res.output and "Fisher merging" in res.output
     res = CliRunner().invoke(app, ["run", "--set", "federation.rounds=zero"])
     assert res.exit_code == 2 and "federation.rounds must be int" in res.output
+
+
+def test_every_shipped_config_is_valid():
+    files = sorted((ROOT / "configs").glob("*.toml"))
+    assert {f.name for f in files} >= {"default.toml", "tiny.toml", "scienceqa.toml", "iconqa.toml", "llava-json.toml"}
+    for f in files:
+        load_config(f)

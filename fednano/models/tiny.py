@@ -24,7 +24,10 @@ def tiny_words() -> list[str]:
     from fednano.data.easyvqa import vocabulary_words
     from fednano.data.prompts import SYSTEM_PROMPT
 
-    extra = " ".join([SYSTEM_PROMPT, "Describe the image in a few words. What is in the image?", "system user assistant a USER ASSISTANT :"])
+    extra = " ".join([
+        SYSTEM_PROMPT, "Describe the image in a few words. What is in the image?", "system user assistant a USER ASSISTANT :",
+        "a b c d e f g h i j 0 1 2 3 4 5 6 7 8 9 context options answer with the option's letter from given choices directly",
+    ])
     return vocabulary_words() + re.findall(r"\w+|[^\w\s]+", extra.lower())
 
 
