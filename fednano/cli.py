@@ -76,14 +76,23 @@ def run(
     backbone: BackboneOpt = None,
     checkpoint: CheckpointOpt = None,
     set_: SetOpt = None,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this results folder after its last completed round (uses its config.toml).")] = None,
 ) -> None:
     """Run a federated experiment as a Flower simulation (prepares the backbone first if needed)."""
+    if resume is not None:
+        if config or set_ or backbone or checkpoint:
+            typer.echo("error: --resume uses the run's own config.toml; drop --config/--set/--backbone/--checkpoint", err=True)
+            raise typer.Exit(2)
+        config, output = resume / "config.toml", resume
+        if not config.exists():
+            typer.echo(f"error: {config} not found: not a FedNano results folder", err=True)
+            raise typer.Exit(2)
     cfg = _load(config, set_, backbone, checkpoint)
     _setup_logging(output / "run.log")
     from fednano.federation.simulation import simulate
 
     t0 = time.time()
-    res = simulate(cfg, output)
+    res = simulate(cfg, output, resume=resume is not None)
     f = res["final"]
     log.info("done in %.0f s: global accuracy %.4f (zero-shot %.4f); results in %s", time.time() - t0, f["global_accuracy"], f["zero_shot_accuracy"], output)
     typer.echo((output / "table.md").read_text())

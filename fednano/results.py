@@ -23,19 +23,48 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 class RunRecorder:
-    def __init__(self, out_dir: Path, cfg: RunConfig) -> None:
+    """results.json is the commit point: a round's metrics and its checkpoint pointer are
+    written together, atomically, after the round's adapters are safely on disk."""
+
+    def __init__(self, out_dir: Path, cfg: RunConfig, resume: bool = False) -> None:
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
+        results = self.out / "results.json"
+        if resume and results.exists():
+            self.data: dict[str, Any] = json.loads(results.read_text())
+            if self.data.get("config") != cfg.to_dict():
+                raise ValueError(f"{results}: the run was made with a different config; resume with its own config.toml")
+            return
         atomic_write(self.out / "config.toml", cfg.to_toml())
-        self.data: dict[str, Any] = {"config": cfg.to_dict(), "rounds": [], "final": {}}
+        self.data = {"config": cfg.to_dict(), "rounds": [], "final": {}}
 
     def set(self, **fields: Any) -> None:
         self.data.update(fields)
         self.save()
 
-    def add_round(self, entry: dict[str, Any]) -> None:
+    def complete_round(self, entry: dict[str, Any], adapters: dict[str, torch.Tensor]) -> None:
+        """Record a finished round and checkpoint the global adapters it produced."""
+        ckpt = self.out / "checkpoint"
+        ckpt.mkdir(exist_ok=True)
+        name = f"adapters-round-{entry['round']}.safetensors"
+        tmp = ckpt / (name + ".tmp")
+        save_file({k: v.contiguous() for k, v in adapters.items()}, tmp)
+        os.replace(tmp, ckpt / name)
         self.data["rounds"].append(entry)
+        self.data["checkpoint"] = {"round": entry["round"], "adapters": f"checkpoint/{name}"}
         self.save()
+        for old in ckpt.glob("adapters-round-*.safetensors"):
+            if old.name != name:
+                old.unlink()
+
+    def resume_state(self) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """(last completed round, its global adapters), if a checkpoint exists."""
+        ck = self.data.get("checkpoint")
+        if not ck:
+            return None
+        from safetensors.torch import load_file
+
+        return int(ck["round"]), load_file(self.out / ck["adapters"])
 
     def save(self) -> None:
         atomic_write(self.out / "results.json", json.dumps(self.data, indent=2))

@@ -53,9 +53,12 @@ def _array_bytes(arrays: ArrayRecord) -> int:
     return sum(int(a.numpy().nbytes) for a in arrays.values())
 
 
-def run_server(grid: Grid, cfg: RunConfig, out_dir: Path) -> dict:
+def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) -> dict:
     t_start = time.time()
-    recorder = RunRecorder(out_dir, cfg)
+    recorder = RunRecorder(out_dir, cfg, resume=resume)
+    if recorder.data.get("final"):
+        log.info("%s: the run is already complete", out_dir)
+        return recorder.data
     bundle = ensure_prepared(cfg)
     llm = load_server_llm(bundle, DTYPES[cfg.model.llm_dtype])
     split = SplitServer(llm, cfg.split.host, cfg.split.port, cfg.split.max_frame_mb).start()
@@ -79,20 +82,27 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path) -> dict:
         edge.adapter_i.reset_parameters(gen)
         edge.adapter_t.reset_parameters(gen)
         global_state = edge.adapter_state()
-        zero = global_eval(global_state)
-        zero_shot = zero["accuracy"]
-        log.info("zero-shot accuracy of the prepared MLLM on %d global test questions: %.4f", len(test), zero_shot)
-        recorder.set(zero_shot_accuracy=zero_shot, zero_shot_by_category=by_category(zero), split_address=address, bundle=str(bundle),
-                     data={"dataset": task.name, "train_pool": len(task.train), "global_test": len(test), "skipped": len(task.skipped),
-                           "skipped_samples": task.skipped})
+        state = recorder.resume_state()
+        first_round = 1
+        if state is not None:
+            done, global_state = state
+            first_round, zero_shot = done + 1, recorder.data["zero_shot_accuracy"]
+            log.info("resuming %s after round %d of %d", out_dir, done, cfg.federation.rounds)
+        else:
+            zero = global_eval(global_state)
+            zero_shot = zero["accuracy"]
+            log.info("zero-shot accuracy of the prepared MLLM on %d global test questions: %.4f", len(test), zero_shot)
+            recorder.set(zero_shot_accuracy=zero_shot, zero_shot_by_category=by_category(zero), bundle=str(bundle),
+                         data={"dataset": task.name, "train_pool": len(task.train), "global_test": len(test), "skipped": len(task.skipped),
+                               "skipped_samples": task.skipped})
 
         strategy = FedNanoStrategy(cfg.federation)
         strategy.summary()
         base_config = {keys.RUN_CONFIG: cfg.to_json(), keys.SPLIT_ADDRESS: address}
         steps_per_round = cfg.data.num_clients * cfg.train.local_steps
-        acc = zero_shot
-        with progress_bar(cfg.federation.rounds, "rounds", position=0) as rounds_bar:
-            for rnd in range(1, cfg.federation.rounds + 1):
+        acc = recorder.data["rounds"][-1]["global_accuracy"] if recorder.data["rounds"] else zero_shot
+        with progress_bar(cfg.federation.rounds - first_round + 1, "rounds", position=0) as rounds_bar:
+            for rnd in range(first_round, cfg.federation.rounds + 1):
                 t0 = time.time()
                 arrays = ArrayRecord(global_state)
                 with progress_bar(steps_per_round, f"round {rnd} local steps (all clients)", position=1) as steps_bar:
@@ -133,7 +143,7 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path) -> dict:
                     "bytes": bytes_,
                     "seconds": round(time.time() - t0, 2),
                 }
-                recorder.add_round(entry)
+                recorder.complete_round(entry, global_state)
                 rounds_bar.update(1, acc=acc)
                 log.info(
                     "round %d/%d: global acc %.4f (zero-shot %.4f) | train loss %s | %d/%d clients merged | %.2f MiB moved | %.0f s",
@@ -167,16 +177,16 @@ def _write_partition(out_dir: Path, cfg: RunConfig, task) -> None:
     plot_partition(rows, cfg.data.partition_by, Path(out_dir) / "partition.png")
 
 
-def build_server_app(cfg: RunConfig | None = None, out_dir: Path | None = None) -> ServerApp:
+def build_server_app(cfg: RunConfig | None = None, out_dir: Path | None = None, resume: bool = False) -> ServerApp:
     """A ServerApp bound to a config (simulation), or reading `config-file` /
-    `output-dir` from Flower's run config (`flwr run`)."""
+    `output-dir` / `resume` from Flower's run config (`flwr run`)."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg or load_config(context.run_config.get("config-file") or None)
         out = out_dir or Path(str(context.run_config.get("output-dir", "results/flwr-run")))
-        run_server(grid, run_cfg, out)
+        run_server(grid, run_cfg, out, resume or bool(context.run_config.get("resume", False)))
 
     return server_app
 

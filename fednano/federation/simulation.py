@@ -18,7 +18,7 @@ from fednano.config import RunConfig
 log = logging.getLogger("fednano")
 
 
-def simulate(cfg: RunConfig, out_dir: Path) -> dict:
+def simulate(cfg: RunConfig, out_dir: Path, resume: bool = False) -> dict:
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     # Keep Flower's state inside the run folder, never in ~ (and stay offline).
@@ -44,7 +44,7 @@ def simulate(cfg: RunConfig, out_dir: Path) -> dict:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # run_simulation's deprecation notice; we keep the in-process runtime on purpose
-            run_simulation(build_server_app(cfg, out_dir), client_app, num_supernodes=cfg.data.num_clients, backend_config=backend)
+            run_simulation(build_server_app(cfg, out_dir, resume), client_app, num_supernodes=cfg.data.num_clients, backend_config=backend)
     finally:
         if ray.is_initialized():
             ray.shutdown()
