@@ -171,9 +171,16 @@ class SplitConfig:
     advertised_address: str = _f("", "host:port clients dial (default: host:port as bound).")
     wire_dtype: str = _f("bfloat16", "dtype of activations and gradients on the wire: 'bfloat16' or 'float32'.")
     max_frame_mb: float = _f(64.0, "Largest frame (MiB) the split server accepts.")
+    require_token: bool = _f(True, "Generate a secret token per run; the split server refuses streams without it (clients get it in their train config).")
+    tls_cert: str = _f("", "PEM certificate (chain) of the split server; with tls_key, the channel uses TLS.")
+    tls_key: str = _f("", "PEM private key of the split server.")
+    tls_ca: str = _f("", "PEM CA certificate clients verify the split server with (sent to them in the train config).")
+    max_streams: int = _f(64, "Most concurrent split streams the server accepts.")
 
     def __post_init__(self) -> None:
         _check(self.wire_dtype in ("bfloat16", "float32"), "split.wire_dtype", "must be 'bfloat16' or 'float32'")
+        _check(bool(self.tls_cert) == bool(self.tls_key) == bool(self.tls_ca), "split.tls_cert", "tls_cert, tls_key and tls_ca go together")
+        _check(self.max_streams >= 1, "split.max_streams", "must be >= 1")
         _check(0 <= self.port < 65536, "split.port", "must be in [0, 65535]")
         _check(self.max_frame_mb > 0, "split.max_frame_mb", "must be > 0")
 

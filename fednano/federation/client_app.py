@@ -37,12 +37,13 @@ class ClientRuntime:
 
 
 @lru_cache(maxsize=4)
-def _runtime(config_json: str, address: str) -> ClientRuntime:
+def _runtime(config_json: str, address: str, token: str, ca: str) -> ClientRuntime:
     cfg = from_dict(json.loads(config_json), "run-config")
     torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
     bundle = load_nanoedge(bundle_dir(cfg) / "client", cfg.adapter)  # client/ only: no LLM weights
     work = Workload(bundle.tokenizer, ImageFeatures(bundle.edge.vision), bundle.edge.num_visual_tokens, load_task(cfg).system)
-    split = SplitClient(address, cfg.split.wire_dtype, cfg.split.max_frame_mb, cfg.federation.round_timeout)
+    split = SplitClient(address, cfg.split.wire_dtype, cfg.split.max_frame_mb, cfg.federation.round_timeout,
+                        token=token or None, root_certificates=ca.encode() if ca else None)
     return ClientRuntime(cfg, bundle.edge, work, split)
 
 
@@ -66,7 +67,7 @@ def client_data(cfg: RunConfig, partition_id: int) -> ClientData:
 
 def _setup(msg: Message, context: Context) -> tuple[ClientRuntime, ClientData, int, int]:
     conf = msg.content[keys.CONFIG]
-    rt = _runtime(str(conf[keys.RUN_CONFIG]), str(conf[keys.SPLIT_ADDRESS]))
+    rt = _runtime(str(conf[keys.RUN_CONFIG]), str(conf[keys.SPLIT_ADDRESS]), str(conf.get(keys.SPLIT_TOKEN, "")), str(conf.get(keys.SPLIT_CA, "")))
     pid = int(context.node_config[keys.PARTITION_ID])
     rt.edge.load_adapter_state(msg.content[keys.ARRAYS].to_torch_state_dict())
     return rt, client_data(rt.cfg, pid), pid, int(conf[keys.SERVER_ROUND])

@@ -7,6 +7,8 @@ CONFIG = "config"
 
 RUN_CONFIG = "run-config"  # the full RunConfig as JSON
 SPLIT_ADDRESS = "split-address"
+SPLIT_TOKEN = "split-token"  # per-run secret; travels inside Flower's (TLS) channel
+SPLIT_CA = "split-ca"  # PEM of the CA that signed the split server's certificate ("" = plaintext)
 SERVER_ROUND = "server-round"
 WANT_FISHER = "want-fisher"
 

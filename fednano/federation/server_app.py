@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import threading
 import time
 from pathlib import Path
@@ -61,8 +62,11 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) 
         return recorder.data
     bundle = ensure_prepared(cfg)
     llm = load_server_llm(bundle, DTYPES[cfg.model.llm_dtype])
-    split = SplitServer(llm, cfg.split.host, cfg.split.port, cfg.split.max_frame_mb).start()
-    address = cfg.split.advertised_address or split.address
+    sc = cfg.split
+    token = secrets.token_urlsafe(32) if sc.require_token else None
+    tls = (Path(sc.tls_cert).read_bytes(), Path(sc.tls_key).read_bytes()) if sc.tls_cert else None
+    split = SplitServer(llm, sc.host, sc.port, sc.max_frame_mb, token=token, tls=tls, max_streams=sc.max_streams).start()
+    address = sc.advertised_address or split.address
     try:
         # The server owns the whole MLLM, so it evaluates the global adapters itself.
         owner = load_nanoedge(bundle / "client", cfg.adapter)
@@ -98,7 +102,8 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) 
 
         strategy = FedNanoStrategy(cfg.federation)
         strategy.summary()
-        base_config = {keys.RUN_CONFIG: cfg.to_json(), keys.SPLIT_ADDRESS: address}
+        base_config = {keys.RUN_CONFIG: cfg.to_json(), keys.SPLIT_ADDRESS: address, keys.SPLIT_TOKEN: token or "",
+                       keys.SPLIT_CA: Path(sc.tls_ca).read_text() if sc.tls_ca else ""}
         steps_per_round = cfg.data.num_clients * cfg.train.local_steps
         acc = recorder.data["rounds"][-1]["global_accuracy"] if recorder.data["rounds"] else zero_shot
         with progress_bar(cfg.federation.rounds - first_round + 1, "rounds", position=0) as rounds_bar:

@@ -27,12 +27,19 @@ class SplitChannelError(RuntimeError):
 
 
 class SplitClient:
-    def __init__(self, address: str, wire_dtype: str = "bfloat16", max_frame_mb: float = 64.0, timeout: float = 600.0) -> None:
+    def __init__(
+        self, address: str, wire_dtype: str = "bfloat16", max_frame_mb: float = 64.0, timeout: float = 600.0,
+        token: str | None = None, root_certificates: bytes | None = None,
+    ) -> None:
+        """token: the run's split-channel token; root_certificates: PEM of the CA (enables TLS)."""
         self.address, self.wire = address, DTYPES[wire_dtype]
         limit = int(max_frame_mb * 1024 * 1024) + 64 * 1024
-        self._channel = grpc.insecure_channel(
-            address, options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
-        )
+        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        if root_certificates is not None:
+            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=root_certificates), options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._call = self._channel.stream_stream(METHOD, request_serializer=None, response_deserializer=None)
         self.timeout = timeout
         self._requests: queue.Queue | None = None
@@ -44,7 +51,7 @@ class SplitClient:
     # --- transport -------------------------------------------------------------------
     def _open(self) -> None:
         self._requests = queue.Queue()
-        self._responses = self._call(iter(self._requests.get, None), timeout=self.timeout)
+        self._responses = self._call(iter(self._requests.get, None), timeout=self.timeout, metadata=self._metadata)
 
     def request_bytes(self, data: bytes, op: str = "raw") -> Frame:
         """Send one encoded frame, return the decoded reply (raises SplitChannelError)."""

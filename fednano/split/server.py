@@ -14,6 +14,7 @@ RESOURCE_EXHAUSTED. One client's garbage never stops the server.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -130,11 +131,23 @@ class SplitService:
 
 
 class SplitServer:
-    """Runs SplitService on a gRPC server; `address` is what clients dial."""
+    """Runs SplitService on a gRPC server; `address` is what clients dial.
 
-    def __init__(self, llm: ServerLLM, host: str = "127.0.0.1", port: int = 0, max_frame_mb: float = 64.0, workers: int = 16) -> None:
+    Security: with `token`, every stream must carry `authorization: Bearer <token>`
+    metadata or is refused (UNAUTHENTICATED) before any LLM work; with `tls`
+    (PEM bytes of certificate chain and private key) the channel is encrypted.
+    `max_streams` caps concurrent streams (RESOURCE_EXHAUSTED beyond it).
+    """
+
+    def __init__(
+        self, llm: ServerLLM, host: str = "127.0.0.1", port: int = 0, max_frame_mb: float = 64.0, workers: int = 16,
+        token: str | None = None, tls: tuple[bytes, bytes] | None = None, max_streams: int = 64,
+    ) -> None:
         self.max_frame_bytes = int(max_frame_mb * 1024 * 1024)
         self.service = SplitService(llm, self.max_frame_bytes)
+        self.token, self.max_streams = token, max_streams
+        self._streams = 0
+        self._streams_lock = threading.Lock()
         grpc_limit = self.max_frame_bytes + 64 * 1024  # beyond this gRPC itself refuses (RESOURCE_EXHAUSTED)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="split"),
@@ -144,18 +157,39 @@ class SplitServer:
             SERVICE, {"Session": grpc.stream_stream_rpc_method_handler(self._session)}
         )
         self._server.add_generic_rpc_handlers((handler,))
-        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        target = f"{host}:{port}"
+        self.secure = tls is not None
+        if tls is not None:
+            self.port = self._server.add_secure_port(target, grpc.ssl_server_credentials([(tls[1], tls[0])]))
+        else:
+            self.port = self._server.add_insecure_port(target)
         if self.port == 0:
-            raise RuntimeError(f"split server could not bind {host}:{port}")
+            raise RuntimeError(f"split server could not bind {target}")
         self.address = f"{host}:{self.port}"
+        self.refused = {"unauthenticated": 0, "too_many_streams": 0}
 
     def _session(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        for data in requests:
-            yield self.service.handle(data)
+        if self.token is not None:
+            auth = dict(context.invocation_metadata()).get("authorization", "")
+            if not hmac.compare_digest(auth, f"Bearer {self.token}"):
+                self.refused["unauthenticated"] += 1
+                log.warning("split server: refused a stream from %s without a valid token", context.peer())
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong split-channel token")
+        with self._streams_lock:
+            if self._streams >= self.max_streams:
+                self.refused["too_many_streams"] += 1
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"more than {self.max_streams} concurrent streams")
+            self._streams += 1
+        try:
+            for data in requests:
+                yield self.service.handle(data)
+        finally:
+            with self._streams_lock:
+                self._streams -= 1
 
     def start(self) -> SplitServer:
         self._server.start()
-        log.info("split server listening on %s", self.address)
+        log.info("split server listening on %s%s%s", self.address, " (TLS)" if self.secure else "", ", token required" if self.token else "")
         return self
 
     def stop(self, grace: float = 1.0) -> None:
