@@ -54,8 +54,13 @@ def fisher_merge(
     return out
 
 
-def validate_update(reference: Tensors, theta: Tensors, fisher: Tensors | None, n_examples: float) -> list[str]:
-    """Reasons to reject a client's reply (empty list = accept)."""
+def update_norm(reference: Tensors, theta: Tensors) -> float:
+    """L2 norm of theta - reference over all tensors."""
+    return math.sqrt(sum(float((theta[k].double() - reference[k].double()).pow(2).sum()) for k in reference))
+
+
+def validate_update(reference: Tensors, theta: Tensors, fisher: Tensors | None, n_examples: float, max_norm: float = 0.0) -> list[str]:
+    """Reasons to reject a client's reply (empty list = accept); max_norm > 0 bounds ||theta - reference||."""
     problems = []
     if not (isinstance(n_examples, (int, float)) and math.isfinite(n_examples) and n_examples > 0):
         problems.append(f"num-examples must be a positive number, got {n_examples!r}")
@@ -73,6 +78,10 @@ def validate_update(reference: Tensors, theta: Tensors, fisher: Tensors | None, 
                 problems.append(f"{what}.{k}: contains NaN or Inf")
             elif what == "fisher" and (t < 0).any():
                 problems.append(f"{what}.{k}: negative entries")
+    if max_norm > 0 and not problems:
+        norm = update_norm(reference, theta)
+        if norm > max_norm:
+            problems.append(f"update norm {norm:.4g} exceeds federation.max_update_norm={max_norm:g}")
     return problems
 
 

@@ -148,8 +148,9 @@ class FederationConfig:
     min_train_clients: int = _f(2, "Fewest valid replies a round needs; otherwise the previous global adapters are kept.")
     fisher_floor: float = _f(1e-6, "Lower bound on each Fisher entry (keeps the merge defined where all Fishers vanish).")
     fisher_normalize: bool = _f(False, "Divide each client's Fisher by its mean before merging.")
+    max_update_norm: float = _f(0.0, "Reject a client update whose distance ||theta_k - theta_global|| exceeds this (0 = no bound).")
     client_cpus: float = _f(1.0, "CPUs Ray reserves per simulated client.")
-    round_timeout: float = _f(3600.0, "Seconds the server waits for replies in a round.")
+    round_timeout: float = _f(3600.0, "Seconds the server waits for replies in a round; clients that have not replied by then are dropped from it.")
     seed: int = _f(0, "Seed for adapter initialisation and client sampling.")
 
     def __post_init__(self) -> None:
@@ -160,6 +161,7 @@ class FederationConfig:
         _check(0.0 < self.fraction_train <= 1.0, "federation.fraction_train", "must be in (0, 1]")
         _check(self.min_train_clients >= 1, "federation.min_train_clients", "must be >= 1")
         _check(self.fisher_floor > 0, "federation.fisher_floor", "must be > 0")
+        _check(self.max_update_norm >= 0, "federation.max_update_norm", "must be >= 0")
         _check(self.client_cpus > 0, "federation.client_cpus", "must be > 0")
         _check(self.round_timeout > 0, "federation.round_timeout", "must be > 0")
 

@@ -81,3 +81,11 @@ def test_validate_update_rejects_bad_updates(theta, fisher, n, needle):
 
 def test_validate_update_accepts_good_update():
     assert validate_update({"w": torch.zeros(2)}, {"w": torch.ones(2)}, {"w": torch.ones(2)}, 5) == []
+
+
+def test_update_norm_bound():
+    ref = {"w": torch.zeros(2)}
+    assert validate_update(ref, {"w": torch.tensor([3.0, 4.0])}, None, 1, max_norm=5.0) == []  # norm exactly 5
+    problems = validate_update(ref, {"w": torch.tensor([30.0, 40.0])}, None, 1, max_norm=5.0)
+    assert problems == ["update norm 50 exceeds federation.max_update_norm=5"]
+    assert validate_update(ref, {"w": torch.tensor([30.0, 40.0])}, None, 1) == []  # 0 = no bound

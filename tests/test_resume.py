@@ -1,5 +1,6 @@
 """No completed round is lost: SIGKILL the server mid-run, resume, and match an uninterrupted run."""
 
+import contextlib
 import json
 import os
 import signal
@@ -34,10 +35,8 @@ def _kill_session(sid: int) -> None:
     """SIGKILL every process of the run's session (the server and the Ray processes it started)."""
     out = subprocess.run(["pgrep", "-s", str(sid)], capture_output=True, text=True)
     for pid in map(int, out.stdout.split()):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tiny_bundle, tiny_cache, tmp_path):

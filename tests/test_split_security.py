@@ -24,8 +24,8 @@ def _pem_cert(cert):
 
 @pytest.fixture(scope="module")
 def pki():
-    """A CA and a server certificate for 127.0.0.1 (what deploy/ generates with openssl)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    """A CA and a server certificate for 127.0.0.1, as an operator would make with openssl."""
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fednano test CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())

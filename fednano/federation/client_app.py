@@ -8,6 +8,7 @@ its data partition, the channel) is cached per process across rounds.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -81,10 +82,24 @@ def _traffic_delta(rt: ClientRuntime, before: dict[str, int]) -> dict[str, float
 app = ClientApp()
 
 
+def _fault_injection(pid: int, rnd: int) -> None:
+    """FEDNANO_FAULT="exit:<partition>:<round>" or "hang:<partition>:<round>" makes that client
+    die (hard exit) or hang mid-round: how the tests exercise the server's fault tolerance."""
+    spec = os.environ.get("FEDNANO_FAULT", "")
+    if not spec:
+        return
+    kind, part, when = spec.split(":")
+    if int(part) == pid and int(when) == rnd:
+        if kind == "exit":
+            os._exit(17)
+        time.sleep(10**6)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     t0 = time.time()
     rt, data, pid, rnd = _setup(msg, context)
+    _fault_injection(pid, rnd)
     before = rt.split.traffic()
     gen = torch.Generator().manual_seed(rt.cfg.federation.seed * 1_000_003 + rnd * 1009 + pid)
     stats = train_local(rt.edge, rt.split, data.train, rt.work, rt.cfg.train, gen)

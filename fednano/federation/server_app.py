@@ -106,6 +106,7 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) 
                        keys.SPLIT_CA: Path(sc.tls_ca).read_text() if sc.tls_ca else ""}
         steps_per_round = cfg.data.num_clients * cfg.train.local_steps
         acc = recorder.data["rounds"][-1]["global_accuracy"] if recorder.data["rounds"] else zero_shot
+        node_partition: dict[int, int] = {}
         with progress_bar(cfg.federation.rounds - first_round + 1, "rounds", position=0) as rounds_bar:
             for rnd in range(first_round, cfg.federation.rounds + 1):
                 t0 = time.time()
@@ -117,6 +118,17 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) 
                     split.service.on_frame = None
                 merged, train_metrics = strategy.aggregate_train(rnd, replies)
                 train_out = strategy.last_train
+                for o in train_out:  # learn which node holds which partition, to name clients in reports
+                    if o.partition_id is not None:
+                        node_partition[o.node_id] = o.partition_id
+                    else:
+                        o.partition_id = node_partition.get(o.node_id)
+                replied = {m.metadata.src_node_id for m in replies}
+                dropped = [{"node_id": m.metadata.dst_node_id, "partition_id": node_partition.get(m.metadata.dst_node_id),
+                            "reason": f"no reply within round_timeout={cfg.federation.round_timeout:g} s"}
+                           for m in msgs if m.metadata.dst_node_id not in replied]
+                for d in dropped:
+                    log.warning("round %d: dropped node %d (partition %s): %s", rnd, d["node_id"], d["partition_id"], d["reason"])
                 if merged is not None:
                     global_state = merged.to_torch_state_dict()
                 eval_msgs = list(strategy.configure_evaluate(rnd, ArrayRecord(global_state), ConfigRecord(dict(base_config)), grid))
@@ -145,6 +157,7 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) 
                     "clients_sampled": len(msgs),
                     "clients_accepted": len(ok),
                     "rejected": [{"node_id": o.node_id, "partition_id": o.partition_id, "reason": o.rejected} for o in train_out if o.rejected],
+                    "dropped": dropped,
                     "bytes": bytes_,
                     "seconds": round(time.time() - t0, 2),
                 }

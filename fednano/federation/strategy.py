@@ -83,7 +83,7 @@ class FedNanoStrategy(Strategy):
             except (KeyError, TypeError, ValueError) as e:
                 out.rejected = f"malformed reply: {type(e).__name__}: {e}"
                 continue
-            problems = validate_update(self._reference, theta, fisher, out.metrics.get(keys.NUM_EXAMPLES, 0.0))
+            problems = validate_update(self._reference, theta, fisher, out.metrics.get(keys.NUM_EXAMPLES, 0.0), self.cfg.max_update_norm)
             if problems:
                 out.rejected = "; ".join(problems)
                 continue
