@@ -178,11 +178,14 @@ class SplitConfig:
     tls_key: str = _f("", "PEM private key of the split server.")
     tls_ca: str = _f("", "PEM CA certificate clients verify the split server with (sent to them in the train config).")
     max_streams: int = _f(64, "Most concurrent split streams the server accepts.")
+    micro_batching: bool = _f(True, "Run the training steps of clients that arrive together as one LLM forward/backward (results stay per client).")
+    batch_window_ms: float = _f(30.0, "With micro_batching: how long a step may wait for other connected clients' steps to join it.")
 
     def __post_init__(self) -> None:
         _check(self.wire_dtype in ("bfloat16", "float32"), "split.wire_dtype", "must be 'bfloat16' or 'float32'")
         _check(bool(self.tls_cert) == bool(self.tls_key) == bool(self.tls_ca), "split.tls_cert", "tls_cert, tls_key and tls_ca go together")
         _check(self.max_streams >= 1, "split.max_streams", "must be >= 1")
+        _check(self.batch_window_ms >= 0, "split.batch_window_ms", "must be >= 0")
         _check(0 <= self.port < 65536, "split.port", "must be in [0, 65535]")
         _check(self.max_frame_mb > 0, "split.max_frame_mb", "must be > 0")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import secrets
-import threading
 import time
 from pathlib import Path
 
@@ -35,19 +34,17 @@ from fednano.training import ImageFeatures, Workload, evaluate
 log = logging.getLogger("fednano")
 
 
-class _Locked:
-    """The server's in-process view of its LLM, sharing the split server's lock."""
+class _OnWorker:
+    """The server's in-process view of its LLM: work runs on the split server's LLM thread."""
 
-    def __init__(self, llm, lock: threading.Lock) -> None:
-        self.llm, self.lock = llm, lock
+    def __init__(self, llm, worker) -> None:
+        self.llm, self.worker = llm, worker
 
     def train_step(self, *a, **kw):
-        with self.lock:
-            return self.llm.train_step(*a, **kw)
+        return self.worker.call(lambda: self.llm.train_step(*a, **kw))
 
     def score(self, *a, **kw):
-        with self.lock:
-            return self.llm.score(*a, **kw)
+        return self.worker.call(lambda: self.llm.score(*a, **kw))
 
 
 def _array_bytes(arrays: ArrayRecord) -> int:
@@ -65,14 +62,15 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) 
     sc = cfg.split
     token = secrets.token_urlsafe(32) if sc.require_token else None
     tls = (Path(sc.tls_cert).read_bytes(), Path(sc.tls_key).read_bytes()) if sc.tls_cert else None
-    split = SplitServer(llm, sc.host, sc.port, sc.max_frame_mb, token=token, tls=tls, max_streams=sc.max_streams).start()
+    split = SplitServer(llm, sc.host, sc.port, sc.max_frame_mb, token=token, tls=tls, max_streams=sc.max_streams,
+                         batching=sc.micro_batching, batch_window_ms=sc.batch_window_ms).start()
     address = sc.advertised_address or split.address
     try:
         # The server owns the whole MLLM, so it evaluates the global adapters itself.
         owner = load_nanoedge(bundle / "client", cfg.adapter)
         edge = owner.edge
         work = Workload(owner.tokenizer, ImageFeatures(edge.vision), edge.num_visual_tokens)
-        local = _Locked(llm, split.service._lock)
+        local = _OnWorker(llm, split.service.worker)
         task = load_task(cfg)
         work.system, test = task.system, task.test
         _write_partition(out_dir, cfg, task)

@@ -44,18 +44,43 @@ class ServerLLM:
         reduction="sum": summed NLL; its gradient w.r.t. sample i's embeddings is
         the gradient of sample i's own log-likelihood (used for per-sample Fisher).
         """
-        x = embeds.to(self.dtype).requires_grad_(True)  # (B, T, d)
-        hidden = self.decoder(inputs_embeds=x, attention_mask=mask).last_hidden_state  # (B, T, d)
+        return self.train_steps([(embeds, mask, labels, reduction)])[0]
+
+    def train_steps(
+        self, requests: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]]
+    ) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """Several clients' steps in one forward/backward (cross-client micro-batching).
+
+        Each request is right-padded to the longest T (pads are masked and carry no
+        label; a causal LM's earlier positions never see them), the batches are
+        concatenated, and the objective is the sum of each request's own loss: as
+        samples do not interact, each request's gradient is exactly the one it
+        would get alone.
+        """
+        T = max(e.shape[1] for e, _, _, _ in requests)
+        pad = lambda t, v: F.pad(t, (0, T - t.shape[1]), value=v)  # noqa: E731 - (B, t) -> (B, T)
+        x = torch.cat([F.pad(e.to(self.dtype), (0, 0, 0, T - e.shape[1])) for e, _, _, _ in requests]).requires_grad_(True)  # (ΣB, T, d)
+        mask = torch.cat([pad(m.long(), 0) for _, m, _, _ in requests])
+        labels = torch.cat([pad(lab.long(), IGNORE_INDEX) for _, _, lab, _ in requests])
+        group = torch.cat([torch.full((e.shape[0],), i) for i, (e, _, _, _) in enumerate(requests)])  # row -> request
+        hidden = self.decoder(inputs_embeds=x, attention_mask=mask).last_hidden_state  # (ΣB, T, d)
         targets = labels[:, 1:]  # token t+1 is predicted at position t
-        sel = targets != IGNORE_INDEX  # (B, T-1)
-        n_tokens = int(sel.sum())
-        if n_tokens == 0:
-            raise ValueError("labels contain no supervised token")
+        sel = targets != IGNORE_INDEX  # (ΣB, T-1)
         logits = self.head(hidden[:, :-1][sel]).float()  # (N, V): only labelled positions
-        nll = F.cross_entropy(logits, targets[sel], reduction="sum")
-        loss = nll / n_tokens if reduction == "mean" else nll
-        (grad,) = torch.autograd.grad(loss, x)
-        return loss.detach().float(), grad.to(embeds.dtype), n_tokens
+        tok_nll = F.cross_entropy(logits, targets[sel], reduction="none")  # (N,)
+        tok_group = group.unsqueeze(1).expand_as(sel)[sel]  # (N,)
+        nll = torch.zeros(len(requests)).index_add(0, tok_group, tok_nll)  # per request
+        counts = torch.bincount(tok_group, minlength=len(requests))
+        if (counts == 0).any():
+            raise ValueError("labels contain no supervised token")
+        scale = torch.tensor([1.0 / int(c) if r == "mean" else 1.0 for c, (_, _, _, r) in zip(counts, requests, strict=True)])
+        losses = nll * scale
+        (grad,) = torch.autograd.grad(losses.sum(), x)
+        out, row = [], 0
+        for (e, _, _, _), loss, n in zip(requests, losses, counts, strict=True):
+            out.append((loss.detach(), grad[row : row + e.shape[0], : e.shape[1]].to(e.dtype), int(n)))
+            row += e.shape[0]
+        return out
 
     @torch.no_grad()
     def score(

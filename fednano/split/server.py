@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import hmac
 import logging
+import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
+from concurrent.futures import Future
+from typing import Any
 
 import grpc
 import torch
@@ -63,12 +67,82 @@ def _check_embeds(frame: Frame, prefix: str, hidden: int) -> tuple[torch.Tensor,
     return emb, mask
 
 
-class SplitService:
-    """Validates frames and runs the LLM; one lock serialises LLM compute."""
+class LLMWorker:
+    """The one thread that runs the LLM (one hot OpenMP team, no lock contention).
 
-    def __init__(self, llm: ServerLLM, max_frame_bytes: int) -> None:
+    Jobs are callables; training steps are queued as requests instead, and when
+    several clients' steps are waiting at once they run as one micro-batch
+    (`ServerLLM.train_steps`), each client still getting exactly its own result.
+    """
+
+    def __init__(
+        self, llm: ServerLLM, max_batch: int = 8, batching: bool = True, window_s: float = 0.0, active: Callable[[], int] | None = None
+    ) -> None:
+        """window_s: how long a step may wait for other active clients' steps to join it."""
+        self.llm, self.max_batch, self.batching, self.window_s = llm, max_batch, batching, window_s
+        self._active = active or (lambda: 1)
+        self._queue: queue.Queue = queue.Queue()
+        self.steps = {"train_requests": 0, "llm_passes": 0}
+        self._thread = threading.Thread(target=self._run, name="split-llm", daemon=True)
+        self._thread.start()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        fut: Future = Future()
+        self._queue.put(("call", fn, fut))
+        return fut.result()
+
+    def train(self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        fut: Future = Future()
+        self._queue.put(("train", (embeds, mask, labels, reduction), fut))
+        return fut.result()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if job[0] == "call":
+                self._settle([job], lambda: [job[1]()])
+                continue
+            batch, later = [job], []
+            deadline = time.monotonic() + self.window_s
+            while self.batching and len(batch) < self.max_batch:  # whatever else is waiting, or comes within the window
+                wait = deadline - time.monotonic() if len(batch) < self._active() else 0.0
+                try:
+                    nxt = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    later.append(nxt)
+                    break
+                (batch if nxt[0] == "train" else later).append(nxt)
+            self._settle(batch, lambda b=batch: self.llm.train_steps([j[1] for j in b]))
+            self.steps["train_requests"] += len(batch)
+            self.steps["llm_passes"] += 1
+            for j in later:
+                self._queue.put(j)
+
+    @staticmethod
+    def _settle(jobs: list, compute: Callable[[], list]) -> None:
+        try:
+            results = compute()
+        except Exception as e:
+            for j in jobs:
+                j[2].set_exception(e)
+            return
+        for j, r in zip(jobs, results, strict=True):
+            j[2].set_result(r)
+
+
+class SplitService:
+    """Validates frames (on the gRPC threads) and hands the LLM work to one LLMWorker."""
+
+    def __init__(
+        self, llm: ServerLLM, max_frame_bytes: int, batching: bool = True, max_batch: int = 8, window_s: float = 0.0,
+        active: Callable[[], int] | None = None,
+    ) -> None:
         self.llm, self.max_frame_bytes = llm, max_frame_bytes
-        self._lock = threading.Lock()
+        self.worker = LLMWorker(llm, max_batch, batching, window_s, active)
         self.stats = {"frames": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0}
         self._stats_lock = threading.Lock()
         self.on_frame: Callable[[str], None] | None = None  # called with the op of every served frame
@@ -113,8 +187,7 @@ class SplitService:
         reduction = frame.meta.get("reduction", "mean")
         if reduction not in ("mean", "sum"):
             raise FrameError(f"meta.reduction must be 'mean' or 'sum', got {reduction!r}")
-        with self._lock:
-            loss, grad, n_tokens = self.llm.train_step(emb, mask, labels, reduction)
+        loss, grad, n_tokens = self.worker.train(emb, mask, labels, reduction)
         return Frame("train", {"loss": loss.reshape(()), "grad": grad}, {"n_tokens": n_tokens})
 
     def _score(self, frame: Frame) -> Frame:
@@ -125,8 +198,7 @@ class SplitService:
             raise FrameError(f"tensor cand_ids: shape {tuple(c_ids.shape)} != cand_mask's {tuple(c_mask.shape)}")
         if ((c_ids < 0) | (c_ids >= self.llm.vocab_size)).any():
             raise FrameError(f"tensor cand_ids: ids must be in [0, {self.llm.vocab_size})")
-        with self._lock:
-            lp = self.llm.score(emb, mask, c_emb, c_ids, c_mask)
+        lp = self.worker.call(lambda: self.llm.score(emb, mask, c_emb, c_ids, c_mask))
         return Frame("score", {"logprobs": lp.float()})
 
 
@@ -141,10 +213,11 @@ class SplitServer:
 
     def __init__(
         self, llm: ServerLLM, host: str = "127.0.0.1", port: int = 0, max_frame_mb: float = 64.0, workers: int = 16,
-        token: str | None = None, tls: tuple[bytes, bytes] | None = None, max_streams: int = 64,
+        token: str | None = None, tls: tuple[bytes, bytes] | None = None, max_streams: int = 64, batching: bool = True,
+        batch_window_ms: float = 30.0,
     ) -> None:
         self.max_frame_bytes = int(max_frame_mb * 1024 * 1024)
-        self.service = SplitService(llm, self.max_frame_bytes)
+        self.service = SplitService(llm, self.max_frame_bytes, batching, window_s=batch_window_ms / 1000, active=lambda: self._streams)
         self.token, self.max_streams = token, max_streams
         self._streams = 0
         self._streams_lock = threading.Lock()
@@ -194,6 +267,7 @@ class SplitServer:
 
     def stop(self, grace: float = 1.0) -> None:
         self._server.stop(grace).wait()
+        self.service.worker.stop()
 
     def __enter__(self) -> SplitServer:
         return self.start()
