@@ -111,3 +111,13 @@ def test_sampling_is_seeded_and_explicit():
     pick = lambda r: sorted(x.metadata.dst_node_id for x in s.configure_train(r, ArrayRecord(GLOBAL), ConfigRecord({}), _Nodes(list(range(10)))))  # noqa: E731
     assert pick(1) == pick(1) and len(pick(1)) == 5
     assert any(pick(1) != pick(r) for r in range(2, 6))
+
+
+def test_oversized_update_is_rejected_with_its_norm(caplog):
+    s = FedNanoStrategy(FederationConfig(strategy="fedavg", min_train_clients=1, max_update_norm=1.0))
+    m = _instructions(s, 2)
+    with caplog.at_level(logging.WARNING):
+        arrays, _ = s.aggregate_train(1, [_reply(m[0], _like(0.01), None, 10, 0), _reply(m[1], _like(100.0), None, 10, 1)])
+    assert torch.allclose(arrays.to_torch_state_dict()["adapter_i.A.weight"], torch.full((2, 3), 0.01))
+    assert "exceeds federation.max_update_norm=1" in s.last_train[1].rejected
+    assert "partition 1" in caplog.text and "max_update_norm" in caplog.text

@@ -1,8 +1,10 @@
 """The ClientApp: unpack a message, run NanoEdge work through the split channel, pack the reply.
 
 Everything a client needs arrives in the message (adapters, the run config,
-the split server's address); the client's own state (NanoEdge, image features,
-its data partition, the channel) is cached per process across rounds.
+the split server's address, token and CA); the client's own state (NanoEdge,
+image features, its data partition, the channel) is cached per process: across
+rounds in the simulation's Ray actors; under a SuperNode every message starts a
+fresh ClientApp process, so it is rebuilt per message there.
 """
 
 from __future__ import annotations

@@ -51,8 +51,30 @@ def _array_bytes(arrays: ArrayRecord) -> int:
     return sum(int(a.numpy().nbytes) for a in arrays.values())
 
 
+def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> int:
+    """Block until `wanted` SuperNodes are connected (deployments start them separately)."""
+    deadline = time.time() + timeout
+    while (n := len(list(grid.get_node_ids()))) < wanted:
+        if time.time() > deadline:
+            raise TimeoutError(f"only {n} of {wanted} clients (data.num_clients) connected within {timeout:g} s")
+        log.info("waiting for clients: %d of %d connected", n, wanted)
+        time.sleep(2.0)
+    return n
+
+
+def _ensure_log_handler() -> None:
+    """Under `flwr run` the ServerApp runs in its own process with no handler for our logs."""
+    logger = logging.getLogger("fednano")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
 def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) -> dict:
     t_start = time.time()
+    _ensure_log_handler()
     recorder = RunRecorder(out_dir, cfg, resume=resume)
     if recorder.data.get("final"):
         log.info("%s: the run is already complete", out_dir)
@@ -98,6 +120,7 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) 
                          data={"dataset": task.name, "train_pool": len(task.train), "global_test": len(test), "skipped": len(task.skipped),
                                "skipped_samples": task.skipped})
 
+        wait_for_nodes(grid, cfg.data.num_clients, cfg.federation.round_timeout)
         strategy = FedNanoStrategy(cfg.federation)
         strategy.summary()
         base_config = {keys.RUN_CONFIG: cfg.to_json(), keys.SPLIT_ADDRESS: address, keys.SPLIT_TOKEN: token or "",

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# A whole FedNano federation on this machine, the way it runs on several:
+# a Flower SuperLink and SuperNodes as separate processes over TLS with
+# SuperNode authentication, and the split channel over TLS with the same CA.
+# Runs one experiment with `flwr run`, checks that an unregistered SuperNode is
+# refused, and stops everything it started (by process group) on exit.
+#
+#   deploy/local-federation.sh WORK_DIR [RUN_CONFIG.toml] [NUM_NODES]
+#
+# RUN_CONFIG defaults to configs/tiny.toml with one round. Results land in
+# WORK_DIR/out; logs of every process in WORK_DIR/logs.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+ROOT=$(mkdir -p "$1" && cd "$1" && pwd)
+BASE_CONFIG=${2:-$REPO/configs/tiny.toml}
+NODES=${3:-2}
+VENV=${VENV:-$REPO/.venv}
+export PATH="$VENV/bin:$PATH"
+export FLWR_HOME="$ROOT/flwr-home" FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export FEDNANO_CACHE="${FEDNANO_CACHE:-$ROOT/cache}"
+mkdir -p "$ROOT"/{logs,app,flwr-home}
+cd "$ROOT"
+
+PGIDS=()
+cleanup() {
+  for g in "${PGIDS[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
+  for _ in $(seq 20); do
+    alive=0
+    for g in "${PGIDS[@]}"; do kill -0 -- "-$g" 2>/dev/null && alive=1; done
+    [ $alive = 0 ] && return
+    sleep 0.5
+  done
+  for g in "${PGIDS[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+start() { local log=$1; shift; setsid "$@" >"$log" 2>&1 & PGIDS+=($!); }  # each daemon in its own process group
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+bash "$REPO/deploy/make-certs.sh" "$ROOT" "$((NODES + 1))"   # the last key stays unregistered
+LINK_PORT=$(free_port)
+cat > "$FLWR_HOME/config.toml" <<TOML
+[superlink]
+default = "fednano"
+
+[superlink.fednano]
+address = "127.0.0.1:$LINK_PORT"
+root-certificates = "$ROOT/certs/ca.crt"
+TOML
+
+# The app as Flower packs it, and the run config: the split channel over TLS too.
+cp "$REPO/pyproject.toml" app/ && cp -r "$REPO/fednano" "$REPO/configs" app/
+find app -name __pycache__ -prune -exec rm -rf {} +
+python3 - "$BASE_CONFIG" "$ROOT/run.toml" "$ROOT" "$NODES" <<'PY'
+import sys, tomllib
+src, dst, root, nodes = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+cfg = tomllib.loads(open(src).read())
+cfg.setdefault("model", {})["cache_dir"] = f"{root}/cache"
+cfg.setdefault("data", {})["num_clients"] = nodes
+fed = cfg.setdefault("federation", {})
+fed.setdefault("rounds", 1)
+fed["round_timeout"] = 600.0
+cfg.setdefault("split", {}).update(tls_cert=f"{root}/certs/server.pem", tls_key=f"{root}/certs/server.key", tls_ca=f"{root}/certs/ca.crt")
+def value(v):
+    return ("true" if v else "false") if isinstance(v, bool) else repr(v) if isinstance(v, (int, float)) else '"' + str(v) + '"'
+with open(dst, "w") as f:
+    for section, values in cfg.items():
+        f.write(f"[{section}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in values.items()) + "\n")
+PY
+fednano prepare --config "$ROOT/run.toml" >logs/prepare.log 2>&1
+
+start logs/superlink.log flower-superlink --ssl-ca-certfile "$ROOT/certs/ca.crt" --ssl-certfile "$ROOT/certs/server.pem" \
+  --ssl-keyfile "$ROOT/certs/server.key" --enable-supernode-auth --disable-runtime-dependency-installation \
+  --host 127.0.0.1 --port "$LINK_PORT"
+for _ in $(seq 120); do grep -q "Uvicorn running on https://127.0.0.1:$LINK_PORT" logs/superlink.log && break; sleep 0.5; done
+grep -q "Uvicorn running" logs/superlink.log || { echo "SuperLink did not start (logs/superlink.log)"; exit 1; }
+
+for ((i = 0; i < NODES; i++)); do
+  flwr supernode register "keys/node$i.pub" fednano >>logs/register.log 2>&1
+  start "logs/supernode$i.log" flower-supernode --root-certificates "$ROOT/certs/ca.crt" --superlink "127.0.0.1:$LINK_PORT" \
+    --auth-supernode-private-key "$ROOT/keys/node$i" --node-config "partition-id=$i num-partitions=$NODES" --port "$(free_port)"
+done
+for _ in $(seq 120); do [ "$(flwr supernode list 2>/dev/null | grep -c online)" -ge "$NODES" ] && break; sleep 1; done
+echo "SuperLink on 127.0.0.1:$LINK_PORT (TLS, SuperNode auth), $NODES SuperNodes online"
+
+set +e  # an unregistered SuperNode must be refused
+timeout 60 flower-supernode --root-certificates "$ROOT/certs/ca.crt" --superlink "127.0.0.1:$LINK_PORT" \
+  --auth-supernode-private-key "$ROOT/keys/node$NODES" --node-config "partition-id=0 num-partitions=$NODES" \
+  --port "$(free_port)" >logs/unregistered.log 2>&1
+code=$?
+set -e
+if [ $code -ne 0 ] && grep -q "Failed to activate SuperNode" logs/unregistered.log; then
+  echo "unregistered SuperNode refused (exit $code)"
+else
+  echo "an unregistered SuperNode was NOT refused (exit $code; logs/unregistered.log)"; exit 1
+fi
+
+(cd app && flwr run . --stream --run-config "config-file=\"$ROOT/run.toml\" output-dir=\"$ROOT/out\"") >logs/flwr-run.log 2>&1
+# flwr run exits 0 even when the ServerApp fails: results.json is the verdict.
+python3 - "$ROOT/out/results.json" <<'PY'
+import json, sys
+try:
+    d = json.load(open(sys.argv[1]))
+except FileNotFoundError:
+    sys.exit(f"no results: {sys.argv[1]} (see logs/flwr-run.log and logs/superlink.log)")
+if not d.get("final"):
+    sys.exit(f"the run did not finish: {sys.argv[1]}")
+r = d["rounds"][-1]
+print(f"federated run finished: {len(d['rounds'])} round(s), {r['clients_accepted']} clients merged in the last, "
+      f"global accuracy {d['final']['global_accuracy']:.4f}; results in {sys.argv[1]}")
+PY
