@@ -7,8 +7,9 @@
 #
 #   deploy/local-federation.sh WORK_DIR [RUN_CONFIG.toml] [NUM_NODES]
 #
-# RUN_CONFIG defaults to configs/tiny.toml with one round. Results land in
-# WORK_DIR/out; logs of every process in WORK_DIR/logs.
+# RUN_CONFIG defaults to configs/tiny.toml. Results land in WORK_DIR/out; logs
+# of every process in WORK_DIR/logs. ROUND_TIMEOUT (seconds, default 600) sets
+# federation.round_timeout.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 ROOT=$(mkdir -p "$1" && cd "$1" && pwd)
@@ -50,15 +51,14 @@ TOML
 # The app as Flower packs it, and the run config: the split channel over TLS too.
 cp "$REPO/pyproject.toml" app/ && cp -r "$REPO/fednano" "$REPO/configs" app/
 find app -name __pycache__ -prune -exec rm -rf {} +
-python3 - "$BASE_CONFIG" "$ROOT/run.toml" "$ROOT" "$NODES" <<'PY'
+python3 - "$BASE_CONFIG" "$ROOT/run.toml" "$ROOT" "$NODES" "${ROUND_TIMEOUT:-600}" <<'PY'
 import sys, tomllib
-src, dst, root, nodes = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+src, dst, root, nodes, timeout = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
 cfg = tomllib.loads(open(src).read())
 cfg.setdefault("model", {})["cache_dir"] = f"{root}/cache"
 cfg.setdefault("data", {})["num_clients"] = nodes
 fed = cfg.setdefault("federation", {})
-fed.setdefault("rounds", 1)
-fed["round_timeout"] = 600.0
+fed["round_timeout"] = timeout
 cfg.setdefault("split", {}).update(tls_cert=f"{root}/certs/server.pem", tls_key=f"{root}/certs/server.key", tls_ca=f"{root}/certs/ca.crt")
 def value(v):
     return ("true" if v else "false") if isinstance(v, bool) else repr(v) if isinstance(v, (int, float)) else '"' + str(v) + '"'
