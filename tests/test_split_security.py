@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 from fednano.split.client import SplitChannelError, SplitClient
 from fednano.split.server import SplitServer
 
-TOKEN = "s3cret-token"
+SECRET = "run-secret"
 
 
 def _pem_cert(cert):
@@ -49,22 +49,38 @@ def _step(client, d):
 
 def test_tls_and_token(tiny_llm, pki):
     ca, cert, key = pki
-    with SplitServer(tiny_llm, token=TOKEN, tls=(cert, key)) as server:
+    with SplitServer(tiny_llm, secret=SECRET, tls=(cert, key)) as server:
         d = tiny_llm.hidden_size
-        for token in (None, "wrong"):
-            with SplitClient(server.address, token=token, root_certificates=ca) as intruder:
+        token = server.client_token("node-7")
+        forged = "node-7." + "0" * 64
+        for bad in (None, "wrong", forged, server.client_token("node-7")[:-1]):
+            with SplitClient(server.address, token=bad, root_certificates=ca) as intruder:
                 with pytest.raises(SplitChannelError) as err:
                     intruder.info()
                 assert err.value.status == "UNAUTHENTICATED" and "token" in str(err.value)
-        with SplitClient(server.address, token=TOKEN, timeout=5) as plaintext:  # right token, no TLS: no handshake
+        with SplitClient(server.address, token=token, timeout=5) as plaintext:  # right token, no TLS: no handshake
             with pytest.raises(SplitChannelError) as err:
                 plaintext.info()
             assert err.value.status in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
         assert server.service.stats["frames"] == 0  # the refused cost the LLM nothing
-        assert server.refused["unauthenticated"] == 2
-        with SplitClient(server.address, token=TOKEN, root_certificates=ca, wire_dtype="float32") as client:
+        assert server.refused["unauthenticated"] == 4
+        with SplitClient(server.address, token=token, root_certificates=ca, wire_dtype="float32") as client:
             assert math.isfinite(_step(client, d))
         assert server.service.stats["frames"] == 1
+
+
+def test_stream_limit_per_client(tiny_llm):
+    with SplitServer(tiny_llm, secret=SECRET, max_streams_per_client=1) as server:
+        a, b = server.client_token("a"), server.client_token("b")
+        held = SplitClient(server.address, token=a, wire_dtype="float32")
+        assert math.isfinite(_step(held, tiny_llm.hidden_size))
+        with SplitClient(server.address, token=a) as again:  # the same client, a second stream
+            with pytest.raises(SplitChannelError) as err:
+                again.info()
+            assert err.value.status == "RESOURCE_EXHAUSTED"
+        with SplitClient(server.address, token=b) as other:  # another client is unaffected
+            assert other.info()["hidden_size"] == tiny_llm.hidden_size
+        held.close()
 
 
 def test_stream_limit(tiny_llm):

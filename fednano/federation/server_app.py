@@ -82,9 +82,10 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) 
     bundle = ensure_prepared(cfg)
     llm = load_server_llm(bundle, DTYPES[cfg.model.llm_dtype])
     sc = cfg.split
-    token = secrets.token_urlsafe(32) if sc.require_token else None
+    secret = secrets.token_urlsafe(32) if sc.require_token else None
     tls = (Path(sc.tls_cert).read_bytes(), Path(sc.tls_key).read_bytes()) if sc.tls_cert else None
-    split = SplitServer(llm, sc.host, sc.port, sc.max_frame_mb, token=token, tls=tls, max_streams=sc.max_streams,
+    split = SplitServer(llm, sc.host, sc.port, sc.max_frame_mb, secret=secret, tls=tls, max_streams=sc.max_streams,
+                         max_streams_per_client=sc.max_streams_per_client,
                          batching=sc.micro_batching, batch_window_ms=sc.batch_window_ms).start()
     address = sc.advertised_address or split.address
     try:
@@ -121,10 +122,10 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) 
                                "skipped_samples": task.skipped})
 
         wait_for_nodes(grid, cfg.data.num_clients, cfg.federation.round_timeout)
-        strategy = FedNanoStrategy(cfg.federation)
+        # each node gets its own split-channel token inside its (TLS-protected) Flower message
+        strategy = FedNanoStrategy(cfg.federation, per_node=lambda node: {keys.SPLIT_TOKEN: split.client_token(f"node-{node}") if secret else ""})
         strategy.summary()
-        base_config = {keys.RUN_CONFIG: cfg.to_json(), keys.SPLIT_ADDRESS: address, keys.SPLIT_TOKEN: token or "",
-                       keys.SPLIT_CA: Path(sc.tls_ca).read_text() if sc.tls_ca else ""}
+        base_config = {keys.RUN_CONFIG: cfg.to_json(), keys.SPLIT_ADDRESS: address, keys.SPLIT_CA: Path(sc.tls_ca).read_text() if sc.tls_ca else ""}
         steps_per_round = cfg.data.num_clients * cfg.train.local_steps
         acc = recorder.data["rounds"][-1]["global_accuracy"] if recorder.data["rounds"] else zero_shot
         node_partition: dict[int, int] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,8 +34,10 @@ class ClientOutcome:
 
 
 class FedNanoStrategy(Strategy):
-    def __init__(self, cfg: FederationConfig) -> None:
+    def __init__(self, cfg: FederationConfig, per_node: Callable[[int], dict] | None = None) -> None:
+        """per_node(node_id) -> extra config entries for that node's messages (e.g. its token)."""
         self.cfg = cfg
+        self.per_node = per_node
         self.want_fisher, self._merge = STRATEGIES[cfg.strategy]
         self.last_train: list[ClientOutcome] = []
         self.last_evaluate: list[ClientOutcome] = []
@@ -52,7 +54,11 @@ class FedNanoStrategy(Strategy):
         return sorted(random.Random(f"{self.cfg.seed}-{server_round}").sample(nodes, k))
 
     def _messages(self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str) -> list[Message]:
-        return [Message(content=RecordDict({keys.ARRAYS: arrays, keys.CONFIG: config}), message_type=kind, dst_node_id=n) for n in nodes]
+        def content(node: int) -> RecordDict:
+            conf = ConfigRecord({**dict(config), **self.per_node(node)}) if self.per_node else config
+            return RecordDict({keys.ARRAYS: arrays, keys.CONFIG: conf})
+
+        return [Message(content=content(n), message_type=kind, dst_node_id=n) for n in nodes]
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._reference = arrays.to_torch_state_dict()

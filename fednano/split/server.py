@@ -14,6 +14,7 @@ RESOURCE_EXHAUSTED. One client's garbage never stops the server.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import queue
@@ -205,21 +206,24 @@ class SplitService:
 class SplitServer:
     """Runs SplitService on a gRPC server; `address` is what clients dial.
 
-    Security: with `token`, every stream must carry `authorization: Bearer <token>`
-    metadata or is refused (UNAUTHENTICATED) before any LLM work; with `tls`
-    (PEM bytes of certificate chain and private key) the channel is encrypted.
-    `max_streams` caps concurrent streams (RESOURCE_EXHAUSTED beyond it).
+    Security: with a `secret`, every stream must carry `authorization: Bearer
+    <client_token(id)>` metadata — a per-client token, HMAC(secret, id) — or is
+    refused (UNAUTHENTICATED) before any LLM work; with `tls` (PEM bytes of
+    certificate chain and private key) the channel is encrypted. `max_streams`
+    caps concurrent streams overall and `max_streams_per_client` per client id
+    (RESOURCE_EXHAUSTED beyond them).
     """
 
     def __init__(
         self, llm: ServerLLM, host: str = "127.0.0.1", port: int = 0, max_frame_mb: float = 64.0, workers: int = 16,
-        token: str | None = None, tls: tuple[bytes, bytes] | None = None, max_streams: int = 64, batching: bool = True,
-        batch_window_ms: float = 30.0,
+        secret: str | None = None, tls: tuple[bytes, bytes] | None = None, max_streams: int = 64, batching: bool = True,
+        batch_window_ms: float = 30.0, max_streams_per_client: int = 4,
     ) -> None:
         self.max_frame_bytes = int(max_frame_mb * 1024 * 1024)
         self.service = SplitService(llm, self.max_frame_bytes, batching, window_s=batch_window_ms / 1000, active=lambda: self._streams)
-        self.token, self.max_streams = token, max_streams
+        self.secret, self.max_streams, self.max_streams_per_client = secret, max_streams, max_streams_per_client
         self._streams = 0
+        self._per_client: dict[str, int] = {}
         self._streams_lock = threading.Lock()
         grpc_limit = self.max_frame_bytes + 64 * 1024  # beyond this gRPC itself refuses (RESOURCE_EXHAUSTED)
         self._server = grpc.server(
@@ -241,28 +245,43 @@ class SplitServer:
         self.address = f"{host}:{self.port}"
         self.refused = {"unauthenticated": 0, "too_many_streams": 0}
 
+    def client_token(self, client_id: str) -> str:
+        """The token a client presents: its id and HMAC-SHA256(secret, id)."""
+        assert self.secret is not None
+        mac = hmac.new(self.secret.encode(), client_id.encode(), hashlib.sha256).hexdigest()
+        return f"{client_id}.{mac}"
+
+    def _authenticate(self, context: grpc.ServicerContext) -> str:
+        if self.secret is None:
+            return "anonymous"
+        auth = dict(context.invocation_metadata()).get("authorization", "")
+        client_id = auth.removeprefix("Bearer ").rpartition(".")[0]
+        if not (auth.startswith("Bearer ") and client_id and hmac.compare_digest(auth, f"Bearer {self.client_token(client_id)}")):
+            self.refused["unauthenticated"] += 1
+            log.warning("split server: refused a stream from %s without a valid token", context.peer())
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong split-channel token")
+        return client_id
+
     def _session(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        if self.token is not None:
-            auth = dict(context.invocation_metadata()).get("authorization", "")
-            if not hmac.compare_digest(auth, f"Bearer {self.token}"):
-                self.refused["unauthenticated"] += 1
-                log.warning("split server: refused a stream from %s without a valid token", context.peer())
-                context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong split-channel token")
+        client = self._authenticate(context)
         with self._streams_lock:
-            if self._streams >= self.max_streams:
+            if self._streams >= self.max_streams or self._per_client.get(client, 0) >= self.max_streams_per_client:
                 self.refused["too_many_streams"] += 1
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"more than {self.max_streams} concurrent streams")
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"stream limit reached ({self.max_streams} in all, {self.max_streams_per_client} per client)")
             self._streams += 1
+            self._per_client[client] = self._per_client.get(client, 0) + 1
         try:
             for data in requests:
                 yield self.service.handle(data)
         finally:
             with self._streams_lock:
                 self._streams -= 1
+                self._per_client[client] -= 1
 
     def start(self) -> SplitServer:
         self._server.start()
-        log.info("split server listening on %s%s%s", self.address, " (TLS)" if self.secure else "", ", token required" if self.token else "")
+        log.info("split server listening on %s%s%s", self.address, " (TLS)" if self.secure else "", ", token required" if self.secret else "")
         return self
 
     def stop(self, grace: float = 1.0) -> None:
