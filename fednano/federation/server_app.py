@@ -126,16 +126,17 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) 
         strategy = FedNanoStrategy(cfg.federation, per_node=lambda node: {keys.SPLIT_TOKEN: split.client_token(f"node-{node}") if secret else ""})
         strategy.summary()
         base_config = {keys.RUN_CONFIG: cfg.to_json(), keys.SPLIT_ADDRESS: address, keys.SPLIT_CA: Path(sc.tls_ca).read_text() if sc.tls_ca else ""}
-        steps_per_round = cfg.data.num_clients * cfg.train.local_steps
+        t = cfg.train  # split steps per client: local training, then the Fisher pass
+        steps_per_client = t.local_steps + (-(-t.fisher_samples // t.batch_size) if strategy.want_fisher else 0)
         acc = recorder.data["rounds"][-1]["global_accuracy"] if recorder.data["rounds"] else zero_shot
         node_partition: dict[int, int] = {}
         with progress_bar(cfg.federation.rounds - first_round + 1, "rounds", position=0) as rounds_bar:
             for rnd in range(first_round, cfg.federation.rounds + 1):
                 t0 = time.time()
                 arrays = ArrayRecord(global_state)
-                with progress_bar(steps_per_round, f"round {rnd} local steps (all clients)", position=1) as steps_bar:
+                msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(base_config)), grid))
+                with progress_bar(len(msgs) * steps_per_client, f"round {rnd} split steps (all clients)", position=1) as steps_bar:
                     split.service.on_frame = lambda op: steps_bar.update(1) if op == "train" else None
-                    msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(base_config)), grid))
                     replies = list(grid.send_and_receive(msgs, timeout=cfg.federation.round_timeout))
                     split.service.on_frame = None
                 merged, train_metrics = strategy.aggregate_train(rnd, replies)
