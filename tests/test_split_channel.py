@@ -107,3 +107,19 @@ def test_oversized_frame_is_refused_and_server_keeps_serving(server, tiny_llm):
     with SplitClient(server.address, wire_dtype="float32") as other:
         loss, _, _ = other.train_step(embeds, mask, labels)
     assert math.isfinite(loss.item())
+
+
+def test_client_disconnecting_mid_request_does_not_hurt_others(server, tiny_llm):
+    import grpc
+
+    from fednano.split.server import METHOD
+
+    embeds, mask, labels = _request(tiny_llm.hidden_size)
+    frame = encode(Frame("train", {"embeds": embeds, "mask": mask, "labels": labels}))
+    channel = grpc.insecure_channel(server.address)
+    call = channel.stream_stream(METHOD, request_serializer=None, response_deserializer=None)(iter([frame, frame]))
+    call.cancel()  # gone before its replies
+    channel.close()
+    with SplitClient(server.address, wire_dtype="float32") as other:
+        loss, _, _ = other.train_step(embeds, mask, labels)
+    assert math.isfinite(loss.item())
