@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -88,7 +89,7 @@ def validate_update(reference: Tensors, theta: Tensors, fisher: Tensors | None, 
 Merge = Callable[..., Tensors]
 
 
-def _merge_fednano(thetas: Sequence[Tensors], fishers: Sequence[Tensors], n: Sequence[float], *, floor: float, normalize: bool) -> Tensors:
+def _merge_fisher(thetas: Sequence[Tensors], fishers: Sequence[Tensors], n: Sequence[float], *, floor: float, normalize: bool) -> Tensors:
     return fisher_merge(thetas, fishers, n, floor=floor, normalize=normalize)
 
 
@@ -96,8 +97,33 @@ def _merge_fedavg(thetas: Sequence[Tensors], fishers: Sequence[Tensors], n: Sequ
     return fedavg(thetas, n)
 
 
-# One registry entry per method: does the client compute a Fisher, and how the server merges.
-STRATEGIES: dict[str, tuple[bool, Merge]] = {
-    "fednano": (True, _merge_fednano),
-    "fedavg": (False, _merge_fedavg),
+@dataclass(frozen=True)
+class Method:
+    """One federated method: what the client computes, how the server merges.
+
+    fisher: "none"; "pass" (an extra pass after local training, FedNano);
+            "training" (squared gradients accumulated during local training, FedNano-EF)
+    proximal: the client adds mu/2 ||theta - theta_global||^2 to its loss (FedProx)
+    """
+
+    fisher: str
+    merge: Merge
+    proximal: bool = False
+
+    @property
+    def wants_fisher(self) -> bool:
+        return self.fisher != "none"
+
+
+# One registry entry per method.
+STRATEGIES: dict[str, Method] = {
+    "fednano": Method("pass", _merge_fisher),
+    "fednano-ef": Method("training", _merge_fisher),
+    "fedavg": Method("none", _merge_fedavg),
+    "fedprox": Method("none", _merge_fedavg, proximal=True),
 }
+
+
+def proximal_term(params: Tensors, anchor: Tensors, mu: float) -> torch.Tensor:
+    """FedProx's mu/2 * sum_k ||p_k - anchor_k||^2 (its gradient is mu * (p - anchor))."""
+    return 0.5 * mu * sum(((params[k] - anchor[k].to(params[k].dtype)) ** 2).sum() for k in params)

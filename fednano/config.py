@@ -142,7 +142,8 @@ class TrainConfig:
 
 @dataclass
 class FederationConfig:
-    strategy: str = _f("fednano", "Aggregation: 'fednano' (Fisher merging) or 'fedavg' (same adapters, weights n_k only: the no-Fisher ablation).")
+    strategy: str = _f("fednano", "Method: 'fednano' (Fisher merging, Fisher from an extra pass), 'fednano-ef' (Fisher from the training gradients, no extra pass), 'fedavg' (same adapters, weights n_k only: the no-Fisher ablation), 'fedprox' (FedAvg + proximal term).")
+    proximal_mu: float = _f(0.01, "fedprox: weight mu of the proximal term mu/2 ||theta - theta_global||^2 the client adds to its loss.")
     rounds: int = _f(3, "Federated rounds.")
     fraction_train: float = _f(1.0, "Fraction of clients sampled per round.")
     min_train_clients: int = _f(2, "Fewest valid replies a round needs; otherwise the previous global adapters are kept.")
@@ -162,6 +163,7 @@ class FederationConfig:
         _check(self.min_train_clients >= 1, "federation.min_train_clients", "must be >= 1")
         _check(self.fisher_floor > 0, "federation.fisher_floor", "must be > 0")
         _check(self.max_update_norm >= 0, "federation.max_update_norm", "must be >= 0")
+        _check(self.proximal_mu >= 0, "federation.proximal_mu", "must be >= 0")
         _check(self.client_cpus > 0, "federation.client_cpus", "must be > 0")
         _check(self.round_timeout > 0, "federation.round_timeout", "must be > 0")
 

@@ -11,12 +11,14 @@ each sample's embedding-gradient into its adapters separately.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import torch
 
-from fednano.data.prompts import TokenBatch
-from fednano.models.nanoedge import NanoEdge
-from fednano.training import LLMEndpoint
+if TYPE_CHECKING:  # training.py imports this module's pure functions
+    from fednano.data.prompts import TokenBatch
+    from fednano.models.nanoedge import NanoEdge
+    from fednano.training import LLMEndpoint
 
 
 def accumulate_squared(acc: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]) -> None:

@@ -17,10 +17,12 @@ from typing import Any, Protocol
 
 import torch
 
+from fednano.aggregation import proximal_term
 from fednano.config import TrainConfig
 from fednano.data.easyvqa import SYSTEM_PROMPT
 from fednano.data.prompts import TokenBatch, candidate_batch, prompt_batch, training_batch
 from fednano.data.samples import Sample, load_image
+from fednano.fisher import accumulate_squared, mean_fisher
 from fednano.metrics import accuracy_report
 from fednano.models.nanoedge import NanoEdge
 from fednano.models.vision import VisionEncoder
@@ -95,10 +97,20 @@ def train_local(
     cfg: TrainConfig,
     generator: torch.Generator,
     on_step: Callable[[int, float], None] | None = None,
-) -> dict[str, float]:
-    """`cfg.local_steps` AdamW steps on the NanoAdapters; returns the mean training loss."""
-    params = list(edge.adapter_parameters().values())
+    proximal_mu: float = 0.0,
+    anchor: dict[str, torch.Tensor] | None = None,
+    accumulate_fisher: bool = False,
+) -> dict:
+    """`cfg.local_steps` AdamW steps on the NanoAdapters; returns the mean training loss.
+
+    proximal_mu > 0 (FedProx): adds mu/2 ||theta - anchor||^2 on the client, no extra traffic.
+    accumulate_fisher (FedNano-EF): also returns "fisher", the mean over steps of the squared
+    adapter gradients of the training loss: no extra pass, nothing extra sent per step.
+    """
+    named = edge.adapter_parameters()
+    params = list(named.values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fisher = {k: torch.zeros_like(p) for k, p in named.items()} if accumulate_fisher else None
     edge.train()
     losses = []
     stream = batches(samples, cfg.batch_size, generator)
@@ -108,12 +120,19 @@ def train_local(
         loss = split_step(edge, endpoint, batch, feats)
         if not torch.isfinite(torch.tensor(loss)):
             raise FloatingPointError(f"non-finite training loss at local step {step}")
+        if fisher is not None:  # squared gradients of the (LLM) loss, before the proximal term
+            accumulate_squared(fisher, {k: p.grad for k, p in named.items()})
+        if proximal_mu > 0 and anchor is not None:
+            proximal_term(named, anchor, proximal_mu).backward()
         opt.step()
         losses.append(loss)
         if on_step:
             on_step(step, loss)
     edge.eval()
-    return {"train_loss": sum(losses) / len(losses), "steps": float(len(losses))}
+    out: dict = {"train_loss": sum(losses) / len(losses), "steps": float(len(losses))}
+    if fisher is not None:
+        out["fisher"] = mean_fisher(fisher, len(losses))
+    return out
 
 
 @torch.no_grad()

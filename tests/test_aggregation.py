@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fednano.aggregation import STRATEGIES, fedavg, fisher_merge, normalize_fisher, validate_update
+from fednano.aggregation import STRATEGIES, fedavg, fisher_merge, normalize_fisher, proximal_term, validate_update
 
 
 def T(*v):
@@ -57,8 +57,19 @@ def test_normalized_merge_ignores_fisher_scale():
     assert torch.allclose(out["w"], torch.tensor([0.5, 0.5]))
 
 
-def test_registry_knows_both_methods():
-    assert STRATEGIES["fednano"][0] is True and STRATEGIES["fedavg"][0] is False
+def test_registry():
+    assert {k: (m.fisher, m.proximal) for k, m in STRATEGIES.items()} == {
+        "fednano": ("pass", False), "fednano-ef": ("training", False), "fedavg": ("none", False), "fedprox": ("none", True)}
+
+
+def test_proximal_term_and_its_gradient_hand_computed():
+    p = {"w": torch.tensor([1.0, 3.0], requires_grad=True)}
+    anchor = {"w": torch.tensor([0.0, 1.0])}
+    term = proximal_term(p, anchor, mu=0.5)
+    # 0.5/2 * ((1-0)^2 + (3-1)^2) = 0.25 * 5 = 1.25; gradient mu * (p - anchor) = (0.5, 1.0)
+    assert term.item() == pytest.approx(1.25)
+    term.backward()
+    assert torch.allclose(p["w"].grad, torch.tensor([0.5, 1.0]))
 
 
 @pytest.mark.parametrize(

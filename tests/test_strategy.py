@@ -53,7 +53,7 @@ def _like(value):
 def test_fednano_strategy_merges_with_fisher_and_weights():
     s = FedNanoStrategy(FederationConfig(strategy="fednano", min_train_clients=2))
     m = _instructions(s, 2)
-    assert all(bool(x.content[keys.CONFIG][keys.WANT_FISHER]) for x in m)
+    assert all(x.content[keys.CONFIG][keys.WANT_FISHER] == "pass" for x in m)
     replies = [_reply(m[0], _like(1.0), _like(1.0), 10, 0, loss=2.0), _reply(m[1], _like(3.0), _like(3.0), 30, 1, loss=1.0)]
     arrays, metrics = s.aggregate_train(1, replies)
     got = arrays.to_torch_state_dict()
@@ -90,7 +90,7 @@ def test_bad_updates_are_rejected_with_client_ids(caplog):
 def test_round_with_too_few_valid_updates_keeps_previous_adapters(caplog):
     s = FedNanoStrategy(FederationConfig(strategy="fedavg", min_train_clients=2))
     m = _instructions(s, 2)
-    assert not any(bool(x.content[keys.CONFIG][keys.WANT_FISHER]) for x in m)
+    assert all(x.content[keys.CONFIG][keys.WANT_FISHER] == "none" for x in m)
     negative_n = _reply(m[1], _like(1.0), None, -3, 1)
     with caplog.at_level(logging.WARNING):
         arrays, metrics = s.aggregate_train(1, [_reply(m[0], _like(1.0), None, 10, 0), negative_n])

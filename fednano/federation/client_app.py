@@ -104,9 +104,15 @@ def train(msg: Message, context: Context) -> Message:
     _fault_injection(pid, rnd)
     before = rt.split.traffic()
     gen = torch.Generator().manual_seed(rt.cfg.federation.seed * 1_000_003 + rnd * 1009 + pid)
-    stats = train_local(rt.edge, rt.split, data.train, rt.work, rt.cfg.train, gen)
+    conf = msg.content[keys.CONFIG]
+    fisher_mode, mu = str(conf[keys.WANT_FISHER]), float(conf.get(keys.PROXIMAL_MU, 0.0))
+    anchor = rt.edge.adapter_state() if mu > 0 else None  # the global adapters this round started from
+    stats = train_local(rt.edge, rt.split, data.train, rt.work, rt.cfg.train, gen, proximal_mu=mu, anchor=anchor,
+                        accumulate_fisher=fisher_mode == "training")
     content = RecordDict({keys.ARRAYS: ArrayRecord(rt.edge.adapter_state())})
-    if bool(msg.content[keys.CONFIG][keys.WANT_FISHER]):
+    if fisher_mode == "training":
+        content[keys.FISHER] = ArrayRecord(stats.pop("fisher"))
+    elif fisher_mode == "pass":
         n = min(rt.cfg.train.fisher_samples, len(data.train))
         pick = torch.randperm(len(data.train), generator=gen)[:n].tolist()
         subset = [data.train[i] for i in pick]

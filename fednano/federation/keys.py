@@ -10,7 +10,8 @@ SPLIT_ADDRESS = "split-address"
 SPLIT_TOKEN = "split-token"  # per-run secret; travels inside Flower's (TLS) channel
 SPLIT_CA = "split-ca"  # PEM of the CA that signed the split server's certificate ("" = plaintext)
 SERVER_ROUND = "server-round"
-WANT_FISHER = "want-fisher"
+WANT_FISHER = "want-fisher"  # "none" | "pass" | "training"
+PROXIMAL_MU = "proximal-mu"  # FedProx: the client's proximal weight (0 = off)
 
 NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"

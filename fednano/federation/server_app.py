@@ -127,7 +127,7 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) 
         strategy.summary()
         base_config = {keys.RUN_CONFIG: cfg.to_json(), keys.SPLIT_ADDRESS: address, keys.SPLIT_CA: Path(sc.tls_ca).read_text() if sc.tls_ca else ""}
         t = cfg.train  # split steps per client: local training, then the Fisher pass
-        steps_per_client = t.local_steps + (-(-t.fisher_samples // t.batch_size) if strategy.want_fisher else 0)
+        steps_per_client = t.local_steps + (-(-t.fisher_samples // t.batch_size) if strategy.method.fisher == "pass" else 0)
         acc = recorder.data["rounds"][-1]["global_accuracy"] if recorder.data["rounds"] else zero_shot
         node_partition: dict[int, int] = {}
         with progress_bar(cfg.federation.rounds - first_round + 1, "rounds", position=0) as rounds_bar:

@@ -38,7 +38,8 @@ class FedNanoStrategy(Strategy):
         """per_node(node_id) -> extra config entries for that node's messages (e.g. its token)."""
         self.cfg = cfg
         self.per_node = per_node
-        self.want_fisher, self._merge = STRATEGIES[cfg.strategy]
+        self.method = STRATEGIES[cfg.strategy]
+        self.want_fisher, self._merge = self.method.wants_fisher, self.method.merge
         self.last_train: list[ClientOutcome] = []
         self.last_evaluate: list[ClientOutcome] = []
         self._reference: dict[str, torch.Tensor] | None = None
@@ -63,7 +64,8 @@ class FedNanoStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._reference = arrays.to_torch_state_dict()
         config[keys.SERVER_ROUND] = server_round
-        config[keys.WANT_FISHER] = self.want_fisher
+        config[keys.WANT_FISHER] = self.method.fisher
+        config[keys.PROXIMAL_MU] = self.cfg.proximal_mu if self.method.proximal else 0.0
         return self._messages(arrays, config, self._sample(grid, server_round, self.cfg.fraction_train), MessageType.TRAIN)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
