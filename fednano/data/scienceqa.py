@@ -71,18 +71,22 @@ def _official(root: Path, split: str, check: Collector) -> list[Sample]:
         if rec is None:
             check.reject(uid, f"{root / 'pid_splits.json'}: pid {pid} not in problems.json")
             continue
-        image = None
-        if rec.get("image"):
-            path = root / "images" / split / str(pid) / str(rec["image"])
-            problem = check_image(path)
-            if problem:
-                check.reject(uid, problem)
-                continue
-            image = str(path)
-        sample = make_sample(uid, rec, image, where, check)
-        if sample:
-            out.append(sample)
+        path = root / "images" / split / str(pid) / str(rec["image"]) if rec.get("image") else None
+        _add(out, uid, rec, path, where, check)
     return out
+
+
+def _add(out: list[Sample], uid: str, rec: dict, image: Path | None, where: str, check: Collector, prefix: str = "") -> bool:
+    """Validate the sample's image (if any) and the record; append the sample if both are fine."""
+    if image is not None:
+        problem = check_image(image)
+        if problem:
+            check.reject(uid, prefix + problem)
+            return False
+    sample = make_sample(uid, rec, str(image) if image is not None else None, where, check)
+    if sample:
+        out.append(sample)
+    return sample is not None
 
 
 def _parquet(root: Path, split: str, check: Collector) -> list[Sample]:
@@ -102,7 +106,7 @@ def _parquet(root: Path, split: str, check: Collector) -> list[Sample]:
             raise DataError(f"{f}: missing column(s) {sorted(missing)}")
         for row, rec in enumerate(table.to_pylist()):
             uid, where = f"scienceqa/{split}/{f.stem}#{row}", f"{f} [row {row}]"
-            image = None
+            path = None
             img = rec.get("image")
             if img:
                 data = img.get("bytes") if isinstance(img, dict) else img
@@ -112,15 +116,8 @@ def _parquet(root: Path, split: str, check: Collector) -> list[Sample]:
                 path = cache / f"{f.stem}-{row}.png"
                 if not path.exists():
                     _save_png(data, path)
-                problem = check_image(path)
-                if problem:
-                    check.reject(uid, f"{where}: {problem}")
-                    path.unlink(missing_ok=True)
-                    continue
-                image = str(path)
-            sample = make_sample(uid, rec, image, where, check)
-            if sample:
-                out.append(sample)
+            if not _add(out, uid, rec, path, where, check, prefix=f"{where}: ") and path is not None and check_image(path):
+                path.unlink(missing_ok=True)  # do not keep undecodable bytes in the cache
     return out
 
 
