@@ -143,5 +143,69 @@ def example_config() -> None:
     typer.echo(dump_toml(RunConfig().to_dict(), with_help=True))
 
 
+@app.command()
+def sweep(
+    config: Annotated[Path, typer.Option("--config", "-c", help="Sweep file (TOML): a \\[sweep] table (base_config, output, \\[sweep.set] overrides) and one or more \\[\\[grid]] tables of methods, alphas, num_clients, seeds (documented in configs/sweeps/example.toml).")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the planned runs (and which would be skipped or resumed) without running anything.")] = False,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Runs at once. Each run already uses every core (the server LLM on one thread, clients in Ray actors), so 1 is right on small machines.")] = 1,
+) -> None:
+    """Run a grid of experiments (methods x Dirichlet alpha x clients x seeds), one results folder each; resumable.
+
+    Each run is a `fednano run` subprocess in <output>/<method>/a<alpha>-c<clients>-s<seed>. Finished runs are skipped, interrupted ones resumed; a failed run does not stop the sweep (exit code 1 at the end). <output>/sweep.json lists every run with its status and final global accuracy.
+    """
+    from fednano.sweep import describe_plan, execute, load_sweep, plan
+
+    try:
+        sw = load_sweep(config)
+        plan(sw)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    if dry_run:
+        typer.echo(describe_plan(sw))
+        return
+    t0 = time.time()
+    failed = execute(sw, jobs=jobs)
+    counts = {s: sum(p.status == s for p in sw.points) for s in ("done", "skipped", "failed")}
+    typer.echo(f"sweep: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed in {time.time() - t0:.0f} s; summary in {sw.output / 'sweep.json'}")
+    if failed:
+        typer.echo("failed runs:", err=True)
+        for p in failed:
+            typer.echo(f"  {p.name}: {p.error}; see {p.run_dir / 'run.log'} (and {p.run_dir / 'sweep.log'})", err=True)
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Run folders, or folders containing run folders (searched recursively for results.json).", show_default=False)],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write table.md/.csv, cost.md/.csv, curves.png, accuracy_vs_bytes.png (default: <first RUN_DIR>/report).")] = None,
+) -> None:
+    """Tables (mean ± std over seeds, best in bold), accuracy curves and costs from finished results folders.
+
+    Each RUN_DIR is a run folder or any folder holding run folders (searched recursively for results.json, e.g. a sweep's output). Only finished runs count; unfinished ones are listed in a note.
+    """
+    missing = [d for d in run_dirs if not d.is_dir()]
+    if missing:
+        typer.echo(f"error: not a folder: {', '.join(map(str, missing))}", err=True)
+        raise typer.Exit(2)
+    from fednano.report import build_report
+
+    out = output if output is not None else run_dirs[0] / "report"
+    try:
+        rep = build_report(run_dirs, out)
+    except ValueError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo("Final global accuracy (%), mean ± std over seeds\n")
+    typer.echo(rep.global_table + "\n")
+    typer.echo("Mean local-test (personalised) accuracy (%), mean ± std over seeds\n")
+    typer.echo(rep.local_table + "\n")
+    typer.echo("Cost per method\n")
+    typer.echo(rep.cost_table + "\n")
+    for n in rep.notes:
+        typer.echo(f"note: {n}")
+    typer.echo("wrote: " + ", ".join(str(f) for f in rep.files))
+
+
 def main() -> None:  # pragma: no cover
     sys.exit(app())

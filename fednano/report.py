@@ -1,0 +1,566 @@
+"""`fednano report`: paper-style tables and plots from results folders alone.
+
+Every `results.json` under the given folders is read; only finished runs (non-empty
+`final`) count, unfinished ones are listed in a note. Runs are grouped by method
+(`federation.strategy`), Dirichlet α (`data.dirichlet_alpha`) and number of clients
+(`data.num_clients`); the seeds of a group are its samples.
+
+Written to the output folder:
+
+- `table.md`: final global accuracy and mean local-test (personalised) accuracy, in
+  percent, mean ± sample std (ddof=1) over seeds; rows = methods, columns = α and
+  clients; the best mean of each column in bold.
+- `table.csv`: one row per method/α/clients group: `method, alpha, clients, seeds`
+  (the number of finished runs), `global_mean, global_std, local_mean, local_std`
+  as fractions in [0, 1], like results.json (std empty for a single seed).
+- `curves.png`: global accuracy per round (round 0 = zero-shot), mean ± std over seeds.
+- `accuracy_vs_bytes.png`: global accuracy against the cumulative MiB moved (log scale).
+- `cost.md` / `cost.csv`: per method, what a client holds, what it uploads, split
+  traffic per step, MiB per round and server / client / wall time per round; a value
+  the runs did not record is shown as "—" (empty in the CSV).
+
+The pure pieces (grouping, mean/std, bold-best, Markdown/CSV) work on results dicts
+and need no run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DASH = "—"
+METHOD_ORDER = ("fednano", "fednano-ef", "fedavg", "fedprox")
+# Config fields the grid varies (or that never change results); any other field that
+# differs between runs is reported in a note.
+GRID_FIELDS = {("federation", "strategy"), ("data", "dirichlet_alpha"), ("data", "num_clients"), ("data", "seed"), ("federation", "seed"), ("model", "cache_dir")}
+
+
+# --------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    path: Path  # the run folder
+    results: dict[str, Any]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return self.results.get("config") or {}
+
+    def _cfg(self, section: str, key: str, default: Any = None) -> Any:
+        sec = self.config.get(section)
+        return sec.get(key, default) if isinstance(sec, dict) else default
+
+    @property
+    def method(self) -> str:
+        return str(self._cfg("federation", "strategy", "?"))
+
+    @property
+    def alpha(self) -> float:
+        a = self._cfg("data", "dirichlet_alpha")
+        return float(a) if isinstance(a, (int, float)) else math.nan
+
+    @property
+    def clients(self) -> int:
+        c = self._cfg("data", "num_clients")
+        return int(c) if isinstance(c, int) else 0
+
+    @property
+    def seed(self) -> Any:
+        return self._cfg("data", "seed")
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.results.get("final"))
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.results.get("final") or {}
+
+    @property
+    def rounds(self) -> list[dict[str, Any]]:
+        r = self.results.get("rounds")
+        return [x for x in r if isinstance(x, dict)] if isinstance(r, list) else []
+
+
+def find_results(dirs: Iterable[Path]) -> list[Path]:
+    """Every results.json under `dirs` (each a run folder or a folder of run folders), once, sorted."""
+    seen: dict[Path, None] = {}
+    for d in dirs:
+        d = Path(d)
+        found = [d / "results.json"] if (d / "results.json").is_file() else []
+        found += sorted(p for p in d.rglob("results.json") if p.is_file())
+        for p in found:
+            seen.setdefault(p.resolve(), None)
+    return sorted(seen)
+
+
+def load_runs(dirs: Iterable[Path]) -> tuple[list[Run], list[Run], list[str]]:
+    """(finished runs, unfinished runs, problems) found under `dirs`."""
+    finished, unfinished, problems = [], [], []
+    for path in find_results(dirs):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            problems.append(f"{path}: unreadable ({e})")
+            continue
+        if not isinstance(data, dict) or not isinstance(data.get("config"), dict):
+            problems.append(f"{path}: not a FedNano results.json (no config)")
+            continue
+        run = Run(path.parent, data)
+        if run.finished and isinstance(run.final.get("global_accuracy"), (int, float)):
+            finished.append(run)
+        else:
+            unfinished.append(run)
+    return finished, unfinished, problems
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def mean(values: Iterable[Any]) -> float | None:
+    vs = [x for x in (_num(v) for v in values) if x is not None]
+    return sum(vs) / len(vs) if vs else None
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof=1); std is None below two values."""
+    vs = [x for x in (_num(v) for v in values) if x is not None]
+    if not vs:
+        return None, None
+    m = sum(vs) / len(vs)
+    if len(vs) < 2:
+        return m, None
+    return m, math.sqrt(sum((x - m) ** 2 for x in vs) / (len(vs) - 1))
+
+
+def local_accuracy(results: dict[str, Any]) -> float | None:
+    """Mean over clients of the final local-test accuracy (None if not recorded)."""
+    ca = (results.get("final") or {}).get("client_accuracy")
+    return mean(ca.values()) if isinstance(ca, dict) else None
+
+
+def method_key(method: str) -> tuple[int, str]:
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+
+
+@dataclass
+class Cell:
+    """One method / α / clients group: its seeds' final accuracies, summarised."""
+
+    method: str
+    alpha: float
+    clients: int
+    seeds: list[Any] = field(default_factory=list)
+    global_acc: list[float] = field(default_factory=list)
+    local_acc: list[float] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.global_acc)
+
+    @property
+    def global_stats(self) -> tuple[float | None, float | None]:
+        return mean_std(self.global_acc)
+
+    @property
+    def local_stats(self) -> tuple[float | None, float | None]:
+        return mean_std(self.local_acc)
+
+    @property
+    def group(self) -> tuple[int, float]:
+        return (self.clients, self.alpha)
+
+
+def summarize(runs: Iterable[Run]) -> list[Cell]:
+    """Group finished runs by (method, α, clients); cells sorted by clients, α, method."""
+    cells: dict[tuple[str, float, int], Cell] = {}
+    for run in runs:
+        key = (run.method, run.alpha, run.clients)
+        cell = cells.setdefault(key, Cell(*key))
+        cell.seeds.append(run.seed)
+        cell.global_acc.append(float(run.final["global_accuracy"]))
+        la = local_accuracy(run.results)
+        if la is not None:
+            cell.local_acc.append(la)
+    return sorted(cells.values(), key=lambda c: (c.clients, c.alpha, method_key(c.method)))
+
+
+# --------------------------------------------------------------------------- formatting
+
+
+def fmt_alpha(alpha: float) -> str:
+    return f"{alpha:g}"
+
+
+def column_label(alpha: float, clients: int) -> str:
+    return f"α={fmt_alpha(alpha)} ({clients} clients)"
+
+
+def format_cell(m: float | None, s: float | None, n: int | None = None, bold: bool = False) -> str:
+    """'60.0 ± 14.1' from fractions (0.6, 0.1414); just the mean without std; '(n=3)' when n is given."""
+    if m is None:
+        return DASH
+    text = f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if s is not None else "")
+    if bold:
+        text = f"**{text}**"
+    return text + (f" (n={n})" if n is not None else "")
+
+
+def best_keys(values: dict[Any, float | None], decimals: int = 1) -> set[Any]:
+    """Keys whose value, rounded as displayed (percent, `decimals`), is the highest."""
+    shown = {k: round(100 * v, decimals) for k, v in values.items() if v is not None}
+    if not shown:
+        return set()
+    top = max(shown.values())
+    return {k for k, v in shown.items() if v == top}
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str] | None = None) -> str:
+    align = align or ["---"] + ["---:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def accuracy_table(cells: Sequence[Cell], metric: str = "global") -> str:
+    """Markdown: rows = methods, columns = (α, clients) groups, best mean per column in bold.
+
+    `metric` is 'global' (final global accuracy) or 'local' (mean local-test accuracy)."""
+    if metric not in ("global", "local"):
+        raise ValueError(f"metric must be 'global' or 'local', not {metric!r}")
+    groups = sorted({c.group for c in cells})
+    methods = sorted({c.method for c in cells}, key=method_key)
+    by = {(c.method, c.group): c for c in cells}
+
+    def stats(c: Cell) -> tuple[float | None, float | None]:
+        return c.global_stats if metric == "global" else c.local_stats
+
+    def count(c: Cell) -> int:
+        return c.n if metric == "global" else len(c.local_acc)
+
+    counts = {count(c) for c in cells if count(c) > 0}
+    show_n = len(counts) > 1
+    best = {g: best_keys({m: stats(by[(m, g)])[0] for m in methods if (m, g) in by}) for g in groups}
+    rows = []
+    for m in methods:
+        row = [m]
+        for g in groups:
+            c = by.get((m, g))
+            if c is None:
+                row.append(DASH)
+                continue
+            mu, sd = stats(c)
+            row.append(format_cell(mu, sd, count(c) if show_n and mu is not None else None, bold=m in best[g]))
+        rows.append(row)
+    header = ["method"] + [column_label(a, k) for k, a in groups]
+    return markdown_table(header, rows)
+
+
+def _csv_num(v: Any) -> str:
+    return "" if v is None else repr(float(v)) if isinstance(v, float) else str(v)
+
+
+def table_csv(cells: Sequence[Cell]) -> str:
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["method", "alpha", "clients", "seeds", "global_mean", "global_std", "local_mean", "local_std"])
+    for c in cells:
+        gm, gs = c.global_stats
+        lm, ls = c.local_stats
+        w.writerow([c.method, _csv_num(c.alpha), c.clients, c.n, _csv_num(gm), _csv_num(gs), _csv_num(lm), _csv_num(ls)])
+    return out.getvalue()
+
+
+# --------------------------------------------------------------------------- cost
+
+
+COST_COLUMNS = (
+    ("client_parameters", "client parameters held"),
+    ("uploaded_parameters_per_round", "uploaded parameters / client / round"),
+    ("activation_bytes_per_step", "activation bytes / split step"),
+    ("mib_per_round", "MiB moved / round"),
+    ("server_seconds_per_round", "server LLM s / round"),
+    ("client_seconds_per_round", "client s / round"),
+    ("wall_seconds_per_round", "wall s / round"),
+)
+
+
+def run_cost(results: dict[str, Any]) -> dict[str, float | None]:
+    """Per-run cost figures from one results.json; None for anything not recorded."""
+    final = results.get("final") or {}
+    rounds = [r for r in results.get("rounds") or [] if isinstance(r, dict)]
+    bytes_ = [r.get("bytes") if isinstance(r.get("bytes"), dict) else None for r in rounds]
+
+    act = None
+    steps = [_num(r.get("split_steps")) for r in rounds]
+    if rounds and all(s is not None for s in steps) and sum(steps) > 0:  # type: ignore[arg-type]
+        up = [_num(b.get("activations_up")) if b else None for b in bytes_]
+        if all(u is not None for u in up):
+            act = sum(up) / sum(steps)  # type: ignore[arg-type]
+
+    mib = mean(sum(x for x in (_num(v) for v in b.values()) if x is not None) / 2**20 for b in bytes_ if b) if any(bytes_) else None
+    client_s = []
+    for r in rounds:
+        cs = r.get("client_seconds")
+        if isinstance(cs, dict) and cs:
+            client_s.append(mean(cs.values()))
+    return {
+        "client_parameters": _num(final.get("client_parameters")),
+        "uploaded_parameters_per_round": _num(final.get("uploaded_parameters_per_round")),
+        "activation_bytes_per_step": act,
+        "mib_per_round": mib,
+        "server_seconds_per_round": mean(r.get("server_llm_seconds") for r in rounds),
+        "client_seconds_per_round": mean(client_s),
+        "wall_seconds_per_round": mean(r.get("seconds") for r in rounds),
+    }
+
+
+def cost_rows(runs: Iterable[Run]) -> list[dict[str, Any]]:
+    """One row per method (per method and clients count when runs have several), averaged over its runs."""
+    runs = list(runs)
+    per_clients = len({r.clients for r in runs}) > 1
+    groups: dict[tuple[str, int | None], list[dict[str, float | None]]] = {}
+    for r in runs:
+        groups.setdefault((r.method, r.clients if per_clients else None), []).append(run_cost(r.results))
+    rows = []
+    for (method, clients), costs in sorted(groups.items(), key=lambda kv: (method_key(kv[0][0]), kv[0][1] or 0)):
+        row: dict[str, Any] = {"method": method, "clients": clients, "runs": len(costs)}
+        for key, _ in COST_COLUMNS:
+            row[key] = mean(c[key] for c in costs)
+        rows.append(row)
+    return rows
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _fmt_cost(key: str, v: float | None) -> str:
+    if v is None:
+        return DASH
+    if key in ("client_parameters", "uploaded_parameters_per_round"):
+        return f"{round(v):,}"
+    if key == "activation_bytes_per_step":
+        return human_bytes(v)
+    if key == "mib_per_round":
+        return f"{v:.2f}"
+    return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def cost_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    with_clients = any(r.get("clients") is not None for r in rows)
+    header = ["method"] + (["clients"] if with_clients else []) + ["runs"] + [label for _, label in COST_COLUMNS]
+    body = []
+    for r in rows:
+        line = [r["method"]] + ([str(r["clients"])] if with_clients else []) + [str(r["runs"])]
+        body.append(line + [_fmt_cost(k, r.get(k)) for k, _ in COST_COLUMNS])
+    return markdown_table(header, body)
+
+
+def cost_csv(rows: Sequence[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    keys = ["method", "clients", "runs"] + [k for k, _ in COST_COLUMNS]
+    w.writerow(keys)
+    counts = ("client_parameters", "uploaded_parameters_per_round")
+    for r in rows:
+        vals = {k: r.get(k) for k in keys}
+        for k in counts:  # parameter counts stay integers when every run agrees
+            if isinstance(vals[k], float) and vals[k].is_integer():
+                vals[k] = int(vals[k])
+        w.writerow([_csv_num(vals[k]) for k in keys])
+    return out.getvalue()
+
+
+# --------------------------------------------------------------------------- curves
+
+
+def accuracy_curve(results: dict[str, Any]) -> list[float | None]:
+    """[zero-shot, round 1, round 2, ...] global accuracy."""
+    zs = _num(results.get("zero_shot_accuracy"))
+    if zs is None:
+        zs = _num((results.get("final") or {}).get("zero_shot_accuracy"))
+    return [zs] + [_num(r.get("global_accuracy")) for r in results.get("rounds") or [] if isinstance(r, dict)]
+
+
+def cumulative_mib(results: dict[str, Any]) -> list[float]:
+    """Cumulative MiB moved after each round (all channels, all clients)."""
+    total, out = 0.0, []
+    for r in results.get("rounds") or []:
+        b = r.get("bytes") if isinstance(r, dict) else None
+        total += sum(x for x in (_num(v) for v in b.values()) if x is not None) if isinstance(b, dict) else 0.0
+        out.append(total / 2**20)
+    return out
+
+
+def mean_std_curve(curves: Sequence[Sequence[float | None]]) -> tuple[list[float | None], list[float]]:
+    """Point-wise mean and sample std (0 below two values) over curves of possibly different lengths."""
+    length = max((len(c) for c in curves), default=0)
+    means, stds = [], []
+    for i in range(length):
+        m, s = mean_std([c[i] for c in curves if i < len(c) and c[i] is not None])  # type: ignore[misc]
+        means.append(m)
+        stds.append(s or 0.0)
+    return means, stds
+
+
+def _grouped(runs: Iterable[Run]) -> dict[tuple[int, float], dict[str, list[Run]]]:
+    out: dict[tuple[int, float], dict[str, list[Run]]] = {}
+    for r in runs:
+        out.setdefault((r.clients, r.alpha), {}).setdefault(r.method, []).append(r)
+    return dict(sorted(out.items()))
+
+
+def _subplots(n: int):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.4 * rows), squeeze=False)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return plt, fig, flat[:n]
+
+
+def plot_curves(runs: Sequence[Run], path: Path) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    groups = _grouped(runs)
+    plt, fig, axes = _subplots(max(1, len(groups)))
+    for ax, ((clients, alpha), methods) in zip(axes, groups.items()):
+        for method in sorted(methods, key=method_key):
+            m, s = mean_std_curve([accuracy_curve(r.results) for r in methods[method]])
+            xs = [i for i, v in enumerate(m) if v is not None]
+            ys = [m[i] for i in xs]
+            lo = [m[i] - s[i] for i in xs]  # type: ignore[operator]
+            hi = [m[i] + s[i] for i in xs]  # type: ignore[operator]
+            (line,) = ax.plot(xs, ys, marker="o", ms=3, label=f"{method} (n={len(methods[method])})")
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(column_label(alpha, clients))
+        ax.set_xlabel("round (0 = zero-shot)")
+        ax.set_ylabel("global accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_bytes(runs: Sequence[Run], path: Path) -> None:
+    from matplotlib.ticker import FuncFormatter
+
+    groups = _grouped(runs)
+    plt, fig, axes = _subplots(max(1, len(groups)))
+    for ax, ((clients, alpha), methods) in zip(axes, groups.items()):
+        for method in sorted(methods, key=method_key):
+            xs, _ = mean_std_curve([cumulative_mib(r.results) for r in methods[method]])
+            ys, _ = mean_std_curve([accuracy_curve(r.results)[1:] for r in methods[method]])
+            pts = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None and x > 0]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=method)
+        ax.set_xscale("log")
+        fmt = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.xaxis.set_major_formatter(fmt)
+        ax.xaxis.set_minor_formatter(fmt)
+        ax.tick_params(axis="x", which="both", labelsize=7, labelrotation=45)
+        ax.set_title(column_label(alpha, clients))
+        ax.set_xlabel("cumulative MiB moved (log)")
+        ax.set_ylabel("global accuracy")
+        ax.grid(alpha=0.3, which="both")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- notes and the whole report
+
+
+def _flat_config(cfg: dict[str, Any]) -> dict[tuple[str, str], Any]:
+    return {(s, k): json.dumps(v, sort_keys=True) for s, sec in cfg.items() if isinstance(sec, dict) for k, v in sec.items()}
+
+
+def config_notes(runs: Sequence[Run]) -> list[str]:
+    """Config fields (other than method, α, clients, seeds) that differ between the runs compared."""
+    values: dict[tuple[str, str], set[str]] = {}
+    for r in runs:
+        for key, v in _flat_config(r.config).items():
+            values.setdefault(key, set()).add(v)
+    notes = []
+    for key, vs in sorted(values.items()):
+        missing = any(key not in _flat_config(r.config) for r in runs)
+        if key not in GRID_FIELDS and (len(vs) > 1 or missing):
+            notes.append(f"runs differ in {key[0]}.{key[1]} ({', '.join(sorted(vs))}{', missing in some' if missing else ''}): the table mixes them")
+    return notes
+
+
+def duplicate_seed_notes(cells: Sequence[Cell]) -> list[str]:
+    notes = []
+    for c in cells:
+        dup = sorted({str(s) for s in c.seeds if c.seeds.count(s) > 1})
+        if dup:
+            notes.append(f"{c.method}, {column_label(c.alpha, c.clients)}: seed(s) {', '.join(dup)} appear in several runs (all counted)")
+    return notes
+
+
+@dataclass
+class Report:
+    global_table: str
+    local_table: str
+    cost_table: str
+    notes: list[str]
+    files: list[Path]
+
+
+def build_report(dirs: Sequence[Path], out: Path) -> Report:
+    """Read every run under `dirs` and write the tables and plots to `out`. Raises ValueError without finished runs."""
+    finished, unfinished, problems = load_runs(dirs)
+    if not finished:
+        raise ValueError(f"no finished runs (results.json with a non-empty 'final') under {', '.join(map(str, dirs))}")
+    cells = summarize(finished)
+    notes = list(problems)
+    if unfinished:
+        notes.append(f"{len(unfinished)} unfinished run(s) left out: " + ", ".join(str(r.path) for r in unfinished))
+    notes += config_notes(finished)
+    notes += duplicate_seed_notes(cells)
+
+    gtab = accuracy_table(cells, "global")
+    ltab = accuracy_table(cells, "local")
+    ctab = cost_markdown(cost_rows(finished))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    note_md = "".join(f"- {n}\n" for n in notes)
+    md = (
+        f"## Final global accuracy (%), mean ± std over seeds\n\n{gtab}\n\n"
+        f"## Mean local-test (personalised) accuracy (%), mean ± std over seeds\n\n{ltab}\n\n"
+        f"{len(finished)} finished runs; best mean per column in bold; std is the sample std (ddof=1).\n"
+        + (f"\nNotes:\n\n{note_md}" if notes else "")
+    )
+    files = [out / "table.md", out / "table.csv", out / "cost.md", out / "cost.csv", out / "curves.png", out / "accuracy_vs_bytes.png"]
+    files[0].write_text(md)
+    files[1].write_text(table_csv(cells))
+    files[2].write_text(f"## Cost per method (mean over finished runs)\n\n{ctab}\n\n\"—\": not recorded by these runs.\n")
+    files[3].write_text(cost_csv(cost_rows(finished)))
+    plot_curves(finished, files[4])
+    plot_accuracy_vs_bytes(finished, files[5])
+    return Report(gtab, ltab, ctab, notes, files)

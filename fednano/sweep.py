@@ -1,0 +1,384 @@
+"""`fednano sweep`: a grid of runs (methods x Dirichlet alpha x clients x seeds), each in
+its own results folder, each in its own `fednano run` subprocess; resumable.
+
+SWEEP.toml::
+
+    [sweep]
+    base_config = "../configs/default.toml"   # a run config, relative to this file; optional (defaults apply)
+    output = "results/sweep"                  # where run folders go, relative to the current directory
+    [sweep.set]                               # overrides for every run, like `fednano run --set`
+    "train.local_steps" = 15                  # (quoted dotted keys, or nested tables: [sweep.set.train])
+    "data.global_test_samples" = 200
+    [[grid]]                                  # one or more grids; their union is run
+    methods = ["fednano", "fedavg"]          # federation.strategy
+    alphas = [0.1, 1.0, 5.0]                  # data.dirichlet_alpha
+    num_clients = [5]                         # data.num_clients
+    seeds = [0, 1, 2]                         # data.seed AND federation.seed
+
+A key left out of a grid takes its single value from the base config (after
+`[sweep.set]`); grid values override `[sweep.set]`. Each point runs in
+`<output>/<method>/a<alpha>-c<clients>-s<seed>` (e.g. `fednano/a0.1-c5-s0`); a point
+listed by several grids runs once.
+
+Every point's config is built and validated before anything runs. A folder whose
+`results.json` has a non-empty `final` is skipped; one with completed rounds but
+no `final` (an interrupted run) is continued with `fednano run --resume`; a folder
+whose `results.json` was made with a different config stops the sweep (configs are
+never mixed). The sweep writes `<run dir>/sweep-config.toml` (the run's full config)
+and appends the subprocess's output to `<run dir>/sweep.log`; `<output>/sweep.json`
+lists every point with its status, folder and final global accuracy. A failed run
+does not stop the sweep; they are listed at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fednano.config import ConfigError, RunConfig, load_config, same_config
+
+GRID_KEYS = {"methods": "federation.strategy", "alphas": "data.dirichlet_alpha", "num_clients": "data.num_clients", "seeds": "data.seed"}
+SWEEP_KEYS = ("base_config", "output", "set")
+
+
+@dataclass
+class Point:
+    """One grid point: its config, its folder and what the sweep will do with it."""
+
+    method: str
+    alpha: float
+    clients: int
+    seed: int
+    cfg: RunConfig
+    run_dir: Path
+    action: str = "run"  # run | resume | skip
+    status: str = "pending"  # pending | done | skipped | failed
+    accuracy: float | None = None
+    seconds: float | None = None
+    returncode: int | None = None
+    error: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}/{run_dir_name(self.alpha, self.clients, self.seed)}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "alpha": self.alpha,
+            "clients": self.clients,
+            "seed": self.seed,
+            "folder": str(self.run_dir),
+            "action": self.action,
+            "status": self.status,
+            "global_accuracy": self.accuracy,
+            "seconds": self.seconds,
+            "returncode": self.returncode,
+            "error": self.error,
+        }
+
+
+@dataclass
+class Sweep:
+    source: Path
+    base_config: Path | None
+    output: Path
+    overrides: dict[str, Any]
+    points: list[Point] = field(default_factory=list)
+
+
+def run_dir_name(alpha: float, clients: int, seed: int) -> str:
+    return f"a{float(alpha)!r}-c{clients}-s{seed}"
+
+
+def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _as_list(value: Any, where: str) -> list:
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: must be a non-empty list")
+    return value
+
+
+def load_sweep(path: Path) -> Sweep:
+    """Parse SWEEP.toml and build + validate every grid point's RunConfig (nothing runs)."""
+    path = Path(path)
+    src = str(path)
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{src}: sweep file not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{src}: not valid TOML: {e}") from None
+    unknown = set(data) - {"sweep", "grid"}
+    if unknown:
+        raise ConfigError(f"{src}: unknown table(s) {sorted(unknown)}; expected [sweep] and [[grid]]")
+    sweep = data.get("sweep", {})
+    if not isinstance(sweep, dict):
+        raise ConfigError(f"{src}: [sweep] must be a table")
+    bad = set(sweep) - set(SWEEP_KEYS)
+    if bad:
+        raise ConfigError(f"{src}: unknown key(s) in [sweep]: {sorted(bad)}; known: {list(SWEEP_KEYS)}")
+    base = sweep.get("base_config")
+    if base is not None and not isinstance(base, str):
+        raise ConfigError(f"{src}: sweep.base_config must be a string path")
+    base_path = (path.parent / base) if base else None
+    if base_path is not None and not base_path.exists():
+        raise ConfigError(f"{src}: sweep.base_config {base_path} not found")
+    output = sweep.get("output", "results/sweep")
+    if not isinstance(output, str) or not output:
+        raise ConfigError(f"{src}: sweep.output must be a non-empty string path")
+    sets = sweep.get("set", {})
+    if not isinstance(sets, dict):
+        raise ConfigError(f"{src}: [sweep.set] must be a table")
+    overrides = _flatten(sets)
+    for key in overrides:
+        if key.count(".") != 1:
+            raise ConfigError(f"{src}: sweep.set key {key!r}: expected \"section.field\"")
+    grids = data.get("grid")
+    if not isinstance(grids, list) or not grids:
+        raise ConfigError(f"{src}: needs at least one [[grid]] table")
+
+    try:
+        base_cfg = load_config(base_path, dict(overrides))
+    except ConfigError as e:
+        raise ConfigError(f"{src}: base config with [sweep.set]: {e}") from None
+    defaults = {
+        "methods": base_cfg.federation.strategy,
+        "alphas": base_cfg.data.dirichlet_alpha,
+        "num_clients": base_cfg.data.num_clients,
+        "seeds": base_cfg.data.seed,
+    }
+
+    out_dir = Path(output)
+    result = Sweep(source=path, base_config=base_path, output=out_dir, overrides=overrides)
+    seen: set[tuple] = set()
+    for gi, grid in enumerate(grids, 1):
+        where = f"{src}: grid #{gi}"
+        if not isinstance(grid, dict):
+            raise ConfigError(f"{where}: must be a table")
+        bad = set(grid) - set(GRID_KEYS)
+        if bad:
+            raise ConfigError(f"{where}: unknown key(s) {sorted(bad)}; known: {list(GRID_KEYS)}")
+        axes = {k: _as_list(grid[k], f"{where}: {k}") if k in grid else [defaults[k]] for k in GRID_KEYS}
+        for method in axes["methods"]:
+            for alpha in axes["alphas"]:
+                for clients in axes["num_clients"]:
+                    for seed in axes["seeds"]:
+                        point_desc = f"method={method!r}, alpha={alpha!r}, num_clients={clients!r}, seed={seed!r}"
+                        if not isinstance(method, str):
+                            raise ConfigError(f"{where}, point ({point_desc}): methods must be strings")
+                        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+                            raise ConfigError(f"{where}, point ({point_desc}): alphas must be numbers")
+                        for name, v in (("num_clients", clients), ("seeds", seed)):
+                            if isinstance(v, bool) or not isinstance(v, int):
+                                raise ConfigError(f"{where}, point ({point_desc}): {name} must be integers")
+                        key = (method, float(alpha), clients, seed)
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        run_over = dict(overrides)
+                        run_over.update({
+                            "federation.strategy": method,
+                            "data.dirichlet_alpha": float(alpha),
+                            "data.num_clients": clients,
+                            "data.seed": seed,
+                            "federation.seed": seed,
+                        })
+                        try:
+                            cfg = load_config(base_path, run_over)
+                        except ConfigError as e:
+                            raise ConfigError(f"{where}, point ({point_desc}): {e}") from None
+                        run_dir = out_dir / method / run_dir_name(alpha, clients, seed)
+                        result.points.append(Point(method, float(alpha), clients, seed, cfg, run_dir))
+    return result
+
+
+def _normalised(d: Any) -> Any:
+    return json.loads(json.dumps(d, sort_keys=True))
+
+
+def plan(sweep: Sweep) -> None:
+    """Decide, per point, run / resume / skip from what its folder holds.
+
+    Raises ConfigError when a folder holds a run made with a different config."""
+    for p in sweep.points:
+        results = p.run_dir / "results.json"
+        p.action = "run"
+        if not results.exists():
+            continue
+        try:
+            data = json.loads(results.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"{p.run_dir}: unreadable results.json ({e}); move the folder away or fix it") from None
+        if not same_config(data.get("config"), p.cfg):
+            diff = _config_diff(data.get("config") or {}, p.cfg.to_dict())
+            raise ConfigError(
+                f"{p.run_dir}: holds a run made with a different config than {sweep.source} now asks for"
+                f" ({diff}); move that folder away or change the sweep's output"
+            )
+        if data.get("final"):
+            p.action = "skip"
+            acc = data["final"].get("global_accuracy")
+            p.accuracy = float(acc) if isinstance(acc, (int, float)) else None
+        elif data.get("rounds"):
+            p.action = "resume"
+
+
+def _config_diff(old: dict, new: dict, limit: int = 4) -> str:
+    diffs = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section) or {}, new.get(section) or {}
+        if not isinstance(a, dict) or not isinstance(b, dict):
+            diffs.append(section)
+            continue
+        for k in sorted(set(a) | set(b)):
+            if _normalised(a.get(k, "<missing>")) != _normalised(b.get(k, "<missing>")):
+                diffs.append(f"{section}.{k}: {a.get(k, '<missing>')!r} there, {b.get(k, '<missing>')!r} now")
+    more = f", and {len(diffs) - limit} more" if len(diffs) > limit else ""
+    return "; ".join(diffs[:limit]) + more
+
+
+def command(p: Point) -> list[str]:
+    if p.action == "resume":
+        return [sys.executable, "-m", "fednano", "run", "--resume", str(p.run_dir)]
+    return [sys.executable, "-m", "fednano", "run", "--config", str(p.run_dir / "sweep-config.toml"), "--output", str(p.run_dir)]
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["FEDNANO_PROGRESS"] = "off"
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def write_summary(sweep: Sweep) -> Path:
+    sweep.output.mkdir(parents=True, exist_ok=True)
+    path = sweep.output / "sweep.json"
+    payload = {
+        "sweep": str(sweep.source),
+        "base_config": str(sweep.base_config) if sweep.base_config else None,
+        "set": sweep.overrides,
+        "points": [p.as_dict() for p in sweep.points],
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def _finish(p: Point, returncode: int, seconds: float) -> None:
+    p.returncode, p.seconds = returncode, round(seconds, 1)
+    final: dict = {}
+    with contextlib.suppress(OSError, json.JSONDecodeError):
+        final = json.loads((p.run_dir / "results.json").read_text()).get("final") or {}
+    if returncode == 0 and final:
+        p.status = "done"
+        acc = final.get("global_accuracy")
+        p.accuracy = float(acc) if isinstance(acc, (int, float)) else None
+    else:
+        p.status = "failed"
+        p.error = f"exit code {returncode}" if returncode != 0 else "the run exited without final results"
+
+
+def execute(sweep: Sweep, jobs: int = 1) -> list[Point]:
+    """Run every non-skipped point (up to `jobs` subprocesses at once); returns the failed ones."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    for p in sweep.points:
+        if p.action == "skip":
+            p.status = "skipped"
+    todo = [p for p in sweep.points if p.action != "skip"]
+    write_summary(sweep)
+    env = child_env()
+    running: list[tuple[Point, subprocess.Popen, Any, float]] = []
+    queue = list(todo)
+    with Progress(
+        TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
+    ) as progress:
+        task = progress.add_task("", total=len(sweep.points), completed=len(sweep.points) - len(todo))
+        for p in sweep.points:
+            if p.status == "skipped":
+                acc = f"{p.accuracy:.4f}" if p.accuracy is not None else "?"
+                progress.console.print(f"skipped  {escape(p.name)}  (finished before: global accuracy {acc})")
+        try:
+            _loop(sweep, queue, running, jobs, env, progress, task)
+        finally:
+            for _, proc, logf, _ in running:  # interrupted (Ctrl-C, error): stop the runs we started
+                if proc.poll() is None:
+                    proc.terminate()
+                    try:
+                        proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                logf.close()
+    write_summary(sweep)
+    return [p for p in sweep.points if p.status == "failed"]
+
+
+def _loop(sweep: Sweep, queue: list[Point], running: list, jobs: int, env: dict[str, str], progress: Any, task: Any) -> None:
+    from rich.markup import escape
+
+    while queue or running:
+        while queue and len(running) < max(1, jobs):
+            p = queue.pop(0)
+            p.run_dir.mkdir(parents=True, exist_ok=True)
+            if p.action == "run":
+                (p.run_dir / "sweep-config.toml").write_text(p.cfg.to_toml())
+            logf = open(p.run_dir / "sweep.log", "a")  # noqa: SIM115 - closed when the run ends
+            cmd = command(p)
+            logf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+            logf.flush()
+            proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+            running.append((p, proc, logf, time.time()))
+            progress.console.print(f"{'resuming' if p.action == 'resume' else 'started '} {escape(p.name)}")
+        progress.update(task, description=", ".join(r[0].name for r in running))
+        time.sleep(0.5)
+        still = []
+        for p, proc, logf, t0 in running:
+            rc = proc.poll()
+            if rc is None:
+                still.append((p, proc, logf, t0))
+                continue
+            logf.close()
+            _finish(p, rc, time.time() - t0)
+            progress.advance(task)
+            if p.status == "done":
+                acc = f"{p.accuracy:.4f}" if p.accuracy is not None else "?"
+                progress.console.print(f"[green]done[/]     {escape(p.name)}  global accuracy {acc}  {p.seconds:.0f} s")
+            else:
+                progress.console.print(f"[red]failed[/]   {escape(p.name)}  ({p.error}, {p.seconds:.0f} s): see {escape(str(p.run_dir / 'run.log'))}")
+            write_summary(sweep)
+        running[:] = still
+
+
+def describe_plan(sweep: Sweep) -> str:
+    """The planned runs, one line each, for --dry-run."""
+    lines = [f"{len(sweep.points)} runs from {sweep.source} into {sweep.output}:"]
+    counts: dict[str, int] = {}
+    for p in sweep.points:
+        counts[p.action] = counts.get(p.action, 0) + 1
+        what = {"run": "run   ", "resume": "resume", "skip": "skip  "}[p.action]
+        cmd = " ".join(["fednano", *command(p)[3:]]) if p.action != "skip" else "(finished)"
+        lines.append(f"  {what} {p.name}  {cmd}")
+    lines.append("  " + ", ".join(f"{n} to {a}" for a, n in sorted(counts.items())))
+    return "\n".join(lines)

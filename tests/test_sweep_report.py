@@ -1,0 +1,294 @@
+"""`fednano sweep` and `fednano report`: pure pieces on synthetic results, then a real micro-sweep."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from fednano import report as rp
+from fednano import sweep as sw
+from fednano.cli import app
+from fednano.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.toml"
+
+
+# --------------------------------------------------------------------------- synthetic results
+
+
+def fake_results(method: str, alpha: float, clients: int, seed: int, accs: list[float], client_acc: dict | None = None, final: bool = True, extra_round: dict | None = None, extra_final: dict | None = None) -> dict:
+    """A results.json dict: `accs` = [zero-shot, round 1, ...] global accuracy."""
+    cfg = load_config(None, {"federation.strategy": method, "data.dirichlet_alpha": alpha, "data.num_clients": clients, "data.seed": seed, "federation.seed": seed}).to_dict()
+    rounds = []
+    for i, a in enumerate(accs[1:], 1):
+        r = {
+            "round": i,
+            "global_accuracy": a,
+            "client_accuracy": client_acc or {},
+            "train_loss": 1.0 / i,
+            "bytes": {"adapters_down": 2**20, "adapters_up": 2**19, "fisher_up": 2**19, "activations_up": 3 * 2**20, "gradients_down": 3 * 2**20, "eval_activations_up": 0, "eval_scores_down": 0},
+            "seconds": 10.0 * i,
+        }
+        r.update(extra_round or {})
+        rounds.append(r)
+    fin = {"global_accuracy": accs[-1], "zero_shot_accuracy": accs[0], "client_accuracy": client_acc or {}, "bytes_total": 0, "adapter_parameters": 100, "seconds": 1.0}
+    fin.update(extra_final or {})
+    return {"config": cfg, "zero_shot_accuracy": accs[0], "rounds": rounds, "final": fin if final else {}}
+
+
+def write_run(root: Path, res: dict) -> Path:
+    c = res["config"]
+    d = root / c["federation"]["strategy"] / sw.run_dir_name(c["data"]["dirichlet_alpha"], c["data"]["num_clients"], c["data"]["seed"])
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "results.json").write_text(json.dumps(res))
+    return d
+
+
+def test_mean_std_and_cell_format() -> None:
+    m, s = rp.mean_std([0.5, 0.7])
+    assert m == pytest.approx(0.6)
+    assert s == pytest.approx(0.141421356, rel=1e-6)  # sample std, ddof=1
+    assert rp.format_cell(m, s) == "60.0 ± 14.1"
+    assert rp.format_cell(m, s, bold=True) == "**60.0 ± 14.1**"
+    assert rp.format_cell(m, s, n=2) == "60.0 ± 14.1 (n=2)"
+    assert rp.mean_std([0.42]) == (pytest.approx(0.42), None)
+    assert rp.format_cell(*rp.mean_std([0.42])) == "42.0"
+    assert rp.mean_std([]) == (None, None)
+    assert rp.format_cell(None, None) == "—"
+    assert rp.best_keys({"a": 0.5, "b": 0.61, "c": 0.6099, "d": None}) == {"b", "c"}  # ties as displayed (61.0)
+
+
+def test_tables_from_synthetic_runs(tmp_path: Path) -> None:
+    root = tmp_path / "sweep"
+    ca = {"0": 0.4, "1": 0.6}
+    write_run(root, fake_results("fednano", 0.1, 5, 0, [0.3, 0.45, 0.5], client_acc=ca))
+    write_run(root, fake_results("fednano", 0.1, 5, 1, [0.3, 0.6, 0.7], client_acc={"0": 0.8, "1": 0.6}))
+    write_run(root, fake_results("fedavg", 0.1, 5, 0, [0.3, 0.4, 0.4], client_acc=ca))
+    write_run(root, fake_results("fedavg", 0.1, 5, 1, [0.3, 0.5, 0.6], client_acc=ca))
+    write_run(root, fake_results("fednano", 1.0, 5, 0, [0.3, 0.5, 0.55]))
+    write_run(root, fake_results("fedavg", 1.0, 5, 0, [0.3, 0.6, 0.65]))
+    write_run(root, fake_results("fedavg", 1.0, 5, 1, [0.3, 0.6, 0.75]))
+    unfinished = write_run(root, fake_results("fedprox", 1.0, 5, 0, [0.3, 0.5], final=False))
+
+    finished, unfin, problems = rp.load_runs([root])
+    assert len(finished) == 7 and [r.path for r in unfin] == [unfinished] and problems == []
+    cells = rp.summarize(finished)
+    assert [(c.method, c.alpha, c.n) for c in cells] == [("fednano", 0.1, 2), ("fedavg", 0.1, 2), ("fednano", 1.0, 1), ("fedavg", 1.0, 2)]
+
+    table = rp.accuracy_table(cells, "global")
+    lines = table.splitlines()
+    assert lines[0] == "| method | α=0.1 (5 clients) | α=1 (5 clients) |"
+    # seed counts differ between cells -> every cell shows n; best mean per column in bold
+    assert lines[2] == "| fednano | **60.0 ± 14.1** (n=2) | 55.0 (n=1) |"
+    assert lines[3] == "| fedavg | 50.0 ± 14.1 (n=2) | **70.0 ± 7.1** (n=2) |"
+
+    local = rp.accuracy_table(cells, "local").splitlines()
+    # fednano α=0.1: per-seed means over clients 0.5 and 0.7 -> 60.0 ± 14.1; fedavg: 0.5, 0.5
+    assert local[2] == "| fednano | **60.0 ± 14.1** | — |"
+    assert local[3] == "| fedavg | 50.0 ± 0.0 | — |"
+
+    rows = list(csv.DictReader(io.StringIO(rp.table_csv(cells))))
+    assert [rows[0][k] for k in ("method", "alpha", "clients", "seeds")] == ["fednano", "0.1", "5", "2"]
+    assert [float(rows[0][k]) for k in ("global_mean", "global_std", "local_mean", "local_std")] == pytest.approx([0.6, 0.1414213562, 0.6, 0.1414213562])
+    assert [float(rows[1][k]) for k in ("global_mean", "global_std", "local_mean", "local_std")] == pytest.approx([0.5, 0.1414213562, 0.5, 0.0])
+    assert rows[2]["method"] == "fednano" and rows[2]["alpha"] == "1.0" and rows[2]["seeds"] == "1"
+    assert float(rows[2]["global_mean"]) == pytest.approx(0.55) and rows[2]["global_std"] == "" and rows[2]["local_mean"] == ""
+
+    # curves: round 0 = zero-shot, mean ± std over seeds
+    m, s = rp.mean_std_curve([rp.accuracy_curve(r.results) for r in finished if r.method == "fedavg" and r.alpha == 1.0])
+    assert m == pytest.approx([0.3, 0.6, 0.7]) and s[:2] == pytest.approx([0.0, 0.0]) and s[2] == pytest.approx(0.0707107, rel=1e-5)
+    assert rp.cumulative_mib(finished[0].results) == pytest.approx([8.0, 16.0])
+
+    out = tmp_path / "rep"
+    rep = rp.build_report([root], out)
+    for name in ("table.md", "table.csv", "cost.md", "cost.csv", "curves.png", "accuracy_vs_bytes.png"):
+        assert (out / name).stat().st_size > 0
+    assert any("unfinished" in n and str(unfinished) in n for n in rep.notes)
+    assert "**60.0 ± 14.1** (n=2)" in (out / "table.md").read_text()
+
+
+def test_cost_uses_new_fields_and_dashes_missing_ones(tmp_path: Path) -> None:
+    new_round = {"split_steps": 4, "server_llm_seconds": 3.0, "client_seconds": {"0": 2.0, "1": 4.0}}
+    new_final = {"client_parameters": 5_000_000, "uploaded_parameters_per_round": 20_000}
+    old = fake_results("fedavg", 1.0, 2, 0, [0.3, 0.4, 0.5])
+    new = fake_results("fednano", 1.0, 2, 0, [0.3, 0.4, 0.5], extra_round=new_round, extra_final=new_final)
+    nosplit = fake_results("fedprox", 1.0, 2, 0, [0.3, 0.4, 0.5], extra_round={"split_steps": 0})
+    c = rp.run_cost(new)
+    assert c["activation_bytes_per_step"] == pytest.approx(3 * 2**20 / 4)
+    assert c["mib_per_round"] == pytest.approx(8.0)  # 1 + 0.5 + 0.5 + 3 + 3 MiB
+    assert c["server_seconds_per_round"] == pytest.approx(3.0)
+    assert c["client_seconds_per_round"] == pytest.approx(3.0)
+    assert c["wall_seconds_per_round"] == pytest.approx(15.0)
+    assert c["client_parameters"] == 5_000_000 and c["uploaded_parameters_per_round"] == 20_000
+    assert rp.run_cost(nosplit)["activation_bytes_per_step"] is None
+    oc = rp.run_cost(old)
+    assert oc["client_parameters"] is None and oc["server_seconds_per_round"] is None and oc["client_seconds_per_round"] is None
+
+    runs = [rp.Run(tmp_path / str(i), r) for i, r in enumerate([new, old, nosplit])]
+    rows = rp.cost_rows(runs)
+    assert [r["method"] for r in rows] == ["fednano", "fedavg", "fedprox"]
+    md = rp.cost_markdown(rows).splitlines()
+    assert md[2] == "| fednano | 1 | 5,000,000 | 20,000 | 768.0 KiB | 8.00 | 3.00 | 3.00 | 15.0 |"
+    assert md[3] == "| fedavg | 1 | — | — | — | 8.00 | — | — | 15.0 |"
+    assert md[4].startswith("| fedprox | 1 | — | — | — |")
+    crow = list(csv.DictReader(io.StringIO(rp.cost_csv(rows))))
+    assert crow[1]["client_parameters"] == "" and float(crow[0]["activation_bytes_per_step"]) == 786432.0
+
+
+def test_report_cli_errors(tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["report", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "error: not a folder" in r.output
+    r = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert r.exit_code == 2 and "no finished runs" in r.output
+
+
+# --------------------------------------------------------------------------- sweep files and planning
+
+
+def sweep_file(tmp_path: Path, out: Path, grids: str, sets: str = '"federation.rounds" = 1') -> Path:
+    p = tmp_path / "sweep.toml"
+    p.write_text(f'[sweep]\nbase_config = "{TINY}"\noutput = "{out}"\n[sweep.set]\n{sets}\n{grids}')
+    return p
+
+
+GRID = '[[grid]]\nmethods = ["fednano", "fedavg"]\nalphas = [1.0]\nnum_clients = [2]\nseeds = [0, 1]\n'
+
+
+def test_load_sweep_points_and_validation(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    s = sw.load_sweep(sweep_file(tmp_path, out, GRID + '[[grid]]\nmethods = ["fedavg"]\nalphas = [1, 0.1]\nseeds = [1]\n'))
+    names = [p.name for p in s.points]
+    # the second grid repeats fedavg/a1.0-c2-s1 (run once) and adds α=0.1 (num_clients from the base config: 2)
+    assert names == ["fednano/a1.0-c2-s0", "fednano/a1.0-c2-s1", "fedavg/a1.0-c2-s0", "fedavg/a1.0-c2-s1", "fedavg/a0.1-c2-s1"]
+    p = s.points[1]
+    assert (p.cfg.federation.strategy, p.cfg.data.seed, p.cfg.federation.seed, p.cfg.federation.rounds) == ("fednano", 1, 1, 1)
+    assert p.cfg.train.local_steps == load_config(TINY).train.local_steps and p.run_dir == out / "fednano" / "a1.0-c2-s1"
+
+    bad = sweep_file(tmp_path, out, '[[grid]]\nmethods = ["fednano", "nosuchmethod"]\nalphas = [1.0]\nseeds = [0]\n')
+    with pytest.raises(ConfigError, match=r"sweep\.toml: grid #1, point \(method='nosuchmethod', alpha=1.0, num_clients=2, seed=0\): .*federation\.strategy"):
+        sw.load_sweep(bad)
+    bad = sweep_file(tmp_path, out, '[[grid]]\nalphas = [1.0, -1.0]\n')
+    with pytest.raises(ConfigError, match=r"grid #1, point \(method='fednano', alpha=-1.0.*data\.dirichlet_alpha"):
+        sw.load_sweep(bad)
+    with pytest.raises(ConfigError, match=r"sweep\.toml: base config with \[sweep.set\].*train\.nope"):
+        sw.load_sweep(sweep_file(tmp_path, out, GRID, sets='"train.nope" = 1'))
+    with pytest.raises(ConfigError, match=r"grid #1: unknown key"):
+        sw.load_sweep(sweep_file(tmp_path, out, '[[grid]]\nmethod = ["fednano"]\n'))
+    with pytest.raises(ConfigError, match=r"at least one \[\[grid\]\]"):
+        sw.load_sweep(sweep_file(tmp_path, out, ""))
+    # the CLI names the sweep file and the point, exits 2, runs nothing
+    bad = sweep_file(tmp_path, out, '[[grid]]\nalphas = [1.0, -1.0]\n')
+    r = CliRunner().invoke(app, ["sweep", "--config", str(bad), "--dry-run"])
+    assert r.exit_code == 2 and "error:" in r.output and "alpha=-1.0" in r.output and not out.exists()
+
+
+def test_dry_run_plans_skip_resume_and_refuses_a_changed_config(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    path = sweep_file(tmp_path, out, GRID)
+    points = {p.name: p for p in sw.load_sweep(path).points}
+    finished = points["fednano/a1.0-c2-s0"]
+    interrupted = points["fedavg/a1.0-c2-s1"]
+    for p, final in ((finished, {"global_accuracy": 0.5}), (interrupted, {})):
+        p.run_dir.mkdir(parents=True)
+        (p.run_dir / "results.json").write_text(json.dumps({"config": p.cfg.to_dict(), "rounds": [{"round": 1, "global_accuracy": 0.4}], "final": final}))
+
+    r = CliRunner().invoke(app, ["sweep", "--config", str(path), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    lines = {line.split()[1]: line for line in r.output.splitlines() if line.startswith("  ") and "/" in line.split()[1]}
+    assert lines["fednano/a1.0-c2-s0"].split()[0] == "skip"
+    assert lines["fedavg/a1.0-c2-s1"].split()[0] == "resume" and f"run --resume {interrupted.run_dir}" in lines["fedavg/a1.0-c2-s1"]
+    assert lines["fednano/a1.0-c2-s1"].split()[0] == "run" and "--output" in lines["fednano/a1.0-c2-s1"]
+    assert "1 to resume, 2 to run, 1 to skip" in r.output
+    assert not (out / "sweep.json").exists()  # a dry run writes nothing
+
+    # the sweep now asks for another config: refuse, naming the folder and the field
+    path = sweep_file(tmp_path, out, GRID, sets='"federation.rounds" = 1\n"train.local_steps" = 7')
+    r = CliRunner().invoke(app, ["sweep", "--config", str(path), "--dry-run"])
+    assert r.exit_code == 2 and "error:" in r.output
+    assert str(finished.run_dir) in r.output and "train.local_steps" in r.output
+
+
+def test_failed_runs_do_not_stop_the_sweep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process pool with fake runs: one fails, the others finish; exit 1 naming the failure's run.log."""
+    out = tmp_path / "out"
+    path = sweep_file(tmp_path, out, GRID)
+    script = (
+        "import json, os, sys, time; d = sys.argv[1]; time.sleep(0.3)\n"
+        "assert os.environ['FEDNANO_PROGRESS'] == 'off' and os.environ['HF_HUB_OFFLINE'] == '1'\n"
+        "if 'fedavg' in d and d.endswith('s0'): print('boom'); sys.exit(3)\n"
+        "json.dump({'config': {}, 'rounds': [], 'final': {'global_accuracy': 0.25}}, open(os.path.join(d, 'results.json'), 'w'))\n"
+    )
+    monkeypatch.setattr(sw, "command", lambda p: [sys.executable, "-c", script, str(p.run_dir)])
+    r = CliRunner().invoke(app, ["sweep", "--config", str(path), "--jobs", "2"])
+    assert r.exit_code == 1, r.output
+    failed_dir = out / "fedavg" / "a1.0-c2-s0"
+    assert "1 failed" in r.output and "3 done" in r.output and str(failed_dir / "run.log") in r.output
+    summary = json.loads((out / "sweep.json").read_text())
+    status = {Path(p["folder"]).relative_to(out).as_posix(): (p["status"], p["global_accuracy"]) for p in summary["points"]}
+    assert status == {"fednano/a1.0-c2-s0": ("done", 0.25), "fednano/a1.0-c2-s1": ("done", 0.25), "fedavg/a1.0-c2-s0": ("failed", None), "fedavg/a1.0-c2-s1": ("done", 0.25)}
+    assert "boom" in (failed_dir / "sweep.log").read_text()
+    assert (failed_dir / "sweep-config.toml").exists()
+    assert load_config(failed_dir / "sweep-config.toml").to_dict() == sw.load_sweep(path).points[2].cfg.to_dict()
+
+
+# --------------------------------------------------------------------------- a real micro-sweep
+
+
+def test_micro_sweep_resumable_and_report(tmp_path: Path, tiny_bundle: Path, tiny_cache: Path) -> None:
+    out = tmp_path / "sweep-out"
+    path = sweep_file(tmp_path, out, GRID)
+    env = {**os.environ, "FEDNANO_CACHE": str(tiny_cache), "FEDNANO_PROGRESS": "off", "HF_HUB_OFFLINE": "1"}
+
+    def fednano(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "fednano", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+    r = fednano("sweep", "--config", str(path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    dirs = [out / m / f"a1.0-c2-s{s}" for m in ("fednano", "fedavg") for s in (0, 1)]
+    results = {}
+    for d in dirs:
+        res = json.loads((d / "results.json").read_text())
+        assert res["final"] and len(res["rounds"]) == 1
+        assert (d / "sweep-config.toml").exists() and (d / "config.toml").exists() and (d / "sweep.log").exists()
+        results[d] = res
+    assert results[dirs[1]]["config"]["data"]["seed"] == 1 and results[dirs[1]]["config"]["federation"]["seed"] == 1
+    assert results[dirs[2]]["config"]["federation"]["strategy"] == "fedavg"
+    summary = json.loads((out / "sweep.json").read_text())
+    assert [p["status"] for p in summary["points"]] == ["done"] * 4
+
+    t0 = time.time()
+    r = fednano("sweep", "--config", str(path), timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert time.time() - t0 < 60 and "4 skipped" in r.stdout and "0 done" in r.stdout
+    assert [p["status"] for p in json.loads((out / "sweep.json").read_text())["points"]] == ["skipped"] * 4
+
+    r = fednano("report", str(out), timeout=180)
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = out / "report"
+    for name in ("table.md", "table.csv", "cost.md", "cost.csv", "curves.png", "accuracy_vs_bytes.png"):
+        assert (rep / name).stat().st_size > 0, name
+    assert "α=1 (2 clients)" in r.stdout and "fednano" in r.stdout and "fedavg" in r.stdout
+    rows = {row["method"]: row for row in csv.DictReader((rep / "table.csv").open())}
+    assert set(rows) == {"fednano", "fedavg"}
+    for method, pair in (("fednano", dirs[:2]), ("fedavg", dirs[2:])):
+        row = rows[method]
+        g = [results[d]["final"]["global_accuracy"] for d in pair]
+        loc = [sum(results[d]["final"]["client_accuracy"].values()) / len(results[d]["final"]["client_accuracy"]) for d in pair]
+        assert (row["alpha"], row["clients"], row["seeds"]) == ("1.0", "2", "2")
+        assert float(row["global_mean"]) == pytest.approx(sum(g) / 2)
+        assert float(row["global_std"]) == pytest.approx(abs(g[0] - g[1]) / 2**0.5)
+        assert float(row["local_mean"]) == pytest.approx(sum(loc) / 2)
+        assert rp.format_cell(*rp.mean_std(g)) in (rep / "table.md").read_text()
+    cost = {row["method"]: row for row in csv.DictReader((rep / "cost.csv").open())}
+    wall = [sum(r["seconds"] for r in results[d]["rounds"]) / len(results[d]["rounds"]) for d in dirs[:2]]
+    assert float(cost["fednano"]["wall_seconds_per_round"]) == pytest.approx(sum(wall) / 2)
