@@ -97,18 +97,60 @@ def _merge_fedavg(thetas: Sequence[Tensors], fishers: Sequence[Tensors], n: Sequ
     return fedavg(thetas, n)
 
 
+# --------------------------------------------------------------- server optimisers
+def server_opt_step(
+    kind: str, current: Tensors, aggregated: Tensors, state: Tensors, *, lr: float, beta1: float, beta2: float, tau: float,
+) -> tuple[Tensors, Tensors]:
+    """One FedOpt server step (Reddi et al. 2021) on the pseudo-gradient delta = aggregated - current.
+
+        m = b1 m + (1 - b1) delta
+        adam: v = b2 v + (1 - b2) delta^2          yogi: v = v - (1 - b2) delta^2 sign(v - delta^2)
+        theta = current + eta_t m / (sqrt(v) + tau)
+
+    adam uses the bias-corrected eta_t = eta sqrt(1 - b2^t) / (1 - b1^t), yogi eta_t = eta,
+    with t the number of server steps taken (state "step"). Same maths as Flower's
+    FedAdam / FedYogi, whose t is server_round + 1 (tests check the equality).
+    state: {"step": (1,), "m.<name>": ..., "v.<name>": ...} (empty = fresh). Returns (theta, new state).
+    """
+    if kind not in ("adam", "yogi"):
+        raise ValueError(f"unknown server optimiser {kind!r}")
+    t = int(state["step"].item()) + 1 if "step" in state else 1
+    new_state: Tensors = {"step": torch.tensor([t], dtype=torch.int64)}
+    eta = lr * math.sqrt(1 - beta2**t) / (1 - beta1**t) if kind == "adam" else lr
+    out = {}
+    for k, x in current.items():
+        delta = aggregated[k].double() - x.double()
+        m = beta1 * state.get(f"m.{k}", torch.zeros_like(delta)).double() + (1 - beta1) * delta
+        v = state.get(f"v.{k}", torch.zeros_like(delta)).double()
+        d2 = delta**2
+        v = beta2 * v + (1 - beta2) * d2 if kind == "adam" else v - (1 - beta2) * d2 * torch.sign(v - d2)
+        new_state[f"m.{k}"], new_state[f"v.{k}"] = m.float(), v.float()
+        out[k] = (x.double() + eta * m / (v.sqrt() + tau)).to(x.dtype)
+    return out, new_state
+
+
 @dataclass(frozen=True)
 class Method:
     """One federated method: what the client computes, how the server merges.
 
-    fisher: "none"; "pass" (an extra pass after local training, FedNano);
-            "training" (squared gradients accumulated during local training, FedNano-EF)
-    proximal: the client adds mu/2 ||theta - theta_global||^2 to its loss (FedProx)
+    fisher:     "none"; "pass" (an extra pass after local training, FedNano);
+                "training" (squared gradients accumulated during local training, FedNano-EF)
+    proximal:   the client adds mu/2 ||theta - theta_global||^2 to its loss (FedProx)
+    server_opt: "" or "adam" / "yogi": a server optimiser step on the merged update (FedOpt)
+    topology:   "federated"; "local" (each client keeps its own adapters, nothing merged);
+                "centralized" (one trainer holds every client's data)
+    client:     "nanoedge" (split learning against the server LLM) or "full-mllm"
+                (the client holds the whole MLLM and trains LoRA inside the LLM)
+    personal:   full-mllm: the client also keeps a local LoRA that never leaves it (FedDPA-F)
     """
 
     fisher: str
     merge: Merge
     proximal: bool = False
+    server_opt: str = ""
+    topology: str = "federated"
+    client: str = "nanoedge"
+    personal: bool = False
 
     @property
     def wants_fisher(self) -> bool:
@@ -121,6 +163,12 @@ STRATEGIES: dict[str, Method] = {
     "fednano-ef": Method("training", _merge_fisher),
     "fedavg": Method("none", _merge_fedavg),
     "fedprox": Method("none", _merge_fedavg, proximal=True),
+    "fedadam": Method("none", _merge_fedavg, server_opt="adam"),
+    "fedyogi": Method("none", _merge_fedavg, server_opt="yogi"),
+    "local": Method("none", _merge_fedavg, topology="local"),
+    "centralized": Method("none", _merge_fedavg, topology="centralized"),
+    "fedit-lora": Method("none", _merge_fedavg, client="full-mllm"),
+    "feddpa-f": Method("none", _merge_fedavg, client="full-mllm", personal=True),
 }
 
 

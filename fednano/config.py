@@ -63,9 +63,14 @@ class AdapterConfig:
     rank: int = _f(16, "Rank r of each NanoAdapter (A: d->r, B: r->d).")
     alpha: float = _f(32.0, "Scale numerator: the adapter adds (alpha / rank) * B(A(x)).")
     dropout: float = _f(0.0, "Dropout on the adapter input during training.")
+    lora_rank: int = _f(8, "fedit-lora / feddpa-f: rank of the LoRA inside the LLM (FedIT's default).")
+    lora_alpha: float = _f(16.0, "fedit-lora / feddpa-f: LoRA scale numerator (alpha / rank).")
+    lora_targets: str = _f("q_proj,v_proj", "fedit-lora / feddpa-f: comma-separated LLM linear layers that get LoRA (FedIT: the attention query and value projections).")
 
     def __post_init__(self) -> None:
         _check(self.rank >= 1, "adapter.rank", "must be >= 1")
+        _check(self.lora_rank >= 1, "adapter.lora_rank", "must be >= 1")
+        _check(bool(self.lora_targets.strip()), "adapter.lora_targets", "must name at least one layer")
         _check(self.alpha > 0, "adapter.alpha", "must be > 0")
         _check(0.0 <= self.dropout < 1.0, "adapter.dropout", "must be in [0, 1)")
 
@@ -142,8 +147,13 @@ class TrainConfig:
 
 @dataclass
 class FederationConfig:
-    strategy: str = _f("fednano", "Method: 'fednano' (Fisher merging, Fisher from an extra pass), 'fednano-ef' (Fisher from the training gradients, no extra pass), 'fedavg' (same adapters, weights n_k only: the no-Fisher ablation), 'fedprox' (FedAvg + proximal term).")
+    strategy: str = _f("fednano", "Method: 'fednano' (Fisher merging, Fisher from an extra pass), 'fednano-ef' (Fisher from the training gradients, no extra pass), 'fedavg' (same adapters, weights n_k only: the no-Fisher ablation), 'fedprox' (FedAvg + proximal term), 'fedadam' / 'fedyogi' (FedAvg then a server-side Adam / Yogi step), 'local' (each client trains alone, no aggregation), 'centralized' (one trainer on all clients' data: the upper bound), 'fedit-lora' (the client holds the whole MLLM; FedAvg of LoRA inside the LLM), 'feddpa-f' (fedit-lora's global LoRA + a personal local LoRA per client).")
     proximal_mu: float = _f(0.01, "fedprox: weight mu of the proximal term mu/2 ||theta - theta_global||^2 the client adds to its loss.")
+    fisher_type: str = _f("empirical", "fednano: 'empirical' (squared gradients at the true answers) or 'exact' (expectation over the model's own answer distribution on the candidate set, as in Fisher merging; one backward per candidate). fednano-ef is always empirical.")
+    server_lr: float = _f(0.01, "fedadam/fedyogi: server learning rate eta. Adam's step is about eta per entry, so 0.01 is the order of one round of local AdamW movement at the default local_steps and lr; fixed before any run, not tuned on test data.")
+    server_beta1: float = _f(0.9, "fedadam/fedyogi: first-moment decay.")
+    server_beta2: float = _f(0.99, "fedadam/fedyogi: second-moment decay.")
+    server_tau: float = _f(1e-3, "fedadam/fedyogi: adaptivity tau (added to sqrt(v)).")
     rounds: int = _f(3, "Federated rounds.")
     fraction_train: float = _f(1.0, "Fraction of clients sampled per round.")
     min_train_clients: int = _f(2, "Fewest valid replies a round needs; otherwise the previous global adapters are kept.")
@@ -164,6 +174,10 @@ class FederationConfig:
         _check(self.fisher_floor > 0, "federation.fisher_floor", "must be > 0")
         _check(self.max_update_norm >= 0, "federation.max_update_norm", "must be >= 0")
         _check(self.proximal_mu >= 0, "federation.proximal_mu", "must be >= 0")
+        _check(self.fisher_type in ("empirical", "exact"), "federation.fisher_type", f"must be 'empirical' or 'exact', got {self.fisher_type!r}")
+        _check(self.server_lr > 0, "federation.server_lr", "must be > 0")
+        _check(0 <= self.server_beta1 < 1 and 0 <= self.server_beta2 < 1, "federation.server_beta1/2", "must be in [0, 1)")
+        _check(self.server_tau > 0, "federation.server_tau", "must be > 0")
         _check(self.client_cpus > 0, "federation.client_cpus", "must be > 0")
         _check(self.round_timeout > 0, "federation.round_timeout", "must be > 0")
 
@@ -245,6 +259,16 @@ def from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
     return RunConfig(**kwargs)
+
+
+def same_config(recorded: Any, cfg: RunConfig) -> bool:
+    """Whether a run recorded with `recorded` (a RunConfig.to_dict() from results.json) was made
+    with `cfg`. Fields added to FedNano since then count as their defaults, so a newer version
+    can still resume or skip an older run whose settings it would reproduce."""
+    try:
+        return from_dict(json.loads(json.dumps(recorded)), "recorded config").to_dict() == cfg.to_dict()
+    except ConfigError:
+        return False
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:

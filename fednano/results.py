@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from fednano.config import RunConfig
+from fednano.config import RunConfig, same_config
 
 BYTES_FIELDS = ("adapters_down", "adapters_up", "fisher_up", "activations_up", "gradients_down", "eval_activations_up", "eval_scores_down")
 
@@ -32,8 +32,9 @@ class RunRecorder:
         results = self.out / "results.json"
         if resume and results.exists():
             self.data: dict[str, Any] = json.loads(results.read_text())
-            if self.data.get("config") != cfg.to_dict():
+            if not same_config(self.data.get("config"), cfg):
                 raise ValueError(f"{results}: the run was made with a different config; resume with its own config.toml")
+            self.data["config"] = cfg.to_dict()  # (with any field added since, at its default)
             return
         atomic_write(self.out / "config.toml", cfg.to_toml())
         self.data = {"config": cfg.to_dict(), "rounds": [], "final": {}}
@@ -42,29 +43,33 @@ class RunRecorder:
         self.data.update(fields)
         self.save()
 
-    def complete_round(self, entry: dict[str, Any], adapters: dict[str, torch.Tensor]) -> None:
-        """Record a finished round and checkpoint the global adapters it produced."""
+    def complete_round(self, entry: dict[str, Any], adapters: dict[str, torch.Tensor], strategy_state: dict[str, torch.Tensor] | None = None) -> None:
+        """Record a finished round and checkpoint the global adapters it produced, with whatever
+        the strategy remembers across rounds (server optimiser moments, local clients' adapters)."""
         ckpt = self.out / "checkpoint"
         ckpt.mkdir(exist_ok=True)
-        name = f"adapters-round-{entry['round']}.safetensors"
-        tmp = ckpt / (name + ".tmp")
-        save_file({k: v.contiguous() for k, v in adapters.items()}, tmp)
-        os.replace(tmp, ckpt / name)
+        rnd = entry["round"]
+        files = {"adapters": f"adapters-round-{rnd}.safetensors", "strategy": f"strategy-round-{rnd}.safetensors"}
+        for what, tensors in (("adapters", adapters), ("strategy", strategy_state or {})):
+            tmp = ckpt / (files[what] + ".tmp")
+            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+            os.replace(tmp, ckpt / files[what])
         self.data["rounds"].append(entry)
-        self.data["checkpoint"] = {"round": entry["round"], "adapters": f"checkpoint/{name}"}
+        self.data["checkpoint"] = {"round": rnd, **{k: f"checkpoint/{v}" for k, v in files.items()}}
         self.save()
-        for old in ckpt.glob("adapters-round-*.safetensors"):
-            if old.name != name:
+        for old in ckpt.glob("*-round-*.safetensors"):
+            if old.name not in files.values():
                 old.unlink()
 
-    def resume_state(self) -> tuple[int, dict[str, torch.Tensor]] | None:
-        """(last completed round, its global adapters), if a checkpoint exists."""
+    def resume_state(self) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
+        """(last completed round, its global adapters, the strategy's state), if a checkpoint exists."""
         ck = self.data.get("checkpoint")
         if not ck:
             return None
         from safetensors.torch import load_file
 
-        return int(ck["round"]), load_file(self.out / ck["adapters"])
+        strategy = load_file(self.out / ck["strategy"]) if ck.get("strategy") else {}
+        return int(ck["round"]), load_file(self.out / ck["adapters"]), strategy
 
     def save(self) -> None:
         atomic_write(self.out / "results.json", json.dumps(self.data, indent=2))

@@ -22,7 +22,7 @@ from fednano.config import TrainConfig
 from fednano.data.easyvqa import SYSTEM_PROMPT
 from fednano.data.prompts import TokenBatch, candidate_batch, prompt_batch, training_batch
 from fednano.data.samples import Sample, load_image
-from fednano.fisher import accumulate_squared, mean_fisher
+from fednano.fisher import accumulate_squared, candidate_distribution, mean_fisher
 from fednano.metrics import accuracy_report
 from fednano.models.nanoedge import NanoEdge
 from fednano.models.vision import VisionEncoder
@@ -73,7 +73,8 @@ def split_step(edge: NanoEdge, endpoint: LLMEndpoint, batch: TokenBatch, feature
     """One split-learning step: client forward, server LLM, client backward. Returns the loss."""
     embeds = edge.embed(batch.input_ids, features)  # (B, T, d)
     loss, grad, _ = endpoint.train_step(embeds, batch.attention_mask, batch.labels)
-    embeds.backward(grad)
+    if embeds.requires_grad:  # (an in-process LoRA endpoint has already back-propagated into its own parameters)
+        embeds.backward(grad)
     return float(loss)
 
 
@@ -100,14 +101,16 @@ def train_local(
     proximal_mu: float = 0.0,
     anchor: dict[str, torch.Tensor] | None = None,
     accumulate_fisher: bool = False,
+    params: dict[str, torch.nn.Parameter] | None = None,
 ) -> dict:
     """`cfg.local_steps` AdamW steps on the NanoAdapters; returns the mean training loss.
 
     proximal_mu > 0 (FedProx): adds mu/2 ||theta - anchor||^2 on the client, no extra traffic.
     accumulate_fisher (FedNano-EF): also returns "fisher", the mean over steps of the squared
     adapter gradients of the training loss: no extra pass, nothing extra sent per step.
+    params: what trains (default: the NanoAdapters; the full-MLLM baselines pass their LoRA).
     """
-    named = edge.adapter_parameters()
+    named = params if params is not None else edge.adapter_parameters()
     params = list(named.values())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     fisher = {k: torch.zeros_like(p) for k, p in named.items()} if accumulate_fisher else None
@@ -136,17 +139,17 @@ def train_local(
 
 
 @torch.no_grad()
-def evaluate(
+def candidate_scores(
     edge: NanoEdge, endpoint: LLMEndpoint, samples: list[Sample], work: Workload, candidate_sets: dict[str, list[str]], batch_size: int,
-    categories: tuple[str, ...] = (), on_batch: Callable[[int], None] | None = None,
-) -> dict[str, float]:
-    """Closed-set accuracy: the valid candidate with the highest log-likelihood is the prediction.
+    on_batch: Callable[[int], None] | None = None,
+) -> Iterator[tuple[int, torch.Tensor, list[str]]]:
+    """(sample index, log-likelihood of each candidate (K,), the candidates) for every sample.
 
     Samples are scored against their task's candidate set (`Sample.candidates`);
-    for multiple choice only the first `n_choices` candidates are valid.
+    for multiple choice only the first `n_choices` candidates are valid (the
+    others get -inf).
     """
     edge.eval()
-    correct: dict[int, bool] = {}
     for name in sorted({s.candidates for s in samples}):
         cands = candidate_sets[name]
         cand = candidate_batch(work.tokenizer, cands)
@@ -161,8 +164,29 @@ def evaluate(
             for row, s in enumerate(part):
                 if s.n_choices:
                     lp[row, s.n_choices :] = float("-inf")
-            for i, s, p in zip(idx, part, lp.argmax(-1).tolist(), strict=True):
-                correct[i] = cands[p] == s.answer
+            yield from ((i, lp[row], cands) for row, i in enumerate(idx))
             if on_batch:
                 on_batch(len(part))
+
+
+def evaluate(
+    edge: NanoEdge, endpoint: LLMEndpoint, samples: list[Sample], work: Workload, candidate_sets: dict[str, list[str]], batch_size: int,
+    categories: tuple[str, ...] = (), on_batch: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """Closed-set accuracy: the valid candidate with the highest log-likelihood is the prediction."""
+    correct = {i: cands[int(lp.argmax())] == samples[i].answer for i, lp, cands in candidate_scores(edge, endpoint, samples, work, candidate_sets, batch_size, on_batch)}
     return accuracy_report(samples, [correct[i] for i in range(len(samples))], categories)
+
+
+def exact_fisher_batches(
+    edge: NanoEdge, endpoint: LLMEndpoint, samples: list[Sample], work: Workload, candidate_sets: dict[str, list[str]], batch_size: int,
+) -> Iterator[tuple[TokenBatch, torch.Tensor | None, torch.Tensor]]:
+    """For the exact Fisher: per sample, one row per valid candidate answer, weighted by
+    the model's p(candidate | sample) (see fisher.empirical_fisher)."""
+    scored = list(candidate_scores(edge, endpoint, samples, work, candidate_sets, batch_size))
+    for i, lp, cands in scored:
+        s = samples[i]
+        valid = cands[: s.n_choices] if s.n_choices else cands
+        p = candidate_distribution(lp[: len(valid)])
+        batch = training_batch(work.tokenizer, [s.content()] * len(valid), list(valid), work.n_visual, work.system)
+        yield batch, work.images([s] * len(valid)), p

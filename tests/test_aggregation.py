@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from fednano.aggregation import STRATEGIES, fedavg, fisher_merge, normalize_fisher, proximal_term, validate_update
+from fednano.aggregation import STRATEGIES, fedavg, fisher_merge, normalize_fisher, proximal_term, server_opt_step, validate_update
 
 
 def T(*v):
@@ -58,8 +58,73 @@ def test_normalized_merge_ignores_fisher_scale():
 
 
 def test_registry():
-    assert {k: (m.fisher, m.proximal) for k, m in STRATEGIES.items()} == {
-        "fednano": ("pass", False), "fednano-ef": ("training", False), "fedavg": ("none", False), "fedprox": ("none", True)}
+    assert {k: (m.fisher, m.proximal, m.server_opt, m.topology, m.client, m.personal) for k, m in STRATEGIES.items()} == {
+        "fednano": ("pass", False, "", "federated", "nanoedge", False),
+        "fednano-ef": ("training", False, "", "federated", "nanoedge", False),
+        "fedavg": ("none", False, "", "federated", "nanoedge", False),
+        "fedprox": ("none", True, "", "federated", "nanoedge", False),
+        "fedadam": ("none", False, "adam", "federated", "nanoedge", False),
+        "fedyogi": ("none", False, "yogi", "federated", "nanoedge", False),
+        "local": ("none", False, "", "local", "nanoedge", False),
+        "centralized": ("none", False, "", "centralized", "nanoedge", False),
+        "fedit-lora": ("none", False, "", "federated", "full-mllm", False),
+        "feddpa-f": ("none", False, "", "federated", "full-mllm", True),
+    }
+
+
+OPT = {"lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 1e-3}
+
+
+def test_server_adam_and_yogi_hand_computed():
+    # step 1 from a fresh state, delta = 0.1: m = 0.01, v = 1e-4 (Adam and Yogi alike),
+    # Adam's bias correction at t=1: eta * sqrt(1 - 0.99) / (1 - 0.9) = eta; theta = 0.01 * 0.01 / (0.01 + 0.001)
+    cur, agg = {"w": torch.tensor([0.0])}, {"w": torch.tensor([0.1])}
+    for kind in ("adam", "yogi"):
+        out, st = server_opt_step(kind, cur, agg, {}, **OPT)
+        assert math.isclose(float(out["w"]), 0.01 * 0.01 / 0.011, rel_tol=1e-6)
+        assert int(st["step"]) == 1 and math.isclose(float(st["m.w"]), 0.01, rel_tol=1e-6) and math.isclose(float(st["v.w"]), 1e-4, rel_tol=1e-5)
+    # step 2, delta = 0.2 (d^2 = 0.04 > v): m = 0.9*0.01 + 0.1*0.2 = 0.029
+    #   Adam: v = 0.99e-4 + 0.01*0.04 = 4.99e-4, eta_2 = 0.01 sqrt(1 - 0.99^2) / (1 - 0.9^2)
+    #   Yogi: v = 1e-4 - 0.01*0.04*sign(1e-4 - 0.04) = 5e-4, eta = 0.01
+    _, st = server_opt_step("adam", cur, agg, {}, **OPT)
+    out, st2 = server_opt_step("adam", {"w": torch.tensor([1.0])}, {"w": torch.tensor([1.2])}, st, **OPT)
+    eta2 = 0.01 * math.sqrt(1 - 0.99**2) / (1 - 0.9**2)
+    assert math.isclose(float(st2["v.w"]), 4.99e-4, rel_tol=1e-5)
+    assert math.isclose(float(out["w"]), 1.0 + eta2 * 0.029 / (math.sqrt(4.99e-4) + 1e-3), rel_tol=1e-5)
+    _, st = server_opt_step("yogi", cur, agg, {}, **OPT)
+    out, st2 = server_opt_step("yogi", {"w": torch.tensor([1.0])}, {"w": torch.tensor([1.2])}, st, **OPT)
+    assert math.isclose(float(st2["v.w"]), 5e-4, rel_tol=1e-5)
+    assert math.isclose(float(out["w"]), 1.0 + 0.01 * 0.029 / (math.sqrt(5e-4) + 1e-3), rel_tol=1e-5)
+    with pytest.raises(ValueError, match="server optimiser"):
+        server_opt_step("sgd", cur, agg, {}, **OPT)
+
+
+@pytest.mark.parametrize("kind", ["adam", "yogi"])
+def test_server_optimiser_matches_flowers_fedadam_and_fedyogi(kind):
+    """Same maths as Flower's FedAdam / FedYogi (whose step count is server_round + 1)."""
+    import numpy as np
+    from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+    from flwr.serverapp.strategy import FedAdam, FedYogi
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    g = torch.Generator().manual_seed(0)
+    current = {"a": torch.randn(3, 2, generator=g), "b": torch.randn(4, generator=g)}
+    flower = (FedAdam if kind == "adam" else FedYogi)(eta=OPT["lr"], beta_1=OPT["beta1"], beta_2=OPT["beta2"], tau=OPT["tau"])
+    ours_state: dict = {}
+    for rnd in (1, 2, 3):
+        clients = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in current.items()} for _ in range(2)]
+        flower.current_arrays = {k: v.numpy().copy() for k, v in current.items()}
+        replies = [Message(content=RecordDict({"arrays": ArrayRecord({k: v.clone() for k, v in c.items()}),
+                                                "metrics": MetricRecord({"num-examples": n})}), dst_node_id=0, message_type="train")
+                   for c, n in zip(clients, (10, 30), strict=True)]
+        f_arrays, _ = flower.aggregate_train(rnd, replies)
+        if not ours_state:
+            ours_state = {"step": torch.tensor([rnd])}  # Flower's t = server_round + 1
+        mine, ours_state = server_opt_step(kind, current, fedavg(clients, [10, 30]), ours_state, **OPT)
+        for k, v in f_arrays.to_torch_state_dict().items():
+            np.testing.assert_allclose(mine[k].numpy(), v.numpy(), rtol=1e-4, atol=1e-6)
+        current = mine
 
 
 def test_proximal_term_and_its_gradient_hand_computed():

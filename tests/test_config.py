@@ -70,3 +70,27 @@ def test_every_shipped_config_is_valid():
     assert {f.name for f in files} >= {"default.toml", "tiny.toml", "scienceqa.toml", "iconqa.toml", "llava-json.toml"}
     for f in files:
         load_config(f)
+
+
+def test_every_shipped_sweep_is_valid():
+    from fednano.sweep import load_sweep
+
+    files = sorted((ROOT / "configs" / "sweeps").glob("*.toml"))
+    assert {f.name for f in files} >= {"example.toml", "bench.toml"}
+    for f in files:
+        assert load_sweep(f).points  # every grid point's run config validates
+
+
+def test_a_run_recorded_before_a_field_existed_is_the_same_config():
+    from fednano.config import RunConfig, same_config
+
+    cfg = RunConfig()
+    old = cfg.to_dict()
+    del old["federation"]["server_lr"]  # a field added later, at its default
+    assert same_config(old, cfg)
+    old["federation"]["rounds"] = cfg.federation.rounds + 1
+    assert not same_config(old, cfg)
+    assert not same_config({"nonsense": {}}, cfg)
+    changed = RunConfig()
+    changed.federation.server_lr = 0.5
+    assert not same_config(cfg.to_dict() | {"federation": {k: v for k, v in cfg.to_dict()["federation"].items() if k != "server_lr"}}, changed)

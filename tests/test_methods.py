@@ -1,5 +1,7 @@
-"""FedNano-EF and FedProx on the client: the maths against direct computation, and runs."""
+"""The methods on the client: FedNano-EF, FedProx, the exact Fisher and LoRA against direct
+computation; and every registered method run end to end."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -8,10 +10,14 @@ import sys
 import pytest
 import torch
 
+from fednano.aggregation import STRATEGIES
 from fednano.config import load_config
 from fednano.data.easyvqa import load_split
-from fednano.training import ImageFeatures, Workload, batches, split_step, train_local
-from tests.conftest import ROOT, TINY
+from fednano.fisher import candidate_distribution, empirical_fisher
+from fednano.training import ImageFeatures, Workload, batches, candidate_scores, exact_fisher_batches, split_step, train_local
+from tests.conftest import ROOT, TINY, randomize_adapters
+
+TINY_STEPS = load_config(TINY).train.local_steps
 
 
 def _work(bundle):
@@ -47,14 +53,115 @@ def test_proximal_term_pulls_towards_the_global_adapters(tiny_edge, tiny_llm):
     assert dist[100.0] < dist[0.0]
 
 
-@pytest.mark.parametrize("method", ["fednano-ef", "fedprox"])
-def test_methods_run_end_to_end(tiny_bundle, tiny_cache, tmp_path, method):
+def test_candidate_distribution_hand_computed():
+    lp = torch.log(torch.tensor([1.0, 3.0, 4.0]))
+    torch.testing.assert_close(candidate_distribution(lp), torch.tensor([0.125, 0.375, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(candidate_distribution(lp, n_valid=2), torch.tensor([0.25, 0.75, 0.0], dtype=torch.float64))
+
+
+def test_exact_fisher_is_the_expectation_over_the_models_answers(tiny_edge, tiny_llm):
+    """F = sum_c p(c|x) g_c^2, with g_c the gradient of log p(c|x), checked candidate by candidate."""
+    edge, work = tiny_edge.edge, _work(tiny_edge)
+    randomize_adapters(edge, seed=5)
+    sample = load_split("train")[7]
+    cands = ["red", "blue", "circle", "yes"]
+    fisher, n = empirical_fisher(edge, tiny_llm, exact_fisher_batches(edge, tiny_llm, [sample], work, {"answers": cands}, 4))
+    assert n == pytest.approx(1.0)
+    ((_, lp, _),) = candidate_scores(edge, tiny_llm, [sample], work, {"answers": cands}, 4)
+    probs = candidate_distribution(lp)
+    want = {k: torch.zeros_like(v) for k, v in fisher.items()}
+    for c, p in zip(cands, probs, strict=True):
+        edge.zero_grad(set_to_none=True)
+        split_step(edge, tiny_llm, *work.train_batch([dataclasses.replace(sample, answer=c)]))  # mean over tokens
+        n_tok = int((work.train_batch([dataclasses.replace(sample, answer=c)])[0].labels != -100).sum())
+        for k, q in edge.adapter_parameters().items():
+            want[k] += float(p) * (q.grad * n_tok) ** 2  # the summed (per-sample) log-likelihood's gradient
+    for k in want:
+        torch.testing.assert_close(fisher[k], want[k], rtol=1e-3, atol=1e-10)
+    empirical, _ = empirical_fisher(edge, tiny_llm, [work.train_batch([sample])])
+    assert any(not torch.allclose(empirical[k], fisher[k]) for k in fisher)
+
+
+def test_lora_is_the_identity_at_init_and_trains_only_the_chosen_adapter(tiny_bundle, tiny_cfg):
+    from fednano.models.bundle import load_server_llm
+    from fednano.models.lora_llm import (
+        GLOBAL,
+        LOCAL,
+        LoRAEndpoint,
+        add_lora,
+        load_lora_state,
+        lora_parameters,
+        lora_state,
+        set_active,
+        train_only,
+    )
+
+    llm = load_server_llm(tiny_bundle, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    e = torch.randn(2, 7, llm.hidden_size, generator=g)
+    mask, labels = torch.ones(2, 7, dtype=torch.long), torch.tensor([[-100] * 5 + [3, 4]] * 2)
+    before = LoRAEndpoint(llm).train_step(e, mask, labels)[0]
+    add_lora(llm, tiny_cfg.adapter, (GLOBAL, LOCAL), seed=0)
+    assert float(LoRAEndpoint(llm).train_step(e, mask, labels)[0]) == pytest.approx(float(before), abs=1e-6)  # B = 0
+    n_layers = llm.model.config.num_hidden_layers
+    assert len(lora_parameters(llm, GLOBAL)) == 2 * 2 * n_layers  # A and B, on q_proj and v_proj of every layer
+    with pytest.raises(ValueError, match="keys do not match"):
+        load_lora_state(llm, {"x": torch.zeros(1)}, GLOBAL)
+    set_active(llm, (GLOBAL, LOCAL))
+    params = train_only(llm, LOCAL)
+    llm.model.zero_grad(set_to_none=True)
+    LoRAEndpoint(llm).train_step(e, mask, labels)
+    assert all(p.grad is not None for k, p in params.items() if ".lora_B." in k)
+    assert all(p.grad is None for p in lora_parameters(llm, GLOBAL).values())
+    # both LoRAs act when both are active, only the global one otherwise
+    for name in (GLOBAL, LOCAL):
+        load_lora_state(llm, {k: torch.randn(v.shape, generator=g) * 0.3 for k, v in lora_state(llm, name).items()}, name)
+    both = float(LoRAEndpoint(llm).train_step(e, mask, labels)[0])
+    set_active(llm, (GLOBAL,))
+    only_global = float(LoRAEndpoint(llm).train_step(e, mask, labels)[0])
+    assert both != pytest.approx(only_global, abs=1e-4)
+
+
+def _run(tiny_cache, out, *sets, timeout=400):
     env = {**os.environ, "FEDNANO_CACHE": str(tiny_cache), "FEDNANO_PROGRESS": "off"}
-    out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "fednano", "run", "--config", str(TINY), "--output", str(out),
-                           "--set", "federation.rounds=1", "--set", f"federation.strategy='{method}'"],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    (r,) = json.loads((out / "results.json").read_text())["rounds"]
-    assert r["clients_accepted"] == 2
-    assert (r["bytes"]["fisher_up"] > 0) == (method == "fednano-ef")
+    args = [a for kv in sets for a in ("--set", kv)]
+    proc = subprocess.run([sys.executable, "-m", "fednano", "run", "--config", str(TINY), "--output", str(out), "--set", "federation.rounds=1", *args],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.parametrize("method", sorted(STRATEGIES))
+def test_every_method_runs_end_to_end(tiny_bundle, tiny_cache, tmp_path, method):
+    """2 clients x 1 round through `fednano run` with the tiny backbone, for every registered method."""
+    m = STRATEGIES[method]
+    res = _run(tiny_cache, tmp_path / "run", f"federation.strategy='{method}'")
+    (r,) = res["rounds"]
+    final = res["final"]
+    assert r["clients_sampled"] == (1 if m.topology == "centralized" else 2)
+    assert r["clients_accepted"] == r["clients_sampled"]
+    assert set(r["client_accuracy"]) == {"0", "1"}  # every client evaluates on its own test split
+    assert (r["bytes"]["fisher_up"] > 0) == m.wants_fisher
+    assert final["uploaded_parameters_per_round"] == final["adapter_parameters"] * (2 if m.wants_fisher else 1)
+    if m.client == "full-mllm":  # no split channel: the client computes everything with its own LLM
+        assert r["bytes"]["activations_up"] == 0 and r["split_steps"] == 0
+        assert final["client_parameters"] > 3 * final["adapter_parameters"]
+        assert (tmp_path / "run" / "client-state" / "partition-0-local-lora.safetensors").exists() == m.personal
+    else:
+        assert r["bytes"]["activations_up"] > 0
+        per_client = TINY_STEPS * (2 if m.topology == "centralized" else 1) + (1 if m.fisher == "pass" else 0)
+        assert r["split_steps"] == per_client * r["clients_sampled"]
+    if m.topology == "local":  # each client's own adapters on the global test; the global accuracy is their mean
+        cga = r["client_global_accuracy"]
+        assert set(cga) == {"0", "1"} and r["global_accuracy"] == pytest.approx(sum(cga.values()) / 2)
+    assert len(r["client_seconds"]) == r["clients_sampled"]
+    if m.topology == "centralized":  # the one trainer holds every client's training data
+        parts = json.loads((tmp_path / "run" / "partition.json").read_text())["clients"]
+        assert r["train_examples"] == sum(c["train"] for c in parts)
+
+
+def test_exact_fisher_runs_end_to_end(tiny_bundle, tiny_cache, tmp_path):
+    res = _run(tiny_cache, tmp_path / "run", "federation.fisher_type='exact'")
+    (r,) = res["rounds"]
+    assert r["clients_accepted"] == 2 and r["bytes"]["fisher_up"] > 0
+    assert r["split_steps"] > 2 * (TINY_STEPS + 1)  # one step per sample of the Fisher subset

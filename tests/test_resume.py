@@ -39,13 +39,15 @@ def _kill_session(sid: int) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tiny_bundle, tiny_cache, tmp_path):
+@pytest.mark.parametrize("method", ["fednano", "fedadam", "local"])  # stateless; server-optimiser moments; per-client adapters
+def test_sigkill_then_resume_matches_uninterrupted_run(tiny_bundle, tiny_cache, tmp_path, method):
     env = _env(tiny_cache)
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    ref = subprocess.run(_cli("--config", str(TINY), "--output", str(ref_dir), *ARGS), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    args = [*ARGS, "--set", f"federation.strategy='{method}'"]
+    ref = subprocess.run(_cli("--config", str(TINY), "--output", str(ref_dir), *args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert ref.returncode == 0, ref.stderr[-2000:]
 
-    proc = subprocess.Popen(_cli("--config", str(TINY), "--output", str(run_dir), *ARGS), cwd=ROOT, env=env,
+    proc = subprocess.Popen(_cli("--config", str(TINY), "--output", str(run_dir), *args), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 240
@@ -67,6 +69,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_bundle, tiny_cache, 
     assert [r["round"] for r in after["rounds"]] == [1, 2, 3]
     assert after["rounds"][:killed_at] == before["rounds"]  # completed rounds kept as they were
     assert [r["global_accuracy"] for r in after["rounds"]] == [r["global_accuracy"] for r in reference["rounds"]]
+    assert [r["client_accuracy"] for r in after["rounds"]] == [r["client_accuracy"] for r in reference["rounds"]]
     assert after["final"]["global_accuracy"] == reference["final"]["global_accuracy"]
     a, b = load_file(run_dir / "adapters.safetensors"), load_file(ref_dir / "adapters.safetensors")
     for k in b:

@@ -121,3 +121,41 @@ def test_oversized_update_is_rejected_with_its_norm(caplog):
     assert torch.allclose(arrays.to_torch_state_dict()["adapter_i.A.weight"], torch.full((2, 3), 0.01))
     assert "exceeds federation.max_update_norm=1" in s.last_train[1].rejected
     assert "partition 1" in caplog.text and "max_update_norm" in caplog.text
+
+
+def test_local_clients_keep_their_own_adapters_and_nothing_is_merged():
+    s = FedNanoStrategy(FederationConfig(strategy="local", min_train_clients=2))
+    s.node_partition = {10: 0, 11: 1}
+    m = _instructions(s, 2)  # round 1: both start from the global init
+    arrays, metrics = s.aggregate_train(1, [_reply(m[0], _like(1.0), None, 10, 0)])  # one reply is enough: nothing to merge
+    assert arrays is None and metrics[keys.NUM_EXAMPLES] == 10
+    assert set(s.client_states) == {0}
+    m = list(s.configure_train(2, ArrayRecord(GLOBAL), ConfigRecord({}), _Nodes([10, 11])))
+    sent = {x.metadata.dst_node_id: x.content[keys.ARRAYS].to_torch_state_dict()["adapter_i.A.weight"] for x in m}
+    assert torch.equal(sent[10], torch.ones(2, 3)) and torch.equal(sent[11], torch.zeros(2, 3))  # its own / still the init
+    # the update bound is measured from what that client was sent, and the state survives a restart
+    restored = FedNanoStrategy(FederationConfig(strategy="local"))
+    restored.load_state_dict(s.state_dict())
+    assert torch.equal(restored.client_states[0]["adapter_i.A.weight"], torch.ones(2, 3))
+
+
+def test_centralized_trains_one_client():
+    s = FedNanoStrategy(FederationConfig(strategy="centralized", min_train_clients=2))
+    m = _instructions(s, 3)
+    assert [x.metadata.dst_node_id for x in m] == [10]
+    arrays, _ = s.aggregate_train(1, [_reply(m[0], _like(2.0), None, 10, 0)])
+    assert torch.equal(arrays.to_torch_state_dict()["adapter_i.A.weight"], torch.full((2, 3), 2.0))
+
+
+def test_fedadam_steps_from_the_merged_update_and_checkpoints_its_moments():
+    cfg = FederationConfig(strategy="fedadam", min_train_clients=1, server_lr=0.01)
+    s = FedNanoStrategy(cfg)
+    m = _instructions(s, 2)
+    arrays, _ = s.aggregate_train(1, [_reply(m[0], _like(0.1), None, 10, 0), _reply(m[1], _like(0.1), None, 10, 1)])
+    # delta = 0.1 everywhere: first Adam step moves each entry by 0.01 * 0.01 / (0.01 + 0.001)
+    assert torch.allclose(arrays.to_torch_state_dict()["adapter_i.A.weight"], torch.full((2, 3), 0.01 * 0.01 / 0.011))
+    state = s.state_dict()
+    assert int(state["opt.step"]) == 1 and torch.allclose(state["opt.m.adapter_i.A.weight"], torch.full((2, 3), 0.01))
+    restored = FedNanoStrategy(cfg)
+    restored.load_state_dict(state)
+    assert set(restored.opt_state) == set(s.opt_state)

@@ -12,23 +12,28 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from safetensors.torch import load_file, save_file
 
+from fednano.aggregation import STRATEGIES, Method
 from fednano.config import RunConfig, from_dict
 from fednano.data import load_task
 from fednano.data.partition import ClientData, split_clients
 from fednano.federation import keys
 from fednano.fisher import empirical_fisher
-from fednano.models.bundle import load_nanoedge
+from fednano.models.bundle import load_nanoedge, load_server_llm
+from fednano.models.lora_llm import GLOBAL, LOCAL, LoRAEndpoint, add_lora, load_lora_state, lora_state, set_active, train_only
 from fednano.models.nanoedge import NanoEdge
-from fednano.prepare import bundle_dir
+from fednano.models.server_llm import ServerLLM
+from fednano.prepare import DTYPES, bundle_dir
 from fednano.split.client import SplitClient
-from fednano.training import ImageFeatures, Workload, evaluate, train_local
+from fednano.training import ImageFeatures, LLMEndpoint, Workload, evaluate, exact_fisher_batches, train_local
 
 
 @dataclass
@@ -37,6 +42,12 @@ class ClientRuntime:
     edge: NanoEdge
     work: Workload
     split: SplitClient
+    method: Method
+    llm: ServerLLM | None = None  # full-MLLM baselines only: the whole LLM with LoRA, on the client
+
+    def endpoint(self) -> LLMEndpoint:
+        """Where the LLM work goes: the split channel, or (full-MLLM baselines) the client's own LLM."""
+        return LoRAEndpoint(self.llm) if self.llm is not None else self.split
 
 
 @lru_cache(maxsize=4)
@@ -47,7 +58,12 @@ def _runtime(config_json: str, address: str, token: str, ca: str) -> ClientRunti
     work = Workload(bundle.tokenizer, ImageFeatures(bundle.edge.vision), bundle.edge.num_visual_tokens, load_task(cfg).system)
     split = SplitClient(address, cfg.split.wire_dtype, cfg.split.max_frame_mb, cfg.federation.round_timeout,
                         token=token or None, root_certificates=ca.encode() if ca else None)
-    return ClientRuntime(cfg, bundle.edge, work, split)
+    method = STRATEGIES[cfg.federation.strategy]
+    llm = None
+    if method.client == "full-mllm":  # the comparison family: this client loads every LLM weight
+        llm = load_server_llm(bundle_dir(cfg), DTYPES[cfg.model.llm_dtype])
+        add_lora(llm, cfg.adapter, (GLOBAL, LOCAL) if method.personal else (GLOBAL,), seed=cfg.federation.seed)
+    return ClientRuntime(cfg, bundle.edge, work, split, method, llm)
 
 
 _PARTS: dict[str, list[ClientData]] = {}
@@ -72,8 +88,45 @@ def _setup(msg: Message, context: Context) -> tuple[ClientRuntime, ClientData, i
     conf = msg.content[keys.CONFIG]
     rt = _runtime(str(conf[keys.RUN_CONFIG]), str(conf[keys.SPLIT_ADDRESS]), str(conf.get(keys.SPLIT_TOKEN, "")), str(conf.get(keys.SPLIT_CA, "")))
     pid = int(context.node_config[keys.PARTITION_ID])
-    rt.edge.load_adapter_state(msg.content[keys.ARRAYS].to_torch_state_dict())
+    state = msg.content[keys.ARRAYS].to_torch_state_dict()
+    if rt.llm is not None:
+        load_lora_state(rt.llm, state, GLOBAL)
+    else:
+        rt.edge.load_adapter_state(state)
     return rt, client_data(rt.cfg, pid), pid, int(conf[keys.SERVER_ROUND])
+
+
+def _local_lora_path(msg: Message, context: Context, pid: int) -> Path:
+    """FedDPA-F's personal LoRA lives on the client's own disk (the SuperNode's `state-dir`,
+    or in simulation the folder the run gives every client)."""
+    root = context.node_config.get("state-dir") or msg.content[keys.CONFIG].get(keys.CLIENT_STATE_DIR, "")
+    if not root:
+        raise ValueError("feddpa-f needs a client state folder: set node config state-dir")
+    return Path(str(root)) / f"partition-{pid}-local-lora.safetensors"
+
+
+def _train_lora(rt: ClientRuntime, msg: Message, context: Context, data: ClientData, pid: int, gen: torch.Generator) -> dict:
+    """fedit-lora / feddpa-f: local training of the LoRA inside the client's own LLM.
+
+    FedDPA-F (sequential): first the global LoRA (alone) trains and is sent back;
+    then the personal LoRA trains on top of the new global one, which stays frozen.
+    """
+    llm = rt.llm
+    set_active(llm, (GLOBAL,))
+    stats = train_local(rt.edge, rt.endpoint(), data.train, rt.work, rt.cfg.train, gen, params=train_only(llm, GLOBAL))
+    if rt.method.personal:
+        path = _local_lora_path(msg, context, pid)
+        if path.exists():
+            load_lora_state(llm, load_file(path), LOCAL)
+        set_active(llm, (GLOBAL, LOCAL))
+        local = train_local(rt.edge, rt.endpoint(), data.train, rt.work, rt.cfg.train, gen, params=train_only(llm, LOCAL))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({k: v.contiguous() for k, v in lora_state(llm, LOCAL).items()}, tmp)
+        os.replace(tmp, path)
+        stats["local_train_loss"] = local["train_loss"]
+    stats["state"] = lora_state(llm, GLOBAL)
+    return stats
 
 
 def _traffic_delta(rt: ClientRuntime, before: dict[str, int]) -> dict[str, float]:
@@ -106,24 +159,47 @@ def train(msg: Message, context: Context) -> Message:
     gen = torch.Generator().manual_seed(rt.cfg.federation.seed * 1_000_003 + rnd * 1009 + pid)
     conf = msg.content[keys.CONFIG]
     fisher_mode, mu = str(conf[keys.WANT_FISHER]), float(conf.get(keys.PROXIMAL_MU, 0.0))
-    anchor = rt.edge.adapter_state() if mu > 0 else None  # the global adapters this round started from
-    stats = train_local(rt.edge, rt.split, data.train, rt.work, rt.cfg.train, gen, proximal_mu=mu, anchor=anchor,
-                        accumulate_fisher=fisher_mode == "training")
-    content = RecordDict({keys.ARRAYS: ArrayRecord(rt.edge.adapter_state())})
-    if fisher_mode == "training":
-        content[keys.FISHER] = ArrayRecord(stats.pop("fisher"))
-    elif fisher_mode == "pass":
-        n = min(rt.cfg.train.fisher_samples, len(data.train))
-        pick = torch.randperm(len(data.train), generator=gen)[:n].tolist()
-        subset = [data.train[i] for i in pick]
-        chunks = (rt.work.train_batch(subset[i : i + rt.cfg.train.batch_size]) for i in range(0, n, rt.cfg.train.batch_size))
-        fisher, _ = empirical_fisher(rt.edge, rt.split, chunks)
-        content[keys.FISHER] = ArrayRecord(fisher)
+    if rt.llm is not None:
+        stats = _train_lora(rt, msg, context, data, pid, gen)
+        content = RecordDict({keys.ARRAYS: ArrayRecord(stats.pop("state"))})
+    else:
+        samples, tcfg = data.train, rt.cfg.train
+        if rt.method.topology == "centralized":  # one trainer, every client's data, the federation's total steps
+            samples = [s for part in partitions(rt.cfg) for s in part.train]
+            tcfg = replace(tcfg, local_steps=tcfg.local_steps * rt.cfg.data.num_clients)
+        anchor = rt.edge.adapter_state() if mu > 0 else None  # the global adapters this round started from
+        stats = train_local(rt.edge, rt.split, samples, rt.work, tcfg, gen, proximal_mu=mu, anchor=anchor,
+                            accumulate_fisher=fisher_mode == "training")
+        stats["num_examples"] = len(samples)
+        content = RecordDict({keys.ARRAYS: ArrayRecord(rt.edge.adapter_state())})
+        if fisher_mode == "training":
+            content[keys.FISHER] = ArrayRecord(stats.pop("fisher"))
+        elif fisher_mode == "pass":
+            content[keys.FISHER] = ArrayRecord(_fisher_pass(rt, data.train, gen))
     content[keys.METRICS] = MetricRecord({
-        keys.NUM_EXAMPLES: len(data.train), keys.PARTITION_ID: pid, keys.TRAIN_LOSS: stats["train_loss"],
+        keys.NUM_EXAMPLES: stats.get("num_examples", len(data.train)), keys.PARTITION_ID: pid, keys.TRAIN_LOSS: stats["train_loss"],
         keys.SECONDS: time.time() - t0, **_traffic_delta(rt, before),
     })
     return Message(content=content, reply_to=msg)
+
+
+def _fisher_pass(rt: ClientRuntime, train: list, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """FedNano's Fisher: an extra pass over `train.fisher_samples` of the client's samples."""
+    t = rt.cfg.train
+    n = min(t.fisher_samples, len(train))
+    subset = [train[i] for i in torch.randperm(len(train), generator=gen)[:n].tolist()]
+    if rt.cfg.federation.fisher_type == "exact":
+        rows = exact_fisher_batches(rt.edge, rt.split, subset, rt.work, load_task(rt.cfg).candidate_sets, t.eval_batch_size)
+    else:
+        rows = (rt.work.train_batch(subset[i : i + t.batch_size]) for i in range(0, n, t.batch_size))
+    fisher, _ = empirical_fisher(rt.edge, rt.split, rows)
+    return fisher
+
+
+@app.query()
+def identify(msg: Message, context: Context) -> Message:
+    """Which data partition this node holds (the server asks once, to address `local` clients)."""
+    return Message(content=RecordDict({keys.METRICS: MetricRecord({keys.PARTITION_ID: int(context.node_config[keys.PARTITION_ID])})}), reply_to=msg)
 
 
 @app.evaluate()
@@ -132,7 +208,14 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     rt, data, pid, _ = _setup(msg, context)
     before = rt.split.traffic()
     task = load_task(rt.cfg)
-    res = evaluate(rt.edge, rt.split, data.test, rt.work, task.candidate_sets, rt.cfg.train.eval_batch_size, task.categories)
+    if rt.llm is not None and rt.method.personal:  # FedDPA-F answers with global + personal LoRA
+        path = _local_lora_path(msg, context, pid)
+        if path.exists():
+            load_lora_state(rt.llm, load_file(path), LOCAL)
+            set_active(rt.llm, (GLOBAL, LOCAL))
+        else:
+            set_active(rt.llm, (GLOBAL,))
+    res = evaluate(rt.edge, rt.endpoint(), data.test, rt.work, task.candidate_sets, rt.cfg.train.eval_batch_size, task.categories)
     res.pop("num_examples")
     metrics = MetricRecord({keys.NUM_EXAMPLES: len(data.test), keys.PARTITION_ID: pid, **res, **_traffic_delta(rt, before)})
     return Message(content=RecordDict({keys.METRICS: metrics}), reply_to=msg)

@@ -12,6 +12,7 @@ SPLIT_CA = "split-ca"  # PEM of the CA that signed the split server's certificat
 SERVER_ROUND = "server-round"
 WANT_FISHER = "want-fisher"  # "none" | "pass" | "training"
 PROXIMAL_MU = "proximal-mu"  # FedProx: the client's proximal weight (0 = off)
+CLIENT_STATE_DIR = "client-state-dir"  # simulation: where clients keep what never leaves them (FedDPA-F's local LoRA)
 
 NUM_EXAMPLES = "num-examples"
 PARTITION_ID = "partition-id"

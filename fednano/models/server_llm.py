@@ -57,9 +57,19 @@ class ServerLLM:
         samples do not interact, each request's gradient is exactly the one it
         would get alone.
         """
+        losses, x, counts = self.losses(requests)
+        (grad,) = torch.autograd.grad(losses.sum(), x)
+        out, row = [], 0
+        for (e, _, _, _), loss, n in zip(requests, losses, counts, strict=True):
+            out.append((loss.detach(), grad[row : row + e.shape[0], : e.shape[1]].to(e.dtype), int(n)))
+            row += e.shape[0]
+        return out
+
+    def losses(self, requests: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (each request's loss (R,) with its graph, the concatenated input embeddings (leaf), label tokens per request)."""
         T = max(e.shape[1] for e, _, _, _ in requests)
         pad = lambda t, v: F.pad(t, (0, T - t.shape[1]), value=v)  # noqa: E731 - (B, t) -> (B, T)
-        x = torch.cat([F.pad(e.to(self.dtype), (0, 0, 0, T - e.shape[1])) for e, _, _, _ in requests]).requires_grad_(True)  # (ΣB, T, d)
+        x = torch.cat([F.pad(e.detach().to(self.dtype), (0, 0, 0, T - e.shape[1])) for e, _, _, _ in requests]).requires_grad_(True)  # (ΣB, T, d)
         mask = torch.cat([pad(m.long(), 0) for _, m, _, _ in requests])
         labels = torch.cat([pad(lab.long(), IGNORE_INDEX) for _, _, lab, _ in requests])
         group = torch.cat([torch.full((e.shape[0],), i) for i, (e, _, _, _) in enumerate(requests)])  # row -> request
@@ -74,13 +84,7 @@ class ServerLLM:
         if (counts == 0).any():
             raise ValueError("labels contain no supervised token")
         scale = torch.tensor([1.0 / int(c) if r == "mean" else 1.0 for c, (_, _, _, r) in zip(counts, requests, strict=True)])
-        losses = nll * scale
-        (grad,) = torch.autograd.grad(losses.sum(), x)
-        out, row = [], 0
-        for (e, _, _, _), loss, n in zip(requests, losses, counts, strict=True):
-            out.append((loss.detach(), grad[row : row + e.shape[0], : e.shape[1]].to(e.dtype), int(n)))
-            row += e.shape[0]
-        return out
+        return nll * scale, x, counts
 
     @torch.no_grad()
     def score(

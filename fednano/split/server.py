@@ -84,6 +84,7 @@ class LLMWorker:
         self._active = active or (lambda: 1)
         self._queue: queue.Queue = queue.Queue()
         self.steps = {"train_requests": 0, "llm_passes": 0}
+        self.busy_seconds = 0.0  # time spent running LLM work (the server's compute cost)
         self._thread = threading.Thread(target=self._run, name="split-llm", daemon=True)
         self._thread.start()
 
@@ -123,14 +124,16 @@ class LLMWorker:
             for j in later:
                 self._queue.put(j)
 
-    @staticmethod
-    def _settle(jobs: list, compute: Callable[[], list]) -> None:
+    def _settle(self, jobs: list, compute: Callable[[], list]) -> None:
+        t0 = time.perf_counter()
         try:
             results = compute()
         except Exception as e:
             for j in jobs:
                 j[2].set_exception(e)
             return
+        finally:
+            self.busy_seconds += time.perf_counter() - t0
         for j, r in zip(jobs, results, strict=True):
             j[2].set_result(r)
 
