@@ -42,3 +42,14 @@ class NanoAdapter(nn.Module):
 def adapter_param_count(dim: int, rank: int) -> int:
     """Parameters of NanoAdapter-I + NanoAdapter-T: 2 * (d*r + r*d)."""
     return 2 * (dim * rank + rank * dim)
+
+
+def copy_state(params: dict[str, nn.Parameter], state: dict[str, torch.Tensor], what: str) -> None:
+    """Copy `state` into `params` in place; keys and shapes must match exactly (errors name `what`)."""
+    if set(state) != set(params):
+        raise ValueError(f"{what} state keys {sorted(state)} != expected {sorted(params)}")
+    with torch.no_grad():
+        for k, p in params.items():
+            if tuple(state[k].shape) != tuple(p.shape):
+                raise ValueError(f"{what} tensor {k}: shape {tuple(state[k].shape)} != expected {tuple(p.shape)}")
+            p.copy_(state[k])

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from fednano.config import AdapterConfig
+from fednano.models.adapters import copy_state
 from fednano.models.server_llm import ServerLLM
 
 GLOBAL, LOCAL = "global", "local"
@@ -64,14 +65,7 @@ def lora_state(llm: ServerLLM, name: str = GLOBAL) -> dict[str, torch.Tensor]:
 
 
 def load_lora_state(llm: ServerLLM, state: dict[str, torch.Tensor], name: str = GLOBAL) -> None:
-    params = lora_parameters(llm, name)
-    if set(state) != set(params):
-        raise ValueError(f"LoRA '{name}': keys do not match the model ({len(state)} given, {len(params)} expected)")
-    with torch.no_grad():
-        for k, p in params.items():
-            if tuple(state[k].shape) != tuple(p.shape):
-                raise ValueError(f"LoRA tensor {k}: shape {tuple(state[k].shape)} != expected {tuple(p.shape)}")
-            p.copy_(state[k])
+    copy_state(lora_parameters(llm, name), state, f"LoRA '{name}'")
 
 
 def train_only(llm: ServerLLM, name: str) -> dict[str, nn.Parameter]:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from fednano.config import AdapterConfig
-from fednano.models.adapters import ADAPTER_PARAM_NAMES, NanoAdapter
+from fednano.models.adapters import ADAPTER_PARAM_NAMES, NanoAdapter, copy_state
 
 # Marks the positions of visual tokens in input ids (LLaVA uses -200 the same way).
 IMAGE_PLACEHOLDER = -200
@@ -62,14 +62,7 @@ class NanoEdge(nn.Module):
         return {k: v.detach().clone() for k, v in self.adapter_parameters().items()}
 
     def load_adapter_state(self, state: dict[str, torch.Tensor]) -> None:
-        params = self.adapter_parameters()
-        if set(state) != set(params):
-            raise ValueError(f"adapter state keys {sorted(state)} != expected {sorted(params)}")
-        with torch.no_grad():
-            for k, p in params.items():
-                if tuple(state[k].shape) != tuple(p.shape):
-                    raise ValueError(f"adapter tensor {k}: shape {tuple(state[k].shape)} != expected {tuple(p.shape)}")
-                p.copy_(state[k])
+        copy_state(self.adapter_parameters(), state, "adapter")
 
     # --- forward ------------------------------------------------------------------
     def visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
