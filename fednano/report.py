@@ -34,8 +34,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fednano.aggregation import STRATEGIES
+
 DASH = "—"
-METHOD_ORDER = ("fednano", "fednano-ef", "fedavg", "fedprox")
+METHOD_ORDER = tuple(STRATEGIES)  # rows in registry order
 # Config fields the grid varies (or that never change results); any other field that
 # differs between runs is reported in a note.
 GRID_FIELDS = {("federation", "strategy"), ("data", "dirichlet_alpha"), ("data", "num_clients"), ("data", "seed"), ("federation", "seed"), ("model", "cache_dir")}
