@@ -106,7 +106,8 @@ class FedNanoStrategy(Strategy):
         config[keys.WANT_FISHER] = self.method.fisher
         config[keys.PROXIMAL_MU] = self.cfg.proximal_mu if self.method.proximal else 0.0
         msgs = self._messages(arrays, config, self._sample(grid, server_round, self.cfg.fraction_train), MessageType.TRAIN)
-        self._sent = {m.metadata.dst_node_id: m.content[keys.ARRAYS].to_torch_state_dict() for m in msgs}
+        # "local" clients start from their own adapters: their updates are checked against those
+        self._sent = {m.metadata.dst_node_id: m.content[keys.ARRAYS].to_torch_state_dict() for m in msgs} if self.method.topology == "local" else {}
         return msgs
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
