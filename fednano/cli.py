@@ -178,7 +178,8 @@ def sweep(
 @app.command()
 def report(
     run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Run folders, or folders containing run folders (searched recursively for results.json).", show_default=False)],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write table.md/.csv, cost.md/.csv, curves.png, accuracy_vs_bytes.png (default: <first RUN_DIR>/report).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write table.md/.csv, paired.csv, cost.md/.csv, curves.png, accuracy_vs_bytes.png (default: <first RUN_DIR>/report).")] = None,
+    baseline: Annotated[str, typer.Option("--baseline", help="Method every other method is compared with, seed by seed (paired table: mean ± std of the difference, seeds won).")] = "fednano",
 ) -> None:
     """Tables (mean ± std over seeds, best in bold), accuracy curves and costs from finished results folders.
 
@@ -192,7 +193,7 @@ def report(
 
     out = output if output is not None else run_dirs[0] / "report"
     try:
-        rep = build_report(run_dirs, out)
+        rep = build_report(run_dirs, out, baseline=baseline)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
@@ -200,6 +201,9 @@ def report(
     typer.echo(rep.global_table + "\n")
     typer.echo("Mean local-test (personalised) accuracy (%), mean ± std over seeds\n")
     typer.echo(rep.local_table + "\n")
+    if rep.paired_table:
+        typer.echo(f"Paired differences in final global accuracy (points), {baseline} minus each method (seeds {baseline} was higher / compared)\n")
+        typer.echo(rep.paired_table + "\n")
     typer.echo("Cost per method\n")
     typer.echo(rep.cost_table + "\n")
     for n in rep.notes:

@@ -15,6 +15,10 @@ Written to the output folder:
   as fractions in [0, 1], like results.json (std empty for a single seed).
 - `curves.png`: global accuracy per round (round 0 = zero-shot), mean ± std over seeds.
 - `accuracy_vs_bytes.png`: global accuracy against the cumulative MiB moved (log scale).
+- in `table.md` too, and `paired.csv`: each method against a baseline (default
+  `fednano`) seed by seed — mean ± std of the per-seed difference and on how many
+  seeds the baseline was higher; runs of one seed share partition, test set and
+  initial adapters, so this is the comparison to judge "A beats B" by.
 - `cost.md` / `cost.csv`: per method, what a client holds, what it uploads, split
   traffic per step, MiB per round and server / client / wall time per round; a value
   the runs did not record is shown as "—" (empty in the CSV).
@@ -166,6 +170,7 @@ class Cell:
     seeds: list[Any] = field(default_factory=list)
     global_acc: list[float] = field(default_factory=list)
     local_acc: list[float] = field(default_factory=list)
+    local_by_run: list[float | None] = field(default_factory=list)  # aligned with `seeds`
 
     @property
     def n(self) -> int:
@@ -183,6 +188,11 @@ class Cell:
     def group(self) -> tuple[int, float]:
         return (self.clients, self.alpha)
 
+    def by_seed(self, metric: str = "global") -> dict[str, float]:
+        """Seed -> final accuracy ('global' or 'local'); a seed run twice keeps its last run."""
+        values = self.global_acc if metric == "global" else self.local_by_run
+        return {str(s): v for s, v in zip(self.seeds, values) if v is not None}
+
 
 def summarize(runs: Iterable[Run]) -> list[Cell]:
     """Group finished runs by (method, α, clients); cells sorted by clients, α, method."""
@@ -193,6 +203,7 @@ def summarize(runs: Iterable[Run]) -> list[Cell]:
         cell.seeds.append(run.seed)
         cell.global_acc.append(float(run.final["global_accuracy"]))
         la = local_accuracy(run.results)
+        cell.local_by_run.append(la)
         if la is not None:
             cell.local_acc.append(la)
     return sorted(cells.values(), key=lambda c: (c.clients, c.alpha, method_key(c.method)))
@@ -267,6 +278,67 @@ def accuracy_table(cells: Sequence[Cell], metric: str = "global") -> str:
         rows.append(row)
     header = ["method"] + [column_label(a, k) for k, a in groups]
     return markdown_table(header, rows)
+
+
+@dataclass
+class Paired:
+    """`base − other` over the seeds both ran: mean, sample std, and on how many seeds base was higher."""
+
+    mean: float | None
+    std: float | None
+    wins: int
+    n: int
+
+
+def paired_difference(base: Cell, other: Cell, metric: str = "global") -> Paired:
+    """Seed-by-seed difference of two methods in one α / clients group.
+
+    Runs of the same seed share the partition, the test questions and the initial
+    adapters, so the paired difference is far less noisy than comparing two means."""
+    a, b = base.by_seed(metric), other.by_seed(metric)
+    common = [s for s in a if s in b]
+    diffs = [a[s] - b[s] for s in common]
+    m, sd = mean_std(diffs)
+    return Paired(m, sd, sum(d > 0 for d in diffs), len(diffs))
+
+
+def format_paired(p: Paired) -> str:
+    """'+3.5 ± 2.1 (2/3)': percentage points, sample std, seeds where base was higher / seeds compared."""
+    if p.mean is None:
+        return DASH
+    text = f"{100 * p.mean:+.1f}" + (f" ± {100 * p.std:.1f}" if p.std is not None else "")
+    return f"{text} ({p.wins}/{p.n})"
+
+
+def paired_table(cells: Sequence[Cell], baseline: str, metric: str = "global") -> str:
+    """Markdown: rows = the other methods, columns = groups, cells = baseline minus method (points)."""
+    groups = sorted({c.group for c in cells})
+    by = {(c.method, c.group): c for c in cells}
+    others = sorted({c.method for c in cells if c.method != baseline}, key=method_key)
+    rows = []
+    for m in others:
+        row = [f"{baseline} − {m}"]
+        for g in groups:
+            base, other = by.get((baseline, g)), by.get((m, g))
+            row.append(format_paired(paired_difference(base, other, metric)) if base and other else DASH)
+        rows.append(row)
+    return markdown_table(["difference"] + [column_label(a, k) for k, a in groups], rows)
+
+
+def paired_csv(cells: Sequence[Cell], baseline: str) -> str:
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["baseline", "method", "alpha", "clients", "metric", "seeds", "mean_difference", "std_difference", "baseline_higher"])
+    by = {(c.method, c.group): c for c in cells}
+    for c in cells:
+        base = by.get((baseline, c.group))
+        if c.method == baseline or base is None:
+            continue
+        for metric in ("global", "local"):
+            p = paired_difference(base, c, metric)
+            if p.n:
+                w.writerow([baseline, c.method, _csv_num(c.alpha), c.clients, metric, p.n, _csv_num(p.mean), _csv_num(p.std), p.wins])
+    return out.getvalue()
 
 
 def _csv_num(v: Any) -> str:
@@ -530,12 +602,15 @@ class Report:
     global_table: str
     local_table: str
     cost_table: str
+    paired_table: str  # empty when the baseline method has no finished run
     notes: list[str]
     files: list[Path]
 
 
-def build_report(dirs: Sequence[Path], out: Path) -> Report:
-    """Read every run under `dirs` and write the tables and plots to `out`. Raises ValueError without finished runs."""
+def build_report(dirs: Sequence[Path], out: Path, baseline: str = "fednano") -> Report:
+    """Read every run under `dirs` and write the tables and plots to `out`. Raises ValueError without finished runs.
+
+    `baseline` is the method every other one is compared with seed by seed (paired table)."""
     finished, unfinished, problems = load_runs(dirs)
     if not finished:
         raise ValueError(f"no finished runs (results.json with a non-empty 'final') under {', '.join(map(str, dirs))}")
@@ -549,6 +624,10 @@ def build_report(dirs: Sequence[Path], out: Path) -> Report:
     gtab = accuracy_table(cells, "global")
     ltab = accuracy_table(cells, "local")
     ctab = cost_markdown(cost_rows(finished))
+    has_base = any(c.method == baseline for c in cells)
+    ptab = paired_table(cells, baseline, "global") if has_base else ""
+    if not has_base:
+        notes.append(f"no finished run of the baseline method {baseline!r}: no paired table")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     note_md = "".join(f"- {n}\n" for n in notes)
@@ -556,13 +635,23 @@ def build_report(dirs: Sequence[Path], out: Path) -> Report:
         f"## Final global accuracy (%), mean ± std over seeds\n\n{gtab}\n\n"
         f"## Mean local-test (personalised) accuracy (%), mean ± std over seeds\n\n{ltab}\n\n"
         f"{len(finished)} finished runs; best mean per column in bold; std is the sample std (ddof=1).\n"
+        + (
+            f"\n## Paired differences in final global accuracy (points): {baseline} minus each method\n\n{ptab}\n\n"
+            f"Over the seeds both methods ran (same seed = same partition, test questions and initial adapters): "
+            f"mean ± sample std of the per-seed difference, and (seeds where {baseline} was higher / seeds compared).\n"
+            if ptab
+            else ""
+        )
         + (f"\nNotes:\n\n{note_md}" if notes else "")
     )
     files = [out / "table.md", out / "table.csv", out / "cost.md", out / "cost.csv", out / "curves.png", out / "accuracy_vs_bytes.png"]
+    if has_base:
+        files.append(out / "paired.csv")
+        files[-1].write_text(paired_csv(cells, baseline))
     files[0].write_text(md)
     files[1].write_text(table_csv(cells))
     files[2].write_text(f"## Cost per method (mean over finished runs)\n\n{ctab}\n\n\"—\": not recorded by these runs.\n")
     files[3].write_text(cost_csv(cost_rows(finished)))
     plot_curves(finished, files[4])
     plot_accuracy_vs_bytes(finished, files[5])
-    return Report(gtab, ltab, ctab, notes, files)
+    return Report(gtab, ltab, ctab, ptab, notes, files)

@@ -109,9 +109,25 @@ def test_tables_from_synthetic_runs(tmp_path: Path) -> None:
     assert m == pytest.approx([0.3, 0.6, 0.7]) and s[:2] == pytest.approx([0.0, 0.0]) and s[2] == pytest.approx(0.0707107, rel=1e-5)
     assert rp.cumulative_mib(finished[0].results) == pytest.approx([8.0, 16.0])
 
+    # paired, seed by seed: α=0.1 fednano 0.5, 0.7 vs fedavg 0.4, 0.6 -> +10, +10 (2/2);
+    # α=1: only seed 0 in both, 0.55 - 0.65 = -10 (0/1); local α=0.1: 0.5-0.5, 0.7-0.5
+    p = rp.paired_difference(cells[0], cells[1])
+    assert (p.mean, p.std, p.wins, p.n) == (pytest.approx(0.1), pytest.approx(0.0, abs=1e-12), 2, 2)
+    p1 = rp.paired_difference(cells[2], cells[3])
+    assert (p1.mean, p1.std, p1.wins, p1.n) == (pytest.approx(-0.1), None, 0, 1)
+    pl = rp.paired_difference(cells[0], cells[1], "local")
+    assert (pl.mean, pl.std, pl.wins, pl.n) == (pytest.approx(0.1), pytest.approx(0.1414213562), 1, 2)
+    ptab = rp.paired_table(cells, "fednano").splitlines()
+    assert ptab[2] == "| fednano − fedavg | +10.0 ± 0.0 (2/2) | -10.0 (0/1) |"
+    assert rp.paired_table(cells, "fedavg").splitlines()[2] == "| fedavg − fednano | -10.0 ± 0.0 (0/2) | +10.0 (1/1) |"
+    prow = [r for r in csv.DictReader(io.StringIO(rp.paired_csv(cells, "fednano"))) if r["alpha"] == "0.1" and r["metric"] == "local"]
+    assert len(prow) == 1 and prow[0]["method"] == "fedavg" and prow[0]["baseline_higher"] == "1" and float(prow[0]["std_difference"]) == pytest.approx(0.1414213562)
+
     out = tmp_path / "rep"
     rep = rp.build_report([root], out)
-    for name in ("table.md", "table.csv", "cost.md", "cost.csv", "curves.png", "accuracy_vs_bytes.png"):
+    assert "| fednano − fedavg | +10.0 ± 0.0 (2/2) | -10.0 (0/1) |" in (out / "table.md").read_text()
+    assert rp.build_report([root], tmp_path / "rep2", baseline="fedprox").paired_table == ""  # fedprox never finished
+    for name in ("table.md", "table.csv", "paired.csv", "cost.md", "cost.csv", "curves.png", "accuracy_vs_bytes.png"):
         assert (out / name).stat().st_size > 0
     assert any("unfinished" in n and str(unfinished) in n for n in rep.notes)
     assert "**60.0 ± 14.1** (n=2)" in (out / "table.md").read_text()
