@@ -17,8 +17,8 @@ Written to the output folder:
 - `accuracy_vs_bytes.png`: global accuracy against the cumulative MiB moved (log scale).
 - in `table.md` too, and `paired.csv`: each method against a baseline (default
   `fednano`) seed by seed — mean ± std of the per-seed difference and on how many
-  seeds the baseline was higher; runs of one seed share partition, test set and
-  initial adapters, so this is the comparison to judge "A beats B" by.
+  seeds the baseline was higher; runs of one seed share the partition and the test
+  questions, so this is the comparison to judge "A beats B" by.
 - `cost.md` / `cost.csv`: per method, what a client holds, what it uploads, split
   traffic per step, MiB per round and server / client / wall time per round; a value
   the runs did not record is shown as "—" (empty in the CSV).
@@ -293,8 +293,9 @@ class Paired:
 def paired_difference(base: Cell, other: Cell, metric: str = "global") -> Paired:
     """Seed-by-seed difference of two methods in one α / clients group.
 
-    Runs of the same seed share the partition, the test questions and the initial
-    adapters, so the paired difference is far less noisy than comparing two means."""
+    Runs of the same seed share the partition and the test questions (the NanoAdapter
+    methods also their initial adapters), so the paired difference is far less noisy
+    than comparing two means."""
     a, b = base.by_seed(metric), other.by_seed(metric)
     common = [s for s in a if s in b]
     diffs = [a[s] - b[s] for s in common]
@@ -637,7 +638,7 @@ def build_report(dirs: Sequence[Path], out: Path, baseline: str = "fednano") -> 
         f"{len(finished)} finished runs; best mean per column in bold; std is the sample std (ddof=1).\n"
         + (
             f"\n## Paired differences in final global accuracy (points): {baseline} minus each method\n\n{ptab}\n\n"
-            f"Over the seeds both methods ran (same seed = same partition, test questions and initial adapters): "
+            f"Over the seeds both methods ran (same seed = same partition and test questions): "
             f"mean ± sample std of the per-seed difference, and (seeds where {baseline} was higher / seeds compared).\n"
             if ptab
             else ""
