@@ -169,8 +169,11 @@ class Cell:
     clients: int
     seeds: list[Any] = field(default_factory=list)
     global_acc: list[float] = field(default_factory=list)
-    local_acc: list[float] = field(default_factory=list)
-    local_by_run: list[float | None] = field(default_factory=list)  # aligned with `seeds`
+    local_by_run: list[float | None] = field(default_factory=list)  # aligned with `seeds`; None = not recorded
+
+    @property
+    def local_acc(self) -> list[float]:
+        return [v for v in self.local_by_run if v is not None]
 
     @property
     def n(self) -> int:
@@ -202,10 +205,7 @@ def summarize(runs: Iterable[Run]) -> list[Cell]:
         cell = cells.setdefault(key, Cell(*key))
         cell.seeds.append(run.seed)
         cell.global_acc.append(float(run.final["global_accuracy"]))
-        la = local_accuracy(run.results)
-        cell.local_by_run.append(la)
-        if la is not None:
-            cell.local_acc.append(la)
+        cell.local_by_run.append(local_accuracy(run.results))
     return sorted(cells.values(), key=lambda c: (c.clients, c.alpha, method_key(c.method)))
 
 
