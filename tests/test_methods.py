@@ -165,3 +165,24 @@ def test_exact_fisher_runs_end_to_end(tiny_bundle, tiny_cache, tmp_path):
     (r,) = res["rounds"]
     assert r["clients_accepted"] == 2 and r["bytes"]["fisher_up"] > 0
     assert r["split_steps"] > 2 * (TINY_STEPS + 1)  # one step per sample of the Fisher subset
+
+
+def test_a_clients_personal_lora_starts_from_its_own_file_or_the_initial_lora(tiny_bundle, tiny_cfg, tmp_path):
+    """FedDPA-F: a simulation actor serves several clients in turn, so a client that has no
+    personal LoRA yet must start from the initial one, not from the last client's."""
+    from fednano.models.bundle import load_server_llm
+    from fednano.models.lora_llm import GLOBAL, LOCAL, add_lora, load_lora_state, load_personal, lora_state, save_personal
+
+    llm = load_server_llm(tiny_bundle, torch.float32)
+    add_lora(llm, tiny_cfg.adapter, (GLOBAL, LOCAL), seed=0)
+    initial = lora_state(llm, LOCAL)
+    g = torch.Generator().manual_seed(1)
+    trained = {k: torch.randn(v.shape, generator=g) for k, v in initial.items()}  # client 0's personal LoRA
+    load_lora_state(llm, trained, LOCAL)
+    save_personal(llm, tmp_path / "partition-0.safetensors")
+    assert not load_personal(llm, tmp_path / "partition-1.safetensors", initial)  # client 1, first time
+    assert all(torch.equal(v, initial[k]) for k, v in lora_state(llm, LOCAL).items())
+    assert any(v.abs().sum() == 0 for k, v in initial.items() if ".lora_B." in k)  # B = 0 at init
+    assert load_personal(llm, tmp_path / "partition-0.safetensors", initial)  # client 0 again
+    assert all(torch.equal(v, trained[k]) for k, v in lora_state(llm, LOCAL).items())
+    assert not list(tmp_path.glob("*.tmp"))

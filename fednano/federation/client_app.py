@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from safetensors.torch import load_file, save_file
 
 from fednano.aggregation import STRATEGIES, Method
 from fednano.config import RunConfig, from_dict
@@ -28,7 +27,18 @@ from fednano.data.partition import ClientData, split_clients
 from fednano.federation import keys
 from fednano.fisher import empirical_fisher
 from fednano.models.bundle import load_nanoedge, load_server_llm
-from fednano.models.lora_llm import GLOBAL, LOCAL, LoRAEndpoint, add_lora, load_lora_state, lora_state, set_active, train_only
+from fednano.models.lora_llm import (
+    GLOBAL,
+    LOCAL,
+    LoRAEndpoint,
+    add_lora,
+    load_lora_state,
+    load_personal,
+    lora_state,
+    save_personal,
+    set_active,
+    train_only,
+)
 from fednano.models.nanoedge import NanoEdge
 from fednano.models.server_llm import ServerLLM
 from fednano.prepare import DTYPES, bundle_dir
@@ -44,6 +54,7 @@ class ClientRuntime:
     split: SplitClient
     method: Method
     llm: ServerLLM | None = None  # full-MLLM baselines only: the whole LLM with LoRA, on the client
+    local_init: dict[str, torch.Tensor] | None = None  # FedDPA-F: where a client's personal LoRA starts
 
     def endpoint(self) -> LLMEndpoint:
         """Where the LLM work goes: the split channel, or (full-MLLM baselines) the client's own LLM."""
@@ -59,11 +70,12 @@ def _runtime(config_json: str, address: str, token: str, ca: str) -> ClientRunti
     split = SplitClient(address, cfg.split.wire_dtype, cfg.split.max_frame_mb, cfg.federation.round_timeout,
                         token=token or None, root_certificates=ca.encode() if ca else None)
     method = STRATEGIES[cfg.federation.strategy]
-    llm = None
+    llm, local_init = None, None
     if method.client == "full-mllm":  # the comparison family: this client loads every LLM weight
         llm = load_server_llm(bundle_dir(cfg), DTYPES[cfg.model.llm_dtype])
         add_lora(llm, cfg.adapter, (GLOBAL, LOCAL) if method.personal else (GLOBAL,), seed=cfg.federation.seed)
-    return ClientRuntime(cfg, bundle.edge, work, split, method, llm)
+        local_init = lora_state(llm, LOCAL) if method.personal else None
+    return ClientRuntime(cfg, bundle.edge, work, split, method, llm, local_init)
 
 
 _PARTS: dict[str, list[ClientData]] = {}
@@ -116,14 +128,10 @@ def _train_lora(rt: ClientRuntime, msg: Message, context: Context, data: ClientD
     stats = train_local(rt.edge, rt.endpoint(), data.train, rt.work, rt.cfg.train, gen, params=train_only(llm, GLOBAL))
     if rt.method.personal:
         path = _local_lora_path(msg, context, pid)
-        if path.exists():
-            load_lora_state(llm, load_file(path), LOCAL)
+        load_personal(llm, path, rt.local_init)
         set_active(llm, (GLOBAL, LOCAL))
         local = train_local(rt.edge, rt.endpoint(), data.train, rt.work, rt.cfg.train, gen, params=train_only(llm, LOCAL))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({k: v.contiguous() for k, v in lora_state(llm, LOCAL).items()}, tmp)
-        os.replace(tmp, path)
+        save_personal(llm, path)
         stats["local_train_loss"] = local["train_loss"]
     stats["state"] = lora_state(llm, GLOBAL)
     return stats
@@ -209,12 +217,8 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     before = rt.split.traffic()
     task = load_task(rt.cfg)
     if rt.llm is not None and rt.method.personal:  # FedDPA-F answers with global + personal LoRA
-        path = _local_lora_path(msg, context, pid)
-        if path.exists():
-            load_lora_state(rt.llm, load_file(path), LOCAL)
-            set_active(rt.llm, (GLOBAL, LOCAL))
-        else:
-            set_active(rt.llm, (GLOBAL,))
+        has_own = load_personal(rt.llm, _local_lora_path(msg, context, pid), rt.local_init)
+        set_active(rt.llm, (GLOBAL, LOCAL) if has_own else (GLOBAL,))
     res = evaluate(rt.edge, rt.endpoint(), data.test, rt.work, task.candidate_sets, rt.cfg.train.eval_batch_size, task.categories)
     res.pop("num_examples")
     metrics = MetricRecord({keys.NUM_EXAMPLES: len(data.test), keys.PARTITION_ID: pid, **res, **_traffic_delta(rt, before)})

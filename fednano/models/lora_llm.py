@@ -13,9 +13,12 @@ the same training loop (`training.train_local`) drives it, in process.
 
 from __future__ import annotations
 
+import os
 import warnings
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fednano.config import AdapterConfig
@@ -66,6 +69,23 @@ def lora_state(llm: ServerLLM, name: str = GLOBAL) -> dict[str, torch.Tensor]:
 
 def load_lora_state(llm: ServerLLM, state: dict[str, torch.Tensor], name: str = GLOBAL) -> None:
     copy_state(lora_parameters(llm, name), state, f"LoRA '{name}'")
+
+
+def load_personal(llm: ServerLLM, path: Path, initial: dict[str, torch.Tensor]) -> bool:
+    """Put one client's personal (`local`) LoRA in place: its own file, or `initial` - the
+    LoRA as `add_lora` made it - when it has none yet. Never what the process last held:
+    a simulation actor serves several clients in turn. Returns whether the file existed."""
+    exists = path.exists()
+    load_lora_state(llm, load_file(path) if exists else initial, LOCAL)
+    return exists
+
+
+def save_personal(llm: ServerLLM, path: Path) -> None:
+    """Write the personal LoRA atomically (a crash mid-write leaves the previous file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in lora_state(llm, LOCAL).items()}, tmp)
+    os.replace(tmp, path)
 
 
 def train_only(llm: ServerLLM, name: str) -> dict[str, nn.Parameter]:
