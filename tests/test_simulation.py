@@ -5,24 +5,35 @@ import os
 import subprocess
 import sys
 import time
+import uuid
+from pathlib import Path
 
 from tests.conftest import ROOT, TINY
 
 
-def _ray_processes(settle: float = 0.0) -> int:
+def _processes_of(marker: str, settle: float = 0.0) -> list[int]:
+    """PIDs whose environment holds FEDNANO_TEST_RUN=<marker>: the run and every process it
+    started (Ray's gcs_server, raylet and actors inherit the environment), whatever else
+    runs on the machine. Ray's processes take a few seconds to exit after shutdown."""
+    needle = f"FEDNANO_TEST_RUN={marker}".encode()
     deadline = time.time() + settle
-    while True:  # Ray's processes take a few seconds to exit after shutdown
-        out = subprocess.run(["pgrep", "-f", "raylet|gcs_server|ray::"], capture_output=True, text=True)
-        n = len(out.stdout.split())
-        if n == 0 or time.time() > deadline:
-            return n
+    while True:
+        pids = []
+        for d in Path("/proc").iterdir():
+            try:
+                if d.name.isdigit() and needle in (d / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(d.name))
+            except OSError:  # gone meanwhile, or not ours to read
+                continue
+        if not pids or time.time() > deadline:
+            return pids
         time.sleep(0.5)
 
 
 def test_tiny_run_two_clients_two_rounds(tiny_bundle, tiny_cache, tmp_path):
-    before = _ray_processes()
     out_dir = tmp_path / "run"
-    env = {**os.environ, "FEDNANO_CACHE": str(tiny_cache), "FEDNANO_PROGRESS": "off"}
+    marker = uuid.uuid4().hex
+    env = {**os.environ, "FEDNANO_CACHE": str(tiny_cache), "FEDNANO_PROGRESS": "off", "FEDNANO_TEST_RUN": marker}
     proc = subprocess.run([sys.executable, "-m", "fednano", "run", "--config", str(TINY), "--output", str(out_dir)],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -41,4 +52,4 @@ def test_tiny_run_two_clients_two_rounds(tiny_bundle, tiny_cache, tmp_path):
         assert b["activations_up"] > 0 and b["gradients_down"] > 0 and b["eval_activations_up"] > 0
     assert set(res["final"]) >= {"global_accuracy", "zero_shot_accuracy"}
     assert res["config"]["federation"]["strategy"] == "fednano"
-    assert _ray_processes(settle=20) <= before  # nothing left running
+    assert _processes_of(marker, settle=20) == []  # nothing left running: no SuperLink, no Ray
