@@ -35,18 +35,25 @@ class LLMEndpoint(Protocol):
 
 
 class ImageFeatures:
-    """Frozen-encoder outputs per image, computed once (the encoder never changes)."""
+    """Frozen-encoder outputs per image, computed once (the encoder never changes).
+
+    Each image is resized on its own before images are batched, so one request may
+    mix image sizes (ScienceQA, IconQA and LLaVA-style data do).
+    """
 
     def __init__(self, encoder: VisionEncoder, chunk: int = 32) -> None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.encoder, self.chunk = encoder, chunk
         self._memo: dict[str, torch.Tensor] = {}
 
+    @torch.no_grad()
     def __call__(self, paths: list[str]) -> torch.Tensor:  # -> (M, N, C)
         todo = [p for p in dict.fromkeys(paths) if p not in self._memo]
         for i in range(0, len(todo), self.chunk):
             part = todo[i : i + self.chunk]
-            feats = self.encoder(torch.stack([load_image(p) for p in part]))
-            self._memo.update(zip(part, feats, strict=True))
+            x = torch.cat([self.encoder.preprocess(load_image(p).unsqueeze(0)) for p in part])  # (b, 3, S, S)
+            self._memo.update(zip(part, self.encoder.features(x), strict=True))
         return torch.stack([self._memo[p] for p in paths])
 
 

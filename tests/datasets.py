@@ -1,6 +1,7 @@
 """Tiny ScienceQA / IconQA / LLaVA-JSON datasets in their published layouts (for tests).
 
-Images are easy-vqa PNGs copied into place, so the tiny MLLM sees real pictures.
+Images are easy-vqa PNGs copied into place, so the tiny MLLM sees real pictures; like the
+real ScienceQA, the official layout mixes image sizes.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+
+from PIL import Image
 
 from fednano.data.easyvqa import load_split
 
@@ -34,7 +37,11 @@ def make_scienceqa_official(root: Path, n: int = 48) -> Path:
         splits[split].append(pid)
         if has_image:
             (root / "images" / split / pid).mkdir(parents=True, exist_ok=True)
-            shutil.copy(imgs[i], root / "images" / split / pid / "image.png")
+            if i % 5 == 1:  # real ScienceQA images come in every size
+                with Image.open(imgs[i]) as im:
+                    im.convert("RGB").resize((96 + i, 72)).save(root / "images" / split / pid / "image.png")
+            else:
+                shutil.copy(imgs[i], root / "images" / split / pid / "image.png")
     root.mkdir(parents=True, exist_ok=True)
     (root / "problems.json").write_text(json.dumps(problems))
     (root / "pid_splits.json").write_text(json.dumps(splits))

@@ -29,13 +29,21 @@ class VisionEncoder(nn.Module):
     def train(self, mode: bool = True) -> VisionEncoder:  # frozen: always eval (BatchNorm stats fixed)
         return super().train(False)
 
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, 3, H, W) uint8 RGB -> (B, grid*grid, C) float32."""
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 RGB -> (B, 3, S, S) float: resized to image_size, normalised."""
         x = images.float() / 255.0
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
-        x = (x - 0.5) / 0.5  # EfficientNet-Lite's normalisation
+        return (x - 0.5) / 0.5  # EfficientNet-Lite's normalisation
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (B, 3, H, W) uint8 RGB -> (B, grid*grid, C) float32."""
+        return self.features(self.preprocess(images))
+
+    @torch.no_grad()
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed images (B, 3, S, S) -> (B, grid*grid, C)."""
         fmap = self.backbone.extract_features(x)  # (B, C, h, w)
         pooled = F.adaptive_avg_pool2d(fmap, self.grid)  # (B, C, g, g)
         return pooled.flatten(2).transpose(1, 2).contiguous()  # (B, g*g, C)
