@@ -42,8 +42,6 @@ class ImageFeatures:
     """
 
     def __init__(self, encoder: VisionEncoder, chunk: int = 32) -> None:
-        if chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.encoder, self.chunk = encoder, chunk
         self._memo: dict[str, torch.Tensor] = {}
 

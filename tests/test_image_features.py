@@ -17,7 +17,7 @@ def encoder():
 
 @pytest.fixture(scope="module")
 def paths():
-    return [s.image_path for s in load_split("train")[:11]]
+    return [s.image_path for s in load_split("train")[:2]]
 
 
 def test_a_request_may_mix_image_sizes(encoder, paths, tmp_path):
@@ -28,8 +28,3 @@ def test_a_request_may_mix_image_sizes(encoder, paths, tmp_path):
     assert feats.shape == (3, 9, 1280) and torch.equal(feats[0], feats[2])
     assert torch.allclose(feats[1], encoder(load_image(wide).unsqueeze(0))[0], atol=1e-4)
     assert not torch.allclose(feats[0], feats[1], atol=1e-2)
-
-
-def test_chunk_must_be_positive(encoder):
-    with pytest.raises(ValueError, match="chunk must be >= 1"):
-        ImageFeatures(encoder, chunk=0)
