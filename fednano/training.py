@@ -37,21 +37,24 @@ class LLMEndpoint(Protocol):
 class ImageFeatures:
     """Frozen-encoder outputs per image, computed once (the encoder never changes).
 
-    Each image is resized on its own before images are batched, so one request may
-    mix image sizes (ScienceQA, IconQA and LLaVA-style data do).
+    Each image is resized and encoded on its own. Batching images would make an image's
+    features depend on what it was batched with: the encoder's CPU kernels change with the
+    batch size (one thread: batches of 16 differ from smaller ones in the last bits), and
+    which images a client process encodes together depends on which clients it served
+    before, so same-seed runs parted ways. On one thread (a simulated client) one image at a
+    time is also the fastest (`benchmarks/image_features.py`), and a request may mix image
+    sizes (ScienceQA, IconQA and LLaVA-style data do).
     """
 
-    def __init__(self, encoder: VisionEncoder, chunk: int = 32) -> None:
-        self.encoder, self.chunk = encoder, chunk
+    def __init__(self, encoder: VisionEncoder) -> None:
+        self.encoder = encoder
         self._memo: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
     def __call__(self, paths: list[str]) -> torch.Tensor:  # -> (M, N, C)
-        todo = [p for p in dict.fromkeys(paths) if p not in self._memo]
-        for i in range(0, len(todo), self.chunk):
-            part = todo[i : i + self.chunk]
-            x = torch.cat([self.encoder.preprocess(load_image(p).unsqueeze(0)) for p in part])  # (b, 3, S, S)
-            self._memo.update(zip(part, self.encoder.features(x), strict=True))
+        for p in dict.fromkeys(paths):
+            if p not in self._memo:
+                self._memo[p] = self.encoder.features(self.encoder.preprocess(load_image(p).unsqueeze(0)))[0]
         return torch.stack([self._memo[p] for p in paths])
 
 
