@@ -39,7 +39,7 @@ def main() -> None:
     encoder = build_vision_encoder({"type": "efficientnet-lite0"}, image_size=224, grid=3)
     x = torch.cat([encoder.preprocess(load_image(s.image_path).unsqueeze(0)) for s in load_split("train")[: args.images]])
     print(f"{args.images} easy-vqa images, EfficientNet-Lite0 at 224 px, best of {args.repeats}\n")
-    print("| threads | batch | ms / image | vs one at a time | bit-identical to one at a time |")
+    print("| threads | batch | ms / image | time vs one at a time | bit-identical to one at a time |")
     print("|---:|---:|---:|---:|:---|")
     for threads in args.threads:
         torch.set_num_threads(threads)
