@@ -41,8 +41,8 @@ class ImageFeatures:
     features depend on what it was batched with: the encoder's CPU kernels change with the
     batch size (one thread: batches of 16 differ from smaller ones in the last bits), and
     which images a client process encodes together depends on which clients it served
-    before, so same-seed runs parted ways. On one thread (a simulated client) one image at a
-    time is also the fastest (`benchmarks/image_features.py`), and a request may mix image
+    before, so same-seed runs parted ways. One image at a time is also the fastest here, on
+    one thread and on two (`benchmarks/image_features.py`), and a request may mix image
     sizes (ScienceQA, IconQA and LLaVA-style data do).
     """
 
