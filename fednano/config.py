@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,8 @@ def default_cache_dir() -> str:
 
 
 BACKBONES = ("smol", "tiny", "compose", "llava", "blip2")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+DEVICE_MAPS = ("", "auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass
@@ -42,7 +45,11 @@ class ModelConfig:
     cache_dir: str = _f("", "Where prepared backbones are cached (default: $FEDNANO_CACHE or ~/.cache/fednano).")
     visual_grid: int = _f(3, "smol/compose: visual tokens per side; the encoder's 7x7 feature grid is average-pooled to grid x grid tokens. 3 (9 tokens) keeps sequences short; easy-vqa images hold one shape.")
     image_size: int = _f(224, "smol/compose: resolution images are resized to before the vision encoder (llava/blip2 use their checkpoint's).")
-    llm_dtype: str = _f("bfloat16", "Server LLM compute dtype: 'bfloat16' (about 4x faster on CPU) or 'float32'.")
+    llm_dtype: str = _f("bfloat16", "Server LLM compute dtype: 'bfloat16' (about 4x faster on CPU, the norm on GPUs) or 'float32'. The LLM is loaded straight into it, with no float32 copy.")
+    server_device: str = _f("auto", "Where the server LLM computes: 'auto' (the first CUDA GPU when there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'.")
+    server_device_map: str = _f("", "Shard the frozen LLM across the visible GPUs with accelerate's device_map ('auto', 'balanced', 'balanced_low_0', 'sequential') when it does not fit one; '' keeps it whole on server_device.")
+    client_device: str = _f("auto", "Where each client's NanoEdge (vision encoder, connector, embedding table, adapters, image-feature cache) lives: 'auto' (the GPU the client process may use, else the CPU), 'cpu', 'cuda' or 'cuda:N'. A simulated client sees a GPU only with federation.client_gpus > 0.")
+    random_init: bool = _f(False, "llava / blip2: random weights built from the configuration at `checkpoint` (a folder with config.json, or a shipped name: 'llava-1.5-7b', 'minigpt4'), for measuring time, memory and bytes at the paper's scale without the weights. Never for accuracy: results.json says so and `fednano report` refuses such runs.")
 
     def __post_init__(self) -> None:
         _check(self.backbone in BACKBONES, "model.backbone", f"unknown backbone {self.backbone!r}; choose one of {list(BACKBONES)}")
@@ -52,6 +59,11 @@ class ModelConfig:
         _check(1 <= self.visual_grid <= 7, "model.visual_grid", "must be between 1 and 7")
         _check(self.image_size >= 32, "model.image_size", "must be >= 32")
         _check(self.llm_dtype in ("bfloat16", "float32"), "model.llm_dtype", "must be 'bfloat16' or 'float32'")
+        for name in ("server_device", "client_device"):
+            _check(bool(DEVICE_PATTERN.match(getattr(self, name))), f"model.{name}", f"{getattr(self, name)!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        _check(self.server_device_map in DEVICE_MAPS, "model.server_device_map", f"must be one of {list(DEVICE_MAPS)}")
+        _check(not self.random_init or self.backbone in ("llava", "blip2"), "model.random_init", "only for the llava and blip2 backbones (their shapes come from a configuration)")
+        _check(not (self.random_init and self.server_device_map), "model.server_device_map", "random weights are built on server_device; sharding is for real checkpoints")
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -161,6 +173,7 @@ class FederationConfig:
     fisher_normalize: bool = _f(False, "Divide each client's Fisher by its mean before merging.")
     max_update_norm: float = _f(0.0, "Reject a client update whose distance ||theta_k - theta_global|| exceeds this (0 = no bound).")
     client_cpus: float = _f(1.0, "CPUs Ray reserves per simulated client.")
+    client_gpus: float = _f(0.0, "Share of a GPU Ray reserves per simulated client (e.g. 0.25: four clients share one GPU; 0: clients run on the CPU). Needs a CUDA GPU.")
     round_timeout: float = _f(3600.0, "Seconds the server waits for replies in a round; clients that have not replied by then are dropped from it.")
     seed: int = _f(0, "Seed for adapter initialisation and client sampling.")
 
@@ -179,6 +192,8 @@ class FederationConfig:
         _check(0 <= self.server_beta1 < 1 and 0 <= self.server_beta2 < 1, "federation.server_beta1/2", "must be in [0, 1)")
         _check(self.server_tau > 0, "federation.server_tau", "must be > 0")
         _check(self.client_cpus > 0, "federation.client_cpus", "must be > 0")
+        _check(self.client_gpus >= 0 and (self.client_gpus <= 1 or self.client_gpus.is_integer()), "federation.client_gpus",
+               "must be a fraction in [0, 1] or a whole number of GPUs")
         _check(self.round_timeout > 0, "federation.round_timeout", "must be > 0")
 
 
@@ -196,6 +211,7 @@ class SplitConfig:
     max_streams: int = _f(64, "Most concurrent split streams the server accepts.")
     max_streams_per_client: int = _f(4, "Most concurrent split streams one client (token) may hold.")
     micro_batching: bool = _f(True, "Run the training steps of clients that arrive together as one LLM forward/backward (results stay per client).")
+    max_batch_tokens: int = _f(4096, "With micro_batching: merge waiting steps while the merged batch holds at most this many (padded) tokens, rows x longest sequence; a step larger than this runs alone. On a GPU a 7B LLM saturates at about 8 x 640 tokens; a small LLM takes far more.")
     batch_window_ms: float = _f(30.0, "With micro_batching: how long a step may wait for other connected clients' steps to join it.")
 
     def __post_init__(self) -> None:
@@ -204,6 +220,7 @@ class SplitConfig:
         _check(self.max_streams >= 1, "split.max_streams", "must be >= 1")
         _check(self.max_streams_per_client >= 1, "split.max_streams_per_client", "must be >= 1")
         _check(self.batch_window_ms >= 0, "split.batch_window_ms", "must be >= 0")
+        _check(self.max_batch_tokens >= 1, "split.max_batch_tokens", "must be >= 1")
         _check(0 <= self.port < 65536, "split.port", "must be in [0, 65535]")
         _check(self.max_frame_mb > 0, "split.max_frame_mb", "must be > 0")
 

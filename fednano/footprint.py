@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
+from typing import Any
 
 import torch
 from torch import nn
@@ -114,17 +115,22 @@ def footprint(name: str, rank: int = 64, batch: int = 8, text_tokens: int = 64) 
     return Footprint(name, rank, d, total, client, server, visual_tokens, batch, text_tokens)
 
 
+def smollm2_config() -> Any:
+    """SmolLM2-135M-Instruct's architecture (the config of the packaged GGUF)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                       num_key_value_heads=3, tie_word_embeddings=True)
+
+
 def _smol_meta() -> tuple[nn.Module, int, int, int]:
     """EfficientNet-Lite0 + connector 1280->576 + SmolLM2-135M (config of the packaged GGUF)."""
     from efficientnet_lite_pytorch import EfficientNet
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from fednano.models.connector import Connector
 
-    lm = LlamaForCausalLM(LlamaConfig(
-        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, tie_word_embeddings=True,
-    ))
+    lm = LlamaForCausalLM(smollm2_config())
     encoder, connector = EfficientNet.from_name("efficientnet-lite0"), Connector(1280, 576)
     holder = nn.Module()
     holder.lm, holder.encoder, holder.connector = lm, encoder, connector

@@ -29,7 +29,16 @@ from fednano.config import AdapterConfig, RunConfig
 from fednano.data.easyvqa import captions, held_out_image_ids, load_split
 from fednano.data.prompts import training_batch
 from fednano.data.samples import IMAGE_MARK
-from fednano.models.bundle import convert_smollm2, load_llm, write_compose_bundle, write_hf_mllm_bundle
+from fednano.devices import resolve_device
+from fednano.models.bundle import (
+    SHIPPED_CONFIGS,
+    convert_smollm2,
+    input_embedding_weight,
+    load_llm,
+    write_compose_bundle,
+    write_hf_mllm_bundle,
+    write_random_hf_mllm_bundle,
+)
 from fednano.models.connector import Connector
 from fednano.models.nanoedge import NanoEdge
 from fednano.models.server_llm import ServerLLM
@@ -43,6 +52,10 @@ log = logging.getLogger(__name__)
 CAPTION_SYSTEM = "Describe the image in a few words."
 CAPTION_QUESTION = "What is in the image?"
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+# Bumped when what stage-1 pre-training computes changes, so that no cache holds a connector trained
+# against other numerics. 2: the LLM is loaded straight into bf16, which keeps its rotary frequencies
+# in float32 (casting a float32 model to bf16, as before, rounded them to bf16 too).
+COMPOSE_VERSION = 2
 
 
 def _abs(path: str) -> str:
@@ -53,9 +66,12 @@ def bundle_dir(cfg: RunConfig) -> Path:
     m = cfg.model
     if m.backbone in ("llava", "blip2"):
         key: dict = {"backbone": m.backbone, "checkpoint": _abs(m.checkpoint)}
+        if m.random_init:  # random weights at the shape of a config: a folder, or a shipped name
+            key = {"backbone": m.backbone, "random_init": m.checkpoint if m.checkpoint in SHIPPED_CONFIGS else _abs(m.checkpoint),
+                   "seed": cfg.prepare.seed}
     else:
         key = {"model": {"backbone": m.backbone, "visual_grid": m.visual_grid, "image_size": m.image_size, "llm_path": _abs(m.llm_path),
-                         "vision_encoder": m.vision_encoder}, "prepare": cfg.prepare.__dict__}
+                         "vision_encoder": m.vision_encoder}, "prepare": cfg.prepare.__dict__, "version": COMPOSE_VERSION}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return cfg.model.resolved_cache_dir / f"{cfg.model.backbone}-{digest}"
 
@@ -76,11 +92,16 @@ def prepare(cfg: RunConfig) -> Path:
     tmp.mkdir(parents=True)
     m = cfg.model
     log.info("preparing backbone %r into %s", m.backbone, out)
-    if m.backbone in ("llava", "blip2"):
+    if m.backbone in ("llava", "blip2") and m.random_init:
+        source = m.checkpoint if m.checkpoint in SHIPPED_CONFIGS else _abs(m.checkpoint)
+        meta = write_random_hf_mllm_bundle(tmp / "client", source, m.backbone, cfg.prepare.seed)
+        server = {"kind": m.backbone, "random_init": True, "config": meta["hf_config"], "seed": cfg.prepare.seed}
+        report: dict = {"random_init": source, "num_visual_tokens": meta["num_visual_tokens"]}
+    elif m.backbone in ("llava", "blip2"):
         checkpoint = Path(_abs(m.checkpoint))
         meta = write_hf_mllm_bundle(tmp / "client", checkpoint, m.backbone)
         server = {"kind": m.backbone, "path": str(checkpoint)}
-        report: dict = {"checkpoint": str(checkpoint), "num_visual_tokens": meta["num_visual_tokens"]}
+        report = {"checkpoint": str(checkpoint), "num_visual_tokens": meta["num_visual_tokens"]}
     else:
         if m.backbone == "smol":
             llm_dir, server_path = convert_smollm2(m.resolved_cache_dir / "smollm2-135m-instruct"), None
@@ -108,13 +129,14 @@ def prepare(cfg: RunConfig) -> Path:
 def _prepare_compose(cfg: RunConfig, client_dir: Path, llm_dir: Path, vision_spec: dict, vision_state: dict | None) -> dict:
     """Stage-1 alignment: train the connector between a frozen encoder and a frozen LLM."""
     p = cfg.prepare
-    model, tokenizer = load_llm(llm_dir)
-    embed_weight = model.get_input_embeddings().weight.detach().float().clone()  # (V, d)
+    device = resolve_device(cfg.model.server_device, "model.server_device")  # stage 1 is central: it runs where the LLM runs
+    model, tokenizer = load_llm(llm_dir, DTYPES[cfg.model.llm_dtype], device)
+    embed_weight = input_embedding_weight(model, llm_dir)  # (V, d) float32, as stored
     llm = ServerLLM(model, DTYPES[cfg.model.llm_dtype])
     vision = build_vision_encoder(vision_spec, cfg.model.image_size, cfg.model.visual_grid, vision_state)
     torch.manual_seed(p.seed)
     connector = Connector(vision.feature_dim, embed_weight.shape[1])
-    edge = NanoEdge(vision, connector, nn.Embedding.from_pretrained(embed_weight, freeze=True), AdapterConfig())
+    edge = NanoEdge(vision, connector, nn.Embedding.from_pretrained(embed_weight, freeze=True), AdapterConfig()).to(device)
     edge.connector.requires_grad_(True)  # stage 1: only the connector trains (an MLP: no dropout, no norm)
 
     held = held_out_image_ids(p.caption_images, p.seed)

@@ -120,6 +120,10 @@ def load_runs(dirs: Iterable[Path]) -> tuple[list[Run], list[Run], list[str]]:
             problems.append(f"{path}: not a FedNano results.json (no config)")
             continue
         run = Run(path.parent, data)
+        if run.final.get("random_weights") or (data["config"].get("model") or {}).get("random_init"):
+            problems.append(f"{path.parent}: random weights (model.random_init): its accuracy means nothing, so it is left out; "
+                            "its time, memory and bytes are in its results.json")
+            continue
         if run.finished and isinstance(run.final.get("global_accuracy"), (int, float)):
             finished.append(run)
         else:
@@ -614,7 +618,8 @@ def build_report(dirs: Sequence[Path], out: Path, baseline: str = "fednano") -> 
     `baseline` is the method every other one is compared with seed by seed (paired table)."""
     finished, unfinished, problems = load_runs(dirs)
     if not finished:
-        raise ValueError(f"no finished runs (results.json with a non-empty 'final') under {', '.join(map(str, dirs))}")
+        raise ValueError(f"no finished runs (results.json with a non-empty 'final') under {', '.join(map(str, dirs))}"
+                         + "".join(f"; {p}" for p in problems))
     cells = summarize(finished)
     notes = list(problems)
     if unfinished:

@@ -159,6 +159,8 @@ def load_sweep(path: Path) -> Sweep:
         base_cfg = load_config(base_path, dict(overrides))
     except ConfigError as e:
         raise ConfigError(f"{src}: base config with [sweep.set]: {e}") from None
+    if base_cfg.model.random_init:
+        raise ConfigError(f"{src}: model.random_init: a sweep compares accuracies, which random weights do not have")
     defaults = {
         "methods": base_cfg.federation.strategy,
         "alphas": base_cfg.data.dirichlet_alpha,

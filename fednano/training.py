@@ -11,6 +11,7 @@ connector pre-training). Each split step is explicit:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -22,6 +23,7 @@ from fednano.config import TrainConfig
 from fednano.data.easyvqa import SYSTEM_PROMPT
 from fednano.data.prompts import TokenBatch, candidate_batch, prompt_batch, training_batch
 from fednano.data.samples import Sample, load_image
+from fednano.devices import module_device
 from fednano.fisher import accumulate_squared, candidate_distribution, mean_fisher
 from fednano.metrics import accuracy_report
 from fednano.models.nanoedge import NanoEdge
@@ -48,13 +50,14 @@ class ImageFeatures:
 
     def __init__(self, encoder: VisionEncoder) -> None:
         self.encoder = encoder
-        self._memo: dict[str, torch.Tensor] = {}
+        self._memo: dict[str, torch.Tensor] = {}  # path -> (N, C) on the encoder's device
 
     @torch.no_grad()
     def __call__(self, paths: list[str]) -> torch.Tensor:  # -> (M, N, C)
+        device = module_device(self.encoder)
         for p in dict.fromkeys(paths):
-            if p not in self._memo:
-                self._memo[p] = self.encoder.features(self.encoder.preprocess(load_image(p).unsqueeze(0)))[0]
+            if p not in self._memo:  # decoded on the CPU (PIL), encoded where the encoder lives
+                self._memo[p] = self.encoder.features(self.encoder.preprocess(load_image(p).unsqueeze(0).to(device)))[0]
         return torch.stack([self._memo[p] for p in paths])
 
 
@@ -82,8 +85,8 @@ def split_step(edge: NanoEdge, endpoint: LLMEndpoint, batch: TokenBatch, feature
     embeds = edge.embed(batch.input_ids, features)  # (B, T, d)
     loss, grad, _ = endpoint.train_step(embeds, batch.attention_mask, batch.labels)
     if embeds.requires_grad:  # (an in-process LoRA endpoint has already back-propagated into its own parameters)
-        embeds.backward(grad)
-    return float(loss)
+        embeds.backward(grad.to(embeds.device, embeds.dtype))
+    return float(loss)  # one host synchronisation per step
 
 
 def batches(samples: list[Sample], batch_size: int, generator: torch.Generator) -> Iterator[list[Sample]]:
@@ -129,7 +132,7 @@ def train_local(
         batch, feats = work.train_batch(next(stream))
         opt.zero_grad(set_to_none=True)
         loss = split_step(edge, endpoint, batch, feats)
-        if not torch.isfinite(torch.tensor(loss)):
+        if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss at local step {step}")
         if fisher is not None:  # squared gradients of the (LLM) loss, before the proximal term
             accumulate_squared(fisher, {k: p.grad for k, p in named.items()})
@@ -168,7 +171,7 @@ def candidate_scores(
             part = [samples[i] for i in idx]
             batch = prompt_batch(work.tokenizer, [s.content() for s in part], work.n_visual, work.system)
             embeds = edge.embed(batch.input_ids, work.images(part))
-            lp = endpoint.score(embeds, batch.attention_mask, cand_embeds, cand.input_ids, cand.attention_mask)  # (B, K)
+            lp = endpoint.score(embeds, batch.attention_mask, cand_embeds, cand.input_ids, cand.attention_mask).cpu()  # (B, K), one copy per batch
             for row, s in enumerate(part):
                 if s.n_choices:
                     lp[row, s.n_choices :] = float("-inf")

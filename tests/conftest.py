@@ -16,6 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.toml"
 
 
+# Every device this machine has: the CPU always, CUDA when present (marker `gpu`, so
+# `pytest -m gpu` runs exactly the GPU cases; CI has no GPU and skips them).
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> torch.device:
+    return torch.device(request.param)
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("fednano-cache")
@@ -47,6 +58,22 @@ def tiny_edge(tiny_bundle: Path, tiny_cfg):
     from fednano.models.bundle import load_nanoedge
 
     return load_nanoedge(tiny_bundle / "client", tiny_cfg.adapter)
+
+
+@pytest.fixture()
+def tiny_llm_on(tiny_bundle: Path, device: torch.device):
+    """The tiny server LLM on each available device."""
+    from fednano.models.bundle import load_server_llm
+
+    return load_server_llm(tiny_bundle, torch.float32, device)
+
+
+@pytest.fixture()
+def tiny_edge_on(tiny_bundle: Path, tiny_cfg, device: torch.device):
+    """The tiny client bundle with its NanoEdge on each available device."""
+    from fednano.models.bundle import load_nanoedge
+
+    return load_nanoedge(tiny_bundle / "client", tiny_cfg.adapter, device)
 
 
 def randomize_adapters(edge, seed: int = 0, scale: float = 0.05) -> None:

@@ -26,32 +26,35 @@ def _unsplit_grads(edge, hf_model, batch, feats):
     """Reference: the whole MLLM in one process; HF computes the loss over the full vocabulary."""
     edge.zero_grad(set_to_none=True)
     embeds = edge.embed(batch.input_ids, feats)
-    out = hf_model(inputs_embeds=embeds, attention_mask=batch.attention_mask, labels=batch.labels)
+    out = hf_model(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(embeds.device), labels=batch.labels.to(embeds.device))
     out.loss.backward()
     return out.loss.item(), {k: p.grad.clone() for k, p in edge.adapter_parameters().items()}
 
 
 @pytest.mark.parametrize("randomized", [False, True], ids=["zero-init", "trained"])
-def test_split_gradients_equal_unsplit(tiny_bundle, tiny_edge, tiny_llm, randomized):
-    edge = tiny_edge.edge
+def test_split_gradients_equal_unsplit(tiny_bundle, tiny_edge_on, tiny_llm_on, device, randomized):
+    """On every available device: client and server LLM there, the wire in between."""
+    edge = tiny_edge_on.edge
     if randomized:
         randomize_adapters(edge)
-    hf_model, _ = load_llm(tiny_bundle / "llm")
+    hf_model, _ = load_llm(tiny_bundle / "llm", device=device)
     hf_model.eval()
-    batch, feats = _batch(tiny_edge)
+    batch, feats = _batch(tiny_edge_on)
+    assert feats.device.type == device.type  # the image-feature cache lives with the NanoEdge
     ref_loss, ref = _unsplit_grads(edge, hf_model, batch, feats)
 
-    with SplitServer(tiny_llm) as server, SplitClient(server.address, wire_dtype="float32") as client:
+    with SplitServer(tiny_llm_on) as server, SplitClient(server.address, wire_dtype="float32") as client:
         edge.zero_grad(set_to_none=True)
         loss = split_step(edge, client, batch, feats)
     got = {k: p.grad for k, p in edge.adapter_parameters().items()}
 
     assert loss == pytest.approx(ref_loss, abs=1e-5)
     for k in ref:
+        assert got[k].device.type == device.type
         assert ref[k].abs().max() > 0 or not randomized
         torch.testing.assert_close(got[k], ref[k], atol=1e-5, rtol=1e-4)
     # the LLM got no gradients
-    assert all(p.grad is None for p in tiny_llm.model.parameters())
+    assert all(p.grad is None for p in tiny_llm_on.model.parameters())
 
 
 def test_split_fisher_equals_per_sample_unsplit_fisher(tiny_bundle, tiny_edge, tiny_llm):

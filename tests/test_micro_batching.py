@@ -19,12 +19,13 @@ def _request(seed, B, T, d, reduction):
     return emb, mask, labels, reduction
 
 
-def test_batched_steps_equal_separate_steps(tiny_llm):
-    d = tiny_llm.hidden_size
+def test_batched_steps_equal_separate_steps(tiny_llm_on, device):
+    d = tiny_llm_on.hidden_size
     reqs = [_request(1, 2, 7, d, "mean"), _request(2, 3, 11, d, "sum"), _request(3, 1, 5, d, "mean")]
-    together = tiny_llm.train_steps(reqs)
+    together = tiny_llm_on.train_steps(reqs)
     for req, (loss, grad, n) in zip(reqs, together, strict=True):
-        ref_loss, ref_grad, ref_n = tiny_llm.train_step(*req)
+        assert grad.device.type == device.type  # results stay on the LLM's device until the wire
+        ref_loss, ref_grad, ref_n = tiny_llm_on.train_step(*req)
         assert n == ref_n and grad.shape == req[0].shape
         assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
         torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-4)

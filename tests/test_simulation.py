@@ -51,5 +51,13 @@ def test_tiny_run_two_clients_two_rounds(tiny_bundle, tiny_cache, tmp_path):
         assert b["adapters_down"] == 2 * b["adapters_up"]  # train + evaluate messages
         assert b["activations_up"] > 0 and b["gradients_down"] > 0 and b["eval_activations_up"] > 0
     assert set(res["final"]) >= {"global_accuracy", "zero_shot_accuracy"}
+    # where each side computed, and what it held (no GPU in a simulated client without client_gpus)
+    devices = res["final"]["devices"]
+    assert devices["server"]["device"] in ("cpu", "cuda:0") and devices["server"]["dtype"] == "float32"
+    assert {d["device"] for d in devices["clients"].values()} == {"cpu"} and set(devices["clients"]) == {"0", "1"}
+    assert res["final"]["random_weights"] is False
+    for r in res["rounds"]:
+        assert r["memory"]["server_peak_rss_bytes"] > 2**20
+        assert set(r["memory"]["client_peak_rss_bytes"]) == {"0", "1"}
     assert res["config"]["federation"]["strategy"] == "fednano"
     assert _processes_of(marker, settle=20) == []  # nothing left running: no SuperLink, no Ray

@@ -17,13 +17,14 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fednano.aggregation import STRATEGIES, Method
 from fednano.config import RunConfig, from_dict
 from fednano.data import load_task
 from fednano.data.partition import ClientData, split_clients
+from fednano.devices import describe, peak_host_memory, peak_memory, reset_peak_memory, resolve_device
 from fednano.federation import keys
 from fednano.fisher import empirical_fisher
 from fednano.models.bundle import load_nanoedge, load_server_llm
@@ -53,6 +54,7 @@ class ClientRuntime:
     work: Workload
     split: SplitClient
     method: Method
+    device: torch.device
     llm: ServerLLM | None = None  # full-MLLM baselines only: the whole LLM with LoRA, on the client
     local_init: dict[str, torch.Tensor] | None = None  # FedDPA-F: where a client's personal LoRA starts
 
@@ -65,17 +67,18 @@ class ClientRuntime:
 def _runtime(config_json: str, address: str, token: str, ca: str) -> ClientRuntime:
     cfg = from_dict(json.loads(config_json), "run-config")
     torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
-    bundle = load_nanoedge(bundle_dir(cfg) / "client", cfg.adapter)  # client/ only: no LLM weights
+    device = resolve_device(cfg.model.client_device, "model.client_device")
+    bundle = load_nanoedge(bundle_dir(cfg) / "client", cfg.adapter, device)  # client/ only: no LLM weights
     work = Workload(bundle.tokenizer, ImageFeatures(bundle.edge.vision), bundle.edge.num_visual_tokens, load_task(cfg).system)
     split = SplitClient(address, cfg.split.wire_dtype, cfg.split.max_frame_mb, cfg.federation.round_timeout,
                         token=token or None, root_certificates=ca.encode() if ca else None)
     method = STRATEGIES[cfg.federation.strategy]
     llm, local_init = None, None
     if method.client == "full-mllm":  # the comparison family: this client loads every LLM weight
-        llm = load_server_llm(bundle_dir(cfg), DTYPES[cfg.model.llm_dtype])
+        llm = load_server_llm(bundle_dir(cfg), DTYPES[cfg.model.llm_dtype], device)
         add_lora(llm, cfg.adapter, (GLOBAL, LOCAL) if method.personal else (GLOBAL,), seed=cfg.federation.seed)
         local_init = lora_state(llm, LOCAL) if method.personal else None
-    return ClientRuntime(cfg, bundle.edge, work, split, method, llm, local_init)
+    return ClientRuntime(cfg, bundle.edge, work, split, method, device, llm, local_init)
 
 
 _PARTS: dict[str, list[ClientData]] = {}
@@ -105,6 +108,7 @@ def _setup(msg: Message, context: Context) -> tuple[ClientRuntime, ClientData, i
         load_lora_state(rt.llm, state, GLOBAL)
     else:
         rt.edge.load_adapter_state(state)
+    reset_peak_memory(rt.device)  # the peak reported is this message's work
     return rt, client_data(rt.cfg, pid), pid, int(conf[keys.SERVER_ROUND])
 
 
@@ -186,9 +190,16 @@ def train(msg: Message, context: Context) -> Message:
             content[keys.FISHER] = ArrayRecord(_fisher_pass(rt, data.train, gen))
     content[keys.METRICS] = MetricRecord({
         keys.NUM_EXAMPLES: stats.get("num_examples", len(data.train)), keys.PARTITION_ID: pid, keys.TRAIN_LOSS: stats["train_loss"],
-        keys.SECONDS: time.time() - t0, **_traffic_delta(rt, before),
+        keys.SECONDS: time.time() - t0, **_traffic_delta(rt, before), **_peak(rt),
     })
+    content[keys.CLIENT_INFO] = ConfigRecord({k: str(v) for k, v in describe(rt.device).items()})
     return Message(content=content, reply_to=msg)
+
+
+def _peak(rt: ClientRuntime) -> dict[str, int]:
+    """Peak memory: of this client process (host), and of this message's work on its GPU (CUDA only)."""
+    peak = peak_memory(rt.device)
+    return {keys.PEAK_RSS_BYTES: peak_host_memory(), **({keys.PEAK_GPU_BYTES: peak} if peak is not None else {})}
 
 
 def _fisher_pass(rt: ClientRuntime, train: list, gen: torch.Generator) -> dict[str, torch.Tensor]:

@@ -4,6 +4,7 @@ ARRAYS = "arrays"  # ArrayRecord: NanoAdapter parameters
 FISHER = "fisher"  # ArrayRecord: diagonal Fisher of the same parameters
 METRICS = "metrics"
 CONFIG = "config"
+CLIENT_INFO = "client-info"  # ConfigRecord: the device the client computed on (describe())
 
 RUN_CONFIG = "run-config"  # the full RunConfig as JSON
 SPLIT_ADDRESS = "split-address"
@@ -19,5 +20,7 @@ PARTITION_ID = "partition-id"
 TRAIN_LOSS = "train-loss"
 ACCURACY = "accuracy"
 SECONDS = "seconds"
+PEAK_GPU_BYTES = "peak-gpu-bytes"  # CUDA clients: peak memory allocated during the message's work
+PEAK_RSS_BYTES = "peak-rss-bytes"  # the client process's peak resident host memory so far
 # split-channel bytes this reply's work moved (client-side count)
 BYTES_KEYS = ("activations_up", "gradients_down", "eval_activations_up", "eval_scores_down")

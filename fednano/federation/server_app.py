@@ -22,6 +22,7 @@ from fednano.aggregation import STRATEGIES, Method
 from fednano.config import RunConfig, load_config
 from fednano.data import load_task
 from fednano.data.partition import summary
+from fednano.devices import describe, peak_host_memory, peak_memory, reset_peak_memory, resolve_device
 from fednano.federation import keys
 from fednano.federation.strategy import FedNanoStrategy
 from fednano.metrics import by_category, merge_reports
@@ -80,8 +81,9 @@ class ServerSide:
 
     def __init__(self, cfg: RunConfig, method: Method) -> None:
         self.cfg, self.method = cfg, method
+        self.device = resolve_device(cfg.model.server_device, "model.server_device")
         self.bundle = ensure_prepared(cfg)
-        self.llm = load_server_llm(self.bundle, DTYPES[cfg.model.llm_dtype])
+        self.llm = load_server_llm(self.bundle, DTYPES[cfg.model.llm_dtype], self.device, cfg.model.server_device_map)
         if method.client == "full-mllm":  # the global LoRA the baseline federates lives in this LLM
             add_lora(self.llm, cfg.adapter, (GLOBAL,), seed=cfg.federation.seed)
         sc = cfg.split
@@ -89,9 +91,9 @@ class ServerSide:
         tls = (Path(sc.tls_cert).read_bytes(), Path(sc.tls_key).read_bytes()) if sc.tls_cert else None
         self.split = SplitServer(self.llm, sc.host, sc.port, sc.max_frame_mb, secret=self.secret, tls=tls, max_streams=sc.max_streams,
                                  max_streams_per_client=sc.max_streams_per_client,
-                                 batching=sc.micro_batching, batch_window_ms=sc.batch_window_ms).start()
+                                 batching=sc.micro_batching, batch_window_ms=sc.batch_window_ms, max_batch_tokens=sc.max_batch_tokens).start()
         self.address = sc.advertised_address or self.split.address
-        owner = load_nanoedge(self.bundle / "client", cfg.adapter)
+        owner = load_nanoedge(self.bundle / "client", cfg.adapter, self.llm.device)  # the server's own copy, next to its LLM
         self.edge = owner.edge
         self.work = Workload(owner.tokenizer, ImageFeatures(self.edge.vision), self.edge.num_visual_tokens)
         self.endpoint = _OnWorker(self.llm, self.split.service.worker)
@@ -131,6 +133,15 @@ class ServerSide:
 
     def split_steps(self) -> int:
         return self.split.service.worker.steps["train_requests"]
+
+    def devices(self) -> dict:
+        """Where the server computes: the LLM's device (each shard's, when sharded), dtype and attention."""
+        model = self.llm.model
+        out = {**describe(self.llm.device), "dtype": self.cfg.model.llm_dtype,
+               "attention": str(getattr(model.config.get_text_config(), "_attn_implementation", "") or "")}
+        if getattr(model, "hf_device_map", None) and len(set(model.hf_device_map.values())) > 1:
+            out["device_map"] = {k: str(v) for k, v in model.hf_device_map.items()}
+        return out
 
     def stop(self) -> None:
         self.split.stop()
@@ -172,7 +183,7 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) 
             zero_shot = zero["accuracy"]
             log.info("zero-shot accuracy of the prepared MLLM on %d global test questions: %.4f", len(side.test), zero_shot)
             task = side.task
-            recorder.set(zero_shot_accuracy=zero_shot, zero_shot_by_category=by_category(zero), bundle=str(side.bundle),
+            recorder.set(zero_shot_accuracy=zero_shot, zero_shot_by_category=by_category(zero), bundle=str(side.bundle), devices={"server": side.devices()},
                          data={"dataset": task.name, "train_pool": len(task.train), "global_test": len(side.test), "skipped": len(task.skipped),
                                "skipped_samples": task.skipped})
 
@@ -186,6 +197,8 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) 
         with progress_bar(cfg.federation.rounds - first_round + 1, "rounds", position=0) as rounds_bar:
             for rnd in range(first_round, cfg.federation.rounds + 1):
                 entry, global_state = _round(rnd, grid, cfg, side, strategy, global_state, base_config)
+                recorder.data.setdefault("devices", {}).setdefault("clients", {}).update(
+                    {str(o.partition_id): o.info for o in strategy.last_train if o.info})
                 recorder.complete_round(entry, global_state, strategy.state_dict())
                 acc = entry["global_accuracy"]
                 rounds_bar.update(1, acc=acc)
@@ -208,6 +221,9 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) 
             # what one training client sends per round: its trainable state, plus its Fisher for FedNano
             "uploaded_parameters_per_round": n_trainable * (2 if method.wants_fisher else 1),
             "seconds": round(time.time() - t_start, 1),
+            "devices": recorder.data.get("devices", {}),
+            # random weights (model.random_init) measure time, memory and bytes only: their accuracy means nothing
+            "random_weights": cfg.model.random_init,
         }
         recorder.finish(final, global_state)
         return recorder.data
@@ -220,6 +236,7 @@ def _round(rnd: int, grid: Grid, cfg: RunConfig, side: ServerSide, strategy: Fed
     """One round: train -> validate and merge -> clients evaluate -> the server evaluates.
     Returns the round's results.json entry and the new global state."""
     t0, llm0, steps0 = time.time(), side.llm_seconds(), side.split_steps()
+    reset_peak_memory(side.llm.device)
     timeout = cfg.federation.round_timeout
     arrays = ArrayRecord(global_state)
     msgs = list(strategy.configure_train(rnd, arrays, ConfigRecord(dict(base_config)), grid))
@@ -284,10 +301,25 @@ def _round(rnd: int, grid: Grid, cfg: RunConfig, side: ServerSide, strategy: Fed
         "client_seconds": {str(o.partition_id): round(o.metrics[keys.SECONDS], 2) for o in train_out if keys.SECONDS in o.metrics},
         "phase_seconds": {"train": round(t_train, 2), "client_evaluation": round(t2 - t1, 2), "server_evaluation": round(time.time() - t2, 2)},
         "seconds": round(time.time() - t0, 2),
+        "memory": _memory(side, train_out),
     }
     if client_global:
         entry["client_global_accuracy"] = {pid: r["accuracy"] for pid, r in client_global.items()}
     return entry, global_state
+
+
+def _memory(side: ServerSide, train_out: list) -> dict:
+    """Peak memory this round: the server process (host RSS, and the LLM's GPU when on CUDA) and
+    each CUDA client (as it reported)."""
+    out: dict = {"server_peak_rss_bytes": peak_host_memory()}
+    gpu = peak_memory(side.llm.device)
+    if gpu is not None:
+        out["server_peak_gpu_bytes"] = gpu
+    for key, name in ((keys.PEAK_RSS_BYTES, "client_peak_rss_bytes"), (keys.PEAK_GPU_BYTES, "client_peak_gpu_bytes")):
+        clients = {str(o.partition_id): int(o.metrics[key]) for o in train_out if key in o.metrics}
+        if clients:
+            out[name] = clients
+    return out
 
 
 def _write_partition(out_dir: Path, cfg: RunConfig, task) -> None:

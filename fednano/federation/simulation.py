@@ -2,7 +2,9 @@
 
 The ServerApp (with the LLM and the split server) runs in this process; each
 client runs in a Ray actor process and reaches the LLM only through the split
-channel. Ray is shut down afterwards: nothing is left running.
+channel. Each actor reserves `federation.client_cpus` CPUs and `client_gpus` of a
+GPU (Ray hides the GPUs from an actor that reserves none, so its NanoEdge stays on
+the CPU). Ray is shut down afterwards: nothing is left running.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import os
 import warnings
 from pathlib import Path
 
-from fednano.config import RunConfig
+from fednano.config import ConfigError, RunConfig
+from fednano.devices import gpus_visible
 
 log = logging.getLogger("fednano")
 
@@ -37,9 +40,12 @@ def simulate(cfg: RunConfig, out_dir: Path, resume: bool = False) -> dict:
     # in-process runtime on purpose); FedNano logs its own per-round summary.
     logging.getLogger("flwr").setLevel(logging.ERROR)
 
+    gpus = gpus_visible()
+    if cfg.federation.client_gpus > 0 and gpus == 0:
+        raise ConfigError(f"federation.client_gpus={cfg.federation.client_gpus:g}: this machine has no CUDA GPU that torch can see; set it to 0")
     backend = {
-        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": 0.0},
-        "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "include_dashboard": False, "logging_level": "error", "log_to_driver": True},
+        "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
+        "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "num_gpus": gpus, "include_dashboard": False, "logging_level": "error", "log_to_driver": True},
     }
     try:
         with warnings.catch_warnings():

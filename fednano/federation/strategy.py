@@ -38,6 +38,7 @@ class ClientOutcome:
     partition_id: int | None
     metrics: dict[str, float] = field(default_factory=dict)
     rejected: str | None = None
+    info: dict[str, str] = field(default_factory=dict)  # where the client computed (device, name)
 
 
 class FedNanoStrategy(Strategy):
@@ -128,6 +129,7 @@ class FedNanoStrategy(Strategy):
                 metrics = dict(msg.content[keys.METRICS])
                 out.partition_id = int(metrics.get(keys.PARTITION_ID, -1))
                 out.metrics = {k: float(v) for k, v in metrics.items()}
+                out.info = {k: str(v) for k, v in dict(msg.content.get(keys.CLIENT_INFO, {})).items()}
                 theta = msg.content[keys.ARRAYS].to_torch_state_dict()
                 fisher = msg.content[keys.FISHER].to_torch_state_dict() if self.want_fisher else None
             except (KeyError, TypeError, ValueError) as e:

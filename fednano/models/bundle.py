@@ -51,7 +51,7 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, path)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
 
 
 def _require(path: Path, what: str) -> Path:
@@ -115,19 +115,56 @@ def convert_smollm2(out_dir: Path) -> Path:
     return out_dir
 
 
-def load_llm(llm_dir: Path) -> tuple[nn.Module, Any]:
+def placement(device: torch.device | str, device_map: str = "") -> dict | str:
+    """`device_map` for from_pretrained: accelerate's sharding policy, or everything on `device`.
+
+    Either way weights go straight from the checkpoint to their device, in the requested
+    dtype: no float32 copy in host memory."""
+    return device_map or {"": str(device)}
+
+
+def load_llm(llm_dir: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", device_map: str = "") -> tuple[nn.Module, Any]:
     """Load a HF causal LM + tokenizer from a local directory (server side only)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet_transformers()
     check_checkpoint(llm_dir)
-    model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype=dtype, device_map=placement(device, device_map))
     tok = AutoTokenizer.from_pretrained(llm_dir)
     return model, tok
 
 
-def load_hf_mllm(path: Path, backbone: str) -> tuple[nn.Module, Any]:
-    """Load a whole HF MLLM (llava / blip2) + tokenizer from a local checkpoint."""
+def checkpoint_tensor(path: Path, key: str) -> torch.Tensor | None:
+    """One tensor as stored in a safetensors checkpoint (its own dtype), or None if it is not there
+    under that name. Used to keep the client's embedding table exact when the LLM is loaded in bf16."""
+    from safetensors import safe_open
+
+    index = Path(path) / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text()).get("weight_map", {}) if index.exists() else {}
+    files = [Path(path) / weight_map[key]] if key in weight_map else sorted(Path(path).glob("*.safetensors"))
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            if key in st.keys():
+                return st.get_tensor(key)
+    return None
+
+
+def input_embedding_weight(model: nn.Module, path: Path) -> torch.Tensor:
+    """The LLM's input-embedding table in float32, read from the checkpoint itself when the model was
+    loaded in a lower precision (so the client's table does not depend on the server's compute dtype)."""
+    weight = model.get_input_embeddings().weight
+    if weight.dtype != torch.float32:
+        name = next(n for n, p in model.named_parameters() if p is weight)
+        stored = checkpoint_tensor(path, name)
+        if stored is not None and tuple(stored.shape) == tuple(weight.shape):
+            return stored.float()
+    return weight.detach().float().cpu().clone()
+
+
+def load_hf_mllm(path: Path, backbone: str, dtype: torch.dtype | str = "auto", device: torch.device | str = "cpu",
+                 device_map: str = "") -> tuple[nn.Module, Any]:
+    """Load a whole HF MLLM (llava / blip2) + tokenizer from a local checkpoint, in `dtype`
+    ("auto": as stored) on its device(s)."""
     from transformers import AutoTokenizer, Blip2ForConditionalGeneration, LlavaForConditionalGeneration
 
     _quiet_transformers()
@@ -135,8 +172,53 @@ def load_hf_mllm(path: Path, backbone: str) -> tuple[nn.Module, Any]:
     cls = LlavaForConditionalGeneration if backbone == "llava" else Blip2ForConditionalGeneration
     if backbone == "blip2" and not config.get("use_decoder_only_language_model", True):
         raise BundleError(f"{path}: BLIP-2 with an encoder-decoder LM (e.g. Flan-T5) is not supported; use a decoder-only LM")
-    model = cls.from_pretrained(path, dtype=torch.float32)
+    model = cls.from_pretrained(path, dtype=dtype, device_map=placement(device, device_map))
     return model, AutoTokenizer.from_pretrained(path)
+
+
+# ---------------------------------------------------------------- random weights at a real model's shape
+SHIPPED_CONFIGS = {"llava-1.5-7b": ("llava", "llava-1.5-7b.json"), "minigpt4": ("blip2", "minigpt4-vicuna-7b.json")}
+
+
+def random_mllm_config(source: str, backbone: str) -> tuple[Any, Any]:
+    """(HF config, tokenizer) for a random-weight MLLM: `source` is a folder with config.json (and
+    optionally a tokenizer) or the name of a configuration FedNano ships. Without a tokenizer the
+    tiny word-level one is used: its ids fit any vocabulary, and random weights make text moot."""
+    from transformers import AutoTokenizer, Blip2Config, LlavaConfig
+
+    from fednano.models.tiny import tiny_tokenizer
+
+    cls = LlavaConfig if backbone == "llava" else Blip2Config
+    tok = None
+    if source in SHIPPED_CONFIGS:
+        kind, filename = SHIPPED_CONFIGS[source]
+        if kind != backbone:
+            raise BundleError(f"model.checkpoint: the shipped configuration {source!r} is a {kind} model, not {backbone}")
+        from fednano.footprint import load_config_file
+
+        cfg = cls.from_dict(load_config_file(filename))
+    else:
+        path = Path(source)
+        if not (path / "config.json").exists():
+            raise BundleError(f"model.checkpoint: {source!r} is neither a folder with config.json nor a shipped configuration "
+                              f"({sorted(SHIPPED_CONFIGS)})")
+        data = json.loads((path / "config.json").read_text())
+        if data.get("model_type") != HF_MLLM_TYPES[backbone]:
+            raise BundleError(f"{path}/config.json: model_type is {data.get('model_type')!r}, expected {HF_MLLM_TYPES[backbone]!r}")
+        cfg = cls.from_dict(data)
+        if any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            tok = AutoTokenizer.from_pretrained(path)
+    return cfg, tok if tok is not None else tiny_tokenizer(chat_template=False, extra_specials=("<image>",))
+
+
+def random_causal_lm(hf_config: dict, backbone: str, dtype: torch.dtype, device: torch.device | str, seed: int) -> nn.Module:
+    """The MLLM's language model (decoder + head) with random weights, built on `device` in `dtype`."""
+    from transformers import AutoModelForCausalLM, Blip2Config, LlavaConfig
+
+    cfg = (LlavaConfig if backbone == "llava" else Blip2Config).from_dict(hf_config)
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(cfg.get_text_config(), dtype=dtype)
 
 
 def _image_norm(path: Path) -> tuple[list[float], list[float]]:
@@ -169,26 +251,68 @@ def write_compose_bundle(
         _save(vision_state, client_dir / "vision.safetensors")
 
 
-def write_hf_mllm_bundle(client_dir: Path, checkpoint: Path, backbone: str) -> dict:
-    """Split a HF MLLM checkpoint: vision tower + connector + embedding table go to `client/`."""
-    model, tok = load_hf_mllm(checkpoint, backbone)
-    cfg = model.config
+def _hf_meta(cfg: Any, backbone: str, mean: list[float], std: list[float], where: Path | str) -> dict:
+    """What the client needs to rebuild an HF MLLM's NanoEdge: its config and how it sees images."""
     if backbone == "llava":
-        inner = model.model
-        vision, connector = inner.vision_tower.state_dict(), inner.multi_modal_projector.state_dict()
         if not isinstance(cfg.vision_feature_layer, int) or cfg.vision_feature_select_strategy not in ("default", "full"):
-            raise BundleError(f"{checkpoint}: only a single integer vision_feature_layer with 'default'/'full' selection is supported")
+            raise BundleError(f"{where}: only a single integer vision_feature_layer with 'default'/'full' selection is supported")
         n_visual = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 + (cfg.vision_feature_select_strategy == "full")
     else:
-        vision = model.vision_model.state_dict()
-        connector = {"query_tokens": model.query_tokens.data, **{f"qformer.{k}": v for k, v in model.qformer.state_dict().items()},
-                     **{f"language_projection.{k}": v for k, v in model.language_projection.state_dict().items()}}
         n_visual = cfg.num_query_tokens
-    mean, std = _image_norm(checkpoint)
     text = cfg.get_text_config()
-    meta = {"kind": backbone, "hf_config": cfg.to_dict(), "hidden_size": text.hidden_size, "vocab_size": text.vocab_size,
+    return {"kind": backbone, "hf_config": cfg.to_dict(), "hidden_size": text.hidden_size, "vocab_size": text.vocab_size,
             "num_visual_tokens": n_visual, "image_size": cfg.vision_config.image_size, "image_mean": mean, "image_std": std}
-    _write_common(client_dir, model.get_input_embeddings().weight, tok, meta)
+
+
+def _hf_client_states(vision: nn.Module, connector: dict[str, nn.Module | torch.Tensor]) -> tuple[dict, dict]:
+    """State dicts of the vision tower and of the connector's parts, keyed as `_hf_parts` reads them."""
+    conn: dict[str, torch.Tensor] = {}
+    for prefix, part in connector.items():
+        if isinstance(part, torch.Tensor):
+            conn[prefix] = part.data
+        else:
+            conn.update({(f"{prefix}.{k}" if prefix else k): v for k, v in part.state_dict().items()})
+    return vision.state_dict(), conn
+
+
+def write_hf_mllm_bundle(client_dir: Path, checkpoint: Path, backbone: str) -> dict:
+    """Split a HF MLLM checkpoint: vision tower + connector + embedding table go to `client/`.
+    The checkpoint is read in its own dtype (no float32 copy of a 7B model in host memory)."""
+    model, tok = load_hf_mllm(checkpoint, backbone, dtype="auto")
+    if backbone == "llava":
+        vision, connector = _hf_client_states(model.model.vision_tower, {"": model.model.multi_modal_projector})
+    else:
+        vision, connector = _hf_client_states(model.vision_model, {"query_tokens": model.query_tokens, "qformer": model.qformer,
+                                                                   "language_projection": model.language_projection})
+    meta = _hf_meta(model.config, backbone, *_image_norm(checkpoint), checkpoint)
+    _write_common(client_dir, input_embedding_weight(model, checkpoint), tok, meta)
+    _save(vision, client_dir / "vision.safetensors")
+    _save(connector, client_dir / "connector.safetensors")
+    return meta
+
+
+def write_random_hf_mllm_bundle(client_dir: Path, source: str, backbone: str, seed: int) -> dict:
+    """The client part of a random-weight MLLM at a real configuration's shape (model.random_init)."""
+    from transformers import AutoModel
+    from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionModel
+    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+    from fednano.models.hf_vision import CLIP_MEAN, CLIP_STD
+
+    cfg, tok = random_mllm_config(source, backbone)
+    text = cfg.get_text_config()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if backbone == "llava":
+            vision, connector = _hf_client_states(AutoModel.from_config(cfg.vision_config), {"": LlavaMultiModalProjector(cfg)})
+        else:
+            queries = torch.randn(1, cfg.num_query_tokens, cfg.qformer_config.hidden_size) * cfg.initializer_range
+            vision, connector = _hf_client_states(Blip2VisionModel(cfg.vision_config), {
+                "query_tokens": queries, "qformer": Blip2QFormerModel(cfg.qformer_config),
+                "language_projection": nn.Linear(cfg.qformer_config.hidden_size, text.hidden_size)})
+        embed = torch.randn(text.vocab_size, text.hidden_size) * getattr(text, "initializer_range", 0.02)
+    meta = {**_hf_meta(cfg, backbone, list(CLIP_MEAN), list(CLIP_STD), source), "random_init": True}
+    _write_common(client_dir, embed, tok, meta)
     _save(vision, client_dir / "vision.safetensors")
     _save(connector, client_dir / "connector.safetensors")
     return meta
@@ -229,8 +353,8 @@ def _hf_parts(meta: dict, client_dir: Path) -> tuple[nn.Module, nn.Module]:
     return encoder, QFormerConnector(nn.Parameter(conn_sd["query_tokens"]), qformer, proj)
 
 
-def load_nanoedge(client_dir: Path, adapter: AdapterConfig) -> ClientBundle:
-    """Build the client's NanoEdge from `client/` alone (no LLM transformer weights)."""
+def load_nanoedge(client_dir: Path, adapter: AdapterConfig, device: torch.device | str = "cpu") -> ClientBundle:
+    """Build the client's NanoEdge from `client/` alone (no LLM transformer weights), on `device`."""
     from transformers import AutoTokenizer
 
     _quiet_transformers()
@@ -248,19 +372,26 @@ def load_nanoedge(client_dir: Path, adapter: AdapterConfig) -> ClientBundle:
         encoder, connector = _hf_parts(meta, client_dir)
         n_visual = meta["num_visual_tokens"]
     tok = AutoTokenizer.from_pretrained(_require(client_dir / "tokenizer", "tokenizer"))
-    return ClientBundle(NanoEdge(encoder, connector, embed, adapter, n_visual), tok, meta)
+    return ClientBundle(NanoEdge(encoder, connector, embed, adapter, n_visual).to(device), tok, meta)
 
 
-def load_server_llm(bundle_dir: Path, dtype: torch.dtype) -> ServerLLM:
+def load_server_llm(bundle_dir: Path, dtype: torch.dtype, device: torch.device | str = "cpu", device_map: str = "") -> ServerLLM:
+    """The frozen LLM a bundle names, loaded straight into `dtype` on `device` (or sharded by
+    `device_map`). An HF MLLM's vision tower and connector are client parts: they are dropped
+    after loading, so the server holds only the language model and its head."""
     info = json.loads(_require(Path(bundle_dir) / "server.json", "server description").read_text())
+    kind = info.get("kind", "causal-lm")
+    if info.get("random_init"):
+        return ServerLLM(random_causal_lm(info["config"], kind, dtype, device, int(info.get("seed", 0))), dtype)
     path = Path(info["path"])
     path = path if path.is_absolute() else Path(bundle_dir) / path
-    kind = info.get("kind", "causal-lm")
     if kind == "causal-lm":
-        model, _ = load_llm(path)
+        model, _ = load_llm(path, dtype, device, device_map)
         return ServerLLM(model, dtype)
-    model, _ = load_hf_mllm(path, kind)
+    model, _ = load_hf_mllm(path, kind, dtype, device, device_map)
     if kind == "blip2":  # its language_model is a whole causal LM (decoder + head)
+        model.vision_model = model.qformer = model.language_projection = model.query_tokens = None
         lm = model.language_model
         return ServerLLM(model, dtype, decoder=lm.get_decoder(), head=lm.get_output_embeddings())
+    model.model.vision_tower = model.model.multi_modal_projector = None
     return ServerLLM(model, dtype)

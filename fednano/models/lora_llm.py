@@ -84,7 +84,7 @@ def save_personal(llm: ServerLLM, path: Path) -> None:
     """Write the personal LoRA atomically (a crash mid-write leaves the previous file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in lora_state(llm, LOCAL).items()}, tmp)
+    save_file({k: v.cpu().contiguous() for k, v in lora_state(llm, LOCAL).items()}, tmp)
     os.replace(tmp, path)
 
 
@@ -108,7 +108,7 @@ class LoRAEndpoint:
     def train_step(self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor, int]:
         losses, x, counts = self.llm.losses([(embeds, mask, labels, reduction)])
         losses.sum().backward()
-        return losses[0].detach(), x.grad.to(embeds.dtype), int(counts[0])
+        return losses[0].detach(), x.grad.to(embeds.device, embeds.dtype), int(counts[0])
 
     def score(self, *args, **kwargs) -> torch.Tensor:
         return self.llm.score(*args, **kwargs)

@@ -49,6 +49,10 @@ class NanoEdge(nn.Module):
         return self.embed_tokens.embedding_dim
 
     @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
     def num_visual_tokens(self) -> int:
         """Visual tokens per image that reach the LLM (after the connector)."""
         return self._num_visual_tokens
@@ -69,6 +73,25 @@ class NanoEdge(nn.Module):
         """(M, P, C) encoder features -> (M, N, d) adapted visual tokens."""
         return self.adapter_i(self.connector(features))
 
+    def _sequence(self, input_ids: torch.Tensor, features: torch.Tensor | None, adapted: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(text embeddings (B, T, d), visual tokens (M*N, d) in slot order or None, image-slot mask (B, T)),
+        through the adapters or (adapted=False) as the adapters receive them."""
+        input_ids = input_ids.to(self.device)
+        is_image = input_ids == IMAGE_PLACEHOLDER  # (B, T)
+        text = self.embed_tokens(input_ids.clamp(min=0))  # (B, T, d)
+        if adapted:
+            text = self.adapter_t(text)
+        n_slots = int(is_image.sum())
+        if n_slots == 0:
+            return text, None, is_image
+        if features is None:
+            vis = text.new_zeros(0, self.dim)
+        else:
+            vis = (self.visual_tokens(features) if adapted else self.connector(features)).reshape(-1, self.dim)  # (M*N, d)
+        if vis.shape[0] != n_slots:
+            raise ValueError(f"{n_slots} image placeholders but {vis.shape[0]} visual tokens")
+        return text, vis.to(text.dtype), is_image
+
     def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
         """Adapted input embeddings (B, T, d).
 
@@ -76,12 +99,12 @@ class NanoEdge(nn.Module):
         N placeholders filled, in row-major order, by one image's N tokens from
         `features` (M, N, C) (M = images in the batch; None if there are none).
         """
-        is_image = input_ids == IMAGE_PLACEHOLDER  # (B, T)
-        text = self.adapter_t(self.embed_tokens(input_ids.clamp(min=0)))  # (B, T, d)
-        n_slots = int(is_image.sum())
-        if n_slots == 0:
-            return text
-        vis = self.visual_tokens(features).reshape(-1, self.dim) if features is not None else text.new_zeros(0, self.dim)  # (M*N, d)
-        if vis.shape[0] != n_slots:
-            raise ValueError(f"{n_slots} image placeholders but {vis.shape[0]} visual tokens")
-        return text.masked_scatter(is_image.unsqueeze(-1), vis.to(text.dtype))
+        text, vis, is_image = self._sequence(input_ids, features, adapted=True)
+        return text if vis is None else text.masked_scatter(is_image.unsqueeze(-1), vis)
+
+    def adapter_inputs(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What each adapter receives, laid out as the sequence: (text embeddings (B, T, d), visual
+        tokens at the image slots and zeros elsewhere (B, T, d), image-slot mask (B, T))."""
+        text, vis, is_image = self._sequence(input_ids, features, adapted=False)
+        placed = torch.zeros_like(text)
+        return text, placed if vis is None else placed.masked_scatter(is_image.unsqueeze(-1), vis), is_image

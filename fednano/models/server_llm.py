@@ -6,6 +6,12 @@ Logits are computed only at positions that carry a label: for a small LLM the
 full-vocabulary head over every position is a large share of the work.
 `score` returns the log-likelihood of each candidate continuation (closed-set
 answer scoring), sharing one prompt pass across candidates via the KV cache.
+
+Device-aware: the LLM may live on a GPU, or be sharded over several by
+accelerate (`device_map`); requests arrive as CPU tensors decoded from the wire
+and are moved to the device of the LLM's first layer; every tensor the step
+makes is made where it is used, and the results stay there until the wire
+format moves them back to the CPU.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fednano.devices import module_device
 
 IGNORE_INDEX = -100
 
@@ -26,11 +34,19 @@ class ServerLLM:
     """
 
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, decoder: nn.Module | None = None, head: nn.Module | None = None) -> None:
-        self.model = model.to(dtype).eval()
+        """`model` as loaded (bundle.load_server_llm loads it straight into `dtype` on its device(s)).
+        Parameters in another dtype are cast in place; buffers keep theirs, as from_pretrained(dtype=)
+        leaves them (a Llama's rotary frequencies stay float32: rounding them to bf16 shifts its hidden
+        states by several per cent)."""
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        self.model = model.eval()
         self.model.requires_grad_(False)
         self.dtype = dtype
         self.decoder = decoder if decoder is not None else model.get_decoder()
         self.head = head if head is not None else model.get_output_embeddings()
+        self.device = module_device(self.decoder)  # where inputs go (the first shard of a sharded LLM)
         text_cfg = model.config.get_text_config()
         self.hidden_size = text_cfg.hidden_size
         self.vocab_size = text_cfg.vocab_size
@@ -65,26 +81,28 @@ class ServerLLM:
             row += e.shape[0]
         return out
 
-    def losses(self, requests: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def losses(self, requests: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, str]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """-> (each request's loss (R,) with its graph, the concatenated input embeddings (leaf), label tokens per request)."""
-        T = max(e.shape[1] for e, _, _, _ in requests)
-        pad = lambda t, v: F.pad(t, (0, T - t.shape[1]), value=v)  # noqa: E731 - (B, t) -> (B, T)
-        x = torch.cat([F.pad(e.detach().to(self.dtype), (0, 0, 0, T - e.shape[1])) for e, _, _, _ in requests]).requires_grad_(True)  # (ΣB, T, d)
-        mask = torch.cat([pad(m.long(), 0) for _, m, _, _ in requests])
-        labels = torch.cat([pad(lab.long(), IGNORE_INDEX) for _, _, lab, _ in requests])
-        group = torch.cat([torch.full((e.shape[0],), i) for i, (e, _, _, _) in enumerate(requests)])  # row -> request
-        hidden = self.decoder(inputs_embeds=x, attention_mask=mask).last_hidden_state  # (ΣB, T, d)
-        targets = labels[:, 1:]  # token t+1 is predicted at position t
-        sel = targets != IGNORE_INDEX  # (ΣB, T-1)
-        logits = self.head(hidden[:, :-1][sel]).float()  # (N, V): only labelled positions
-        tok_nll = F.cross_entropy(logits, targets[sel], reduction="none")  # (N,)
-        tok_group = group.unsqueeze(1).expand_as(sel)[sel]  # (N,)
-        nll = torch.zeros(len(requests)).index_add(0, tok_group, tok_nll)  # per request
-        counts = torch.bincount(tok_group, minlength=len(requests))
-        if (counts == 0).any():
+        # Label tokens per request, counted on the host from the labels as they arrived (no device sync).
+        counts = [int((lab[:, 1:] != IGNORE_INDEX).sum()) for _, _, lab, _ in requests]
+        if 0 in counts:
             raise ValueError("labels contain no supervised token")
-        scale = torch.tensor([1.0 / int(c) if r == "mean" else 1.0 for c, (_, _, _, r) in zip(counts, requests, strict=True)])
-        return nll * scale, x, counts
+        dev = self.device
+        T = max(e.shape[1] for e, _, _, _ in requests)
+        pad = lambda t, v: F.pad(t.to(dev, torch.long), (0, T - t.shape[1]), value=v)  # noqa: E731 - (B, t) -> (B, T)
+        x = torch.cat([F.pad(e.detach().to(dev, self.dtype), (0, 0, 0, T - e.shape[1])) for e, _, _, _ in requests]).requires_grad_(True)  # (ΣB, T, d)
+        mask = torch.cat([pad(m, 0) for _, m, _, _ in requests])
+        labels = torch.cat([pad(lab, IGNORE_INDEX) for _, _, lab, _ in requests])
+        group = torch.cat([torch.full((e.shape[0],), i, device=dev) for i, (e, _, _, _) in enumerate(requests)])  # row -> request
+        hidden = self.decoder(inputs_embeds=x, attention_mask=mask).last_hidden_state  # (ΣB, T, d), on the last shard's device
+        targets = labels[:, 1:].to(hidden.device)  # token t+1 is predicted at position t
+        sel = targets != IGNORE_INDEX  # (ΣB, T-1)
+        logits = self.head(hidden[:, :-1][sel]).float()  # (N, V): only labelled positions, on the head's device
+        tok_nll = F.cross_entropy(logits, targets[sel].to(logits.device), reduction="none")  # (N,)
+        tok_group = group.to(tok_nll.device).unsqueeze(1).expand_as(sel)[sel.to(tok_nll.device)]  # (N,)
+        nll = tok_nll.new_zeros(len(requests)).index_add(0, tok_group, tok_nll)  # per request
+        scale = [1.0 / c if r == "mean" else 1.0 for c, (_, _, _, r) in zip(counts, requests, strict=True)]
+        return nll * nll.new_tensor(scale), x, counts
 
     @torch.no_grad()
     def score(
@@ -100,23 +118,29 @@ class ServerLLM:
         embeds (B, T, d), mask (B, T): right-padded prompts.
         cand_embeds (K, L, d), cand_ids (K, L), cand_mask (K, L): right-padded candidates.
         """
+        dev = self.device
+        embeds, mask, cand_embeds = embeds.to(dev, self.dtype), mask.to(dev, torch.long), cand_embeds.to(dev, self.dtype)
         B, K, L = embeds.shape[0], cand_ids.shape[0], cand_ids.shape[1]
-        lengths = mask.sum(1).long()  # (B,)
-        out = self.decoder(inputs_embeds=embeds.to(self.dtype), attention_mask=mask, use_cache=True)
-        last = out.last_hidden_state[torch.arange(B), lengths - 1]  # (B, d)
-        first_lp = torch.log_softmax(self.head(last).float(), -1)[:, cand_ids[:, 0]]  # (B, K)
+        lengths = mask.sum(1)  # (B,)
+        out = self.decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
+        h_last = out.last_hidden_state  # (B, T, d), on the last shard's device
+        last = h_last[torch.arange(B, device=h_last.device), lengths.to(h_last.device) - 1]  # (B, d)
+        logits = self.head(last).float()  # (B, V) on the head's device
+        ids = cand_ids.to(logits.device, torch.long)
+        first_lp = torch.log_softmax(logits, -1)[:, ids[:, 0]]  # (B, K)
         if L == 1:
             return first_lp
         # Continue every prompt with every candidate: repeat the cache K times.
         cache = out.past_key_values
         cache.batch_repeat_interleave(K)
-        x = cand_embeds.to(self.dtype).repeat(B, 1, 1)  # (B*K, L, d)
-        full_mask = torch.cat([mask.repeat_interleave(K, 0), cand_mask.repeat(B, 1)], dim=1)  # (B*K, T+L)
-        pos = lengths.repeat_interleave(K).unsqueeze(1) + torch.arange(L).unsqueeze(0)  # (B*K, L)
+        c_mask = cand_mask.to(dev, torch.long)
+        x = cand_embeds.repeat(B, 1, 1)  # (B*K, L, d)
+        full_mask = torch.cat([mask.repeat_interleave(K, 0), c_mask.repeat(B, 1)], dim=1)  # (B*K, T+L)
+        pos = lengths.repeat_interleave(K).unsqueeze(1) + torch.arange(L, device=dev).unsqueeze(0)  # (B*K, L)
         h = self.decoder(inputs_embeds=x, attention_mask=full_mask, position_ids=pos, past_key_values=cache).last_hidden_state
         # A contiguous 2-D input: torch's bf16 linear on a strided 3-D slice is ~400x slower on CPU.
         flat = h[:, :-1].reshape(-1, h.shape[-1]).contiguous()  # (B*K*(L-1), d)
         lp = torch.log_softmax(self.head(flat).float(), -1).view(B * K, L - 1, -1)  # (B*K, L-1, V)
-        nxt = cand_ids[:, 1:].repeat(B, 1)  # (B*K, L-1)
-        tok_lp = lp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1) * cand_mask[:, 1:].repeat(B, 1)
+        nxt = ids[:, 1:].repeat(B, 1)  # (B*K, L-1)
+        tok_lp = lp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1) * c_mask[:, 1:].to(lp.device).repeat(B, 1)
         return first_lp + tok_lp.sum(1).view(B, K)

@@ -72,17 +72,23 @@ def build_tiny_llm(out_dir: Path, seed: int = 0) -> Path:
     return out_dir
 
 
-def build_tiny_llava(out_dir: Path, seed: int = 0, image_size: int = 32, patch_size: int = 8) -> Path:
-    """A tiny random LlavaForConditionalGeneration checkpoint (CLIP tower + Llama), no chat template."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+def tiny_llava_config(tok: Any, image_size: int = 32, patch_size: int = 8) -> Any:
+    """LLaVA's configuration at tiny sizes: a CLIP tower and a Llama LM."""
+    from transformers import CLIPVisionConfig, LlavaConfig
 
-    tok = tiny_tokenizer(chat_template=False, extra_specials=("<image>",))
     vision = CLIPVisionConfig(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                               image_size=image_size, patch_size=patch_size, projection_dim=HIDDEN)
-    cfg = LlavaConfig(vision_config=vision, text_config=tiny_llama_config(tok), image_token_index=tok.convert_tokens_to_ids("<image>"),
-                      image_seq_length=(image_size // patch_size) ** 2)
+    return LlavaConfig(vision_config=vision, text_config=tiny_llama_config(tok), image_token_index=tok.convert_tokens_to_ids("<image>"),
+                       image_seq_length=(image_size // patch_size) ** 2)
+
+
+def build_tiny_llava(out_dir: Path, seed: int = 0, image_size: int = 32, patch_size: int = 8) -> Path:
+    """A tiny random LlavaForConditionalGeneration checkpoint (CLIP tower + Llama), no chat template."""
+    from transformers import LlavaForConditionalGeneration
+
+    tok = tiny_tokenizer(chat_template=False, extra_specials=("<image>",))
     torch.manual_seed(seed)
-    LlavaForConditionalGeneration(cfg).save_pretrained(out_dir)
+    LlavaForConditionalGeneration(tiny_llava_config(tok, image_size, patch_size)).save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
     return out_dir
 

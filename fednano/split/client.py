@@ -2,7 +2,8 @@
 
 Tensors go out in the wire dtype (bf16 by default) and every byte is counted
 per op, both ways. A stream broken by the server (e.g. a frame refused for
-size) is reopened on the next call.
+size) is reopened on the next call. The returned gradient goes to the device
+the embeddings came from (the wire format is the only CPU boundary).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class SplitClient:
         reply = self.request(
             Frame("train", {"embeds": embeds.detach().to(self.wire), "mask": mask.to(torch.uint8), "labels": labels.to(torch.int32)}, {"reduction": reduction})
         )
-        return reply.tensors["loss"].float(), reply.tensors["grad"].to(embeds.dtype), int(reply.meta["n_tokens"])
+        return reply.tensors["loss"].float(), reply.tensors["grad"].to(embeds.device, embeds.dtype), int(reply.meta["n_tokens"])
 
     def score(self, embeds: torch.Tensor, mask: torch.Tensor, cand_embeds: torch.Tensor, cand_ids: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
         reply = self.request(

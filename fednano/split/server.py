@@ -69,20 +69,24 @@ def _check_embeds(frame: Frame, prefix: str, hidden: int) -> tuple[torch.Tensor,
 
 
 class LLMWorker:
-    """The one thread that runs the LLM (one hot OpenMP team, no lock contention).
+    """The one thread that runs the LLM (one hot OpenMP team or CUDA stream, no lock contention).
 
     Jobs are callables; training steps are queued as requests instead, and when
     several clients' steps are waiting at once they run as one micro-batch
     (`ServerLLM.train_steps`), each client still getting exactly its own result.
+    A micro-batch grows while its padded size (rows x longest sequence) stays within
+    `max_tokens`: that, not a count of requests, is what fills a GPU (a 7B LLM
+    saturates at a few thousand tokens; a 135M one at tens of thousands).
     """
 
     def __init__(
-        self, llm: ServerLLM, max_batch: int = 8, batching: bool = True, window_s: float = 0.0, active: Callable[[], int] | None = None
+        self, llm: ServerLLM, max_tokens: int = 4096, batching: bool = True, window_s: float = 0.0, active: Callable[[], int] | None = None
     ) -> None:
         """window_s: how long a step may wait for other active clients' steps to join it."""
-        self.llm, self.max_batch, self.batching, self.window_s = llm, max_batch, batching, window_s
+        self.llm, self.max_tokens, self.batching, self.window_s = llm, max_tokens, batching, window_s
         self._active = active or (lambda: 1)
         self._queue: queue.Queue = queue.Queue()
+        self._held: list = []  # a job taken while filling a micro-batch that did not fit: it goes next
         self.steps = {"train_requests": 0, "llm_passes": 0}
         self.busy_seconds = 0.0  # time spent running LLM work (the server's compute cost)
         self._thread = threading.Thread(target=self._run, name="split-llm", daemon=True)
@@ -101,28 +105,39 @@ class LLMWorker:
     def stop(self) -> None:
         self._queue.put(None)
 
+    def _take(self, timeout: float | None = None) -> Any:
+        """The next job: a held one first; raises queue.Empty after `timeout` (0: do not wait)."""
+        if self._held:
+            return self._held.pop()
+        if timeout is None:
+            return self._queue.get()
+        return self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
+
+    @staticmethod
+    def padded_tokens(jobs: list) -> int:
+        """Size of the merged batch: total rows x the longest sequence (what the LLM computes on)."""
+        return sum(j[1][0].shape[0] for j in jobs) * max(j[1][0].shape[1] for j in jobs)
+
     def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
+        while (job := self._take()) is not None:
             if job[0] == "call":
                 self._settle([job], lambda: [job[1]()])
                 continue
-            batch, later = [job], []
+            batch = [job]
             deadline = time.monotonic() + self.window_s
-            while self.batching and len(batch) < self.max_batch:  # whatever else is waiting, or comes within the window
+            while self.batching:  # whatever else is waiting, or comes within the window, while it fits
                 wait = deadline - time.monotonic() if len(batch) < self._active() else 0.0
                 try:
-                    nxt = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+                    nxt = self._take(timeout=max(wait, 0.0))
                 except queue.Empty:
                     break
-                if nxt is None:
-                    later.append(nxt)
+                if nxt is None or nxt[0] != "train" or self.padded_tokens([*batch, nxt]) > self.max_tokens:
+                    self._held.append(nxt)  # runs next, in arrival order
                     break
-                (batch if nxt[0] == "train" else later).append(nxt)
+                batch.append(nxt)
             self._settle(batch, lambda b=batch: self.llm.train_steps([j[1] for j in b]))
             self.steps["train_requests"] += len(batch)
             self.steps["llm_passes"] += 1
-            for j in later:
-                self._queue.put(j)
 
     def _settle(self, jobs: list, compute: Callable[[], list]) -> None:
         t0 = time.perf_counter()
@@ -142,11 +157,11 @@ class SplitService:
     """Validates frames (on the gRPC threads) and hands the LLM work to one LLMWorker."""
 
     def __init__(
-        self, llm: ServerLLM, max_frame_bytes: int, batching: bool = True, max_batch: int = 8, window_s: float = 0.0,
+        self, llm: ServerLLM, max_frame_bytes: int, batching: bool = True, max_tokens: int = 4096, window_s: float = 0.0,
         active: Callable[[], int] | None = None,
     ) -> None:
         self.llm, self.max_frame_bytes = llm, max_frame_bytes
-        self.worker = LLMWorker(llm, max_batch, batching, window_s, active)
+        self.worker = LLMWorker(llm, max_tokens, batching, window_s, active)
         self.stats = {"frames": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0}
         self._stats_lock = threading.Lock()
         self.on_frame: Callable[[str], None] | None = None  # called with the op of every served frame
@@ -220,10 +235,10 @@ class SplitServer:
     def __init__(
         self, llm: ServerLLM, host: str = "127.0.0.1", port: int = 0, max_frame_mb: float = 64.0, workers: int = 16,
         secret: str | None = None, tls: tuple[bytes, bytes] | None = None, max_streams: int = 64, batching: bool = True,
-        batch_window_ms: float = 30.0, max_streams_per_client: int = 4,
+        batch_window_ms: float = 30.0, max_streams_per_client: int = 4, max_batch_tokens: int = 4096,
     ) -> None:
         self.max_frame_bytes = int(max_frame_mb * 1024 * 1024)
-        self.service = SplitService(llm, self.max_frame_bytes, batching, window_s=batch_window_ms / 1000, active=lambda: self._streams)
+        self.service = SplitService(llm, self.max_frame_bytes, batching, max_batch_tokens, window_s=batch_window_ms / 1000, active=lambda: self._streams)
         self.secret, self.max_streams, self.max_streams_per_client = secret, max_streams, max_streams_per_client
         self._streams = 0
         self._per_client: dict[str, int] = {}
