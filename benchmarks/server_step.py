@@ -1,19 +1,25 @@
 """Benchmark the split-learning step on this machine, side by side in one run.
 
-Measures:
-  * this machine's bf16 and fp32 matmul rate (2048 x 2048, the reference peak);
+Real weights (default; the prepared smol bundle, `fednano prepare`):
+  * this device's bf16 and fp32 matmul rate (the reference peak);
   * the server step (SmolLM2-135M, loss + d loss / d embeddings) in three variants:
       ours-bf16  : bf16, logits only at labelled positions (what FedNano runs)
       full-head  : bf16, HF's own loss: full-vocabulary head over every position
       ours-fp32  : fp32, logits only at labelled positions
-    FLOPs are counted by torch's FlopCounterMode on the real step, so
-    achieved GFLOP/s / matmul GFLOP/s is an honest utilisation ratio;
+    FLOPs are counted by torch's FLOP formulas on the real step, so achieved
+    GFLOP/s / matmul GFLOP/s is an honest utilisation ratio;
   * the client step (NanoEdge forward + backward into the adapters) and a full
     split step over the real gRPC channel on loopback, with bytes per step.
 
-    python benchmarks/server_step.py [--batch 8] [--repeats 5]
+    python benchmarks/server_step.py [--device auto] [--batch 8] [--repeats 5]
 
-Needs the prepared smol bundle (`fednano prepare`, also done by `make run`).
+Random weights at the paper's scale (throughput, memory and bytes only: no accuracy):
+  the LLM of LLaVA-1.5-7B or MiniGPT-4 (Vicuna-7B) built from the configurations
+  FedNano ships, bf16, one step on batch x (visual + text) tokens with labels on
+  the last 4 tokens of each sample, against the matmul rate measured in the same run.
+
+    python benchmarks/server_step.py --device cuda --backbone llava-1.5-7b --random-weights [--batch 8]
+    python benchmarks/server_step.py --device cuda --backbone minigpt4 --random-weights
 """
 
 from __future__ import annotations
@@ -25,11 +31,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+from common import SHAPES, count_flops, machine, matmul_gflops, random_llm, random_request, timeit
 
 from fednano.config import RunConfig
 from fednano.data.easyvqa import load_split
+from fednano.devices import resolve_device
 from fednano.models.bundle import load_nanoedge, load_server_llm
 from fednano.prepare import ensure_prepared
 from fednano.split.client import SplitClient
@@ -38,50 +44,9 @@ from fednano.split.server import SplitServer
 from fednano.training import ImageFeatures, Workload
 
 
-def timeit(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def matmul_gflops(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / timeit(lambda: a @ b, repeats) / 1e9
-
-
-class _FlopCount(TorchDispatchMode):
-    """Counts FLOPs of every op torch's FLOP formulas know (matmuls, attention, convs).
-
-    FlopCounterMode itself cannot be used: its module tracker breaks
-    autograd.grad on a leaf tensor (torch 2.13), which is exactly our step.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.flops = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        formula = flop_registry.get(func._overloadpacket)
-        if formula is not None:
-            self.flops += formula(*args, **kwargs, out_val=out)
-        return out
-
-
-def count_flops(fn) -> int:
-    with _FlopCount() as fc:
-        fn()
-    return fc.flops
-
-
 def full_head_step(llm, embeds, mask, labels):
     """The naive step: HF's loss, full-vocabulary logits at every position."""
-    x = embeds.to(llm.dtype).requires_grad_(True)
+    x = embeds.to(llm.device, llm.dtype).requires_grad_(True)
     out = llm.model(inputs_embeds=x, attention_mask=mask)
     logits = out.logits.float()
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
@@ -89,16 +54,40 @@ def full_head_step(llm, embeds, mask, labels):
     return loss, g
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=8, help="samples per step (default 8, the training default)")
-    ap.add_argument("--repeats", type=int, default=5, help="timed repetitions per variant (median reported)")
-    args = ap.parse_args()
-    torch.manual_seed(0)
+def paper_scale(args: argparse.Namespace, device: torch.device) -> None:
+    """One server step of a random-weight LLM at a named MLLM's shape (throughput only)."""
+    peak = matmul_gflops(torch.bfloat16, device)
+    t0 = time.perf_counter()
+    llm = random_llm(args.backbone, device)
+    build = time.perf_counter() - t0
+    tokens = SHAPES[args.backbone] + args.text_tokens
+    req = random_request(llm, args.batch, tokens, args.answer_tokens)
+    step = lambda: llm.train_steps([req])[0]  # noqa: E731 - from CPU tensors (as decoded), results left on the device
+    flops = count_flops(step)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    sec = timeit(step, args.repeats, device)
+    up = len(encode(Frame("train", {"embeds": req[0], "mask": req[1].to(torch.uint8), "labels": req[2].to(torch.int32)})))
+    down = len(encode(Frame("train", {"loss": torch.zeros(()), "grad": req[0]}, {"n_tokens": 0})))
+    n_params = sum(p.numel() for p in llm.model.parameters())
+    print(f"\nServer step, random weights at {args.backbone}'s shape: LLM {n_params / 1e9:.2f}B parameters, bf16, "
+          f"{llm.model.config._attn_implementation} attention, on {machine(device)}")
+    print(f"matmul {'8192' if device.type == 'cuda' else '2048'}^3 bf16: {peak / 1000:.1f} TFLOP/s (measured in this run); "
+          f"LLM built in {build:.1f} s\n")
+    print("| LLM shape | batch x tokens | seconds | TFLOP counted | achieved TFLOP/s | / matmul rate | samples/s | peak activation memory | bytes up / down per step |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+    mem = f"{(torch.cuda.max_memory_allocated(device) - base) / 2**30:.1f} GiB" if device.type == "cuda" else "n/a (CPU)"
+    rate = flops / sec / 1e12
+    print(f"| {args.backbone} | {args.batch} x {tokens} ({SHAPES[args.backbone]} visual + {args.text_tokens} text) | {sec:.3f} | "
+          f"{flops / 1e12:.2f} | {rate:.2f} | **{rate * 1000 / peak:.3f}** | {args.batch / sec:.1f} | {mem} | {up:,} / {down:,} |")
 
+
+def smol_real(args: argparse.Namespace, device: torch.device) -> None:
+    torch.manual_seed(0)
     cfg = RunConfig()
     bundle = ensure_prepared(cfg)
-    client = load_nanoedge(bundle / "client", cfg.adapter)
+    client = load_nanoedge(bundle / "client", cfg.adapter, device)
     edge = client.edge
     work = Workload(client.tokenizer, ImageFeatures(edge.vision), edge.num_visual_tokens)
     samples = list(load_split("train")[: args.batch])
@@ -107,23 +96,23 @@ def main() -> None:
     with torch.no_grad():
         embeds = edge.embed(batch.input_ids, feats)
 
-    peak_bf16, peak_fp32 = matmul_gflops(torch.bfloat16), matmul_gflops(torch.float32)
+    peak_bf16, peak_fp32 = matmul_gflops(torch.bfloat16, device), matmul_gflops(torch.float32, device)
     rows = []
-    llm = load_server_llm(bundle, torch.bfloat16)
+    llm = load_server_llm(bundle, torch.bfloat16, device)
     for name, dtype in (("ours-bf16", torch.bfloat16), ("full-head", torch.bfloat16), ("ours-fp32", torch.float32)):
         if llm.dtype != dtype:
-            llm = load_server_llm(bundle, dtype)
+            llm = load_server_llm(bundle, dtype, device)
         if name == "full-head":
-            step = lambda m=llm: full_head_step(m, embeds, batch.attention_mask, batch.labels)  # noqa: E731
+            step = lambda m=llm: full_head_step(m, embeds, batch.attention_mask.to(device), batch.labels.to(device))  # noqa: E731
         else:
             step = lambda m=llm: m.train_step(embeds, batch.attention_mask, batch.labels)  # noqa: E731
         flops = count_flops(step)
-        sec = timeit(step, args.repeats)
+        sec = timeit(step, args.repeats, device)
         peak = peak_bf16 if dtype == torch.bfloat16 else peak_fp32
         rows.append((name, sec, flops, flops / sec / 1e9, flops / sec / 1e9 / peak_bf16, flops / sec / 1e9 / peak))
 
     # client side and the real channel (bf16 wire, as in training)
-    llm = load_server_llm(bundle, torch.bfloat16)
+    llm = load_server_llm(bundle, torch.bfloat16, device)
     params = list(edge.adapter_parameters().values())
 
     def client_only():
@@ -132,9 +121,9 @@ def main() -> None:
         for p in params:
             p.grad = None
 
-    client_sec = timeit(client_only, args.repeats)
+    client_sec = timeit(client_only, args.repeats, device)
     fresh = ImageFeatures(edge.vision)
-    encode_sec = timeit(lambda: (fresh._memo.clear(), fresh([s.image_path for s in samples])), args.repeats)
+    encode_sec = timeit(lambda: (fresh._memo.clear(), fresh([s.image_path for s in samples])), args.repeats, device)
     frame = encode(Frame("train", {"embeds": embeds.to(torch.bfloat16), "mask": batch.attention_mask.to(torch.uint8), "labels": batch.labels.to(torch.int32)}))
     with SplitServer(llm) as server, SplitClient(server.address, "bfloat16") as split:
         # The same frame handled in-process (decode + LLM + encode, on a worker thread as
@@ -156,13 +145,13 @@ def main() -> None:
             _, g, _ = split.train_step(e, batch.attention_mask, batch.labels)
             e.backward(g)
 
-        split_sec = timeit(split_step, args.repeats)
+        split_sec = timeit(split_step, args.repeats, device)
         up = split.bytes_up["train"] / split.calls["train"]
         down = split.bytes_down["train"] / split.calls["train"]
     payload = len(encode(Frame("x", {"e": embeds.to(torch.bfloat16)})))
 
-    print(f"\nSplit step benchmark: SmolLM2-135M server, batch {B} x {T} tokens, torch threads {torch.get_num_threads()}\n")
-    print(f"matmul 2048^2: bf16 {peak_bf16:.0f} GFLOP/s, fp32 {peak_fp32:.0f} GFLOP/s (ratio {peak_bf16 / peak_fp32:.2f}x)\n")
+    print(f"\nSplit step benchmark: SmolLM2-135M server, batch {B} x {T} tokens, on {machine(device)}\n")
+    print(f"matmul: bf16 {peak_bf16:.0f} GFLOP/s, fp32 {peak_fp32:.0f} GFLOP/s (ratio {peak_bf16 / peak_fp32:.2f}x)\n")
     print("| server step | seconds | GFLOP counted | achieved GFLOP/s | / bf16 matmul peak | / same-dtype peak |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, sec, flops, rate, r_bf16, r_same in rows:
@@ -179,6 +168,25 @@ def main() -> None:
     print(f"| bytes up per step (embeds bf16 + mask + labels + header) | {up:,.0f} |")
     print(f"| bytes down per step (grad bf16 + loss + header) | {down:,.0f} |")
     print(f"| of which raw embeddings (B x T x d x 2 bytes) | {B * T * edge.dim * 2:,} (frame {payload:,}) |")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="auto", help="'auto' (a CUDA GPU when there is one), 'cpu', 'cuda', 'cuda:N'")
+    ap.add_argument("--backbone", default="smol", choices=sorted(SHAPES), help="whose LLM (random weights for the 7B ones)")
+    ap.add_argument("--random-weights", action="store_true", help="build the LLM from its shipped configuration with random weights")
+    ap.add_argument("--batch", type=int, default=8, help="samples per step (default 8, the training default)")
+    ap.add_argument("--text-tokens", type=int, default=64, help="random weights: text tokens per sample besides the visual ones")
+    ap.add_argument("--answer-tokens", type=int, default=4, help="random weights: labelled tokens per sample")
+    ap.add_argument("--repeats", type=int, default=5, help="timed repetitions per variant (median reported)")
+    args = ap.parse_args()
+    device = resolve_device(args.device, "--device")
+    if args.random_weights:
+        paper_scale(args, device)
+    elif args.backbone != "smol":
+        ap.error(f"{args.backbone}: its weights cannot be had here; add --random-weights")
+    else:
+        smol_real(args, device)
 
 
 if __name__ == "__main__":
