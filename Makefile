@@ -56,8 +56,9 @@ test-fast: setup  ## everything except the tests that load the real 135M weights
 test-gpu: setup  ## the GPU cases only (on a machine with an NVIDIA GPU, after `make setup TORCH=cuda`)
 	$(PY) -m pytest -m gpu
 
-lint: setup
+lint: setup  ## ruff (style, E501 included) and mypy (types, configured in pyproject.toml)
 	$(VENV)/bin/ruff check fednano tests benchmarks
+	$(VENV)/bin/mypy
 
 bench: setup
 	$(PY) benchmarks/server_step.py

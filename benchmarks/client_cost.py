@@ -25,12 +25,14 @@ from pathlib import Path
 
 import torch
 
+from fednano.backbones.bundle import load_nanoedge, load_server_llm
+from fednano.backbones.prepare import ensure_prepared
+from fednano.client.features import ImageFeatures, Workload
+from fednano.client.training import train_local
 from fednano.config import RunConfig
-from fednano.data.easyvqa import load_split
-from fednano.models.bundle import load_nanoedge, load_server_llm
-from fednano.prepare import DTYPES, ensure_prepared
+from fednano.data.easyvqa import SYSTEM_PROMPT, load_split
+from fednano.devices import dtype_of
 from fednano.split.server import SplitServer
-from fednano.training import ImageFeatures, Workload, train_local
 
 
 def _status(field: str) -> float:
@@ -50,7 +52,7 @@ def _client(kind: str, address: str, steps: int) -> dict:
     t_load = time.perf_counter()
     edge_bundle = load_nanoedge(bundle / "client", cfg.adapter)
     edge = edge_bundle.edge
-    work = Workload(edge_bundle.tokenizer, ImageFeatures(edge.vision), edge.num_visual_tokens)
+    work = Workload(edge_bundle.tokenizer, ImageFeatures(edge.vision), edge.num_visual_tokens, SYSTEM_PROMPT)
     samples = list(load_split("train")[: 8 * steps])
     params = None
     held = sum(p.numel() for p in edge.parameters())
@@ -59,9 +61,9 @@ def _client(kind: str, address: str, steps: int) -> dict:
 
         endpoint = SplitClient(address, cfg.split.wire_dtype)
     else:
-        from fednano.models.lora_llm import GLOBAL, LoRAEndpoint, add_lora, train_only
+        from fednano.methods.whole_llm import GLOBAL, LoRAEndpoint, add_lora, train_only
 
-        llm = load_server_llm(bundle, DTYPES[cfg.model.llm_dtype])
+        llm = load_server_llm(bundle, dtype_of(cfg.model.llm_dtype))
         add_lora(llm, cfg.adapter, (GLOBAL,))
         params = train_only(llm, GLOBAL)
         endpoint = LoRAEndpoint(llm)
@@ -87,7 +89,7 @@ def main() -> None:
         print(json.dumps(_client(args.child[0], args.child[1], args.steps)))
         return
     cfg = RunConfig()
-    llm = load_server_llm(ensure_prepared(cfg), DTYPES[cfg.model.llm_dtype])
+    llm = load_server_llm(ensure_prepared(cfg), dtype_of(cfg.model.llm_dtype))
     rows = {}
     with SplitServer(llm) as server:
         for kind in ("fednano", "fedit-lora"):
@@ -96,13 +98,18 @@ def main() -> None:
             rows[kind] = json.loads(out.stdout.strip().splitlines()[-1])
     a, b = rows["fednano"], rows["fedit-lora"]
     print(f"{args.steps} training steps, batch 8, easy-vqa, smol backbone (bf16 LLM), one client process each\n")
-    print("| client | parameters held | RSS loaded (MiB) | peak RSS training (MiB) | load (s) | s / step | client CPU s / step | bytes up / step |")
+    print("| client | parameters held | RSS loaded (MiB) | peak RSS training (MiB) | load (s) | s / step | client CPU s / step | "
+          "bytes up / step |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, r in (("FedNano (NanoEdge, split)", a), ("FedIT-LoRA (whole MLLM)", b)):
-        print(f"| {name} | {r['held']:,} | {r['loaded_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} | {r['load_s']:.1f} | {r['step_s']:.2f} | {r['client_cpu_s']:.2f} | {r['bytes_up_per_step']:,.0f} |")
-    print(f"\nratios FedIT-LoRA / FedNano: parameters {b['held'] / a['held']:.1f}x, RSS loaded {b['loaded_rss_mib'] / a['loaded_rss_mib']:.2f}x, "
-          f"peak RSS training {b['peak_rss_mib'] / a['peak_rss_mib']:.2f}x, "
-          f"client CPU per step {b['client_cpu_s'] / a['client_cpu_s']:.1f}x, wall per step {b['step_s'] / a['step_s']:.2f}x")
+        print(f"| {name} | {r['held']:,} | {r['loaded_rss_mib']:.0f} | {r['peak_rss_mib']:.0f} | {r['load_s']:.1f} | "
+              f"{r['step_s']:.2f} | {r['client_cpu_s']:.2f} | {r['bytes_up_per_step']:,.0f} |")
+    print(
+        f"\nratios FedIT-LoRA / FedNano: parameters {b['held'] / a['held']:.1f}x, "
+        f"RSS loaded {b['loaded_rss_mib'] / a['loaded_rss_mib']:.2f}x, "
+        f"peak RSS training {b['peak_rss_mib'] / a['peak_rss_mib']:.2f}x, "
+        f"client CPU per step {b['client_cpu_s'] / a['client_cpu_s']:.1f}x, wall per step {b['step_s'] / a['step_s']:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
+from fednano.data.prompts import IGNORE_INDEX
 from fednano.devices import describe
-from fednano.models.server_llm import IGNORE_INDEX, ServerLLM
+from fednano.server.llm import ServerLLM
 
 # name -> (visual tokens per image, how to build the LLM's config)
 SHAPES = {
@@ -80,8 +81,8 @@ def random_llm(shape: str, device: torch.device, dtype: torch.dtype = torch.bflo
     """The frozen LLM of a named MLLM with random weights, built on `device` in `dtype`."""
     from transformers import AutoModelForCausalLM
 
-    from fednano.footprint import smollm2_config
-    from fednano.models.bundle import random_causal_lm, random_mllm_config
+    from fednano.backbones.bundle import random_causal_lm, random_mllm_config
+    from fednano.backbones.footprint import smollm2_config
 
     if shape == "smol":
         with torch.random.fork_rng(devices=[]), torch.device(device):

@@ -24,8 +24,9 @@ import torch
 from common import machine, random_llm, random_request
 
 from fednano.config import RunConfig, SplitConfig
+from fednano.data.easyvqa import SYSTEM_PROMPT
 from fednano.devices import resolve_device
-from fednano.models.server_llm import ServerLLM
+from fednano.server.llm import ServerLLM
 from fednano.split.client import SplitClient
 from fednano.split.server import SplitServer
 
@@ -33,7 +34,7 @@ from fednano.split.server import SplitServer
 def run(llm: ServerLLM, batching: bool, n_clients: int, steps: int, request: tuple, max_tokens: int) -> tuple[float, int]:
     """-> (samples per second, LLM passes)."""
     emb, mask, labels, _ = request
-    with SplitServer(llm, batching=batching, max_batch_tokens=max_tokens, max_streams=max(64, n_clients)) as server:
+    with SplitServer(llm, SplitConfig(micro_batching=batching, max_batch_tokens=max_tokens, max_streams=max(64, n_clients))) as server:
         clients = [SplitClient(server.address, "bfloat16") for _ in range(n_clients)]
         for c in clients:
             c.train_step(emb, mask, labels)  # open streams, warm up
@@ -61,15 +62,15 @@ def run(llm: ServerLLM, batching: bool, n_clients: int, steps: int, request: tup
 
 def real_request(device: torch.device) -> tuple[ServerLLM, tuple]:
     """SmolLM2-135M with its real weights and a real easy-vqa training frame."""
+    from fednano.backbones.bundle import load_nanoedge, load_server_llm
+    from fednano.backbones.prepare import ensure_prepared
+    from fednano.client.features import ImageFeatures, Workload
     from fednano.data.easyvqa import load_split
-    from fednano.models.bundle import load_nanoedge, load_server_llm
-    from fednano.prepare import ensure_prepared
-    from fednano.training import ImageFeatures, Workload
 
     cfg = RunConfig()
     bundle = ensure_prepared(cfg)
     client = load_nanoedge(bundle / "client", cfg.adapter)
-    work = Workload(client.tokenizer, ImageFeatures(client.edge.vision), client.edge.num_visual_tokens)
+    work = Workload(client.tokenizer, ImageFeatures(client.edge.vision), client.edge.num_visual_tokens, SYSTEM_PROMPT)
     tb, feats = work.train_batch(list(load_split("train")[:8]))
     with torch.no_grad():
         emb = client.edge.embed(tb.input_ids, feats).to(torch.bfloat16)
@@ -79,11 +80,14 @@ def real_request(device: torch.device) -> tuple[ServerLLM, tuple]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto", help="where the server LLM runs: 'auto', 'cpu', 'cuda', 'cuda:N'")
-    ap.add_argument("--random-weights", action="store_true", help="SmolLM2-135M from its configuration, random weights, a random 8 x 45 frame")
+    ap.add_argument("--random-weights", action="store_true", help="SmolLM2-135M from its configuration, random weights, a random 8 x "
+                                                                  "45 frame")
     ap.add_argument("--steps", type=int, default=4, help="steps per client (default 4)")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64], help="client counts to try")
     ap.add_argument("--repeats", type=int, default=2, help="alternating repetitions per mode; the best of each is reported")
-    ap.add_argument("--max-batch-tokens", type=int, default=SplitConfig().max_batch_tokens, help="split.max_batch_tokens for the batched mode")
+    ap.add_argument(
+        "--max-batch-tokens", type=int, default=SplitConfig().max_batch_tokens, help="split.max_batch_tokens for the batched mode"
+    )
     args = ap.parse_args()
     device = resolve_device(args.device, "--device")
     if args.random_weights:
@@ -101,9 +105,14 @@ def main() -> None:
         rows.append((n, plain, batched, passes, n * args.steps))
     emb = request[0]
     weights = "random weights" if args.random_weights else "real weights"
-    print(f"\nSplit server throughput, SmolLM2-135M ({weights}) bf16 on {machine(device)}; batch {emb.shape[0]} x {emb.shape[1]} tokens "
-          f"per step, {args.steps} steps per client, split.max_batch_tokens = {args.max_batch_tokens}\n")
-    print("| concurrent clients | unbatched samples/s | micro-batched samples/s | batched vs unbatched | batched vs 1 client | LLM passes / steps (batched) |")
+    print(
+        f"\nSplit server throughput, SmolLM2-135M ({weights}) bf16 on {machine(device)}; batch {emb.shape[0]} x {emb.shape[1]} tokens "
+        f"per step, {args.steps} steps per client, split.max_batch_tokens = {args.max_batch_tokens}\n"
+    )
+    print(
+        "| concurrent clients | unbatched samples/s | micro-batched samples/s | batched vs unbatched | batched vs 1 client | LLM "
+        "passes / steps (batched) |"
+    )
     print("|---:|---:|---:|---:|---:|---:|")
     one = rows[0][2]
     for n, plain, batched, passes, total in rows:

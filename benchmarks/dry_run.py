@@ -40,12 +40,14 @@ def table(results: dict) -> str:
     lines = [f"{cfg['model']['backbone']} at the shape of `{cfg['model']['checkpoint']}`, random weights: {final.get('random_weights')}; "
              f"server on {server.get('device')} ({server.get('name')}), {server.get('dtype')}, {server.get('attention')} attention; "
              f"clients on " + ", ".join(f"{pid}: {d.get('device')}" for pid, d in sorted(devices.get("clients", {}).items())),
-             "", "| round | seconds (train / client eval / server eval) | split steps | server LLM busy | server peak GPU | server peak host RSS | "
+             "", "| round | seconds (train / client eval / server eval) | split steps | server LLM busy | server peak GPU | server "
+                 "peak host RSS | "
              "client peak GPU | client peak host RSS |", "|---:|---|---:|---:|---:|---:|---|---|"]
     for r in results["rounds"]:
         mem, ph = r.get("memory", {}), r["phase_seconds"]
         per = lambda key, mem=mem: ", ".join(f"{pid}: {gib(v)}" for pid, v in sorted(mem.get(key, {}).items())) or "—"  # noqa: E731
-        lines.append(f"| {r['round']} | {r['seconds']:.1f} ({ph['train']:.1f} / {ph['client_evaluation']:.1f} / {ph['server_evaluation']:.1f}) | "
+        lines.append(f"| {r['round']} | {r['seconds']:.1f} ({ph['train']:.1f} / {ph['client_evaluation']:.1f} / "
+                     f"{ph['server_evaluation']:.1f}) | "
                      f"{r['split_steps']} | {r['server_llm_seconds']:.1f} s | {gib(mem.get('server_peak_gpu_bytes'))} | "
                      f"{gib(mem.get('server_peak_rss_bytes'))} | {per('client_peak_gpu_bytes')} | {per('client_peak_rss_bytes')} |")
     lines += ["", "| bytes per round (all clients) | " + " | ".join(f"round {r['round']}" for r in results["rounds"]) + " |",

@@ -16,8 +16,8 @@ import time
 
 import torch
 
+from fednano.client.vision import build_vision_encoder
 from fednano.data.easyvqa import load_image, load_split
-from fednano.models.vision import build_vision_encoder
 
 SIZES = (1, 8, 32)
 
@@ -54,7 +54,10 @@ def main() -> None:
         for size in SIZES:
             same = torch.equal(feats[size], feats[1])
             diff = "" if same else f" (max diff {float((feats[size] - feats[1]).abs().max()):.1e})"
-            print(f"| {threads} | {size} | {best[size] * 1000 / len(x):.1f} | {best[size] / best[1]:.2f}× | {'yes' if same else 'no' + diff} |")
+            print(
+                f"| {threads} | {size} | {best[size] * 1000 / len(x):.1f} | {best[size] / best[1]:.2f}× | {'yes' if same else 'no' + diff} "
+                f"|"
+            )
 
 
 if __name__ == "__main__":

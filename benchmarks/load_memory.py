@@ -35,7 +35,7 @@ def write_checkpoint(out: Path, shape: str, layers: int | None, seed: int = 0) -
     from safetensors.torch import save_file
     from transformers import LlavaForConditionalGeneration
 
-    from fednano.models.bundle import random_mllm_config
+    from fednano.backbones.bundle import random_mllm_config
 
     if (out / "model.safetensors.index.json").exists():
         return sum(f.stat().st_size for f in out.glob("*.safetensors"))
@@ -58,7 +58,11 @@ def write_checkpoint(out: Path, shape: str, layers: int | None, seed: int = 0) -
             shard, n, size = {}, n + 1, 0
 
     for key, (shp, dtype) in shapes.items():
-        t = (torch.randn(shp, generator=g, dtype=torch.float32) * 0.02).to(torch.bfloat16) if dtype.is_floating_point else torch.zeros(shp, dtype=dtype)
+        t = (
+            (torch.randn(shp, generator=g, dtype=torch.float32) * 0.02).to(torch.bfloat16)
+            if dtype.is_floating_point
+            else torch.zeros(shp, dtype=dtype)
+        )
         shard[key] = t
         size += t.numel() * t.element_size()
         if size >= SHARD_BYTES:
@@ -79,7 +83,7 @@ def rss():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
 mode, path, bundle = sys.argv[1], sys.argv[2], sys.argv[3]
-from fednano.models.bundle import load_hf_mllm, load_server_llm
+from fednano.backbones.bundle import load_hf_mllm, load_server_llm
 before = rss()
 t0 = time.perf_counter()
 if mode == "fednano":
@@ -115,8 +119,10 @@ def main() -> None:
     t0 = time.perf_counter()
     size = write_checkpoint(args.dir, args.shape, args.layers)
     written = time.perf_counter() - t0
-    print(f"\nCheckpoint: {args.shape}{f' at {args.layers} layers' if args.layers else ''}, random bf16 weights, "
-          f"{size / 2**30:.2f} GiB on disk ({written:.0f} s to write or find)\n")
+    print(
+        f"\nCheckpoint: {args.shape}{f' at {args.layers} layers' if args.layers else ''}, random bf16 weights, "
+        f"{size / 2**30:.2f} GiB on disk ({written:.0f} s to write or find)\n"
+    )
     print("| loader | parameters held after loading | seconds | peak host memory above the process before loading | / checkpoint size |")
     print("|---|---:|---:|---:|---:|")
     for mode in args.modes:

@@ -33,15 +33,15 @@ import torch
 import torch.nn.functional as F
 from common import SHAPES, count_flops, machine, matmul_gflops, random_llm, random_request, timeit
 
+from fednano.backbones.bundle import load_nanoedge, load_server_llm
+from fednano.backbones.prepare import ensure_prepared
+from fednano.client.features import ImageFeatures, Workload
 from fednano.config import RunConfig
-from fednano.data.easyvqa import load_split
+from fednano.data.easyvqa import SYSTEM_PROMPT, load_split
 from fednano.devices import resolve_device
-from fednano.models.bundle import load_nanoedge, load_server_llm
-from fednano.prepare import ensure_prepared
 from fednano.split.client import SplitClient
 from fednano.split.frames import Frame, encode
 from fednano.split.server import SplitServer
-from fednano.training import ImageFeatures, Workload
 
 
 def full_head_step(llm, embeds, mask, labels):
@@ -75,7 +75,8 @@ def paper_scale(args: argparse.Namespace, device: torch.device) -> None:
           f"{llm.model.config._attn_implementation} attention, on {machine(device)}")
     print(f"matmul {'8192' if device.type == 'cuda' else '2048'}^3 bf16: {peak / 1000:.1f} TFLOP/s (measured in this run); "
           f"LLM built in {build:.1f} s\n")
-    print("| LLM shape | batch x tokens | seconds | TFLOP counted | achieved TFLOP/s | / matmul rate | samples/s | peak activation memory | bytes up / down per step |")
+    print("| LLM shape | batch x tokens | seconds | TFLOP counted | achieved TFLOP/s | / matmul rate | samples/s | peak activation "
+          "memory | bytes up / down per step |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---|")
     mem = f"{(torch.cuda.max_memory_allocated(device) - base) / 2**30:.1f} GiB" if device.type == "cuda" else "n/a (CPU)"
     rate = flops / sec / 1e12
@@ -89,7 +90,7 @@ def smol_real(args: argparse.Namespace, device: torch.device) -> None:
     bundle = ensure_prepared(cfg)
     client = load_nanoedge(bundle / "client", cfg.adapter, device)
     edge = client.edge
-    work = Workload(client.tokenizer, ImageFeatures(edge.vision), edge.num_visual_tokens)
+    work = Workload(client.tokenizer, ImageFeatures(edge.vision), edge.num_visual_tokens, SYSTEM_PROMPT)
     samples = list(load_split("train")[: args.batch])
     batch, feats = work.train_batch(samples)
     B, T = batch.input_ids.shape
@@ -124,7 +125,12 @@ def smol_real(args: argparse.Namespace, device: torch.device) -> None:
     client_sec = timeit(client_only, args.repeats, device)
     fresh = ImageFeatures(edge.vision)
     encode_sec = timeit(lambda: (fresh._memo.clear(), fresh([s.image_path for s in samples])), args.repeats, device)
-    frame = encode(Frame("train", {"embeds": embeds.to(torch.bfloat16), "mask": batch.attention_mask.to(torch.uint8), "labels": batch.labels.to(torch.int32)}))
+    frame = encode(
+        Frame(
+            "train",
+            {"embeds": embeds.to(torch.bfloat16), "mask": batch.attention_mask.to(torch.uint8), "labels": batch.labels.to(torch.int32)},
+        )
+    )
     with SplitServer(llm) as server, SplitClient(server.address, "bfloat16") as split:
         # The same frame handled in-process (decode + LLM + encode, on a worker thread as
         # gRPC does) and over gRPC on loopback, interleaved so both see the same machine.
@@ -163,7 +169,8 @@ def smol_real(args: argparse.Namespace, device: torch.device) -> None:
     print(f"| vision encoder, {B} new images (EfficientNet-Lite0, 224 px) | {encode_sec * 1000:.0f} ms |")
     print(f"| server handles one frame in-process (decode + LLM step + encode) | {handle_sec:.3f} s |")
     print(f"| the same frame over gRPC loopback | {wire_sec:.3f} s |")
-    print(f"| gRPC channel cost per step (difference, interleaved medians) | {(wire_sec - handle_sec) * 1000:.0f} ms ({wire_sec / handle_sec:.2f}x) |")
+    cost = f"{(wire_sec - handle_sec) * 1000:.0f} ms ({wire_sec / handle_sec:.2f}x)"
+    print(f"| gRPC channel cost per step (difference, interleaved medians) | {cost} |")
     print(f"| full split step, client and server in one process | {split_sec:.3f} s |")
     print(f"| bytes up per step (embeds bf16 + mask + labels + header) | {up:,.0f} |")
     print(f"| bytes down per step (grad bf16 + loss + header) | {down:,.0f} |")

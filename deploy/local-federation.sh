@@ -9,7 +9,9 @@
 #
 # RUN_CONFIG defaults to configs/tiny.toml. Results land in WORK_DIR/out; logs
 # of every process in WORK_DIR/logs. ROUND_TIMEOUT (seconds, default 600) sets
-# federation.round_timeout.
+# federation.round_timeout. CLIENTAPP=package.module:app runs another ClientApp
+# (e.g. one that wraps FedNano's; the tests' makes a client hang): its top-level
+# package is packed into the app next to fednano.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 ROOT=$(mkdir -p "$1" && cd "$1" && pwd)
@@ -50,6 +52,10 @@ TOML
 
 # The app as Flower packs it, and the run config: the split channel over TLS too.
 cp "$REPO/pyproject.toml" app/ && cp -r "$REPO/fednano" "$REPO/configs" app/
+if [ -n "${CLIENTAPP:-}" ]; then
+  cp -r "$REPO/${CLIENTAPP%%.*}" app/
+  sed -i "s|^clientapp = .*|clientapp = \"$CLIENTAPP\"|" app/pyproject.toml
+fi
 find app -name __pycache__ -prune -exec rm -rf {} +
 python3 - "$BASE_CONFIG" "$ROOT/run.toml" "$ROOT" "$NODES" "${ROUND_TIMEOUT:-600}" <<'PY'
 import sys, tomllib

@@ -1,13 +1,19 @@
 """FedNano: federated tuning of multimodal LLMs with the LLM kept on the server.
 
-Data flow (one package per stage):
-    data/        easy-vqa samples, prompts, non-IID partitions
-    models/      client side (vision encoder, connector, NanoAdapters = NanoEdge)
-                 and server side (frozen LLM step: loss and d loss / d embeddings)
-    split/       the gRPC split-learning channel between the two
-    fisher.py    diagonal Fisher of the adapter parameters
-    aggregation.py  pure merge functions (Fisher merging, FedAvg)
-    federation/  Flower ServerApp / ClientApp (the only code importing flwr)
+The packages, in the order data flows through them:
+    data/         samples of every dataset, prompts and token batches, non-IID partitions
+    client/       the NanoEdge: frozen encoder -> frozen connector -> NanoAdapters (+ embedding table);
+                  local training, answer scoring, and the diagonal Fisher
+    split/        the wire: frames, the gRPC service (one LLM thread, micro-batches) and the client stub
+    server/       the frozen LLM: loss and d loss / d embeddings, answer scoring
+    backbones/    MLLMs assembled or split into a client bundle and a server part; parameter accounting
+    runtime/      what a client process and the server process hold for a run
+    methods/      every federated method as one registry entry of behaviour objects
+    aggregation.py  the merge maths (Fisher merging, FedAvg, FedOpt), pure functions
+    federation/   Flower's ServerApp / ClientApp / strategy / simulation: the only code importing flwr
+    experiments/  results folders, sweeps and reports
+Beside them: config.py (the run config), devices.py (devices, dtypes, memory), io.py (atomic
+writes), metrics.py, progress.py, cli.py.
 """
 
 __version__ = "0.1.0"

@@ -4,14 +4,14 @@
     fisher_merge: theta = sum_k n_k F_k theta_k / sum_k n_k F_k     (element-wise)
 
 FedAvg on the same NanoAdapters is exactly "FedNano without Fisher".
-`validate_update` is the gate every client reply passes before it is merged.
+`validate_update` is the gate every client reply passes before it is merged. Which of these a
+method uses is the method registry's business (fednano/methods/).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -24,7 +24,13 @@ def fedavg(thetas: Sequence[Tensors], n_examples: Sequence[float]) -> Tensors:
     total = float(sum(n_examples))
     if total <= 0:
         raise ValueError("total number of examples must be positive")
-    return {k: sum(float(n) * t[k].double() for t, n in zip(thetas, n_examples, strict=True)).div(total).to(thetas[0][k].dtype) for k in thetas[0]}
+    out = {}
+    for k in thetas[0]:
+        acc = torch.zeros_like(thetas[0][k], dtype=torch.float64)
+        for t, n in zip(thetas, n_examples, strict=True):
+            acc += float(n) * t[k].double()
+        out[k] = acc.div(total).to(thetas[0][k].dtype)
+    return out
 
 
 def normalize_fisher(fisher: Tensors) -> Tensors:
@@ -86,17 +92,6 @@ def validate_update(reference: Tensors, theta: Tensors, fisher: Tensors | None, 
     return problems
 
 
-Merge = Callable[..., Tensors]
-
-
-def _merge_fisher(thetas: Sequence[Tensors], fishers: Sequence[Tensors], n: Sequence[float], *, floor: float, normalize: bool) -> Tensors:
-    return fisher_merge(thetas, fishers, n, floor=floor, normalize=normalize)
-
-
-def _merge_fedavg(thetas: Sequence[Tensors], fishers: Sequence[Tensors], n: Sequence[float], *, floor: float, normalize: bool) -> Tensors:
-    return fedavg(thetas, n)
-
-
 # --------------------------------------------------------------- server optimisers
 def server_opt_step(
     kind: str, current: Tensors, aggregated: Tensors, state: Tensors, *, lr: float, beta1: float, beta2: float, tau: float,
@@ -129,49 +124,9 @@ def server_opt_step(
     return out, new_state
 
 
-@dataclass(frozen=True)
-class Method:
-    """One federated method: what the client computes, how the server merges.
-
-    fisher:     "none"; "pass" (an extra pass after local training, FedNano);
-                "training" (squared gradients accumulated during local training, FedNano-EF)
-    proximal:   the client adds mu/2 ||theta - theta_global||^2 to its loss (FedProx)
-    server_opt: "" or "adam" / "yogi": a server optimiser step on the merged update (FedOpt)
-    topology:   "federated"; "local" (each client keeps its own adapters, nothing merged);
-                "centralized" (one trainer holds every client's data)
-    client:     "nanoedge" (split learning against the server LLM) or "full-mllm"
-                (the client holds the whole MLLM and trains LoRA inside the LLM)
-    personal:   full-mllm: the client also keeps a local LoRA that never leaves it (FedDPA-F)
-    """
-
-    fisher: str
-    merge: Merge
-    proximal: bool = False
-    server_opt: str = ""
-    topology: str = "federated"
-    client: str = "nanoedge"
-    personal: bool = False
-
-    @property
-    def wants_fisher(self) -> bool:
-        return self.fisher != "none"
-
-
-# One registry entry per method.
-STRATEGIES: dict[str, Method] = {
-    "fednano": Method("pass", _merge_fisher),
-    "fednano-ef": Method("training", _merge_fisher),
-    "fedavg": Method("none", _merge_fedavg),
-    "fedprox": Method("none", _merge_fedavg, proximal=True),
-    "fedadam": Method("none", _merge_fedavg, server_opt="adam"),
-    "fedyogi": Method("none", _merge_fedavg, server_opt="yogi"),
-    "local": Method("none", _merge_fedavg, topology="local"),
-    "centralized": Method("none", _merge_fedavg, topology="centralized"),
-    "fedit-lora": Method("none", _merge_fedavg, client="full-mllm"),
-    "feddpa-f": Method("none", _merge_fedavg, client="full-mllm", personal=True),
-}
-
-
-def proximal_term(params: Tensors, anchor: Tensors, mu: float) -> torch.Tensor:
+def proximal_term(params: Mapping[str, torch.Tensor], anchor: Tensors, mu: float) -> torch.Tensor:
     """FedProx's mu/2 * sum_k ||p_k - anchor_k||^2 (its gradient is mu * (p - anchor))."""
-    return 0.5 * mu * sum(((params[k] - anchor[k].to(params[k].dtype)) ** 2).sum() for k in params)
+    total = torch.zeros((), device=next(iter(params.values())).device)
+    for k, p in params.items():
+        total = total + ((p - anchor[k].to(p.device, p.dtype)) ** 2).sum()
+    return 0.5 * mu * total

@@ -12,13 +12,27 @@ import typer
 
 from fednano.config import ConfigError, RunConfig, dump_toml, load_config, options_help
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False, help="FedNano: federated tuning of multimodal LLMs with the LLM kept on the server.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    help="FedNano: federated tuning of multimodal LLMs with the LLM kept on the server.",
+)
 log = logging.getLogger("fednano")
 
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="TOML run config (see `fednano options`; defaults apply to anything it omits).")]
-BackboneOpt = Annotated[str | None, typer.Option("--backbone", "-b", help="Shortcut for --set model.backbone=NAME: smol, compose, llava, blip2, tiny.")]
-CheckpointOpt = Annotated[Path | None, typer.Option("--checkpoint", help="Shortcut for --set model.checkpoint=DIR (a local llava / blip2 checkpoint).")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override one option, e.g. --set federation.rounds=5 (repeatable; value parsed as TOML).")]
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML run config (see `fednano options`; defaults apply to anything it omits).")
+]
+BackboneOpt = Annotated[
+    str | None, typer.Option("--backbone", "-b", help="Shortcut for --set model.backbone=NAME: smol, compose, llava, blip2, tiny.")
+]
+CheckpointOpt = Annotated[
+    Path | None, typer.Option("--checkpoint", help="Shortcut for --set model.checkpoint=DIR (a local llava / blip2 checkpoint).")
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override one option, e.g. --set federation.rounds=5 (repeatable; value parsed as TOML)."),
+]
 
 
 def _setup_logging(log_file: Path | None = None) -> None:
@@ -72,11 +86,19 @@ _OPTIONS_EPILOG = "Config options (TOML tables; override any with --set section.
 @app.command(epilog=_OPTIONS_EPILOG)
 def run(
     config: ConfigOpt = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Results folder: config.toml, results.json, adapters.safetensors, accuracy.png, table.md, run.log.")] = Path("results/latest"),
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output", "-o", help="Results folder: config.toml, results.json, adapters.safetensors, accuracy.png, table.md, run.log."
+        ),
+    ] = Path("results/latest"),
     backbone: BackboneOpt = None,
     checkpoint: CheckpointOpt = None,
     set_: SetOpt = None,
-    resume: Annotated[Path | None, typer.Option("--resume", help="Continue the run in this results folder after its last completed round (uses its config.toml).")] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", help="Continue the run in this results folder after its last completed round (uses its config.toml)."),
+    ] = None,
 ) -> None:
     """Run a federated experiment as a Flower simulation (prepares the backbone first if needed)."""
     if resume is not None:
@@ -94,7 +116,13 @@ def run(
     t0 = time.time()
     res = simulate(cfg, output, resume=resume is not None)
     f = res["final"]
-    log.info("done in %.0f s: global accuracy %.4f (zero-shot %.4f); results in %s", time.time() - t0, f["global_accuracy"], f["zero_shot_accuracy"], output)
+    log.info(
+        "done in %.0f s: global accuracy %.4f (zero-shot %.4f); results in %s",
+        time.time() - t0,
+        f["global_accuracy"],
+        f["zero_shot_accuracy"],
+        output,
+    )
     typer.echo((output / "table.md").read_text())
 
 
@@ -103,14 +131,16 @@ def prepare(config: ConfigOpt = None, backbone: BackboneOpt = None, checkpoint: 
     """Split the backbone into client and server parts, pre-training a composed connector (cached; `run` does this when needed)."""
     cfg = _load(config, set_, backbone, checkpoint)
     _setup_logging()
-    from fednano.prepare import ensure_prepared
+    from fednano.backbones.prepare import ensure_prepared
 
     typer.echo(str(ensure_prepared(cfg)))
 
 
 @app.command()
 def footprint(
-    backbone: Annotated[list[str] | None, typer.Option("--backbone", "-b", help="llava-1.5-7b, minigpt4 or smol (repeatable; default: all three).")] = None,
+    backbone: Annotated[
+        list[str] | None, typer.Option("--backbone", "-b", help="llava-1.5-7b, minigpt4 or smol (repeatable; default: all three).")
+    ] = None,
     rank: Annotated[int, typer.Option(help="NanoAdapter rank r.")] = 64,
     batch: Annotated[int, typer.Option(help="Samples per split step, for the activation bytes.")] = 8,
     text_tokens: Annotated[int, typer.Option(help="Text tokens per sample, for the activation bytes.")] = 64,
@@ -119,8 +149,8 @@ def footprint(
     """Client/server parameters, storage reduction and traffic, from real configurations (no weights needed)."""
     import json
 
-    from fednano.footprint import FOOTPRINTS, markdown
-    from fednano.footprint import footprint as measure
+    from fednano.backbones.footprint import FOOTPRINTS, markdown
+    from fednano.backbones.footprint import footprint as measure
 
     names = backbone or list(FOOTPRINTS)
     try:
@@ -143,17 +173,32 @@ def example_config() -> None:
     typer.echo(dump_toml(RunConfig().to_dict(), with_help=True))
 
 
+SweepFileOpt = Annotated[Path, typer.Option(
+    "--config", "-c", help="Sweep file (TOML): a \\[sweep] table (base_config, output, \\[sweep.set] overrides) and one or more "
+    "\\[\\[grid]] tables of methods, alphas, num_clients, seeds (documented in configs/sweeps/example.toml).")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the planned runs (and which would be skipped or resumed) "
+                                          "without running anything.")]
+JobsOpt = Annotated[int, typer.Option("--jobs", "-j", min=1, help="Runs at once. Each run already uses every core (the server LLM on one "
+                                      "thread, clients in Ray actors), so 1 is right on small machines.")]
+RunDirsArg = Annotated[list[Path], typer.Argument(
+    metavar="RUN_DIR...", help="Run folders, or folders containing run folders (searched recursively for results.json).",
+    show_default=False)]
+ReportOutOpt = Annotated[Path | None, typer.Option(
+    "--output", "-o", help="Where to write table.md/.csv, paired.csv, cost.md/.csv, curves.png, accuracy_vs_bytes.png "
+    "(default: <first RUN_DIR>/report).")]
+BaselineOpt = Annotated[str, typer.Option(
+    "--baseline", help="Method every other method is compared with, seed by seed (paired table: mean ± std of the difference, seeds won).")]
+
+
 @app.command()
-def sweep(
-    config: Annotated[Path, typer.Option("--config", "-c", help="Sweep file (TOML): a \\[sweep] table (base_config, output, \\[sweep.set] overrides) and one or more \\[\\[grid]] tables of methods, alphas, num_clients, seeds (documented in configs/sweeps/example.toml).")],
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the planned runs (and which would be skipped or resumed) without running anything.")] = False,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Runs at once. Each run already uses every core (the server LLM on one thread, clients in Ray actors), so 1 is right on small machines.")] = 1,
-) -> None:
+def sweep(config: SweepFileOpt, dry_run: DryRunOpt = False, jobs: JobsOpt = 1) -> None:
     """Run a grid of experiments (methods x Dirichlet alpha x clients x seeds), one results folder each; resumable.
 
-    Each run is a `fednano run` subprocess in <output>/<method>/a<alpha>-c<clients>-s<seed>. Finished runs are skipped, interrupted ones resumed; a failed run does not stop the sweep (exit code 1 at the end). <output>/sweep.json lists every run with its status and final global accuracy.
+    Each run is a `fednano run` subprocess in <output>/<method>/a<alpha>-c<clients>-s<seed>. Finished runs are
+    skipped, interrupted ones resumed; a failed run does not stop the sweep (exit code 1 at the end).
+    <output>/sweep.json lists every run with its status and final global accuracy.
     """
-    from fednano.sweep import describe_plan, execute, load_sweep, plan
+    from fednano.experiments.sweep import describe_plan, execute, load_sweep, plan
 
     try:
         sw = load_sweep(config)
@@ -167,7 +212,8 @@ def sweep(
     t0 = time.time()
     failed = execute(sw, jobs=jobs)
     counts = {s: sum(p.status == s for p in sw.points) for s in ("done", "skipped", "failed")}
-    typer.echo(f"sweep: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed in {time.time() - t0:.0f} s; summary in {sw.output / 'sweep.json'}")
+    typer.echo(f"sweep: {counts['done']} done, {counts['skipped']} skipped, {counts['failed']} failed in {time.time() - t0:.0f} s; "
+               f"summary in {sw.output / 'sweep.json'}")
     if failed:
         typer.echo("failed runs:", err=True)
         for p in failed:
@@ -176,36 +222,31 @@ def sweep(
 
 
 @app.command()
-def report(
-    run_dirs: Annotated[list[Path], typer.Argument(metavar="RUN_DIR...", help="Run folders, or folders containing run folders (searched recursively for results.json).", show_default=False)],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="Where to write table.md/.csv, paired.csv, cost.md/.csv, curves.png, accuracy_vs_bytes.png (default: <first RUN_DIR>/report).")] = None,
-    baseline: Annotated[str, typer.Option("--baseline", help="Method every other method is compared with, seed by seed (paired table: mean ± std of the difference, seeds won).")] = "fednano",
-) -> None:
+def report(run_dirs: RunDirsArg, output: ReportOutOpt = None, baseline: BaselineOpt = "fednano") -> None:
     """Tables (mean ± std over seeds, best in bold), accuracy curves and costs from finished results folders.
 
-    Each RUN_DIR is a run folder or any folder holding run folders (searched recursively for results.json, e.g. a sweep's output). Only finished runs count; unfinished ones are listed in a note.
+    Each RUN_DIR is a run folder or any folder holding run folders (searched recursively for results.json,
+    e.g. a sweep's output). Only finished runs count; unfinished ones are listed in a note.
     """
     missing = [d for d in run_dirs if not d.is_dir()]
     if missing:
         typer.echo(f"error: not a folder: {', '.join(map(str, missing))}", err=True)
         raise typer.Exit(2)
-    from fednano.report import build_report
+    from fednano.experiments.report import build_report
 
-    out = output if output is not None else run_dirs[0] / "report"
     try:
-        rep = build_report(run_dirs, out, baseline=baseline)
+        rep = build_report(run_dirs, output if output is not None else run_dirs[0] / "report", baseline=baseline)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    typer.echo("Final global accuracy (%), mean ± std over seeds\n")
-    typer.echo(rep.global_table + "\n")
-    typer.echo("Mean local-test (personalised) accuracy (%), mean ± std over seeds\n")
-    typer.echo(rep.local_table + "\n")
-    if rep.paired_table:
-        typer.echo(f"Paired differences in final global accuracy (points), {baseline} minus each method (seeds {baseline} was higher / compared)\n")
-        typer.echo(rep.paired_table + "\n")
-    typer.echo("Cost per method\n")
-    typer.echo(rep.cost_table + "\n")
+    sections = [("Final global accuracy (%), mean ± std over seeds", rep.global_table),
+                ("Mean local-test (personalised) accuracy (%), mean ± std over seeds", rep.local_table),
+                (f"Paired differences in final global accuracy (points), {baseline} minus each method "
+                 f"(seeds {baseline} was higher / compared)", rep.paired_table),
+                ("Cost per method", rep.cost_table)]
+    for title, table in sections:
+        if table:
+            typer.echo(f"{title}\n\n{table}\n")
     for n in rep.notes:
         typer.echo(f"note: {n}")
     typer.echo("wrote: " + ", ".join(str(f) for f in rep.files))

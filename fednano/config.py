@@ -32,38 +32,71 @@ def default_cache_dir() -> str:
 
 
 BACKBONES = ("smol", "tiny", "compose", "llava", "blip2")
+# The federated methods, in the registry's order (their behaviour: fednano/methods/registry.py).
+METHOD_NAMES = ("fednano", "fednano-ef", "fedavg", "fedprox", "fedadam", "fedyogi", "local", "centralized", "fedit-lora", "feddpa-f")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 DEVICE_MAPS = ("", "auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass
 class ModelConfig:
-    backbone: str = _f("smol", "MLLM: 'smol' (EfficientNet-Lite0 + SmolLM2-135M, from packages), 'compose' (vision_encoder + connector + the causal LM at llm_path), 'llava' or 'blip2' (a local HF checkpoint at `checkpoint`), 'tiny' (random, for tests).")
-    checkpoint: str = _f("", "llava / blip2: local directory of a HF LlavaForConditionalGeneration / Blip2ForConditionalGeneration checkpoint (config, weights, tokenizer).")
+    backbone: str = _f("smol", "MLLM: 'smol' (EfficientNet-Lite0 + SmolLM2-135M, from packages), 'compose' (vision_encoder + "
+                               "connector + the causal LM at llm_path), 'llava' or 'blip2' (a local HF checkpoint at `checkpoint`), "
+                               "'tiny' (random, for tests).")
+    checkpoint: str = _f("", "llava / blip2: local directory of a HF LlavaForConditionalGeneration / Blip2ForConditionalGeneration "
+                             "checkpoint (config, weights, tokenizer).")
     llm_path: str = _f("", "compose: local directory of a HF causal LM (config, weights, tokenizer).")
     vision_encoder: str = _f("efficientnet-lite0", "compose: vision encoder ('efficientnet-lite0', ImageNet weights from its package).")
     cache_dir: str = _f("", "Where prepared backbones are cached (default: $FEDNANO_CACHE or ~/.cache/fednano).")
-    visual_grid: int = _f(3, "smol/compose: visual tokens per side; the encoder's 7x7 feature grid is average-pooled to grid x grid tokens. 3 (9 tokens) keeps sequences short; easy-vqa images hold one shape.")
-    image_size: int = _f(224, "smol/compose: resolution images are resized to before the vision encoder (llava/blip2 use their checkpoint's).")
-    llm_dtype: str = _f("bfloat16", "Server LLM compute dtype: 'bfloat16' (about 4x faster on CPU, the norm on GPUs) or 'float32'. The LLM is loaded straight into it, with no float32 copy.")
-    server_device: str = _f("auto", "Where the server LLM computes: 'auto' (the first CUDA GPU when there is one, else the CPU), 'cpu', 'cuda' or 'cuda:N'.")
-    server_device_map: str = _f("", "Shard the frozen LLM across the visible GPUs with accelerate's device_map ('auto', 'balanced', 'balanced_low_0', 'sequential') when it does not fit one; '' keeps it whole on server_device.")
-    client_device: str = _f("auto", "Where each client's NanoEdge (vision encoder, connector, embedding table, adapters, image-feature cache) lives: 'auto' (the GPU the client process may use, else the CPU), 'cpu', 'cuda' or 'cuda:N'. A simulated client sees a GPU only with federation.client_gpus > 0.")
-    random_init: bool = _f(False, "llava / blip2: random weights built from the configuration at `checkpoint` (a folder with config.json, or a shipped name: 'llava-1.5-7b', 'minigpt4'), for measuring time, memory and bytes at the paper's scale without the weights. Never for accuracy: results.json says so and `fednano report` refuses such runs.")
+    visual_grid: int = _f(3, "smol/compose: visual tokens per side; the encoder's 7x7 feature grid is average-pooled to grid x grid "
+                             "tokens. 3 (9 tokens) keeps sequences short; easy-vqa images hold one shape.")
+    image_size: int = _f(224, "smol/compose: resolution images are resized to before the vision encoder (llava/blip2 use their "
+                              "checkpoint's).")
+    llm_dtype: str = _f("bfloat16", "Server LLM compute dtype: 'bfloat16' (about 4x faster on CPU, the norm on GPUs) or 'float32'. "
+                                    "The LLM is loaded straight into it, with no float32 copy.")
+    server_device: str = _f("auto", "Where the server LLM computes: 'auto' (the first CUDA GPU when there is one, else the CPU), "
+                                    "'cpu', 'cuda' or 'cuda:N'.")
+    server_device_map: str = _f("", "Shard the frozen LLM across the visible GPUs with accelerate's device_map ('auto', 'balanced', "
+                                    "'balanced_low_0', 'sequential') when it does not fit one; '' keeps it whole on server_device.")
+    client_device: str = _f("auto", "Where each client's NanoEdge (vision encoder, connector, embedding table, adapters, "
+                                    "image-feature cache) lives: 'auto' (the GPU the client process may use, else the CPU), 'cpu', "
+                                    "'cuda' or 'cuda:N'. A simulated client sees a GPU only with federation.client_gpus > 0.")
+    random_init: bool = _f(False, "llava / blip2: random weights built from the configuration at `checkpoint` (a folder with "
+                                  "config.json, or a shipped name: 'llava-1.5-7b', 'minigpt4'), for measuring time, memory and bytes "
+                                  "at the paper's scale without the weights. Never for accuracy: results.json says so and `fednano "
+                                  "report` refuses such runs.")
 
     def __post_init__(self) -> None:
         _check(self.backbone in BACKBONES, "model.backbone", f"unknown backbone {self.backbone!r}; choose one of {list(BACKBONES)}")
-        _check(self.backbone not in ("llava", "blip2") or bool(self.checkpoint), "model.checkpoint", f"backbone {self.backbone!r} needs the path of a local checkpoint")
-        _check(self.backbone != "compose" or bool(self.llm_path), "model.llm_path", "backbone 'compose' needs the path of a local causal LM")
+        _check(
+            self.backbone not in ("llava", "blip2") or bool(self.checkpoint),
+            "model.checkpoint",
+            f"backbone {self.backbone!r} needs the path of a local checkpoint",
+        )
+        _check(
+            self.backbone != "compose" or bool(self.llm_path), "model.llm_path", "backbone 'compose' needs the path of a local causal LM"
+        )
         _check(self.vision_encoder == "efficientnet-lite0", "model.vision_encoder", "only 'efficientnet-lite0' is available")
         _check(1 <= self.visual_grid <= 7, "model.visual_grid", "must be between 1 and 7")
         _check(self.image_size >= 32, "model.image_size", "must be >= 32")
         _check(self.llm_dtype in ("bfloat16", "float32"), "model.llm_dtype", "must be 'bfloat16' or 'float32'")
         for name in ("server_device", "client_device"):
-            _check(bool(DEVICE_PATTERN.match(getattr(self, name))), f"model.{name}", f"{getattr(self, name)!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'")
+            _check(
+                bool(DEVICE_PATTERN.match(getattr(self, name))),
+                f"model.{name}",
+                f"{getattr(self, name)!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'",
+            )
         _check(self.server_device_map in DEVICE_MAPS, "model.server_device_map", f"must be one of {list(DEVICE_MAPS)}")
-        _check(not self.random_init or self.backbone in ("llava", "blip2"), "model.random_init", "only for the llava and blip2 backbones (their shapes come from a configuration)")
-        _check(not (self.random_init and self.server_device_map), "model.server_device_map", "random weights are built on server_device; sharding is for real checkpoints")
+        _check(
+            not self.random_init or self.backbone in ("llava", "blip2"),
+            "model.random_init",
+            "only for the llava and blip2 backbones (their shapes come from a configuration)",
+        )
+        _check(
+            not (self.random_init and self.server_device_map),
+            "model.server_device_map",
+            "random weights are built on server_device; sharding is for real checkpoints",
+        )
 
     @property
     def resolved_cache_dir(self) -> Path:
@@ -77,7 +110,10 @@ class AdapterConfig:
     dropout: float = _f(0.0, "Dropout on the adapter input during training.")
     lora_rank: int = _f(8, "fedit-lora / feddpa-f: rank of the LoRA inside the LLM (FedIT's default).")
     lora_alpha: float = _f(16.0, "fedit-lora / feddpa-f: LoRA scale numerator (alpha / rank).")
-    lora_targets: str = _f("q_proj,v_proj", "fedit-lora / feddpa-f: comma-separated LLM linear layers that get LoRA (FedIT: the attention query and value projections).")
+    lora_targets: str = _f(
+        "q_proj,v_proj",
+        "fedit-lora / feddpa-f: comma-separated LLM linear layers that get LoRA (FedIT: the attention query and value projections).",
+    )
 
     def __post_init__(self) -> None:
         _check(self.rank >= 1, "adapter.rank", "must be >= 1")
@@ -89,7 +125,9 @@ class AdapterConfig:
 
 @dataclass
 class PrepareConfig:
-    caption_images: int = _f(800, "easy-vqa train images held out for connector pre-training (stage-1 alignment); federated clients never see them.")
+    caption_images: int = _f(
+        800, "easy-vqa train images held out for connector pre-training (stage-1 alignment); federated clients never see them."
+    )
     steps: int = _f(150, "Connector pre-training steps.")
     batch_size: int = _f(16, "Connector pre-training batch size.")
     lr: float = _f(1e-3, "Connector pre-training learning rate (AdamW).")
@@ -112,11 +150,17 @@ class DataConfig:
     train_split: str = _f("train", "Split the clients' data comes from (scienceqa / iconqa: 'train', 'val', ...).")
     test_split: str = _f("test", "Split the global test set comes from.")
     subtasks: str = _f("choose_txt,choose_img,fill_in_blank", "iconqa: comma-separated sub-tasks to load.")
-    skip_invalid: bool = _f(False, "Skip malformed samples (missing image, missing field, answer out of range) and report them, instead of stopping.")
+    skip_invalid: bool = _f(
+        False, "Skip malformed samples (missing image, missing field, answer out of range) and report them, instead of stopping."
+    )
     num_clients: int = _f(5, "Number of federated clients (partitions).")
-    partitioner: str = _f("dirichlet", "'dirichlet' (non-IID over `partition_by`), 'iid', or 'natural' (one client per value of `partition_by`).")
+    partitioner: str = _f(
+        "dirichlet", "'dirichlet' (non-IID over `partition_by`), 'iid', or 'natural' (one client per value of `partition_by`)."
+    )
     dirichlet_alpha: float = _f(1.0, "Dirichlet concentration: small (0.1) = highly non-IID, large (5) = near IID.")
-    partition_by: str = _f("answer", "Field the partition is drawn over: 'answer', or a category such as 'subject' (scienceqa) or 'subtask' (iconqa).")
+    partition_by: str = _f(
+        "answer", "Field the partition is drawn over: 'answer', or a category such as 'subject' (scienceqa) or 'subtask' (iconqa)."
+    )
     min_partition_size: int = _f(20, "Fewest samples a client may get; the Dirichlet partitioner redraws until every client has this many.")
     local_test_fraction: float = _f(0.1, "Fraction of each client's partition held out as its local test split.")
     max_local_test: int = _f(64, "Cap on each client's local test split (evaluation cost).")
@@ -159,10 +203,28 @@ class TrainConfig:
 
 @dataclass
 class FederationConfig:
-    strategy: str = _f("fednano", "Method: 'fednano' (Fisher merging, Fisher from an extra pass), 'fednano-ef' (Fisher from the training gradients, no extra pass), 'fedavg' (same adapters, weights n_k only: the no-Fisher ablation), 'fedprox' (FedAvg + proximal term), 'fedadam' / 'fedyogi' (FedAvg then a server-side Adam / Yogi step), 'local' (each client trains alone, no aggregation), 'centralized' (one trainer on all clients' data: the upper bound), 'fedit-lora' (the client holds the whole MLLM; FedAvg of LoRA inside the LLM), 'feddpa-f' (fedit-lora's global LoRA + a personal local LoRA per client).")
+    strategy: str = _f(
+        "fednano",
+        "Method: 'fednano' (Fisher merging, Fisher from an extra pass), 'fednano-ef' (Fisher from the "
+        "training gradients, no extra pass), 'fedavg' (same adapters, weights n_k only: the no-Fisher "
+        "ablation), 'fedprox' (FedAvg + proximal term), 'fedadam' / 'fedyogi' (FedAvg then a server-side "
+        "Adam / Yogi step), 'local' (each client trains alone, no aggregation), 'centralized' (one trainer "
+        "on all clients' data: the upper bound), 'fedit-lora' (the client holds the whole MLLM; FedAvg of "
+        "LoRA inside the LLM), 'feddpa-f' (fedit-lora's global LoRA + a personal local LoRA per client).",
+    )
     proximal_mu: float = _f(0.01, "fedprox: weight mu of the proximal term mu/2 ||theta - theta_global||^2 the client adds to its loss.")
-    fisher_type: str = _f("empirical", "fednano: 'empirical' (squared gradients at the true answers) or 'exact' (expectation over the model's own answer distribution on the candidate set, as in Fisher merging; one backward per candidate). fednano-ef is always empirical.")
-    server_lr: float = _f(0.01, "fedadam/fedyogi: server learning rate eta. Adam's step is about eta per entry, so 0.01 is the order of one round of local AdamW movement at the default local_steps and lr; fixed before any run, not tuned on test data.")
+    fisher_type: str = _f(
+        "empirical",
+        "fednano: 'empirical' (squared gradients at the true answers) or 'exact' (expectation over "
+        "the model's own answer distribution on the candidate set, as in Fisher merging; one backward "
+        "per candidate). fednano-ef is always empirical.",
+    )
+    server_lr: float = _f(
+        0.01,
+        "fedadam/fedyogi: server learning rate eta. Adam's step is about eta per entry, so 0.01 is the order "
+        "of one round of local AdamW movement at the default local_steps and lr; fixed before any run, not "
+        "tuned on test data.",
+    )
     server_beta1: float = _f(0.9, "fedadam/fedyogi: first-moment decay.")
     server_beta2: float = _f(0.99, "fedadam/fedyogi: second-moment decay.")
     server_tau: float = _f(1e-3, "fedadam/fedyogi: adaptivity tau (added to sqrt(v)).")
@@ -173,27 +235,42 @@ class FederationConfig:
     fisher_normalize: bool = _f(False, "Divide each client's Fisher by its mean before merging.")
     max_update_norm: float = _f(0.0, "Reject a client update whose distance ||theta_k - theta_global|| exceeds this (0 = no bound).")
     client_cpus: float = _f(1.0, "CPUs Ray reserves per simulated client.")
-    client_gpus: float = _f(0.0, "Share of a GPU Ray reserves per simulated client (e.g. 0.25: four clients share one GPU; 0: clients run on the CPU). Needs a CUDA GPU.")
-    round_timeout: float = _f(3600.0, "Seconds the server waits for replies in a round; clients that have not replied by then are dropped from it.")
+    client_gpus: float = _f(
+        0.0,
+        "Share of a GPU Ray reserves per simulated client (e.g. 0.25: four clients share one GPU; 0: "
+        "clients run on the CPU). Needs a CUDA GPU.",
+    )
+    round_timeout: float = _f(
+        3600.0, "Seconds the server waits for replies in a round; clients that have not replied by then are dropped from it."
+    )
     seed: int = _f(0, "Seed for adapter initialisation and client sampling.")
 
     def __post_init__(self) -> None:
-        from fednano.aggregation import STRATEGIES
-
-        _check(self.strategy in STRATEGIES, "federation.strategy", f"unknown strategy {self.strategy!r}; choose one of {sorted(STRATEGIES)}")
+        _check(
+            self.strategy in METHOD_NAMES,
+            "federation.strategy",
+            f"unknown strategy {self.strategy!r}; choose one of {sorted(METHOD_NAMES)}",
+        )
         _check(self.rounds >= 1, "federation.rounds", "must be >= 1")
         _check(0.0 < self.fraction_train <= 1.0, "federation.fraction_train", "must be in (0, 1]")
         _check(self.min_train_clients >= 1, "federation.min_train_clients", "must be >= 1")
         _check(self.fisher_floor > 0, "federation.fisher_floor", "must be > 0")
         _check(self.max_update_norm >= 0, "federation.max_update_norm", "must be >= 0")
         _check(self.proximal_mu >= 0, "federation.proximal_mu", "must be >= 0")
-        _check(self.fisher_type in ("empirical", "exact"), "federation.fisher_type", f"must be 'empirical' or 'exact', got {self.fisher_type!r}")
+        _check(
+            self.fisher_type in ("empirical", "exact"),
+            "federation.fisher_type",
+            f"must be 'empirical' or 'exact', got {self.fisher_type!r}",
+        )
         _check(self.server_lr > 0, "federation.server_lr", "must be > 0")
         _check(0 <= self.server_beta1 < 1 and 0 <= self.server_beta2 < 1, "federation.server_beta1/2", "must be in [0, 1)")
         _check(self.server_tau > 0, "federation.server_tau", "must be > 0")
         _check(self.client_cpus > 0, "federation.client_cpus", "must be > 0")
-        _check(self.client_gpus >= 0 and (self.client_gpus <= 1 or self.client_gpus.is_integer()), "federation.client_gpus",
-               "must be a fraction in [0, 1] or a whole number of GPUs")
+        _check(
+            self.client_gpus >= 0 and (self.client_gpus <= 1 or self.client_gpus.is_integer()),
+            "federation.client_gpus",
+            "must be a fraction in [0, 1] or a whole number of GPUs",
+        )
         _check(self.round_timeout > 0, "federation.round_timeout", "must be > 0")
 
 
@@ -204,14 +281,25 @@ class SplitConfig:
     advertised_address: str = _f("", "host:port clients dial (default: host:port as bound).")
     wire_dtype: str = _f("bfloat16", "dtype of activations and gradients on the wire: 'bfloat16' or 'float32'.")
     max_frame_mb: float = _f(64.0, "Largest frame (MiB) the split server accepts.")
-    require_token: bool = _f(True, "Generate a secret per run; each client gets its own token (HMAC of its id) in its train message, and the split server refuses streams without a valid one.")
+    require_token: bool = _f(
+        True,
+        "Generate a secret per run; each client gets its own token (HMAC of its id) in its train message, "
+        "and the split server refuses streams without a valid one.",
+    )
     tls_cert: str = _f("", "PEM certificate (chain) of the split server; with tls_key, the channel uses TLS.")
     tls_key: str = _f("", "PEM private key of the split server.")
     tls_ca: str = _f("", "PEM CA certificate clients verify the split server with (sent to them in the train config).")
     max_streams: int = _f(64, "Most concurrent split streams the server accepts.")
     max_streams_per_client: int = _f(4, "Most concurrent split streams one client (token) may hold.")
-    micro_batching: bool = _f(True, "Run the training steps of clients that arrive together as one LLM forward/backward (results stay per client).")
-    max_batch_tokens: int = _f(4096, "With micro_batching: merge waiting steps while the merged batch holds at most this many (padded) tokens, rows x longest sequence; a step larger than this runs alone. On a GPU a 7B LLM saturates at about 8 x 640 tokens; a small LLM takes far more.")
+    micro_batching: bool = _f(
+        True, "Run the training steps of clients that arrive together as one LLM forward/backward (results stay per client)."
+    )
+    max_batch_tokens: int = _f(
+        4096,
+        "With micro_batching: merge waiting steps while the merged batch holds at most this many "
+        "(padded) tokens, rows x longest sequence; a step larger than this runs alone. On a GPU a 7B "
+        "LLM saturates at about 8 x 640 tokens; a small LLM takes far more.",
+    )
     batch_window_ms: float = _f(30.0, "With micro_batching: how long a step may wait for other connected clients' steps to join it.")
 
     def __post_init__(self) -> None:
@@ -288,22 +376,23 @@ def same_config(recorded: Any, cfg: RunConfig) -> bool:
         return False
 
 
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A TOML file as a dict; a missing or malformed file is a ConfigError naming it."""
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} not found") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Load a TOML config (or the defaults when `path` is None) and apply dotted overrides."""
-    data: dict[str, Any] = {}
-    source = "<defaults>"
-    if path is not None:
-        source = str(path)
-        try:
-            data = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: config file not found") from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    data: dict[str, Any] = read_toml(path) if path is not None else {}
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         data.setdefault(section, {})[key] = value
-    return from_dict(data, source)
+    return from_dict(data, str(path) if path is not None else "<defaults>")
 
 
 _SECTION_CLASSES: dict[str, type] = {

@@ -1,4 +1,4 @@
-"""Where each side computes: device names from the config, resolved once per process.
+"""Where each side computes, and in what precision: device and dtype names, memory probes.
 
     "auto"    the first CUDA device this process can see, else the CPU
     "cpu"     the CPU
@@ -20,6 +20,22 @@ from typing import Any
 import torch
 
 from fednano.config import DEVICE_PATTERN, ConfigError
+
+# Every dtype FedNano names (configs, the wire format): one map, both ways.
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def dtype_of(name: str) -> torch.dtype:
+    return DTYPES[name]
 
 
 def resolve_device(spec: str, field: str = "device") -> torch.device:

@@ -18,8 +18,10 @@ TINY = ROOT / "configs" / "tiny.toml"
 
 # Every device this machine has: the CPU always, CUDA when present (marker `gpu`, so
 # `pytest -m gpu` runs exactly the GPU cases; CI has no GPU and skips them).
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")])]
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")]),
+]
 
 
 @pytest.fixture(params=DEVICES)
@@ -41,21 +43,21 @@ def tiny_cfg(tiny_cache: Path):
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_cfg) -> Path:
-    from fednano.prepare import ensure_prepared
+    from fednano.backbones.prepare import ensure_prepared
 
     return ensure_prepared(tiny_cfg)
 
 
 @pytest.fixture()
 def tiny_llm(tiny_bundle: Path):
-    from fednano.models.bundle import load_server_llm
+    from fednano.backbones.bundle import load_server_llm
 
     return load_server_llm(tiny_bundle, torch.float32)
 
 
 @pytest.fixture()
 def tiny_edge(tiny_bundle: Path, tiny_cfg):
-    from fednano.models.bundle import load_nanoedge
+    from fednano.backbones.bundle import load_nanoedge
 
     return load_nanoedge(tiny_bundle / "client", tiny_cfg.adapter)
 
@@ -63,7 +65,7 @@ def tiny_edge(tiny_bundle: Path, tiny_cfg):
 @pytest.fixture()
 def tiny_llm_on(tiny_bundle: Path, device: torch.device):
     """The tiny server LLM on each available device."""
-    from fednano.models.bundle import load_server_llm
+    from fednano.backbones.bundle import load_server_llm
 
     return load_server_llm(tiny_bundle, torch.float32, device)
 
@@ -71,7 +73,7 @@ def tiny_llm_on(tiny_bundle: Path, device: torch.device):
 @pytest.fixture()
 def tiny_edge_on(tiny_bundle: Path, tiny_cfg, device: torch.device):
     """The tiny client bundle with its NanoEdge on each available device."""
-    from fednano.models.bundle import load_nanoedge
+    from fednano.backbones.bundle import load_nanoedge
 
     return load_nanoedge(tiny_bundle / "client", tiny_cfg.adapter, device)
 

@@ -83,7 +83,13 @@ def make_iconqa(root: Path, per_task: int = 12) -> Path:
                         choices = [f"choice_{j}.png" for j in range(3)]
                         for j, c in enumerate(choices):
                             shutil.copy(imgs[(k + j + 1) % len(imgs)], folder / c)
-                    rec = {"question": "Which one matches?", "choices": choices, "answer": k % 3, "ques_type": task, "grade": "kindergarten"}
+                    rec = {
+                        "question": "Which one matches?",
+                        "choices": choices,
+                        "answer": k % 3,
+                        "ques_type": task,
+                        "grade": "kindergarten",
+                    }
                 (folder / "data.json").write_text(json.dumps(rec))
                 k += 1
     return root
@@ -95,9 +101,13 @@ def make_llava_json(root: Path, n: int = 40) -> Path:
     (root / "images").mkdir(exist_ok=True)
     data = []
     for i in range(n):
-        rec = {"id": f"conv-{i}", "conversations": [
-            {"from": "human", "value": f"{'<image>' + chr(10) if i % 4 else ''}Is there a shape?"},
-            {"from": "gpt", "value": "yes" if i % 2 else "no"}]}
+        rec = {
+            "id": f"conv-{i}",
+            "conversations": [
+                {"from": "human", "value": f"{'<image>' + chr(10) if i % 4 else ''}Is there a shape?"},
+                {"from": "gpt", "value": "yes" if i % 2 else "no"},
+            ],
+        }
         if i % 4:
             shutil.copy(imgs[i], root / "images" / f"{i}.png")
             rec["image"] = f"images/{i}.png"

@@ -1,6 +1,6 @@
 import torch
 
-from fednano.models.adapters import ADAPTER_PARAM_NAMES, NanoAdapter, adapter_param_count
+from fednano.client.adapters import ADAPTER_PARAM_NAMES, NanoAdapter, adapter_param_count
 
 
 def test_fresh_adapter_is_identity():

@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from fednano.aggregation import STRATEGIES, fedavg, fisher_merge, normalize_fisher, proximal_term, server_opt_step, validate_update
+from fednano.aggregation import fedavg, fisher_merge, normalize_fisher, proximal_term, server_opt_step, validate_update
+from fednano.methods.registry import METHODS
 
 
 def T(*v):
@@ -58,7 +59,7 @@ def test_normalized_merge_ignores_fisher_scale():
 
 
 def test_registry():
-    assert {k: (m.fisher, m.proximal, m.server_opt, m.topology, m.client, m.personal) for k, m in STRATEGIES.items()} == {
+    assert {k: tuple(m.describe().values()) for k, m in METHODS.items()} == {
         "fednano": ("pass", False, "", "federated", "nanoedge", False),
         "fednano-ef": ("training", False, "", "federated", "nanoedge", False),
         "fedavg": ("none", False, "", "federated", "nanoedge", False),
@@ -82,7 +83,11 @@ def test_server_adam_and_yogi_hand_computed():
     for kind in ("adam", "yogi"):
         out, st = server_opt_step(kind, cur, agg, {}, **OPT)
         assert math.isclose(float(out["w"]), 0.01 * 0.01 / 0.011, rel_tol=1e-6)
-        assert int(st["step"]) == 1 and math.isclose(float(st["m.w"]), 0.01, rel_tol=1e-6) and math.isclose(float(st["v.w"]), 1e-4, rel_tol=1e-5)
+        assert (
+            int(st["step"]) == 1
+            and math.isclose(float(st["m.w"]), 0.01, rel_tol=1e-6)
+            and math.isclose(float(st["v.w"]), 1e-4, rel_tol=1e-5)
+        )
     # step 2, delta = 0.2 (d^2 = 0.04 > v): m = 0.9*0.01 + 0.1*0.2 = 0.029
     #   Adam: v = 0.99e-4 + 0.01*0.04 = 4.99e-4, eta_2 = 0.01 sqrt(1 - 0.99^2) / (1 - 0.9^2)
     #   Yogi: v = 1e-4 - 0.01*0.04*sign(1e-4 - 0.04) = 5e-4, eta = 0.01
@@ -115,9 +120,16 @@ def test_server_optimiser_matches_flowers_fedadam_and_fedyogi(kind):
     for rnd in (1, 2, 3):
         clients = [{k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in current.items()} for _ in range(2)]
         flower.current_arrays = {k: v.numpy().copy() for k, v in current.items()}
-        replies = [Message(content=RecordDict({"arrays": ArrayRecord({k: v.clone() for k, v in c.items()}),
-                                                "metrics": MetricRecord({"num-examples": n})}), dst_node_id=0, message_type="train")
-                   for c, n in zip(clients, (10, 30), strict=True)]
+        replies = [
+            Message(
+                content=RecordDict(
+                    {"arrays": ArrayRecord({k: v.clone() for k, v in c.items()}), "metrics": MetricRecord({"num-examples": n})}
+                ),
+                dst_node_id=0,
+                message_type="train",
+            )
+            for c, n in zip(clients, (10, 30), strict=True)
+        ]
         f_arrays, _ = flower.aggregate_train(rnd, replies)
         if not ours_state:
             ours_state = {"step": torch.tensor([rnd])}  # Flower's t = server_round + 1

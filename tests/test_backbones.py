@@ -15,16 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from fednano.backbones.bundle import BundleError, load_hf_mllm, load_nanoedge, load_server_llm
+from fednano.backbones.prepare import ensure_prepared
+from fednano.backbones.tiny import build_tiny_blip2, build_tiny_llava, build_tiny_llm
+from fednano.client.features import ImageFeatures
+from fednano.client.training import split_step
 from fednano.config import load_config
-from fednano.data.easyvqa import load_image, load_split
-from fednano.data.prompts import training_batch
-from fednano.models.bundle import BundleError, load_hf_mllm, load_nanoedge, load_server_llm
-from fednano.models.nanoedge import IMAGE_PLACEHOLDER
-from fednano.models.tiny import build_tiny_blip2, build_tiny_llava, build_tiny_llm
-from fednano.prepare import ensure_prepared
+from fednano.data.easyvqa import SYSTEM_PROMPT, load_image, load_split
+from fednano.data.prompts import IMAGE_PLACEHOLDER, training_batch
 from fednano.split.client import SplitClient
 from fednano.split.server import SplitServer
-from fednano.training import ImageFeatures, split_step
 from tests.conftest import ROOT, TINY, randomize_adapters
 
 BUILDERS = {"llava": build_tiny_llava, "blip2": build_tiny_blip2}
@@ -60,7 +60,7 @@ def test_split_equals_unsplit_hf_model(checkpoints, tiny_cache, backbone, random
     if randomized:
         randomize_adapters(edge)
     samples = list(load_split("train")[:3])
-    batch = training_batch(tok, [s.content() for s in samples], [s.answer for s in samples], edge.num_visual_tokens)
+    batch = training_batch(tok, [s.content() for s in samples], [s.answer for s in samples], edge.num_visual_tokens, SYSTEM_PROMPT)
     images = torch.stack([load_image(s.image_path) for s in samples])
 
     hf, _ = load_hf_mllm(checkpoints[backbone], backbone)

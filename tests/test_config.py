@@ -73,7 +73,7 @@ def test_every_shipped_config_is_valid():
 
 
 def test_every_shipped_sweep_is_valid():
-    from fednano.sweep import load_sweep
+    from fednano.experiments.sweep import load_sweep
 
     files = sorted((ROOT / "configs" / "sweeps").glob("*.toml"))
     assert {f.name for f in files} >= {"example.toml", "bench.toml"}
@@ -93,4 +93,6 @@ def test_a_run_recorded_before_a_field_existed_is_the_same_config():
     assert not same_config({"nonsense": {}}, cfg)
     changed = RunConfig()
     changed.federation.server_lr = 0.5
-    assert not same_config(cfg.to_dict() | {"federation": {k: v for k, v in cfg.to_dict()["federation"].items() if k != "server_lr"}}, changed)
+    assert not same_config(
+        cfg.to_dict() | {"federation": {k: v for k, v in cfg.to_dict()["federation"].items() if k != "server_lr"}}, changed
+    )

@@ -3,11 +3,9 @@ import torch
 
 from fednano.config import DataConfig, RunConfig
 from fednano.data import load_task
-from fednano.data.easyvqa import DataError, captions, easyvqa_task, held_out_image_ids, load_image, load_split
+from fednano.data.easyvqa import SYSTEM_PROMPT, DataError, captions, easyvqa_task, held_out_image_ids, load_image, load_split
 from fednano.data.partition import split_clients
-from fednano.data.prompts import answer_ids, prompt_ids, training_batch
-from fednano.models.nanoedge import IMAGE_PLACEHOLDER
-from fednano.models.server_llm import IGNORE_INDEX
+from fednano.data.prompts import IGNORE_INDEX, IMAGE_PLACEHOLDER, answer_ids, prompt_ids, training_batch
 
 
 def test_easyvqa_ships_its_data():
@@ -79,11 +77,11 @@ def test_global_test_set_sampling():
 
 def test_prompt_has_visual_slots_and_labels_only_the_answer(tiny_edge):
     tok = tiny_edge.tokenizer
-    ids = prompt_ids(tok, "<image>\nwhat shape is this?", 4)
+    ids = prompt_ids(tok, "<image>\nwhat shape is this?", 4, SYSTEM_PROMPT)
     assert ids.count(IMAGE_PLACEHOLDER) == 4
-    assert prompt_ids(tok, "<image> or <image>?", 3).count(IMAGE_PLACEHOLDER) == 6  # several images
-    assert IMAGE_PLACEHOLDER not in prompt_ids(tok, "no image here", 3)  # text-only sample
-    batch = training_batch(tok, ["<image>\nwhat color is the shape?", "<image>\nis there a circle?"], ["blue", "no"], 4)
+    assert prompt_ids(tok, "<image> or <image>?", 3, SYSTEM_PROMPT).count(IMAGE_PLACEHOLDER) == 6  # several images
+    assert IMAGE_PLACEHOLDER not in prompt_ids(tok, "no image here", 3, SYSTEM_PROMPT)  # text-only sample
+    batch = training_batch(tok, ["<image>\nwhat color is the shape?", "<image>\nis there a circle?"], ["blue", "no"], 4, SYSTEM_PROMPT)
     for i, ans in enumerate(["blue", "no"]):
         labelled = batch.labels[i][batch.labels[i] != IGNORE_INDEX].tolist()
         assert labelled == answer_ids(tok, ans)

@@ -95,7 +95,8 @@ def _damage_problems(root, pid, **changes):
 @pytest.mark.parametrize(
     ("damage", "needle"),
     [
-        (lambda r: (r / "images" / "train" / "1001" / "image.png").unlink(), r"image file not found: .*1001/image.png \(sample scienceqa/train/1001"),
+        (lambda r: (r / "images" / "train" / "1001" / "image.png").unlink(), r"image file not found: .*1001/image.png \(sample "
+                                                                             r"scienceqa/train/1001"),
         (lambda r: (r / "images" / "train" / "1001" / "image.png").write_bytes(b"garbage"), r"unreadable image .*1001/image.png"),
         (lambda r: _damage_problems(r, "1002", answer=None), r"problems.json \[1002\]: missing field\(s\) \['answer'\]"),
         (lambda r: _damage_problems(r, "1002", answer=7), r"problems.json \[1002\]: answer index 7 out of range for 2 choices"),

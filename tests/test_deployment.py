@@ -10,7 +10,11 @@ from tests.conftest import ROOT
 def test_tls_authenticated_federation(tmp_path):
     work = tmp_path / "federation"
     proc = subprocess.run(["bash", str(ROOT / "deploy" / "local-federation.sh"), str(work)], capture_output=True, text=True, timeout=600)
-    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((work / "logs").glob("*.log"))) if (work / "logs").exists() else ""
+    logs = (
+        "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((work / "logs").glob("*.log")))
+        if (work / "logs").exists()
+        else ""
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs
     assert "unregistered SuperNode refused" in proc.stdout
     res = json.loads((work / "out" / "results.json").read_text())
@@ -31,9 +35,10 @@ def test_hung_client_is_dropped_after_the_round_timeout(tmp_path):
     cfg = tmp_path / "one-round.toml"
     cfg.write_text(TINY.read_text().replace("rounds = 2", "rounds = 1"))
     work = tmp_path / "federation"
-    env = {**os.environ, "FEDNANO_FAULT": "hang:1:1", "ROUND_TIMEOUT": "30"}
-    proc = subprocess.run(["bash", str(ROOT / "deploy" / "local-federation.sh"), str(work), str(cfg)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    env = {**os.environ, "FEDNANO_TEST_FAULT": "hang:1:1", "ROUND_TIMEOUT": "30", "CLIENTAPP": "tests.faulty_client:app"}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "deploy" / "local-federation.sh"), str(work), str(cfg)], capture_output=True, text=True, timeout=600, env=env
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (r,) = json.loads((work / "out" / "results.json").read_text())["rounds"]
     assert r["clients_sampled"] == 2 and r["clients_accepted"] == 1 and r["aggregated"]

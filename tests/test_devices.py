@@ -9,16 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
+from fednano.backbones.bundle import load_nanoedge, load_server_llm
+from fednano.backbones.prepare import ensure_prepared
+from fednano.backbones.tiny import tiny_llava_config, tiny_tokenizer
+from fednano.client.features import ImageFeatures, Workload
+from fednano.client.fisher import adapter_sample_grads, empirical_fisher
 from fednano.config import ConfigError, load_config
-from fednano.data.easyvqa import load_split
+from fednano.data.easyvqa import SYSTEM_PROMPT, load_split
+from fednano.data.prompts import IGNORE_INDEX
 from fednano.devices import resolve_device
-from fednano.fisher import adapter_sample_grads, empirical_fisher
-from fednano.models.bundle import load_nanoedge, load_server_llm
-from fednano.models.server_llm import IGNORE_INDEX, ServerLLM
-from fednano.models.tiny import tiny_llava_config, tiny_tokenizer
-from fednano.prepare import ensure_prepared
+from fednano.server.llm import ServerLLM
 from fednano.split.server import LLMWorker
-from fednano.training import ImageFeatures, Workload
 from tests.conftest import TINY, randomize_adapters
 
 NO_GPU = not torch.cuda.is_available()
@@ -144,7 +145,7 @@ def test_the_clients_embedding_table_does_not_depend_on_the_servers_dtype(tiny_c
     """The bundle's table comes from the checkpoint in float32 even when the LLM is loaded in bf16."""
     from safetensors.torch import load_file
 
-    from fednano.models.bundle import load_llm
+    from fednano.backbones.bundle import load_llm
 
     bundles = {}
     for dtype in ("float32", "bfloat16"):
@@ -209,7 +210,7 @@ def test_random_init_builds_both_sides_from_a_configuration(llava_config_dir, ti
 
 
 def test_random_init_refuses_a_shipped_config_of_the_other_family(tiny_cache):
-    from fednano.models.bundle import BundleError
+    from fednano.backbones.bundle import BundleError
 
     cfg = load_config(TINY, {"model.cache_dir": str(tiny_cache), "model.backbone": "blip2", "model.checkpoint": "llava-1.5-7b",
                              "model.random_init": True})
@@ -219,7 +220,7 @@ def test_random_init_refuses_a_shipped_config_of_the_other_family(tiny_cache):
 
 def test_shipped_paper_configs_build_on_the_meta_device():
     """The 7B shapes the dry run builds (here without memory: on the meta device)."""
-    from fednano.models.bundle import random_causal_lm, random_mllm_config
+    from fednano.backbones.bundle import random_causal_lm, random_mllm_config
 
     for name, backbone in (("llava-1.5-7b", "llava"), ("minigpt4", "blip2")):
         cfg, tok = random_mllm_config(name, backbone)
@@ -248,7 +249,7 @@ def test_vectorised_fisher_equals_the_per_sample_backward_loop(tiny_edge, tiny_l
     edge = tiny_edge.edge
     randomize_adapters(edge, seed=4)
     edge.eval()
-    work = Workload(tiny_edge.tokenizer, ImageFeatures(edge.vision), edge.num_visual_tokens)
+    work = Workload(tiny_edge.tokenizer, ImageFeatures(edge.vision), edge.num_visual_tokens, SYSTEM_PROMPT)
     batch, feats = work.train_batch(list(load_split("train")[:5]))
     weights = torch.tensor([0.1, 0.9, 0.5, 0.5, 1.0]) if weighted else torch.ones(5)
     ref = _loop_fisher(edge, tiny_llm, batch, feats, weights)
@@ -261,7 +262,7 @@ def test_vectorised_fisher_equals_the_per_sample_backward_loop(tiny_edge, tiny_l
 
 def test_adapter_sample_grads_against_hand_computed_values():
     """d=2, r=1, s=2, one sample, one position: dL/dB = s g (A x)^T, dL/dA = s (B^T g) x^T."""
-    from fednano.models.adapters import NanoAdapter
+    from fednano.client.adapters import NanoAdapter
 
     ad = NanoAdapter(2, 1, alpha=2.0)
     with torch.no_grad():

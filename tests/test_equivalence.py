@@ -4,20 +4,21 @@ same MLLM run unsplit in one process (the HF model computing its own loss)."""
 import pytest
 import torch
 
-from fednano.data.easyvqa import load_split
+from fednano.backbones.bundle import load_llm
+from fednano.client.features import ImageFeatures
+from fednano.client.fisher import empirical_fisher
+from fednano.client.training import split_step
+from fednano.data.easyvqa import SYSTEM_PROMPT, load_split
 from fednano.data.prompts import training_batch
-from fednano.fisher import empirical_fisher
-from fednano.models.bundle import load_llm
 from fednano.split.client import SplitClient
 from fednano.split.server import SplitServer
-from fednano.training import ImageFeatures, split_step
 from tests.conftest import randomize_adapters
 
 
 def _batch(bundle, n=3):
     samples = list(load_split("train")[:n])
     tok, edge = bundle.tokenizer, bundle.edge
-    batch = training_batch(tok, [s.content() for s in samples], [s.answer for s in samples], edge.num_visual_tokens)
+    batch = training_batch(tok, [s.content() for s in samples], [s.answer for s in samples], edge.num_visual_tokens, SYSTEM_PROMPT)
     feats = ImageFeatures(edge.vision)([s.image_path for s in samples])
     return batch, feats
 

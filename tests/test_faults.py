@@ -7,14 +7,24 @@ import sys
 
 from tests.conftest import ROOT, TINY
 
+DRIVER = """
+import json, sys
+from fednano.config import load_config
+from fednano.federation.simulation import simulate
+from tests.faulty_client import app
+simulate(load_config(sys.argv[1], json.loads(sys.argv[3])), sys.argv[2], client_app=app)
+"""
+
 
 def _run(tiny_cache, out, fault, *sets):
-    env = {**os.environ, "FEDNANO_CACHE": str(tiny_cache), "FEDNANO_PROGRESS": "off", "FEDNANO_FAULT": fault}
-    args = [sys.executable, "-m", "fednano", "run", "--config", str(TINY), "--output", str(out),
-            "--set", "data.num_clients=3", "--set", "federation.client_cpus=0.5", "--set", "data.min_partition_size=5"]
+    """A simulation whose ClientApp is the tests' faulty one (Ray's actors import it: PYTHONPATH)."""
+    env = {**os.environ, "FEDNANO_CACHE": str(tiny_cache), "FEDNANO_PROGRESS": "off", "FEDNANO_TEST_FAULT": fault, "PYTHONPATH": str(ROOT)}
+    overrides = {"data.num_clients": 3, "federation.client_cpus": 0.5, "data.min_partition_size": 5}
     for s in sets:
-        args += ["--set", s]
-    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, env=env, timeout=400)
+        key, _, value = s.partition("=")
+        overrides[key] = json.loads(value)
+    proc = subprocess.run([sys.executable, "-c", DRIVER, str(TINY), str(out), json.dumps(overrides)],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "results.json").read_text()), proc.stdout + proc.stderr
 

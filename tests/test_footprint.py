@@ -3,8 +3,8 @@
 import pytest
 from typer.testing import CliRunner
 
+from fednano.backbones.footprint import footprint
 from fednano.cli import app
-from fednano.footprint import footprint
 
 
 def test_llava_15_7b_matches_the_papers_adapter_count():
@@ -41,8 +41,8 @@ def test_smol_footprint_matches_the_real_model():
     import os
     from pathlib import Path
 
+    from fednano.backbones.bundle import convert_smollm2, load_llm
     from fednano.config import default_cache_dir
-    from fednano.models.bundle import convert_smollm2, load_llm
 
     model, _ = load_llm(convert_smollm2(Path(os.path.expanduser(default_cache_dir())) / "smollm2-135m-instruct"))
     f = footprint("smol", rank=16)

@@ -5,9 +5,9 @@ import pytest
 import torch
 from PIL import Image
 
+from fednano.client.features import ImageFeatures
+from fednano.client.vision import build_vision_encoder
 from fednano.data.easyvqa import load_image, load_split
-from fednano.models.vision import build_vision_encoder
-from fednano.training import ImageFeatures
 
 
 @pytest.fixture(scope="module")

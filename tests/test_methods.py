@@ -10,18 +10,20 @@ import sys
 import pytest
 import torch
 
-from fednano.aggregation import STRATEGIES
+from fednano.client.evaluation import candidate_scores
+from fednano.client.features import ImageFeatures, Workload
+from fednano.client.fisher import FisherFromTraining, candidate_distribution, empirical_fisher, exact_fisher_batches
+from fednano.client.training import Proximal, batches, split_step, train_local
 from fednano.config import load_config
-from fednano.data.easyvqa import load_split
-from fednano.fisher import candidate_distribution, empirical_fisher
-from fednano.training import ImageFeatures, Workload, batches, candidate_scores, exact_fisher_batches, split_step, train_local
+from fednano.data.easyvqa import SYSTEM_PROMPT, load_split
+from fednano.methods.registry import METHODS
 from tests.conftest import ROOT, TINY, randomize_adapters
 
 TINY_STEPS = load_config(TINY).train.local_steps
 
 
 def _work(bundle):
-    return Workload(bundle.tokenizer, ImageFeatures(bundle.edge.vision), bundle.edge.num_visual_tokens)
+    return Workload(bundle.tokenizer, ImageFeatures(bundle.edge.vision), bundle.edge.num_visual_tokens, SYSTEM_PROMPT)
 
 
 def test_ef_fisher_is_the_mean_squared_training_gradient(tiny_edge, tiny_llm):
@@ -30,13 +32,14 @@ def test_ef_fisher_is_the_mean_squared_training_gradient(tiny_edge, tiny_llm):
     edge, work = tiny_edge.edge, _work(tiny_edge)
     samples = list(load_split("train")[:40])
     start = edge.adapter_state()
-    stats = train_local(edge, tiny_llm, samples, work, cfg, torch.Generator().manual_seed(3), accumulate_fisher=True)
+    ef = FisherFromTraining()
+    train_local(edge, tiny_llm, samples, work, cfg, torch.Generator().manual_seed(3), hooks=[ef])
     edge.load_adapter_state(start)
     edge.zero_grad(set_to_none=True)
     batch = next(batches(samples, cfg.batch_size, torch.Generator().manual_seed(3)))
     split_step(edge, tiny_llm, *work.train_batch(batch))
     for k, p in edge.adapter_parameters().items():
-        torch.testing.assert_close(stats["fisher"][k], p.grad**2, atol=1e-12, rtol=1e-4)
+        torch.testing.assert_close(ef.fisher()[k], p.grad**2, atol=1e-12, rtol=1e-4)
 
 
 def test_proximal_term_pulls_towards_the_global_adapters(tiny_edge, tiny_llm):
@@ -48,7 +51,7 @@ def test_proximal_term_pulls_towards_the_global_adapters(tiny_edge, tiny_llm):
     dist = {}
     for mu in (0.0, 100.0):
         edge.load_adapter_state(start)
-        train_local(edge, tiny_llm, samples, work, cfg, torch.Generator().manual_seed(0), proximal_mu=mu, anchor=start)
+        train_local(edge, tiny_llm, samples, work, cfg, torch.Generator().manual_seed(0), hooks=[Proximal(start, mu)] if mu else [])
         dist[mu] = sum(float((p - start[k]).norm() ** 2) for k, p in edge.adapter_state().items()) ** 0.5
     assert dist[100.0] < dist[0.0]
 
@@ -83,8 +86,8 @@ def test_exact_fisher_is_the_expectation_over_the_models_answers(tiny_edge, tiny
 
 
 def test_lora_is_the_identity_at_init_and_trains_only_the_chosen_adapter(tiny_bundle, tiny_cfg):
-    from fednano.models.bundle import load_server_llm
-    from fednano.models.lora_llm import (
+    from fednano.backbones.bundle import load_server_llm
+    from fednano.methods.whole_llm import (
         GLOBAL,
         LOCAL,
         LoRAEndpoint,
@@ -125,37 +128,44 @@ def test_lora_is_the_identity_at_init_and_trains_only_the_chosen_adapter(tiny_bu
 def _run(tiny_cache, out, *sets, timeout=400):
     env = {**os.environ, "FEDNANO_CACHE": str(tiny_cache), "FEDNANO_PROGRESS": "off"}
     args = [a for kv in sets for a in ("--set", kv)]
-    proc = subprocess.run([sys.executable, "-m", "fednano", "run", "--config", str(TINY), "--output", str(out), "--set", "federation.rounds=1", *args],
-                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fednano", "run", "--config", str(TINY), "--output", str(out), "--set", "federation.rounds=1", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads((out / "results.json").read_text())
 
 
-@pytest.mark.parametrize("method", sorted(STRATEGIES))
+@pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_method_runs_end_to_end(tiny_bundle, tiny_cache, tmp_path, method):
     """2 clients x 1 round through `fednano run` with the tiny backbone, for every registered method."""
-    m = STRATEGIES[method]
+    m = METHODS[method].describe()
     res = _run(tiny_cache, tmp_path / "run", f"federation.strategy='{method}'")
     (r,) = res["rounds"]
     final = res["final"]
-    assert r["clients_sampled"] == (1 if m.topology == "centralized" else 2)
+    assert r["clients_sampled"] == (1 if m["topology"] == "centralized" else 2)
     assert r["clients_accepted"] == r["clients_sampled"]
     assert set(r["client_accuracy"]) == {"0", "1"}  # every client evaluates on its own test split
-    assert (r["bytes"]["fisher_up"] > 0) == m.wants_fisher
-    assert final["uploaded_parameters_per_round"] == final["adapter_parameters"] * (2 if m.wants_fisher else 1)
-    if m.client == "full-mllm":  # no split channel: the client computes everything with its own LLM
+    sends_fisher = m["fisher"] != "none"
+    assert (r["bytes"]["fisher_up"] > 0) == sends_fisher
+    assert final["uploaded_parameters_per_round"] == final["adapter_parameters"] * (2 if sends_fisher else 1)
+    if m["client"] == "full-mllm":  # no split channel: the client computes everything with its own LLM
         assert r["bytes"]["activations_up"] == 0 and r["split_steps"] == 0
         assert final["client_parameters"] > 3 * final["adapter_parameters"]
-        assert (tmp_path / "run" / "client-state" / "partition-0-local-lora.safetensors").exists() == m.personal
+        assert (tmp_path / "run" / "client-state" / "partition-0-local-lora.safetensors").exists() == m["personal"]
     else:
         assert r["bytes"]["activations_up"] > 0
-        per_client = TINY_STEPS * (2 if m.topology == "centralized" else 1) + (1 if m.fisher == "pass" else 0)
+        per_client = TINY_STEPS * (2 if m["topology"] == "centralized" else 1) + (1 if m["fisher"] == "pass" else 0)
         assert r["split_steps"] == per_client * r["clients_sampled"]
-    if m.topology == "local":  # each client's own adapters on the global test; the global accuracy is their mean
+    if m["topology"] == "local":  # each client's own adapters on the global test; the global accuracy is their mean
         cga = r["client_global_accuracy"]
         assert set(cga) == {"0", "1"} and r["global_accuracy"] == pytest.approx(sum(cga.values()) / 2)
     assert len(r["client_seconds"]) == r["clients_sampled"]
-    if m.topology == "centralized":  # the one trainer holds every client's training data
+    if m["topology"] == "centralized":  # the one trainer holds every client's training data
         parts = json.loads((tmp_path / "run" / "partition.json").read_text())["clients"]
         assert r["train_examples"] == sum(c["train"] for c in parts)
 
@@ -170,8 +180,8 @@ def test_exact_fisher_runs_end_to_end(tiny_bundle, tiny_cache, tmp_path):
 def test_a_clients_personal_lora_starts_from_its_own_file_or_the_initial_lora(tiny_bundle, tiny_cfg, tmp_path):
     """FedDPA-F: a simulation actor serves several clients in turn, so a client that has no
     personal LoRA yet must start from the initial one, not from the last client's."""
-    from fednano.models.bundle import load_server_llm
-    from fednano.models.lora_llm import GLOBAL, LOCAL, add_lora, load_lora_state, load_personal, lora_state, save_personal
+    from fednano.backbones.bundle import load_server_llm
+    from fednano.methods.whole_llm import GLOBAL, LOCAL, add_lora, load_lora_state, load_personal, lora_state, save_personal
 
     llm = load_server_llm(tiny_bundle, torch.float32)
     add_lora(llm, tiny_cfg.adapter, (GLOBAL, LOCAL), seed=0)

@@ -20,19 +20,24 @@ CLIENT = textwrap.dedent(
     """
     import json, os, sys
     opened = []
-    sys.addaudithook(lambda ev, args: opened.append(os.fsdecode(args[0])) if ev == "open" and isinstance(args[0], (str, bytes, os.PathLike)) else None)
+    def audit(ev, args):
+        if ev == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            opened.append(os.fsdecode(args[0]))
+    sys.addaudithook(audit)
     import torch
     from fednano.config import load_config
-    from fednano.data.easyvqa import answer_set, load_split
-    from fednano.fisher import empirical_fisher
-    from fednano.models.bundle import load_nanoedge
+    from fednano.data.easyvqa import SYSTEM_PROMPT, answer_set, load_split
+    from fednano.client.fisher import empirical_fisher
+    from fednano.backbones.bundle import load_nanoedge
     from fednano.split.client import SplitClient
-    from fednano.training import ImageFeatures, Workload, evaluate, split_step
+    from fednano.client.features import ImageFeatures, Workload
+    from fednano.client.evaluation import evaluate
+    from fednano.client.training import split_step
 
     bundle_dir, address, config = sys.argv[1:4]
     cfg = load_config(config)
     b = load_nanoedge(bundle_dir + "/client", cfg.adapter)
-    work = Workload(b.tokenizer, ImageFeatures(b.edge.vision), b.edge.num_visual_tokens)
+    work = Workload(b.tokenizer, ImageFeatures(b.edge.vision), b.edge.num_visual_tokens, SYSTEM_PROMPT)
     samples = list(load_split("train")[:4])
     with SplitClient(address, "float32") as client:
         loss = split_step(b.edge, client, *work.train_batch(samples))
@@ -55,8 +60,13 @@ def test_client_process_never_opens_llm_weights(tiny_bundle, tiny_llm, tiny_cfg,
     device = tmp_path / "device"
     shutil.copytree(tiny_bundle / "client", device / "client")
     with SplitServer(tiny_llm) as server:
-        out = subprocess.run([sys.executable, "-c", CLIENT, str(device), server.address, str(cfg_file)],
-                             capture_output=True, text=True, cwd=ROOT, timeout=120)
+        out = subprocess.run(
+            [sys.executable, "-c", CLIENT, str(device), server.address, str(cfg_file)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+        )
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.strip().splitlines()[-1])
     opened_on_device = [p for p in report["opened"] if p.startswith(str(device))]

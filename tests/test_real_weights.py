@@ -12,17 +12,18 @@ import pytest
 import torch
 from torch import nn
 
+from fednano.backbones.bundle import convert_smollm2, load_llm
+from fednano.client.connector import Connector
+from fednano.client.features import ImageFeatures
+from fednano.client.nanoedge import NanoEdge
+from fednano.client.training import split_step
+from fednano.client.vision import build_vision_encoder
 from fednano.config import AdapterConfig, default_cache_dir
-from fednano.data.easyvqa import load_split
-from fednano.data.prompts import training_batch
-from fednano.models.bundle import convert_smollm2, load_llm
-from fednano.models.connector import Connector
-from fednano.models.nanoedge import NanoEdge
-from fednano.models.server_llm import IGNORE_INDEX, ServerLLM
-from fednano.models.vision import build_vision_encoder
+from fednano.data.easyvqa import SYSTEM_PROMPT, load_split
+from fednano.data.prompts import IGNORE_INDEX, training_batch
+from fednano.server.llm import ServerLLM
 from fednano.split.client import SplitClient
 from fednano.split.server import SplitServer
-from fednano.training import ImageFeatures, split_step
 
 pytestmark = pytest.mark.real
 
@@ -57,7 +58,7 @@ def test_real_split_step_over_grpc(smol):
     samples = list(load_split("train")[:4])
     feats = ImageFeatures(vision)([s.image_path for s in samples])
     assert feats.shape == (4, 9, 1280) and feats.std() > 0.1  # real ImageNet features, not zeros
-    batch = training_batch(tok, [s.content() for s in samples], [s.answer for s in samples], vision.num_tokens)
+    batch = training_batch(tok, [s.content() for s in samples], [s.answer for s in samples], vision.num_tokens, SYSTEM_PROMPT)
     llm = ServerLLM(model, torch.bfloat16)
     with SplitServer(llm) as server, SplitClient(server.address, "bfloat16") as client:
         loss = split_step(edge, client, batch, feats)

@@ -44,11 +44,19 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_bundle, tiny_cache, 
     env = _env(tiny_cache)
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     args = [*ARGS, "--set", f"federation.strategy='{method}'"]
-    ref = subprocess.run(_cli("--config", str(TINY), "--output", str(ref_dir), *args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    ref = subprocess.run(
+        _cli("--config", str(TINY), "--output", str(ref_dir), *args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert ref.returncode == 0, ref.stderr[-2000:]
 
-    proc = subprocess.Popen(_cli("--config", str(TINY), "--output", str(run_dir), *args), cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        _cli("--config", str(TINY), "--output", str(run_dir), *args),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 240
         while _rounds(run_dir / "results.json") < 1:
@@ -87,8 +95,14 @@ def test_resume_refuses_extra_options_and_unknown_folders(tmp_path):
 def test_resuming_a_finished_run_changes_nothing(tiny_bundle, tiny_cache, tmp_path, finished):
     env = _env(tiny_cache)
     out_dir = tmp_path / "run"
-    first = subprocess.run(_cli("--config", str(TINY), "--output", str(out_dir), "--set", "federation.rounds=1"), cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=300)
+    first = subprocess.run(
+        _cli("--config", str(TINY), "--output", str(out_dir), "--set", "federation.rounds=1"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert first.returncode == 0, first.stderr[-2000:]
     text = (out_dir / "results.json").read_text()
     again = subprocess.run(_cli("--resume", str(out_dir)), cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

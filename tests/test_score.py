@@ -2,9 +2,9 @@
 
 import torch
 
-from fednano.data.easyvqa import answer_set, load_split
+from fednano.client.features import ImageFeatures
+from fednano.data.easyvqa import SYSTEM_PROMPT, answer_set, load_split
 from fednano.data.prompts import answer_ids, candidate_batch, prompt_batch
-from fednano.training import ImageFeatures
 
 
 def test_score_equals_brute_force_log_likelihood(tiny_edge, tiny_llm):
@@ -13,7 +13,7 @@ def test_score_equals_brute_force_log_likelihood(tiny_edge, tiny_llm):
     answers = answer_set()
     feats = ImageFeatures(edge.vision)([s.image_path for s in samples])
     with torch.no_grad():
-        batch = prompt_batch(tok, [s.content() for s in samples], edge.num_visual_tokens)
+        batch = prompt_batch(tok, [s.content() for s in samples], edge.num_visual_tokens, SYSTEM_PROMPT)
         embeds = edge.embed(batch.input_ids, feats)
         cand = candidate_batch(tok, answers)
         cand_embeds = edge.embed(cand.input_ids, None)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from fednano.config import SplitConfig
 from fednano.split.client import SplitChannelError, SplitClient
 from fednano.split.frames import Frame, encode
 from fednano.split.server import SplitServer
@@ -12,7 +13,7 @@ from fednano.split.server import SplitServer
 
 @pytest.fixture()
 def server(tiny_llm):
-    srv = SplitServer(tiny_llm, "127.0.0.1", 0, max_frame_mb=1.0).start()
+    srv = SplitServer(tiny_llm, SplitConfig(max_frame_mb=1.0)).start()
     yield srv
     srv.stop()
 

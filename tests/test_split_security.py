@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from fednano.config import SplitConfig
 from fednano.split.client import SplitChannelError, SplitClient
 from fednano.split.server import SplitServer
 
@@ -70,7 +71,7 @@ def test_tls_and_token(tiny_llm, pki):
 
 
 def test_stream_limit_per_client(tiny_llm):
-    with SplitServer(tiny_llm, secret=SECRET, max_streams_per_client=1) as server:
+    with SplitServer(tiny_llm, SplitConfig(max_streams_per_client=1), secret=SECRET) as server:
         a, b = server.client_token("a"), server.client_token("b")
         held = SplitClient(server.address, token=a, wire_dtype="float32")
         assert math.isfinite(_step(held, tiny_llm.hidden_size))
@@ -84,7 +85,7 @@ def test_stream_limit_per_client(tiny_llm):
 
 
 def test_stream_limit(tiny_llm):
-    with SplitServer(tiny_llm, max_streams=1) as server:
+    with SplitServer(tiny_llm, SplitConfig(max_streams=1)) as server:
         first = SplitClient(server.address, wire_dtype="float32")
         assert math.isfinite(_step(first, tiny_llm.hidden_size))  # holds its stream open
         with SplitClient(server.address) as second:

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fednano import report as rp
-from fednano import sweep as sw
 from fednano.cli import app
 from fednano.config import ConfigError, load_config
+from fednano.experiments import report as rp
+from fednano.experiments import sweep as sw
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.toml"
@@ -26,9 +26,28 @@ TINY = ROOT / "configs" / "tiny.toml"
 # --------------------------------------------------------------------------- synthetic results
 
 
-def fake_results(method: str, alpha: float, clients: int, seed: int, accs: list[float], client_acc: dict | None = None, final: bool = True, extra_round: dict | None = None, extra_final: dict | None = None) -> dict:
+def fake_results(
+    method: str,
+    alpha: float,
+    clients: int,
+    seed: int,
+    accs: list[float],
+    client_acc: dict | None = None,
+    final: bool = True,
+    extra_round: dict | None = None,
+    extra_final: dict | None = None,
+) -> dict:
     """A results.json dict: `accs` = [zero-shot, round 1, ...] global accuracy."""
-    cfg = load_config(None, {"federation.strategy": method, "data.dirichlet_alpha": alpha, "data.num_clients": clients, "data.seed": seed, "federation.seed": seed}).to_dict()
+    cfg = load_config(
+        None,
+        {
+            "federation.strategy": method,
+            "data.dirichlet_alpha": alpha,
+            "data.num_clients": clients,
+            "data.seed": seed,
+            "federation.seed": seed,
+        },
+    ).to_dict()
     rounds = []
     for i, a in enumerate(accs[1:], 1):
         r = {
@@ -36,12 +55,27 @@ def fake_results(method: str, alpha: float, clients: int, seed: int, accs: list[
             "global_accuracy": a,
             "client_accuracy": client_acc or {},
             "train_loss": 1.0 / i,
-            "bytes": {"adapters_down": 2**20, "adapters_up": 2**19, "fisher_up": 2**19, "activations_up": 3 * 2**20, "gradients_down": 3 * 2**20, "eval_activations_up": 0, "eval_scores_down": 0},
+            "bytes": {
+                "adapters_down": 2**20,
+                "adapters_up": 2**19,
+                "fisher_up": 2**19,
+                "activations_up": 3 * 2**20,
+                "gradients_down": 3 * 2**20,
+                "eval_activations_up": 0,
+                "eval_scores_down": 0,
+            },
             "seconds": 10.0 * i,
         }
         r.update(extra_round or {})
         rounds.append(r)
-    fin = {"global_accuracy": accs[-1], "zero_shot_accuracy": accs[0], "client_accuracy": client_acc or {}, "bytes_total": 0, "adapter_parameters": 100, "seconds": 1.0}
+    fin = {
+        "global_accuracy": accs[-1],
+        "zero_shot_accuracy": accs[0],
+        "client_accuracy": client_acc or {},
+        "bytes_total": 0,
+        "adapter_parameters": 100,
+        "seconds": 1.0,
+    }
     fin.update(extra_final or {})
     return {"config": cfg, "zero_shot_accuracy": accs[0], "rounds": rounds, "final": fin if final else {}}
 
@@ -99,8 +133,12 @@ def test_tables_from_synthetic_runs(tmp_path: Path) -> None:
 
     rows = list(csv.DictReader(io.StringIO(rp.table_csv(cells))))
     assert [rows[0][k] for k in ("method", "alpha", "clients", "seeds")] == ["fednano", "0.1", "5", "2"]
-    assert [float(rows[0][k]) for k in ("global_mean", "global_std", "local_mean", "local_std")] == pytest.approx([0.6, 0.1414213562, 0.6, 0.1414213562])
-    assert [float(rows[1][k]) for k in ("global_mean", "global_std", "local_mean", "local_std")] == pytest.approx([0.5, 0.1414213562, 0.5, 0.0])
+    assert [float(rows[0][k]) for k in ("global_mean", "global_std", "local_mean", "local_std")] == pytest.approx(
+        [0.6, 0.1414213562, 0.6, 0.1414213562]
+    )
+    assert [float(rows[1][k]) for k in ("global_mean", "global_std", "local_mean", "local_std")] == pytest.approx(
+        [0.5, 0.1414213562, 0.5, 0.0]
+    )
     assert rows[2]["method"] == "fednano" and rows[2]["alpha"] == "1.0" and rows[2]["seeds"] == "1"
     assert float(rows[2]["global_mean"]) == pytest.approx(0.55) and rows[2]["global_std"] == "" and rows[2]["local_mean"] == ""
 
@@ -121,7 +159,12 @@ def test_tables_from_synthetic_runs(tmp_path: Path) -> None:
     assert ptab[2] == "| fednano − fedavg | +10.0 ± 0.0 (2/2) | -10.0 (0/1) |"
     assert rp.paired_table(cells, "fedavg").splitlines()[2] == "| fedavg − fednano | -10.0 ± 0.0 (0/2) | +10.0 (1/1) |"
     prow = [r for r in csv.DictReader(io.StringIO(rp.paired_csv(cells, "fednano"))) if r["alpha"] == "0.1" and r["metric"] == "local"]
-    assert len(prow) == 1 and prow[0]["method"] == "fedavg" and prow[0]["baseline_higher"] == "1" and float(prow[0]["std_difference"]) == pytest.approx(0.1414213562)
+    assert (
+        len(prow) == 1
+        and prow[0]["method"] == "fedavg"
+        and prow[0]["baseline_higher"] == "1"
+        and float(prow[0]["std_difference"]) == pytest.approx(0.1414213562)
+    )
 
     out = tmp_path / "rep"
     rep = rp.build_report([root], out)
@@ -191,9 +234,13 @@ def test_load_sweep_points_and_validation(tmp_path: Path) -> None:
     assert p.cfg.train.local_steps == load_config(TINY).train.local_steps and p.run_dir == out / "fednano" / "a1.0-c2-s1"
 
     bad = sweep_file(tmp_path, out, '[[grid]]\nmethods = ["fednano", "nosuchmethod"]\nalphas = [1.0]\nseeds = [0]\n')
-    with pytest.raises(ConfigError, match=r"sweep\.toml: grid #1, point \(method='nosuchmethod', alpha=1.0, num_clients=2, seed=0\): .*federation\.strategy"):
+    with pytest.raises(
+        ConfigError,
+        match=r"sweep\.toml: grid #1, point \(method='nosuchmethod', alpha=1.0, num_clients=2, seed=0\): "
+        r".*federation\.strategy",
+    ):
         sw.load_sweep(bad)
-    bad = sweep_file(tmp_path, out, '[[grid]]\nalphas = [1.0, -1.0]\n')
+    bad = sweep_file(tmp_path, out, "[[grid]]\nalphas = [1.0, -1.0]\n")
     with pytest.raises(ConfigError, match=r"grid #1, point \(method='fednano', alpha=-1.0.*data\.dirichlet_alpha"):
         sw.load_sweep(bad)
     with pytest.raises(ConfigError, match=r"sweep\.toml: base config with \[sweep.set\].*train\.nope"):
@@ -203,7 +250,7 @@ def test_load_sweep_points_and_validation(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"at least one \[\[grid\]\]"):
         sw.load_sweep(sweep_file(tmp_path, out, ""))
     # the CLI names the sweep file and the point, exits 2, runs nothing
-    bad = sweep_file(tmp_path, out, '[[grid]]\nalphas = [1.0, -1.0]\n')
+    bad = sweep_file(tmp_path, out, "[[grid]]\nalphas = [1.0, -1.0]\n")
     r = CliRunner().invoke(app, ["sweep", "--config", str(bad), "--dry-run"])
     assert r.exit_code == 2 and "error:" in r.output and "alpha=-1.0" in r.output and not out.exists()
 
@@ -216,7 +263,9 @@ def test_dry_run_plans_skip_resume_and_refuses_a_changed_config(tmp_path: Path) 
     interrupted = points["fedavg/a1.0-c2-s1"]
     for p, final in ((finished, {"global_accuracy": 0.5}), (interrupted, {})):
         p.run_dir.mkdir(parents=True)
-        (p.run_dir / "results.json").write_text(json.dumps({"config": p.cfg.to_dict(), "rounds": [{"round": 1, "global_accuracy": 0.4}], "final": final}))
+        (p.run_dir / "results.json").write_text(
+            json.dumps({"config": p.cfg.to_dict(), "rounds": [{"round": 1, "global_accuracy": 0.4}], "final": final})
+        )
 
     r = CliRunner().invoke(app, ["sweep", "--config", str(path), "--dry-run"])
     assert r.exit_code == 0, r.output
@@ -251,7 +300,12 @@ def test_failed_runs_do_not_stop_the_sweep(tmp_path: Path, monkeypatch: pytest.M
     assert "1 failed" in r.output and "3 done" in r.output and str(failed_dir / "run.log") in r.output
     summary = json.loads((out / "sweep.json").read_text())
     status = {Path(p["folder"]).relative_to(out).as_posix(): (p["status"], p["global_accuracy"]) for p in summary["points"]}
-    assert status == {"fednano/a1.0-c2-s0": ("done", 0.25), "fednano/a1.0-c2-s1": ("done", 0.25), "fedavg/a1.0-c2-s0": ("failed", None), "fedavg/a1.0-c2-s1": ("done", 0.25)}
+    assert status == {
+        "fednano/a1.0-c2-s0": ("done", 0.25),
+        "fednano/a1.0-c2-s1": ("done", 0.25),
+        "fedavg/a1.0-c2-s0": ("failed", None),
+        "fedavg/a1.0-c2-s1": ("done", 0.25),
+    }
     assert "boom" in (failed_dir / "sweep.log").read_text()
     assert (failed_dir / "sweep-config.toml").exists()
     assert load_config(failed_dir / "sweep-config.toml").to_dict() == sw.load_sweep(path).points[2].cfg.to_dict()

@@ -47,15 +47,18 @@ def _sample(root: Path, split: str, subtask: str, qid: str, check: Collector) ->
     folder = root / "iconqa" / split / subtask / qid
     uid = f"iconqa/{split}/{subtask}/{qid}"
     if not (folder / "data.json").exists():
-        return check.reject(uid, f"data file not found: {folder / 'data.json'}")
+        check.reject(uid, f"data file not found: {folder / 'data.json'}")
+        return None
     try:
         rec = read_json(folder / "data.json")
     except DataError as e:
-        return check.reject(uid, str(e))
+        check.reject(uid, str(e))
+        return None
     where = str(folder / "data.json")
     problem = require(rec, ("question", "answer") + (("choices",) if subtask != "fill_in_blank" else ()), where)
     if problem:
-        return check.reject(uid, problem)
+        check.reject(uid, problem)
+        return None
     images = [folder / "image.png"]
     meta = (("subtask", subtask), ("grade", str(rec.get("grade", ""))))
     question = str(rec["question"])
@@ -64,9 +67,11 @@ def _sample(root: Path, split: str, subtask: str, qid: str, check: Collector) ->
     else:
         choices, answer_idx = list(rec["choices"]), rec["answer"]
         if not 2 <= len(choices) <= len(LETTERS):
-            return check.reject(uid, f"{where}: {len(choices)} choices (need 2 to {len(LETTERS)})")
+            check.reject(uid, f"{where}: {len(choices)} choices (need 2 to {len(LETTERS)})")
+            return None
         if not isinstance(answer_idx, int) or not 0 <= answer_idx < len(choices):
-            return check.reject(uid, f"{where}: answer index {answer_idx!r} out of range for {len(choices)} choices")
+            check.reject(uid, f"{where}: answer index {answer_idx!r} out of range for {len(choices)} choices")
+            return None
         if subtask == "choose_img":
             images += [folder / str(c) for c in choices]
             options = " ".join(f"{LETTERS[i]}. <image>" for i in range(len(choices)))
@@ -78,7 +83,8 @@ def _sample(root: Path, split: str, subtask: str, qid: str, check: Collector) ->
     for img in images:
         problem = check_image(img)
         if problem:
-            return check.reject(uid, problem)
+            check.reject(uid, problem)
+            return None
     return Sample(uid, text, answer, tuple(str(p) for p in images), candidates=cands, n_choices=n, meta=meta)
 
 

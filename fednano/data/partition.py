@@ -9,11 +9,13 @@ recomputes the same partition from the same seed.
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from dataclasses import dataclass
 
-from fednano.config import DataConfig
+from fednano.config import DataConfig, RunConfig
+from fednano.data import load_task
 from fednano.data.samples import DataError, Sample
 
 
@@ -40,7 +42,8 @@ def partition_indices(labels: list[str], cfg: DataConfig) -> list[list[int]]:
     elif cfg.partitioner == "natural":
         values = sorted(set(labels))
         if len(values) != cfg.num_clients:
-            raise DataError(f"natural partition by {cfg.partition_by!r} gives {len(values)} clients ({values}) but data.num_clients={cfg.num_clients}")
+            raise DataError(f"natural partition by {cfg.partition_by!r} gives {len(values)} clients ({values}) but "
+                            f"data.num_clients={cfg.num_clients}")
         part = NaturalIdPartitioner(partition_by="key")
     else:
         part = DirichletPartitioner(
@@ -81,3 +84,22 @@ def split_clients(pool: list[Sample], cfg: DataConfig) -> list[ClientData]:
 def summary(clients: list[ClientData], key: str) -> list[dict]:
     """Per client: sizes and the histogram of the partition key (written to partition.json)."""
     return [{"client": i, "train": len(c.train), "test": len(c.test), key: c.histogram(key)} for i, c in enumerate(clients)]
+
+
+_PARTS: dict[str, list[ClientData]] = {}
+
+
+def partitions(cfg: RunConfig) -> list[ClientData]:
+    """Every client's data for a run config, computed identically by every process from the config
+    (and cached per process)."""
+    key = json.dumps([cfg.data.to_key(), cfg.prepare.caption_images, cfg.prepare.seed])
+    if key not in _PARTS:
+        _PARTS[key] = split_clients(load_task(cfg).train, cfg.data)
+    return _PARTS[key]
+
+
+def client_data(cfg: RunConfig, partition_id: int) -> ClientData:
+    parts = partitions(cfg)
+    if not 0 <= partition_id < len(parts):
+        raise ValueError(f"partition-id {partition_id} out of range for {len(parts)} clients")
+    return parts[partition_id]

@@ -1,4 +1,9 @@
-"""Prompts in the LLM's chat template, with visual-token slots, and right-padded batches."""
+"""Prompts in the LLM's chat template, with visual-token slots, and right-padded batches.
+
+This is the batch format both sides agree on: input ids with IMAGE_PLACEHOLDER runs where the
+client puts visual tokens, and labels that are IGNORE_INDEX except at the answer's tokens. The
+system prompt is the task's (`Task.system`).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,12 @@ from typing import Any
 
 import torch
 
-from fednano.data.easyvqa import SYSTEM_PROMPT
 from fednano.data.samples import IMAGE_MARK
-from fednano.models.nanoedge import IMAGE_PLACEHOLDER
-from fednano.models.server_llm import IGNORE_INDEX
+
+# Marks the positions of visual tokens in input ids (LLaVA uses -200 the same way).
+IMAGE_PLACEHOLDER = -200
+# Labels of positions that carry no loss (PyTorch's cross-entropy default).
+IGNORE_INDEX = -100
 
 CHATML_END = "<|im_end|>"
 
@@ -25,7 +32,7 @@ def end_of_turn(tokenizer: Any) -> str:
     return CHATML_END if CHATML_END in vocab else str(tokenizer.eos_token)
 
 
-def prompt_text(tokenizer: Any, content: str, system: str = SYSTEM_PROMPT) -> str:
+def prompt_text(tokenizer: Any, content: str, system: str) -> str:
     """The tokenizer's chat template; without one, LLaVA-1.5's plain 'USER: ... ASSISTANT:' format."""
     if _has_template(tokenizer):
         messages = [{"role": "system", "content": system}, {"role": "user", "content": content}]
@@ -33,7 +40,7 @@ def prompt_text(tokenizer: Any, content: str, system: str = SYSTEM_PROMPT) -> st
     return f"{system} USER: {content} ASSISTANT:"
 
 
-def prompt_ids(tokenizer: Any, content: str, n_visual: int, system: str = SYSTEM_PROMPT) -> list[int]:
+def prompt_ids(tokenizer: Any, content: str, n_visual: int, system: str) -> list[int]:
     """Prompt ending where the answer starts; each `<image>` mark in `content` becomes
     n_visual slots, as HF's LLaVA / BLIP-2 processors expand their image token."""
     parts = prompt_text(tokenizer, content, system).split(IMAGE_MARK)
@@ -71,7 +78,7 @@ def pad_batch(seqs: list[list[int]], labels: list[list[int]] | None, pad_id: int
     return TokenBatch(ids, mask, lab)
 
 
-def training_batch(tokenizer: Any, contents: list[str], answers: list[str], n_visual: int, system: str = SYSTEM_PROMPT) -> TokenBatch:
+def training_batch(tokenizer: Any, contents: list[str], answers: list[str], n_visual: int, system: str) -> TokenBatch:
     """contents: user messages with their `<image>` marks (Sample.content())."""
     seqs, labs = [], []
     for q, a in zip(contents, answers, strict=True):
@@ -81,7 +88,7 @@ def training_batch(tokenizer: Any, contents: list[str], answers: list[str], n_vi
     return pad_batch(seqs, labs, pad_id(tokenizer))
 
 
-def prompt_batch(tokenizer: Any, contents: list[str], n_visual: int, system: str = SYSTEM_PROMPT) -> TokenBatch:
+def prompt_batch(tokenizer: Any, contents: list[str], n_visual: int, system: str) -> TokenBatch:
     return pad_batch([prompt_ids(tokenizer, q, n_visual, system) for q in contents], None, pad_id(tokenizer))
 
 

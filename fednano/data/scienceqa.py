@@ -45,12 +45,15 @@ def _grade(grade: str) -> str:
 def make_sample(uid: str, rec: dict, image: str | None, where: str, check: Collector) -> Sample | None:
     problem = require(rec, ("question", "choices", "answer"), where)
     if problem:
-        return check.reject(uid, problem)
+        check.reject(uid, problem)
+        return None
     choices, answer = list(rec["choices"]), rec["answer"]
     if not 2 <= len(choices) <= len(LETTERS):
-        return check.reject(uid, f"{where}: {len(choices)} choices (need 2 to {len(LETTERS)})")
+        check.reject(uid, f"{where}: {len(choices)} choices (need 2 to {len(LETTERS)})")
+        return None
     if not isinstance(answer, int) or not 0 <= answer < len(choices):
-        return check.reject(uid, f"{where}: answer index {answer!r} out of range for {len(choices)} choices")
+        check.reject(uid, f"{where}: answer index {answer!r} out of range for {len(choices)} choices")
+        return None
     hint = str(rec.get("hint") or "").strip()
     context = "|".join(c for c, on in (("TXT", bool(hint)), ("IMG", image is not None)) if on) or "NO"
     meta = (("subject", SUBJECTS.get(str(rec.get("subject", "")), str(rec.get("subject", "")))), ("context", context),
@@ -64,7 +67,7 @@ def _official(root: Path, split: str, check: Collector) -> list[Sample]:
     splits = read_json(root / "pid_splits.json")
     if split not in splits:
         raise DataError(f"{root / 'pid_splits.json'}: no split {split!r} (has {sorted(splits)})")
-    out = []
+    out: list[Sample] = []
     for pid in splits[split]:
         uid, where = f"scienceqa/{split}/{pid}", f"{root / 'problems.json'} [{pid}]"
         rec = problems.get(str(pid))
@@ -98,7 +101,7 @@ def _parquet(root: Path, split: str, check: Collector) -> list[Sample]:
         raise DataError(f"{root}: no parquet file for split {split!r} (looked for {name}-*.parquet)")
     cache = Path(os.path.expanduser(default_cache_dir())) / "images" / hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12] / name
     cache.mkdir(parents=True, exist_ok=True)
-    out = []
+    out: list[Sample] = []
     for f in files:
         table = pq.read_table(f)
         missing = {"question", "choices", "answer"} - set(table.column_names)

@@ -1,4 +1,15 @@
-"""Record and config keys shared by the ServerApp and the ClientApp (kebab-case, as Flower's)."""
+"""Record and config keys shared by the ServerApp and the ClientApp (kebab-case, as Flower's), and
+the one way a number is read back from a record."""
+
+from typing import Any
+
+
+def number(value: Any) -> float:
+    """A record value that must be a number (a reply's metrics, a message's round)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"expected a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
 
 ARRAYS = "arrays"  # ArrayRecord: NanoAdapter parameters
 FISHER = "fisher"  # ArrayRecord: diagonal Fisher of the same parameters
@@ -11,8 +22,6 @@ SPLIT_ADDRESS = "split-address"
 SPLIT_TOKEN = "split-token"  # per-run secret; travels inside Flower's (TLS) channel
 SPLIT_CA = "split-ca"  # PEM of the CA that signed the split server's certificate ("" = plaintext)
 SERVER_ROUND = "server-round"
-WANT_FISHER = "want-fisher"  # "none" | "pass" | "training"
-PROXIMAL_MU = "proximal-mu"  # FedProx: the client's proximal weight (0 = off)
 CLIENT_STATE_DIR = "client-state-dir"  # simulation: where clients keep what never leaves them (FedDPA-F's local LoRA)
 
 NUM_EXAMPLES = "num-examples"

@@ -14,6 +14,9 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Any
+
+from flwr.clientapp import ClientApp
 
 from fednano.config import ConfigError, RunConfig
 from fednano.devices import gpus_visible
@@ -21,11 +24,13 @@ from fednano.devices import gpus_visible
 log = logging.getLogger("fednano")
 
 
-def simulate(cfg: RunConfig, out_dir: Path, resume: bool = False) -> dict:
+def simulate(cfg: RunConfig, out_dir: Path, resume: bool = False, client_app: ClientApp | None = None) -> dict:
+    """Run `cfg` in `out_dir` (resume: after its last completed round). `client_app` replaces
+    FedNano's ClientApp (the tests wrap it to make a client fail)."""
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Keep Flower's state inside the run folder, never in ~ (and stay offline).
-    os.environ.setdefault("FLWR_HOME", str(out_dir / ".flwr"))
+    # Keep Flower's state inside this run's folder, never in ~ (and stay offline).
+    os.environ["FLWR_HOME"] = str(out_dir / ".flwr")
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"):
         os.environ.setdefault(var, "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -33,7 +38,7 @@ def simulate(cfg: RunConfig, out_dir: Path, resume: bool = False) -> dict:
     import ray
     from flwr.simulation import run_simulation
 
-    from fednano.federation.client_app import app as client_app
+    from fednano.federation.client_app import app
     from fednano.federation.server_app import build_server_app
 
     # Flower logs every message (and run_simulation's deprecation notice: we keep this
@@ -42,15 +47,24 @@ def simulate(cfg: RunConfig, out_dir: Path, resume: bool = False) -> dict:
 
     gpus = gpus_visible()
     if cfg.federation.client_gpus > 0 and gpus == 0:
-        raise ConfigError(f"federation.client_gpus={cfg.federation.client_gpus:g}: this machine has no CUDA GPU that torch can see; set it to 0")
-    backend = {
+        raise ConfigError(f"federation.client_gpus={cfg.federation.client_gpus:g}: this machine has no CUDA GPU that torch can see; "
+                          f"set it to 0")
+    backend: dict[str, dict[str, Any]] = {
         "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
-        "init_args": {"num_cpus": max(1, os.cpu_count() or 1), "num_gpus": gpus, "include_dashboard": False, "logging_level": "error", "log_to_driver": True},
+        "init_args": {
+            "num_cpus": max(1, os.cpu_count() or 1),
+            "num_gpus": gpus,
+            "include_dashboard": False,
+            "logging_level": "error",
+            "log_to_driver": True,
+        },
     }
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # run_simulation's deprecation notice; we keep the in-process runtime on purpose
-            run_simulation(build_server_app(cfg, out_dir, resume), client_app, num_supernodes=cfg.data.num_clients, backend_config=backend)
+            run_simulation(
+                build_server_app(cfg, out_dir, resume), client_app or app, num_supernodes=cfg.data.num_clients, backend_config=backend
+            )
     finally:
         if ray.is_initialized():
             ray.shutdown()

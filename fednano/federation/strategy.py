@@ -1,22 +1,16 @@
-"""FedNanoStrategy: Flower's Strategy interface around the pure merge functions.
+"""FedNanoStrategy: Flower's Strategy interface around the method's objects.
 
-A strategy only aggregates (Flower's rule): it samples clients with an explicit
-seeded RNG, builds the messages, gates each reply through `validate_update`,
-and merges with the registered method (Fisher merging or FedAvg), optionally
-followed by a server optimiser step (FedAdam / FedYogi). Per-client outcomes of
-the last round are kept in `last_train` / `last_evaluate`.
-
-Topologies: "federated" sends everyone the global adapters; "local" sends each
-client its own adapters and merges nothing; "centralized" trains one client
-(that holds all data). Everything the strategy must remember across rounds (the
-server optimiser's moments, local clients' adapters) is in `state_dict()`, which
-the server checkpoints with every round.
+A strategy only aggregates (Flower's rule): it asks the method's topology which nodes train and
+what each is sent, builds the messages, parses every reply once (`parse_replies`, shared by
+training and evaluation, as Flower's strategies share `_check_and_log_replies`), gates each
+training reply through `validate_update`, and lets the method combine the accepted ones.
+What the method remembers across rounds (server-optimiser moments, local clients' adapters) is
+its `ServerMemory`, which the server checkpoints with every round.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -25,11 +19,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fednano.aggregation import STRATEGIES, server_opt_step, validate_update
+from fednano.aggregation import validate_update
 from fednano.config import FederationConfig
 from fednano.federation import keys
+from fednano.methods.combiners import ServerMemory
+from fednano.methods.registry import METHODS
+from fednano.methods.topologies import Update
 
 log = logging.getLogger(__name__)
+Tensors = dict[str, torch.Tensor]
 
 
 @dataclass
@@ -39,6 +37,31 @@ class ClientOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     rejected: str | None = None
     info: dict[str, str] = field(default_factory=dict)  # where the client computed (device, name)
+    theta: Tensors | None = None
+    fisher: Tensors | None = None
+
+
+def parse_replies(replies: Iterable[Message], arrays: bool = False, fisher: bool = False) -> list[ClientOutcome]:
+    """One outcome per reply: its metrics and client info, and (training) its arrays and Fisher;
+    a client error or a malformed reply is recorded as the reason to reject it."""
+    outcomes = []
+    for msg in replies:
+        out = ClientOutcome(msg.metadata.src_node_id, None)
+        outcomes.append(out)
+        if msg.has_error():
+            out.rejected = f"client error: {msg.error.reason}"
+            continue
+        try:
+            out.metrics = {k: keys.number(v) for k, v in msg.content.metric_records[keys.METRICS].items()}
+            out.partition_id = int(out.metrics.get(keys.PARTITION_ID, -1))
+            out.info = {k: str(v) for k, v in msg.content.config_records.get(keys.CLIENT_INFO, {}).items()}
+            if arrays:
+                out.theta = msg.content.array_records[keys.ARRAYS].to_torch_state_dict()
+            if fisher:
+                out.fisher = msg.content.array_records[keys.FISHER].to_torch_state_dict()
+        except (KeyError, TypeError, ValueError) as e:
+            out.rejected = f"malformed reply: {type(e).__name__}: {e}"
+    return outcomes
 
 
 class FedNanoStrategy(Strategy):
@@ -46,139 +69,102 @@ class FedNanoStrategy(Strategy):
         """per_node(node_id) -> extra config entries for that node's messages (e.g. its token)."""
         self.cfg = cfg
         self.per_node = per_node
-        self.method = STRATEGIES[cfg.strategy]
-        self.want_fisher, self._merge = self.method.wants_fisher, self.method.merge
+        self.method = METHODS[cfg.strategy]
+        self.memory = ServerMemory()
         self.last_train: list[ClientOutcome] = []
         self.last_evaluate: list[ClientOutcome] = []
         self.node_partition: dict[int, int] = {}  # learned from the clients (query at start, then every reply)
-        self.client_states: dict[int, dict[str, torch.Tensor]] = {}  # "local": partition -> its own adapters
-        self.opt_state: dict[str, torch.Tensor] = {}  # fedadam / fedyogi moments and step count
-        self._reference: dict[str, torch.Tensor] | None = None
-        self._sent: dict[int, dict[str, torch.Tensor]] = {}  # node -> the adapters it was sent this round
+        self._reference: Tensors | None = None
+        self._sent: dict[int, Tensors] = {}  # node -> what it was sent, where that is not the global state
 
     def summary(self) -> None:
         log.info("strategy %s: fraction_train=%s min_train_clients=%s fisher_floor=%g normalize=%s",
                  self.cfg.strategy, self.cfg.fraction_train, self.cfg.min_train_clients, self.cfg.fisher_floor, self.cfg.fisher_normalize)
 
     # --- state that must survive a restart ------------------------------------------
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        out = {f"opt.{k}": v for k, v in self.opt_state.items()}
-        for pid, st in self.client_states.items():
-            out.update({f"client.{pid}.{k}": v for k, v in st.items()})
-        return out
+    def state_dict(self) -> Tensors:
+        return self.memory.state_dict()
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        self.opt_state = {k[4:]: v for k, v in state.items() if k.startswith("opt.")}
-        self.client_states = {}
-        for k, v in state.items():
-            if k.startswith("client."):
-                _, pid, name = k.split(".", 2)
-                self.client_states.setdefault(int(pid), {})[name] = v
+    def load_state_dict(self, state: Tensors) -> None:
+        self.memory.load_state_dict(state)
 
-    def min_replies(self) -> int:
-        return 1 if self.method.topology in ("local", "centralized") else self.cfg.min_train_clients
-
-    # --- sampling and messages ------------------------------------------------------
-    def _sample(self, grid: Grid, server_round: int, fraction: float) -> list[int]:
-        nodes = sorted(grid.get_node_ids())
-        if self.method.topology == "centralized":  # one trainer; it reads every partition
-            return nodes[:1]
-        k = max(1, min(len(nodes), round(len(nodes) * fraction)))
-        return sorted(random.Random(f"{self.cfg.seed}-{server_round}").sample(nodes, k))
-
-    def arrays_for(self, node: int, arrays: ArrayRecord) -> ArrayRecord:
-        """What a node is sent: the global adapters, or ("local") its own."""
-        if self.method.topology == "local":
-            own = self.client_states.get(self.node_partition.get(node, -1))
-            if own is not None:
-                return ArrayRecord(own)
-        return arrays
-
+    # --- messages ---------------------------------------------------------------------
     def _messages(self, arrays: ArrayRecord, config: ConfigRecord, nodes: list[int], kind: str) -> list[Message]:
-        def content(node: int) -> RecordDict:
+        state = arrays.to_torch_state_dict()
+        msgs = []
+        for node in nodes:
+            own = self.method.topology.state_for(self.node_partition.get(node), state, self.memory)
+            if own is not state:
+                self._sent[node] = own
             conf = ConfigRecord({**dict(config), **self.per_node(node)}) if self.per_node else config
-            return RecordDict({keys.ARRAYS: self.arrays_for(node, arrays), keys.CONFIG: conf})
-
-        return [Message(content=content(n), message_type=kind, dst_node_id=n) for n in nodes]
+            msgs.append(Message(content=RecordDict({keys.ARRAYS: arrays if own is state else ArrayRecord(own), keys.CONFIG: conf}),
+                                message_type=kind, dst_node_id=node))
+        return msgs
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self._reference = arrays.to_torch_state_dict()
+        self._reference, self._sent = arrays.to_torch_state_dict(), {}
         config[keys.SERVER_ROUND] = server_round
-        config[keys.WANT_FISHER] = self.method.fisher
-        config[keys.PROXIMAL_MU] = self.cfg.proximal_mu if self.method.proximal else 0.0
-        msgs = self._messages(arrays, config, self._sample(grid, server_round, self.cfg.fraction_train), MessageType.TRAIN)
-        # "local" clients start from their own adapters: their updates are checked against those
-        self._sent = {m.metadata.dst_node_id: m.content[keys.ARRAYS].to_torch_state_dict() for m in msgs} if self.method.topology == "local" else {}
-        return msgs
+        return self._messages(
+            arrays, config, self.method.topology.sample(list(grid.get_node_ids()), server_round, self.cfg), MessageType.TRAIN
+        )
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         config[keys.SERVER_ROUND] = server_round
         return self._messages(arrays, config, sorted(grid.get_node_ids()), MessageType.EVALUATE)
 
     # --- aggregation ------------------------------------------------------------------
+    def _validate(self, out: ClientOutcome) -> None:
+        """Gate one parsed training reply (sets out.rejected)."""
+        if out.rejected or out.theta is None:
+            return
+        if out.partition_id is not None and out.partition_id >= 0:
+            self.node_partition[out.node_id] = out.partition_id
+        assert self._reference is not None
+        reference = self._sent.get(out.node_id, self._reference)
+        problems = validate_update(
+            reference,
+            out.theta,
+            out.fisher if self.method.sends_fisher else None,
+            out.metrics.get(keys.NUM_EXAMPLES, 0.0),
+            self.cfg.max_update_norm,
+        )
+        if problems:
+            out.rejected = "; ".join(problems)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self._reference is not None, "configure_train must run first"
-        outcomes, accepted, thetas, fishers, counts = [], [], [], [], []
-        for msg in replies:
-            out = ClientOutcome(msg.metadata.src_node_id, None)
-            outcomes.append(out)
-            if msg.has_error():
-                out.rejected = f"client error: {msg.error.reason}"
-                continue
-            try:
-                metrics = dict(msg.content[keys.METRICS])
-                out.partition_id = int(metrics.get(keys.PARTITION_ID, -1))
-                out.metrics = {k: float(v) for k, v in metrics.items()}
-                out.info = {k: str(v) for k, v in dict(msg.content.get(keys.CLIENT_INFO, {})).items()}
-                theta = msg.content[keys.ARRAYS].to_torch_state_dict()
-                fisher = msg.content[keys.FISHER].to_torch_state_dict() if self.want_fisher else None
-            except (KeyError, TypeError, ValueError) as e:
-                out.rejected = f"malformed reply: {type(e).__name__}: {e}"
-                continue
-            if out.partition_id is not None and out.partition_id >= 0:
-                self.node_partition[out.node_id] = out.partition_id
-            reference = self._sent.get(out.node_id, self._reference)
-            problems = validate_update(reference, theta, fisher, out.metrics.get(keys.NUM_EXAMPLES, 0.0), self.cfg.max_update_norm)
-            if problems:
-                out.rejected = "; ".join(problems)
-                continue
-            accepted.append(out)
-            thetas.append(theta)
-            fishers.append(fisher)
-            counts.append(out.metrics[keys.NUM_EXAMPLES])
+        outcomes = parse_replies(replies, arrays=True, fisher=self.method.sends_fisher)
         for out in outcomes:
+            self._validate(out)
             if out.rejected:
-                log.warning("round %d: rejected update from node %d (partition %s): %s", server_round, out.node_id, out.partition_id, out.rejected)
+                log.warning(
+                    "round %d: rejected update from node %d (partition %s): %s", server_round, out.node_id, out.partition_id, out.rejected
+                )
         self.last_train = outcomes
-        if len(thetas) < self.min_replies():
-            log.warning("round %d: only %d valid updates (< min_train_clients=%d): keeping the previous global adapters",
-                        server_round, len(thetas), self.min_replies())
+        accepted = [o for o in outcomes if not o.rejected]
+        if len(accepted) < self.method.topology.min_replies(self.cfg):
+            log.warning(
+                "round %d: only %d valid updates (< min_train_clients=%d): keeping the previous global adapters",
+                server_round,
+                len(accepted),
+                self.method.topology.min_replies(self.cfg),
+            )
             return None, None
+        counts = [o.metrics[keys.NUM_EXAMPLES] for o in accepted]
         total = sum(counts)
         loss = sum(c * o.metrics[keys.TRAIN_LOSS] for c, o in zip(counts, accepted, strict=True)) / total
-        metrics = MetricRecord({keys.TRAIN_LOSS: loss, keys.NUM_EXAMPLES: total})
-        if self.method.topology == "local":  # nothing is merged: each client keeps what it trained
-            for out, theta in zip(accepted, thetas, strict=True):
-                self.client_states[int(out.partition_id)] = theta
-            return None, metrics
-        merged = self._merge(thetas, fishers, counts, floor=self.cfg.fisher_floor, normalize=self.cfg.fisher_normalize)
-        if self.method.server_opt:
-            c = self.cfg
-            merged, self.opt_state = server_opt_step(self.method.server_opt, self._reference, merged, self.opt_state,
-                                                     lr=c.server_lr, beta1=c.server_beta1, beta2=c.server_beta2, tau=c.server_tau)
-        return ArrayRecord(merged), metrics
+        updates = [
+            Update(int(o.partition_id if o.partition_id is not None else -1), o.theta, o.fisher, c)  # type: ignore[arg-type]
+            for o, c in zip(accepted, counts, strict=True)
+        ]
+        merged = self.method.topology.combine(self.method.combine, self._reference, updates, self.cfg, self.memory)
+        return (ArrayRecord(merged) if merged is not None else None), MetricRecord({keys.TRAIN_LOSS: loss, keys.NUM_EXAMPLES: total})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        outcomes = []
-        for msg in replies:
-            out = ClientOutcome(msg.metadata.src_node_id, None)
-            if msg.has_error():
-                out.rejected = f"client error: {msg.error.reason}"
-                log.warning("round %d: evaluation failed on node %d: %s", server_round, out.node_id, msg.error.reason)
-            else:
-                out.metrics = {k: float(v) for k, v in dict(msg.content[keys.METRICS]).items()}
-                out.partition_id = int(out.metrics.get(keys.PARTITION_ID, -1))
-            outcomes.append(out)
+        outcomes = parse_replies(replies)
+        for out in outcomes:
+            if out.rejected:
+                log.warning("round %d: evaluation failed on node %d: %s", server_round, out.node_id, out.rejected)
         self.last_evaluate = outcomes
         ok = [o for o in outcomes if not o.rejected]
         if not ok:

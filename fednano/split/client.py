@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import grpc
 import torch
 
-from fednano.split.frames import DTYPES, Frame, decode, encode
+from fednano.devices import DTYPES
+from fednano.split.frames import Frame, decode, encode
 from fednano.split.server import METHOD
 
 
@@ -98,23 +99,39 @@ class SplitClient:
     def info(self) -> dict:
         return self.request(Frame("info")).meta
 
-    def train_step(self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor, int]:
+    def train_step(
+        self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         reply = self.request(
-            Frame("train", {"embeds": embeds.detach().to(self.wire), "mask": mask.to(torch.uint8), "labels": labels.to(torch.int32)}, {"reduction": reduction})
+            Frame(
+                "train",
+                {"embeds": embeds.detach().to(self.wire), "mask": mask.to(torch.uint8), "labels": labels.to(torch.int32)},
+                {"reduction": reduction},
+            )
         )
         return reply.tensors["loss"].float(), reply.tensors["grad"].to(embeds.device, embeds.dtype), int(reply.meta["n_tokens"])
 
-    def score(self, embeds: torch.Tensor, mask: torch.Tensor, cand_embeds: torch.Tensor, cand_ids: torch.Tensor, cand_mask: torch.Tensor) -> torch.Tensor:
+    def score(
+        self, embeds: torch.Tensor, mask: torch.Tensor, cand_embeds: torch.Tensor, cand_ids: torch.Tensor, cand_mask: torch.Tensor
+    ) -> torch.Tensor:
         reply = self.request(
-            Frame("score", {
-                "embeds": embeds.detach().to(self.wire), "mask": mask.to(torch.uint8),
-                "cand_embeds": cand_embeds.detach().to(self.wire), "cand_ids": cand_ids.to(torch.int32), "cand_mask": cand_mask.to(torch.uint8),
-            })
+            Frame(
+                "score",
+                {
+                    "embeds": embeds.detach().to(self.wire),
+                    "mask": mask.to(torch.uint8),
+                    "cand_embeds": cand_embeds.detach().to(self.wire),
+                    "cand_ids": cand_ids.to(torch.int32),
+                    "cand_mask": cand_mask.to(torch.uint8),
+                },
+            )
         )
         return reply.tensors["logprobs"]
 
     def traffic(self) -> dict[str, int]:
         return {
-            "activations_up": self.bytes_up["train"], "gradients_down": self.bytes_down["train"],
-            "eval_activations_up": self.bytes_up["score"], "eval_scores_down": self.bytes_down["score"],
+            "activations_up": self.bytes_up["train"],
+            "gradients_down": self.bytes_down["train"],
+            "eval_activations_up": self.bytes_up["score"],
+            "eval_scores_down": self.bytes_down["score"],
         }

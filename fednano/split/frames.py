@@ -17,18 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fednano.devices import DTYPE_NAMES, DTYPES
+
 MAGIC = b"FNS1"
 _HEADER_LEN = struct.Struct("<I")
-DTYPES: dict[str, torch.dtype] = {
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float32": torch.float32,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 MAX_HEADER_BYTES = 64 * 1024
 MAX_DIMS = 8
 

@@ -14,6 +14,7 @@ RESOURCE_EXHAUSTED. One client's garbage never stops the server.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -28,7 +29,9 @@ from typing import Any
 import grpc
 import torch
 
-from fednano.models.server_llm import IGNORE_INDEX, ServerLLM
+from fednano.config import SplitConfig
+from fednano.data.prompts import IGNORE_INDEX
+from fednano.server.llm import ServerLLM
 from fednano.split.frames import Frame, FrameError, decode, encode, error_frame
 
 log = logging.getLogger(__name__)
@@ -97,13 +100,19 @@ class LLMWorker:
         self._queue.put(("call", fn, fut))
         return fut.result()
 
-    def train(self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def train(
+        self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         fut: Future = Future()
         self._queue.put(("train", (embeds, mask, labels, reduction), fut))
         return fut.result()
 
     def stop(self) -> None:
         self._queue.put(None)
+
+    def endpoint(self) -> OnWorker:
+        """The LLM as an in-process endpoint whose work runs on this thread (the server's own evaluation)."""
+        return OnWorker(self)
 
     def _take(self, timeout: float | None = None) -> Any:
         """The next job: a held one first; raises queue.Empty after `timeout` (0: do not wait)."""
@@ -135,7 +144,7 @@ class LLMWorker:
                     self._held.append(nxt)  # runs next, in arrival order
                     break
                 batch.append(nxt)
-            self._settle(batch, lambda b=batch: self.llm.train_steps([j[1] for j in b]))
+            self._settle(batch, functools.partial(self.llm.train_steps, [j[1] for j in batch]))
             self.steps["train_requests"] += len(batch)
             self.steps["llm_passes"] += 1
 
@@ -153,11 +162,33 @@ class LLMWorker:
             j[2].set_result(r)
 
 
+class OnWorker:
+    """ServerLLM's `train_step` / `score`, run on the LLM worker's thread (one thread runs the LLM)."""
+
+    def __init__(self, worker: LLMWorker) -> None:
+        self.worker = worker
+
+    def train_step(
+        self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        return self.worker.call(lambda: self.worker.llm.train_step(embeds, mask, labels, reduction))
+
+    def score(
+        self, embeds: torch.Tensor, mask: torch.Tensor, cand_embeds: torch.Tensor, cand_ids: torch.Tensor, cand_mask: torch.Tensor
+    ) -> torch.Tensor:
+        return self.worker.call(lambda: self.worker.llm.score(embeds, mask, cand_embeds, cand_ids, cand_mask))
+
+
 class SplitService:
     """Validates frames (on the gRPC threads) and hands the LLM work to one LLMWorker."""
 
     def __init__(
-        self, llm: ServerLLM, max_frame_bytes: int, batching: bool = True, max_tokens: int = 4096, window_s: float = 0.0,
+        self,
+        llm: ServerLLM,
+        max_frame_bytes: int,
+        batching: bool = True,
+        max_tokens: int = 4096,
+        window_s: float = 0.0,
         active: Callable[[], int] | None = None,
     ) -> None:
         self.llm, self.max_frame_bytes = llm, max_frame_bytes
@@ -186,7 +217,9 @@ class SplitService:
 
     def _dispatch(self, frame: Frame) -> Frame:
         if frame.op == "info":
-            return Frame("info", meta={"hidden_size": self.llm.hidden_size, "vocab_size": self.llm.vocab_size, "dtype": str(self.llm.dtype)})
+            return Frame(
+                "info", meta={"hidden_size": self.llm.hidden_size, "vocab_size": self.llm.vocab_size, "dtype": str(self.llm.dtype)}
+            )
         if frame.op == "train":
             return self._train(frame)
         if frame.op == "score":
@@ -227,19 +260,32 @@ class SplitServer:
     Security: with a `secret`, every stream must carry `authorization: Bearer
     <client_token(id)>` metadata — a per-client token, HMAC(secret, id) — or is
     refused (UNAUTHENTICATED) before any LLM work; with `tls` (PEM bytes of
-    certificate chain and private key) the channel is encrypted. `max_streams`
-    caps concurrent streams overall and `max_streams_per_client` per client id
-    (RESOURCE_EXHAUSTED beyond them).
+    certificate chain and private key) the channel is encrypted. `cfg.max_streams`
+    caps concurrent streams overall and `cfg.max_streams_per_client` per client id
+    (RESOURCE_EXHAUSTED beyond them). Binding, frame limit and micro-batching come
+    from the same SplitConfig the run uses.
     """
 
     def __init__(
-        self, llm: ServerLLM, host: str = "127.0.0.1", port: int = 0, max_frame_mb: float = 64.0, workers: int = 16,
-        secret: str | None = None, tls: tuple[bytes, bytes] | None = None, max_streams: int = 64, batching: bool = True,
-        batch_window_ms: float = 30.0, max_streams_per_client: int = 4, max_batch_tokens: int = 4096,
+        self,
+        llm: ServerLLM,
+        cfg: SplitConfig | None = None,
+        *,
+        secret: str | None = None,
+        tls: tuple[bytes, bytes] | None = None,
+        workers: int = 16,
     ) -> None:
-        self.max_frame_bytes = int(max_frame_mb * 1024 * 1024)
-        self.service = SplitService(llm, self.max_frame_bytes, batching, max_batch_tokens, window_s=batch_window_ms / 1000, active=lambda: self._streams)
-        self.secret, self.max_streams, self.max_streams_per_client = secret, max_streams, max_streams_per_client
+        cfg = cfg or SplitConfig()
+        self.max_frame_bytes = int(cfg.max_frame_mb * 1024 * 1024)
+        self.service = SplitService(
+            llm,
+            self.max_frame_bytes,
+            cfg.micro_batching,
+            cfg.max_batch_tokens,
+            window_s=cfg.batch_window_ms / 1000,
+            active=lambda: self._streams,
+        )
+        self.secret, self.max_streams, self.max_streams_per_client = secret, cfg.max_streams, cfg.max_streams_per_client
         self._streams = 0
         self._per_client: dict[str, int] = {}
         self._streams_lock = threading.Lock()
@@ -248,11 +294,9 @@ class SplitServer:
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="split"),
             options=[("grpc.max_receive_message_length", grpc_limit), ("grpc.max_send_message_length", grpc_limit)],
         )
-        handler = grpc.method_handlers_generic_handler(
-            SERVICE, {"Session": grpc.stream_stream_rpc_method_handler(self._session)}
-        )
+        handler = grpc.method_handlers_generic_handler(SERVICE, {"Session": grpc.stream_stream_rpc_method_handler(self._session)})
         self._server.add_generic_rpc_handlers((handler,))
-        target = f"{host}:{port}"
+        target = f"{cfg.host}:{cfg.port}"
         self.secure = tls is not None
         if tls is not None:
             self.port = self._server.add_secure_port(target, grpc.ssl_server_credentials([(tls[1], tls[0])]))
@@ -260,7 +304,7 @@ class SplitServer:
             self.port = self._server.add_insecure_port(target)
         if self.port == 0:
             raise RuntimeError(f"split server could not bind {target}")
-        self.address = f"{host}:{self.port}"
+        self.address = f"{cfg.host}:{self.port}"
         self.refused = {"unauthenticated": 0, "too_many_streams": 0}
 
     def client_token(self, client_id: str) -> str:
@@ -285,8 +329,10 @@ class SplitServer:
         with self._streams_lock:
             if self._streams >= self.max_streams or self._per_client.get(client, 0) >= self.max_streams_per_client:
                 self.refused["too_many_streams"] += 1
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"stream limit reached ({self.max_streams} in all, {self.max_streams_per_client} per client)")
+                context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"stream limit reached ({self.max_streams} in all, {self.max_streams_per_client} per client)",
+                )
             self._streams += 1
             self._per_client[client] = self._per_client.get(client, 0) + 1
         try:
@@ -299,7 +345,9 @@ class SplitServer:
 
     def start(self) -> SplitServer:
         self._server.start()
-        log.info("split server listening on %s%s%s", self.address, " (TLS)" if self.secure else "", ", token required" if self.secret else "")
+        log.info(
+            "split server listening on %s%s%s", self.address, " (TLS)" if self.secure else "", ", token required" if self.secret else ""
+        )
         return self
 
     def stop(self, grace: float = 1.0) -> None:

@@ -21,8 +21,7 @@ HIDDEN = 32
 
 
 def tiny_words() -> list[str]:
-    from fednano.data.easyvqa import vocabulary_words
-    from fednano.data.prompts import SYSTEM_PROMPT
+    from fednano.data.easyvqa import SYSTEM_PROMPT, vocabulary_words
 
     extra = " ".join([
         SYSTEM_PROMPT, "Describe the image in a few words. What is in the image?", "system user assistant a USER ASSISTANT :",

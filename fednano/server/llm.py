@@ -16,13 +16,13 @@ format moves them back to the CPU.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from fednano.data.prompts import IGNORE_INDEX
 from fednano.devices import module_device
-
-IGNORE_INDEX = -100
 
 
 class ServerLLM:
@@ -33,8 +33,8 @@ class ServerLLM:
     `model` is the module that owns both (kept for tests and parameter counts).
     """
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16, decoder: nn.Module | None = None, head: nn.Module | None = None) -> None:
-        """`model` as loaded (bundle.load_server_llm loads it straight into `dtype` on its device(s)).
+    def __init__(self, model: Any, dtype: torch.dtype = torch.bfloat16, decoder: Any = None, head: Any = None) -> None:
+        """`model`: a transformers PreTrainedModel as loaded (bundle.load_server_llm loads it straight into `dtype` on its device(s)).
         Parameters in another dtype are cast in place; buffers keep theirs, as from_pretrained(dtype=)
         leaves them (a Llama's rotary frequencies stay float32: rounding them to bf16 shifts its hidden
         states by several per cent)."""
@@ -90,7 +90,9 @@ class ServerLLM:
         dev = self.device
         T = max(e.shape[1] for e, _, _, _ in requests)
         pad = lambda t, v: F.pad(t.to(dev, torch.long), (0, T - t.shape[1]), value=v)  # noqa: E731 - (B, t) -> (B, T)
-        x = torch.cat([F.pad(e.detach().to(dev, self.dtype), (0, 0, 0, T - e.shape[1])) for e, _, _, _ in requests]).requires_grad_(True)  # (ΣB, T, d)
+        x = torch.cat([F.pad(e.detach().to(dev, self.dtype), (0, 0, 0, T - e.shape[1])) for e, _, _, _ in requests]).requires_grad_(
+            True
+        )  # (ΣB, T, d)
         mask = torch.cat([pad(m, 0) for _, m, _, _ in requests])
         labels = torch.cat([pad(lab, IGNORE_INDEX) for _, _, lab, _ in requests])
         group = torch.cat([torch.full((e.shape[0],), i, device=dev) for i, (e, _, _, _) in enumerate(requests)])  # row -> request

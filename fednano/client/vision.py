@@ -8,6 +8,8 @@ network that tests build from config. Both pool their feature map to
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +17,8 @@ from torch import nn
 
 class VisionEncoder(nn.Module):
     """Wraps a backbone: resize, normalise, extract the feature map, pool to a grid."""
+
+    backbone: Any  # EfficientNet-Lite's (or TinyCNN's) extract_features: (B, 3, S, S) -> (B, C, h, w)
 
     def __init__(self, backbone: nn.Module, feature_dim: int, image_size: int, grid: int) -> None:
         super().__init__()

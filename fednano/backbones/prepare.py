@@ -25,12 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fednano.config import AdapterConfig, RunConfig
-from fednano.data.easyvqa import captions, held_out_image_ids, load_split
-from fednano.data.prompts import training_batch
-from fednano.data.samples import IMAGE_MARK
-from fednano.devices import resolve_device
-from fednano.models.bundle import (
+from fednano.backbones.bundle import (
     SHIPPED_CONFIGS,
     convert_smollm2,
     input_embedding_weight,
@@ -39,19 +34,24 @@ from fednano.models.bundle import (
     write_hf_mllm_bundle,
     write_random_hf_mllm_bundle,
 )
-from fednano.models.connector import Connector
-from fednano.models.nanoedge import NanoEdge
-from fednano.models.server_llm import ServerLLM
-from fednano.models.tiny import build_tiny_llm
-from fednano.models.vision import TinyCNN, build_vision_encoder
+from fednano.backbones.tiny import build_tiny_llm
+from fednano.client.connector import Connector
+from fednano.client.features import ImageFeatures
+from fednano.client.nanoedge import NanoEdge
+from fednano.client.training import split_step
+from fednano.client.vision import TinyCNN, build_vision_encoder
+from fednano.config import AdapterConfig, RunConfig
+from fednano.data.easyvqa import captions, held_out_image_ids, load_split
+from fednano.data.prompts import training_batch
+from fednano.data.samples import IMAGE_MARK
+from fednano.devices import dtype_of, resolve_device
 from fednano.progress import progress_bar
-from fednano.training import ImageFeatures, split_step
+from fednano.server.llm import ServerLLM
 
 log = logging.getLogger(__name__)
 
 CAPTION_SYSTEM = "Describe the image in a few words."
 CAPTION_QUESTION = "What is in the image?"
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 # Bumped when what stage-1 pre-training computes changes, so that no cache holds a connector trained
 # against other numerics. 2: the LLM is loaded straight into bf16, which keeps its rotary frequencies
 # in float32 (casting a float32 model to bf16, as before, rounded them to bf16 too).
@@ -130,9 +130,9 @@ def _prepare_compose(cfg: RunConfig, client_dir: Path, llm_dir: Path, vision_spe
     """Stage-1 alignment: train the connector between a frozen encoder and a frozen LLM."""
     p = cfg.prepare
     device = resolve_device(cfg.model.server_device, "model.server_device")  # stage 1 is central: it runs where the LLM runs
-    model, tokenizer = load_llm(llm_dir, DTYPES[cfg.model.llm_dtype], device)
+    model, tokenizer = load_llm(llm_dir, dtype_of(cfg.model.llm_dtype), device)
     embed_weight = input_embedding_weight(model, llm_dir)  # (V, d) float32, as stored
-    llm = ServerLLM(model, DTYPES[cfg.model.llm_dtype])
+    llm = ServerLLM(model, dtype_of(cfg.model.llm_dtype))
     vision = build_vision_encoder(vision_spec, cfg.model.image_size, cfg.model.visual_grid, vision_state)
     torch.manual_seed(p.seed)
     connector = Connector(vision.feature_dim, embed_weight.shape[1])

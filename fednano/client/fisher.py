@@ -1,4 +1,4 @@
-"""Diagonal Fisher information of the NanoAdapter parameters.
+"""Diagonal Fisher information of the NanoAdapter parameters: every way FedNano computes it.
 
     empirical: F = (1/N) sum_i (d log p(y_i | x_i) / d theta)^2            (true answers y_i)
     exact:     F = (1/N) sum_i sum_c p(c | x_i) (d log p(c | x_i) / d theta)^2
@@ -14,20 +14,26 @@ adapter y = x + s B(A x) with input rows x_t and output gradients g_t of one sam
     dL/dB = s sum_t g_t (A x_t)^T        dL/dA = s sum_t (B^T g_t) x_t^T
 
 (two batched contractions, no per-sample backward, no host synchronisation).
+
+    fisher_pass          FedNano: an extra pass over some training samples (empirical or exact)
+    FisherFromTraining   FedNano-EF: the mean squared gradient of the training steps (no extra pass)
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator
 
 import torch
+from torch import nn
 
-if TYPE_CHECKING:  # training.py imports this module's pure functions
-    from fednano.data.prompts import TokenBatch
-    from fednano.models.adapters import NanoAdapter
-    from fednano.models.nanoedge import NanoEdge
-    from fednano.training import LLMEndpoint
+from fednano.client.adapters import NanoAdapter
+from fednano.client.evaluation import candidate_scores
+from fednano.client.features import Workload
+from fednano.client.nanoedge import NanoEdge
+from fednano.config import TrainConfig
+from fednano.data.prompts import TokenBatch, training_batch
+from fednano.data.samples import Sample
+from fednano.split.endpoint import LLMEndpoint
 
 
 def accumulate_squared(acc: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], weight: float = 1.0) -> None:
@@ -64,7 +70,9 @@ def adapter_sample_grads(adapter: NanoAdapter, x: torch.Tensor, g: torch.Tensor)
 
 
 def empirical_fisher(
-    edge: NanoEdge, endpoint: LLMEndpoint, data: Iterable[tuple[TokenBatch, torch.Tensor]] | Iterable[tuple[TokenBatch, torch.Tensor, torch.Tensor]]
+    edge: NanoEdge,
+    endpoint: LLMEndpoint,
+    data: Iterable[tuple[TokenBatch, torch.Tensor]] | Iterable[tuple[TokenBatch, torch.Tensor, torch.Tensor]],
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Diagonal Fisher over the batches in `data` -> (Fisher per parameter, samples).
 
@@ -85,9 +93,69 @@ def empirical_fisher(
             grad = grad.to(embeds.device, embeds.dtype)  # row i: d (sample i's NLL) / d its embeddings
             slot = is_image.unsqueeze(-1)
             weights = (rest[0] if rest else torch.ones(grad.shape[0])).to(grad.device, grad.dtype)  # (B,)
-            for name, adapter, x, g in (("adapter_t", edge.adapter_t, text, grad.masked_fill(slot, 0)),
-                                        ("adapter_i", edge.adapter_i, vis, grad.masked_fill(~slot, 0))):
+            for name, adapter, x, g in (
+                ("adapter_t", edge.adapter_t, text, grad.masked_fill(slot, 0)),
+                ("adapter_i", edge.adapter_i, vis, grad.masked_fill(~slot, 0)),
+            ):
                 for p, gs in adapter_sample_grads(adapter, x, g).items():
                     acc[f"{name}.{p}"] += torch.einsum("b,b...->...", weights, gs**2)
             n += float(weights.sum())
     return mean_fisher(acc, n), n
+
+
+def exact_fisher_batches(
+    edge: NanoEdge,
+    endpoint: LLMEndpoint,
+    samples: list[Sample],
+    work: Workload,
+    candidate_sets: dict[str, list[str]],
+    batch_size: int,
+) -> Iterator[tuple[TokenBatch, torch.Tensor | None, torch.Tensor]]:
+    """For the exact Fisher: per sample, one row per valid candidate answer, weighted by
+    the model's p(candidate | sample) (see empirical_fisher)."""
+    scored = list(candidate_scores(edge, endpoint, samples, work, candidate_sets, batch_size))
+    for i, lp, cands in scored:
+        s = samples[i]
+        valid = cands[: s.n_choices] if s.n_choices else cands
+        p = candidate_distribution(lp[: len(valid)])
+        batch = training_batch(work.tokenizer, [s.content()] * len(valid), list(valid), work.n_visual, work.system)
+        yield batch, work.images([s] * len(valid)), p
+
+
+def fisher_pass(
+    edge: NanoEdge,
+    endpoint: LLMEndpoint,
+    train: list[Sample],
+    work: Workload,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    candidate_sets: dict[str, list[str]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """FedNano's Fisher: an extra pass over `cfg.fisher_samples` of the client's samples; with
+    `candidate_sets` the exact Fisher (over each sample's candidate answers), else the empirical one."""
+    n = min(cfg.fisher_samples, len(train))
+    subset = [train[i] for i in torch.randperm(len(train), generator=generator)[:n].tolist()]
+    if candidate_sets is not None:
+        rows: Iterable = exact_fisher_batches(edge, endpoint, subset, work, candidate_sets, cfg.eval_batch_size)
+    else:
+        rows = (work.train_batch(subset[i : i + cfg.batch_size]) for i in range(0, n, cfg.batch_size))
+    fisher, _ = empirical_fisher(edge, endpoint, rows)
+    return fisher
+
+
+class FisherFromTraining:
+    """FedNano-EF: a training-step hook that keeps the squared gradients of the LLM loss; the
+    Fisher is their mean over steps (nothing extra computed or sent per step)."""
+
+    def __init__(self) -> None:
+        self._acc: dict[str, torch.Tensor] = {}
+        self._steps = 0
+
+    def after_backward(self, params: dict[str, nn.Parameter]) -> None:
+        if not self._acc:
+            self._acc = {k: torch.zeros_like(p) for k, p in params.items()}
+        accumulate_squared(self._acc, {k: p.grad for k, p in params.items() if p.grad is not None})
+        self._steps += 1
+
+    def fisher(self) -> dict[str, torch.Tensor]:
+        return mean_fisher(self._acc, self._steps)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fednano.models.adapters import adapter_param_count
+from fednano.client.adapters import adapter_param_count
 
 BYTES_PER_PARAM = 2  # bf16 / fp16 checkpoints
 FOOTPRINTS = {
@@ -62,10 +62,17 @@ class Footprint:
 
     def as_dict(self) -> dict:
         d = asdict(self)
-        d.update(client_params=self.client_params, adapter_params=self.adapter_params, storage_reduction_pct=self.storage_reduction_pct,
-                 upload_params=self.adapter_params, upload_with_fisher_params=2 * self.adapter_params,
-                 upload_pct=100 * self.adapter_params / self.total_params, upload_with_fisher_pct=200 * self.adapter_params / self.total_params,
-                 step_activation_bytes=self.step_activation_bytes, step_gradient_bytes=self.step_activation_bytes)
+        d.update(
+            client_params=self.client_params,
+            adapter_params=self.adapter_params,
+            storage_reduction_pct=self.storage_reduction_pct,
+            upload_params=self.adapter_params,
+            upload_with_fisher_params=2 * self.adapter_params,
+            upload_pct=100 * self.adapter_params / self.total_params,
+            upload_with_fisher_pct=200 * self.adapter_params / self.total_params,
+            step_activation_bytes=self.step_activation_bytes,
+            step_gradient_bytes=self.step_activation_bytes,
+        )
         return d
 
 
@@ -78,7 +85,7 @@ def _unique_count(module: nn.Module) -> int:
 
 
 def load_config_file(filename: str) -> dict:
-    data = json.loads(resources.files("fednano.footprints").joinpath(filename).read_text())
+    data = json.loads(resources.files("fednano.backbones.footprints").joinpath(filename).read_text())
     data.pop("_source", None)
     return data
 
@@ -88,23 +95,7 @@ def footprint(name: str, rank: int = 64, batch: int = 8, text_tokens: int = 64) 
         raise ValueError(f"unknown footprint backbone {name!r}; choose one of {sorted(FOOTPRINTS)}")
     kind, filename = FOOTPRINTS[name]
     with torch.device("meta"):
-        if kind == "llava":
-            from transformers import LlavaConfig, LlavaForConditionalGeneration
-
-            cfg = LlavaConfig.from_dict(load_config_file(filename))
-            m = LlavaForConditionalGeneration(cfg)
-            vision, connector = _count(m.model.vision_tower), _count(m.model.multi_modal_projector)
-            visual_tokens = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
-        elif kind == "blip2":
-            from transformers import Blip2Config, Blip2ForConditionalGeneration
-
-            cfg = Blip2Config.from_dict(load_config_file(filename))
-            m = Blip2ForConditionalGeneration(cfg)
-            vision = _count(m.vision_model)
-            connector = _count(m.qformer) + _count(m.language_projection) + m.query_tokens.numel()
-            visual_tokens = cfg.num_query_tokens
-        else:
-            m, vision, connector, visual_tokens = _smol_meta()
+        m, vision, connector, visual_tokens = _smol_meta() if filename is None else _hf_meta(kind, filename)
     text = m.config.get_text_config()
     d = text.hidden_size
     embed = m.get_input_embeddings().weight.numel()
@@ -115,28 +106,51 @@ def footprint(name: str, rank: int = 64, batch: int = 8, text_tokens: int = 64) 
     return Footprint(name, rank, d, total, client, server, visual_tokens, batch, text_tokens)
 
 
+def _hf_meta(kind: str, filename: str) -> tuple[Any, int, int, int]:
+    """A shipped LLaVA / BLIP-2 configuration as a model (call on the meta device): the model, and
+    the parameters of its vision encoder and connector, and its visual tokens per image."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration, LlavaConfig, LlavaForConditionalGeneration
+
+    m: Any
+    if kind == "llava":
+        lcfg = LlavaConfig.from_dict(load_config_file(filename))
+        m = LlavaForConditionalGeneration(lcfg)
+        vision_cfg: Any = lcfg.vision_config
+        return m, _count(m.model.vision_tower), _count(m.model.multi_modal_projector), (vision_cfg.image_size // vision_cfg.patch_size) ** 2
+    bcfg = Blip2Config.from_dict(load_config_file(filename))
+    m = Blip2ForConditionalGeneration(bcfg)
+    return m, _count(m.vision_model), _count(m.qformer) + _count(m.language_projection) + m.query_tokens.numel(), bcfg.num_query_tokens
+
+
 def smollm2_config() -> Any:
     """SmolLM2-135M-Instruct's architecture (the config of the packaged GGUF)."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                       num_key_value_heads=3, tie_word_embeddings=True)
+    return LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    )
 
 
-def _smol_meta() -> tuple[nn.Module, int, int, int]:
+def _smol_meta() -> tuple[Any, int, int, int]:
     """EfficientNet-Lite0 + connector 1280->576 + SmolLM2-135M (config of the packaged GGUF)."""
     from efficientnet_lite_pytorch import EfficientNet
     from transformers import LlamaForCausalLM
 
-    from fednano.models.connector import Connector
+    from fednano.client.connector import Connector
 
     lm = LlamaForCausalLM(smollm2_config())
     encoder, connector = EfficientNet.from_name("efficientnet-lite0"), Connector(1280, 576)
-    holder = nn.Module()
+    holder: Any = nn.Module()
     holder.lm, holder.encoder, holder.connector = lm, encoder, connector
     holder.config = lm.config
-    holder.get_input_embeddings = lm.get_input_embeddings  # type: ignore[method-assign]
-    holder.get_output_embeddings = lm.get_output_embeddings  # type: ignore[method-assign]
+    holder.get_input_embeddings = lm.get_input_embeddings
+    holder.get_output_embeddings = lm.get_output_embeddings
     return holder, _count(encoder), _count(connector), 9
 
 
@@ -154,10 +168,16 @@ def markdown(rows: list[Footprint]) -> str:
         ("client total (parameters / bf16 bytes)", lambda r: f"{m(r.client_params)} / {r.client_params * BYTES_PER_PARAM / 2**30:.2f} GiB"),
         ("server: LLM it must hold / bf16", lambda r: f"{m(r.server_params)} / {r.server_params * BYTES_PER_PARAM / 2**30:.2f} GiB"),
         ("client storage reduction vs whole MLLM", lambda r: f"{r.storage_reduction_pct:.2f} %"),
-        ("upload per round: adapters (params, % of total)", lambda r: f"{r.adapter_params:,} ({100 * r.adapter_params / r.total_params:.4f} %)"),
+        (
+            "upload per round: adapters (params, % of total)",
+            lambda r: f"{r.adapter_params:,} ({100 * r.adapter_params / r.total_params:.4f} %)",
+        ),
         ("upload per round: adapters + Fisher", lambda r: f"{2 * r.adapter_params:,} ({200 * r.adapter_params / r.total_params:.4f} %)"),
         ("visual tokens per image", lambda r: str(r.visual_tokens)),
-        ("per split step, up (bf16 embeddings, batch x tokens)", lambda r: f"{r.step_activation_bytes / 2**20:.2f} MiB ({r.batch}x{r.visual_tokens + r.text_tokens})"),
+        (
+            "per split step, up (bf16 embeddings, batch x tokens)",
+            lambda r: f"{r.step_activation_bytes / 2**20:.2f} MiB ({r.batch}x{r.visual_tokens + r.text_tokens})",
+        ),
         ("per split step, down (bf16 gradients)", lambda r: f"{r.step_activation_bytes / 2**20:.2f} MiB"),
     ]
     for label, fn in lines:

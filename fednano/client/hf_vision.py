@@ -13,6 +13,8 @@ the HF module's own, called exactly as the HF model calls it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,7 +26,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 class HFVisionTower(nn.Module):
     """uint8 images (B, 3, H, W) -> patch features (B, N, C) from a HF vision model."""
 
-    def __init__(self, tower: nn.Module, image_size: int, mean: tuple, std: tuple, feature_layer: int | None, drop_cls: bool) -> None:
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, tower: Any, image_size: int, mean: tuple, std: tuple, feature_layer: int | None, drop_cls: bool) -> None:
+        """tower: a transformers vision model (CLIPVisionModel, Blip2VisionModel)."""
         super().__init__()
         self.tower, self.image_size = tower, image_size
         self.feature_layer, self.drop_cls = feature_layer, drop_cls

@@ -4,22 +4,50 @@ round so no completed round is lost), final adapters, a plot and a Markdown tabl
 from __future__ import annotations
 
 import json
-import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from fednano.config import RunConfig, same_config
+from fednano.io import atomic_save_tensors, atomic_write_text
 
 BYTES_FIELDS = ("adapters_down", "adapters_up", "fisher_up", "activations_up", "gradients_down", "eval_activations_up", "eval_scores_down")
 
 
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+@dataclass
+class RoundRecord:
+    """One round's entry in results.json (README, "The results folder", says what each field means)."""
+
+    round: int
+    global_accuracy: float
+    global_accuracy_by_category: dict[str, float]
+    client_accuracy: dict[str, float]  # partition -> accuracy on its local test split
+    client_accuracy_by_category: dict[str, dict[str, float]]
+    train_loss: float | None
+    client_train_loss: dict[str, float]
+    train_examples: int
+    aggregated: bool  # a new global state came out of the round
+    clients_sampled: int
+    clients_accepted: int
+    rejected: list[dict]  # node, partition, reason
+    dropped: list[dict]  # nodes that did not reply in time
+    bytes: dict[str, int]  # BYTES_FIELDS
+    split_steps: int
+    server_llm_seconds: float  # time the LLM thread was busy
+    client_seconds: dict[str, float]
+    phase_seconds: dict[str, float]
+    seconds: float
+    memory: dict  # peak host memory per side; peak GPU memory on CUDA
+    client_global_accuracy: dict[str, float] | None = None  # clients' own states on the global test set ('local')
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if out["client_global_accuracy"] is None:
+            del out["client_global_accuracy"]
+        return out
 
 
 class RunRecorder:
@@ -36,24 +64,25 @@ class RunRecorder:
                 raise ValueError(f"{results}: the run was made with a different config; resume with its own config.toml")
             self.data["config"] = cfg.to_dict()  # (with any field added since, at its default)
             return
-        atomic_write(self.out / "config.toml", cfg.to_toml())
+        atomic_write_text(self.out / "config.toml", cfg.to_toml())
         self.data = {"config": cfg.to_dict(), "rounds": [], "final": {}}
 
     def set(self, **fields: Any) -> None:
         self.data.update(fields)
         self.save()
 
-    def complete_round(self, entry: dict[str, Any], adapters: dict[str, torch.Tensor], strategy_state: dict[str, torch.Tensor] | None = None) -> None:
+    def complete_round(
+        self, record: RoundRecord, adapters: dict[str, torch.Tensor], strategy_state: dict[str, torch.Tensor] | None = None
+    ) -> None:
         """Record a finished round and checkpoint the global adapters it produced, with whatever
         the strategy remembers across rounds (server optimiser moments, local clients' adapters)."""
         ckpt = self.out / "checkpoint"
         ckpt.mkdir(exist_ok=True)
-        rnd = entry["round"]
+        entry = record.as_dict()
+        rnd = record.round
         files = {"adapters": f"adapters-round-{rnd}.safetensors", "strategy": f"strategy-round-{rnd}.safetensors"}
         for what, tensors in (("adapters", adapters), ("strategy", strategy_state or {})):
-            tmp = ckpt / (files[what] + ".tmp")
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-            os.replace(tmp, ckpt / files[what])
+            atomic_save_tensors(tensors, ckpt / files[what])
         self.data["rounds"].append(entry)
         self.data["checkpoint"] = {"round": rnd, **{k: f"checkpoint/{v}" for k, v in files.items()}}
         self.save()
@@ -72,14 +101,14 @@ class RunRecorder:
         return int(ck["round"]), load_file(self.out / ck["adapters"]), strategy
 
     def save(self) -> None:
-        atomic_write(self.out / "results.json", json.dumps(self.data, indent=2))
+        atomic_write_text(self.out / "results.json", json.dumps(self.data, indent=2))
 
     def finish(self, final: dict[str, Any], adapters: dict[str, torch.Tensor]) -> None:
-        save_file({k: v.contiguous() for k, v in adapters.items()}, self.out / "adapters.safetensors")
+        atomic_save_tensors(adapters, self.out / "adapters.safetensors")
         self.data["final"] = final
         self.save()
         plot_accuracy(self.data, self.out / "accuracy.png")
-        atomic_write(self.out / "table.md", markdown_table(self.data))
+        atomic_write_text(self.out / "table.md", round_table(self.data))
 
 
 def plot_accuracy(results: dict[str, Any], path: Path) -> None:
@@ -92,7 +121,14 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     zs = results.get("zero_shot_accuracy")
     xs = [0] + [r["round"] for r in rounds]
-    ax.plot(xs, [zs] + [r["global_accuracy"] for r in rounds], "o-", lw=2, color="black", label="global test (server)")
+    ax.plot(
+        xs,
+        [zs if zs is not None else float("nan")] + [r["global_accuracy"] for r in rounds],
+        "o-",
+        lw=2,
+        color="black",
+        label="global test (server)",
+    )
     clients = sorted({c for r in rounds for c in r["client_accuracy"]}, key=int)
     for c in clients:
         pts = [(r["round"], r["client_accuracy"][c]) for r in rounds if c in r["client_accuracy"]]
@@ -100,8 +136,12 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> None:
     if zs is not None:
         ax.axhline(zs, color="grey", ls=":", lw=1, label="zero-shot")
     cfg = results["config"]
-    ax.set(xlabel="round", ylabel="accuracy", ylim=(0, 1),
-           title=f"{cfg['federation']['strategy']} · {cfg['data']['num_clients']} clients · α={cfg['data']['dirichlet_alpha']}")
+    ax.set(
+        xlabel="round",
+        ylabel="accuracy",
+        ylim=(0, 1),
+        title=f"{cfg['federation']['strategy']} · {cfg['data']['num_clients']} clients · α={cfg['data']['dirichlet_alpha']}",
+    )
     ax.set_xticks(xs)
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
@@ -132,19 +172,29 @@ def plot_partition(rows: list[dict], key: str, path: Path) -> None:
     plt.close(fig)
 
 
-def markdown_table(results: dict[str, Any]) -> str:
-    """Per-round table, pasteable into a paper or README."""
-    lines = ["| round | global acc. | mean client acc. | train loss | MiB moved |", "|---:|---:|---:|---:|---:|"]
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str] | None = None) -> str:
+    """A Markdown table (the first column left-aligned, numbers right-aligned unless `align` says otherwise)."""
+    align = align or ["---"] + ["---:"] * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def round_table(results: dict[str, Any]) -> str:
+    """Per-round table, pasteable into a paper or README (and, with categories, their final accuracy)."""
+    rows = []
     if results.get("zero_shot_accuracy") is not None:
-        lines.append(f"| 0 (zero-shot) | {results['zero_shot_accuracy']:.4f} | | | |")
+        rows.append(["0 (zero-shot)", f"{results['zero_shot_accuracy']:.4f}", "", "", ""])
     for r in results["rounds"]:
         ca = list(r["client_accuracy"].values())
         mean = f"{sum(ca) / len(ca):.4f}" if ca else ""
         loss = f"{r['train_loss']:.4f}" if r["train_loss"] is not None else ""
-        lines.append(f"| {r['round']} | {r['global_accuracy']:.4f} | {mean} | {loss} | {sum(r['bytes'].values()) / 2**20:.2f} |")
+        rows.append([str(r["round"]), f"{r['global_accuracy']:.4f}", mean, loss, f"{sum(r['bytes'].values()) / 2**20:.2f}"])
+    out = markdown_table(["round", "global acc.", "mean client acc.", "train loss", "MiB moved"], rows, ["---:"] * 5)
     cats = results["rounds"][-1].get("global_accuracy_by_category") if results["rounds"] else None
     if cats:
         zs = results.get("zero_shot_by_category", {})
-        lines += ["", "| category | zero-shot | final global acc. |", "|---|---:|---:|"]
-        lines += [f"| {c} | {zs.get(c, float('nan')):.4f} | {v:.4f} |" for c, v in cats.items()]
-    return "\n".join(lines) + "\n"
+        out += "\n\n" + markdown_table(
+            ["category", "zero-shot", "final global acc."], [[c, f"{zs.get(c, float('nan')):.4f}", f"{v:.4f}"] for c, v in cats.items()]
+        )
+    return out + "\n"

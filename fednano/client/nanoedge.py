@@ -12,20 +12,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fednano.client.adapters import ADAPTER_PARAM_NAMES, NanoAdapter, copy_state
 from fednano.config import AdapterConfig
-from fednano.models.adapters import ADAPTER_PARAM_NAMES, NanoAdapter, copy_state
-
-# Marks the positions of visual tokens in input ids (LLaVA uses -200 the same way).
-IMAGE_PLACEHOLDER = -200
+from fednano.data.prompts import IMAGE_PLACEHOLDER
 
 
 class NanoEdge(nn.Module):
     def __init__(
-        self, vision: nn.Module, connector: nn.Module, embed_tokens: nn.Embedding, adapter: AdapterConfig, num_visual_tokens: int | None = None
+        self,
+        vision: nn.Module,
+        connector: nn.Module,
+        embed_tokens: nn.Embedding,
+        adapter: AdapterConfig,
+        num_visual_tokens: int | None = None,
     ) -> None:
         """vision: frozen images -> features (M, P, C); connector: features -> (M, N, d)."""
         super().__init__()
-        self._num_visual_tokens = num_visual_tokens if num_visual_tokens is not None else vision.num_tokens
+        self._num_visual_tokens = int(num_visual_tokens if num_visual_tokens is not None else vision.num_tokens)  # type: ignore[arg-type]
         dim = embed_tokens.embedding_dim
         self.vision, self.connector, self.embed_tokens = vision, connector, embed_tokens
         for frozen in self._frozen():
@@ -73,7 +76,9 @@ class NanoEdge(nn.Module):
         """(M, P, C) encoder features -> (M, N, d) adapted visual tokens."""
         return self.adapter_i(self.connector(features))
 
-    def _sequence(self, input_ids: torch.Tensor, features: torch.Tensor | None, adapted: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    def _sequence(
+        self, input_ids: torch.Tensor, features: torch.Tensor | None, adapted: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(text embeddings (B, T, d), visual tokens (M*N, d) in slot order or None, image-slot mask (B, T)),
         through the adapters or (adapted=False) as the adapters receive them."""
         input_ids = input_ids.to(self.device)

@@ -38,13 +38,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fednano.aggregation import STRATEGIES
+from fednano.config import METHOD_NAMES
+from fednano.experiments.results import markdown_table
 
 DASH = "—"
-METHOD_ORDER = tuple(STRATEGIES)  # rows in registry order
+METHOD_ORDER = METHOD_NAMES  # rows in registry order
 # Config fields the grid varies (or that never change results); any other field that
 # differs between runs is reported in a note.
-GRID_FIELDS = {("federation", "strategy"), ("data", "dirichlet_alpha"), ("data", "num_clients"), ("data", "seed"), ("federation", "seed"), ("model", "cache_dir")}
+GRID_FIELDS = {
+    ("federation", "strategy"),
+    ("data", "dirichlet_alpha"),
+    ("data", "num_clients"),
+    ("data", "seed"),
+    ("federation", "seed"),
+    ("model", "cache_dir"),
+}
 
 
 # --------------------------------------------------------------------------- runs
@@ -121,8 +129,10 @@ def load_runs(dirs: Iterable[Path]) -> tuple[list[Run], list[Run], list[str]]:
             continue
         run = Run(path.parent, data)
         if run.final.get("random_weights") or (data["config"].get("model") or {}).get("random_init"):
-            problems.append(f"{path.parent}: random weights (model.random_init): its accuracy means nothing, so it is left out; "
-                            "its time, memory and bytes are in its results.json")
+            problems.append(
+                f"{path.parent}: random weights (model.random_init): its accuracy means nothing, so it is left out; "
+                "its time, memory and bytes are in its results.json"
+            )
             continue
         if run.finished and isinstance(run.final.get("global_accuracy"), (int, float)):
             finished.append(run)
@@ -241,13 +251,6 @@ def best_keys(values: dict[Any, float | None], decimals: int = 1) -> set[Any]:
         return set()
     top = max(shown.values())
     return {k for k, v in shown.items() if v == top}
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: Sequence[str] | None = None) -> str:
-    align = align or ["---"] + ["---:"] * (len(header) - 1)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def accuracy_table(cells: Sequence[Cell], metric: str = "global") -> str:
@@ -459,8 +462,9 @@ def cost_csv(rows: Sequence[dict[str, Any]]) -> str:
     for r in rows:
         vals = {k: r.get(k) for k in keys}
         for k in counts:  # parameter counts stay integers when every run agrees
-            if isinstance(vals[k], float) and vals[k].is_integer():
-                vals[k] = int(vals[k])
+            v = vals[k]
+            if isinstance(v, float) and v.is_integer():
+                vals[k] = int(v)
         w.writerow([_csv_num(vals[k]) for k in keys])
     return out.getvalue()
 
@@ -589,7 +593,9 @@ def config_notes(runs: Sequence[Run]) -> list[str]:
     for key, vs in sorted(values.items()):
         missing = any(key not in _flat_config(r.config) for r in runs)
         if key not in GRID_FIELDS and (len(vs) > 1 or missing):
-            notes.append(f"runs differ in {key[0]}.{key[1]} ({', '.join(sorted(vs))}{', missing in some' if missing else ''}): the table mixes them")
+            notes.append(
+                f"runs differ in {key[0]}.{key[1]} ({', '.join(sorted(vs))}{', missing in some' if missing else ''}): the table mixes them"
+            )
     return notes
 
 
@@ -612,14 +618,32 @@ class Report:
     files: list[Path]
 
 
+def _table_md(gtab: str, ltab: str, ptab: str, baseline: str, n_runs: int, notes: list[str]) -> str:
+    """table.md: the accuracy tables, the paired table where there is one, and the notes."""
+    note_md = "".join(f"- {n}\n" for n in notes)
+    paired = (
+        f"\n## Paired differences in final global accuracy (points): {baseline} minus each method\n\n{ptab}\n\n"
+        f"Over the seeds both methods ran (same seed = same partition and test questions): "
+        f"mean ± sample std of the per-seed difference, and (seeds where {baseline} was higher / seeds compared).\n"
+    ) if ptab else ""
+    return (
+        f"## Final global accuracy (%), mean ± std over seeds\n\n{gtab}\n\n"
+        f"## Mean local-test (personalised) accuracy (%), mean ± std over seeds\n\n{ltab}\n\n"
+        f"{n_runs} finished runs; best mean per column in bold; std is the sample std (ddof=1).\n"
+        + paired + (f"\nNotes:\n\n{note_md}" if notes else "")
+    )
+
+
 def build_report(dirs: Sequence[Path], out: Path, baseline: str = "fednano") -> Report:
     """Read every run under `dirs` and write the tables and plots to `out`. Raises ValueError without finished runs.
 
     `baseline` is the method every other one is compared with seed by seed (paired table)."""
     finished, unfinished, problems = load_runs(dirs)
     if not finished:
-        raise ValueError(f"no finished runs (results.json with a non-empty 'final') under {', '.join(map(str, dirs))}"
-                         + "".join(f"; {p}" for p in problems))
+        raise ValueError(
+            f"no finished runs (results.json with a non-empty 'final') under {', '.join(map(str, dirs))}"
+            + "".join(f"; {p}" for p in problems)
+        )
     cells = summarize(finished)
     notes = list(problems)
     if unfinished:
@@ -636,27 +660,14 @@ def build_report(dirs: Sequence[Path], out: Path, baseline: str = "fednano") -> 
         notes.append(f"no finished run of the baseline method {baseline!r}: no paired table")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    note_md = "".join(f"- {n}\n" for n in notes)
-    md = (
-        f"## Final global accuracy (%), mean ± std over seeds\n\n{gtab}\n\n"
-        f"## Mean local-test (personalised) accuracy (%), mean ± std over seeds\n\n{ltab}\n\n"
-        f"{len(finished)} finished runs; best mean per column in bold; std is the sample std (ddof=1).\n"
-        + (
-            f"\n## Paired differences in final global accuracy (points): {baseline} minus each method\n\n{ptab}\n\n"
-            f"Over the seeds both methods ran (same seed = same partition and test questions): "
-            f"mean ± sample std of the per-seed difference, and (seeds where {baseline} was higher / seeds compared).\n"
-            if ptab
-            else ""
-        )
-        + (f"\nNotes:\n\n{note_md}" if notes else "")
-    )
+    md = _table_md(gtab, ltab, ptab, baseline, len(finished), notes)
     files = [out / "table.md", out / "table.csv", out / "cost.md", out / "cost.csv", out / "curves.png", out / "accuracy_vs_bytes.png"]
     if has_base:
         files.append(out / "paired.csv")
         files[-1].write_text(paired_csv(cells, baseline))
     files[0].write_text(md)
     files[1].write_text(table_csv(cells))
-    files[2].write_text(f"## Cost per method (mean over finished runs)\n\n{ctab}\n\n\"—\": not recorded by these runs.\n")
+    files[2].write_text(f'## Cost per method (mean over finished runs)\n\n{ctab}\n\n"—": not recorded by these runs.\n')
     files[3].write_text(cost_csv(cost_rows(finished)))
     plot_curves(finished, files[4])
     plot_accuracy_vs_bytes(finished, files[5])

@@ -24,11 +24,11 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 from torch import nn
 
+from fednano.client.connector import Connector
+from fednano.client.nanoedge import NanoEdge
+from fednano.client.vision import build_vision_encoder
 from fednano.config import AdapterConfig
-from fednano.models.connector import Connector
-from fednano.models.nanoedge import NanoEdge
-from fednano.models.server_llm import ServerLLM
-from fednano.models.vision import build_vision_encoder
+from fednano.server.llm import ServerLLM
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HF_MLLM_TYPES = {"llava": "llava", "blip2": "blip-2"}  # backbone -> config.model_type
@@ -123,7 +123,9 @@ def placement(device: torch.device | str, device_map: str = "") -> dict | str:
     return device_map or {"": str(device)}
 
 
-def load_llm(llm_dir: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", device_map: str = "") -> tuple[nn.Module, Any]:
+def load_llm(
+    llm_dir: Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", device_map: str = ""
+) -> tuple[Any, Any]:
     """Load a HF causal LM + tokenizer from a local directory (server side only)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -149,7 +151,7 @@ def checkpoint_tensor(path: Path, key: str) -> torch.Tensor | None:
     return None
 
 
-def input_embedding_weight(model: nn.Module, path: Path) -> torch.Tensor:
+def input_embedding_weight(model: Any, path: Path) -> torch.Tensor:
     """The LLM's input-embedding table in float32, read from the checkpoint itself when the model was
     loaded in a lower precision (so the client's table does not depend on the server's compute dtype)."""
     weight = model.get_input_embeddings().weight
@@ -161,8 +163,9 @@ def input_embedding_weight(model: nn.Module, path: Path) -> torch.Tensor:
     return weight.detach().float().cpu().clone()
 
 
-def load_hf_mllm(path: Path, backbone: str, dtype: torch.dtype | str = "auto", device: torch.device | str = "cpu",
-                 device_map: str = "") -> tuple[nn.Module, Any]:
+def load_hf_mllm(
+    path: Path, backbone: str, dtype: torch.dtype | str = "auto", device: torch.device | str = "cpu", device_map: str = ""
+) -> tuple[Any, Any]:
     """Load a whole HF MLLM (llava / blip2) + tokenizer from a local checkpoint, in `dtype`
     ("auto": as stored) on its device(s)."""
     from transformers import AutoTokenizer, Blip2ForConditionalGeneration, LlavaForConditionalGeneration
@@ -186,7 +189,7 @@ def random_mllm_config(source: str, backbone: str) -> tuple[Any, Any]:
     tiny word-level one is used: its ids fit any vocabulary, and random weights make text moot."""
     from transformers import AutoTokenizer, Blip2Config, LlavaConfig
 
-    from fednano.models.tiny import tiny_tokenizer
+    from fednano.backbones.tiny import tiny_tokenizer
 
     cls = LlavaConfig if backbone == "llava" else Blip2Config
     tok = None
@@ -194,14 +197,15 @@ def random_mllm_config(source: str, backbone: str) -> tuple[Any, Any]:
         kind, filename = SHIPPED_CONFIGS[source]
         if kind != backbone:
             raise BundleError(f"model.checkpoint: the shipped configuration {source!r} is a {kind} model, not {backbone}")
-        from fednano.footprint import load_config_file
+        from fednano.backbones.footprint import load_config_file
 
         cfg = cls.from_dict(load_config_file(filename))
     else:
         path = Path(source)
         if not (path / "config.json").exists():
-            raise BundleError(f"model.checkpoint: {source!r} is neither a folder with config.json nor a shipped configuration "
-                              f"({sorted(SHIPPED_CONFIGS)})")
+            raise BundleError(
+                f"model.checkpoint: {source!r} is neither a folder with config.json nor a shipped configuration ({sorted(SHIPPED_CONFIGS)})"
+            )
         data = json.loads((path / "config.json").read_text())
         if data.get("model_type") != HF_MLLM_TYPES[backbone]:
             raise BundleError(f"{path}/config.json: model_type is {data.get('model_type')!r}, expected {HF_MLLM_TYPES[backbone]!r}")
@@ -211,7 +215,7 @@ def random_mllm_config(source: str, backbone: str) -> tuple[Any, Any]:
     return cfg, tok if tok is not None else tiny_tokenizer(chat_template=False, extra_specials=("<image>",))
 
 
-def random_causal_lm(hf_config: dict, backbone: str, dtype: torch.dtype, device: torch.device | str, seed: int) -> nn.Module:
+def random_causal_lm(hf_config: dict, backbone: str, dtype: torch.dtype, device: torch.device | str, seed: int) -> Any:
     """The MLLM's language model (decoder + head) with random weights, built on `device` in `dtype`."""
     from transformers import AutoModelForCausalLM, Blip2Config, LlavaConfig
 
@@ -222,7 +226,7 @@ def random_causal_lm(hf_config: dict, backbone: str, dtype: torch.dtype, device:
 
 
 def _image_norm(path: Path) -> tuple[list[float], list[float]]:
-    from fednano.models.hf_vision import CLIP_MEAN, CLIP_STD
+    from fednano.client.hf_vision import CLIP_MEAN, CLIP_STD
 
     pre = Path(path) / "preprocessor_config.json"
     if pre.exists():
@@ -242,8 +246,14 @@ def _write_common(client_dir: Path, embed_weight: torch.Tensor, tokenizer: Any, 
 
 # ---------------------------------------------------------------- writing bundles
 def write_compose_bundle(
-    client_dir: Path, *, vision_spec: dict, vision_state: dict | None, connector: Connector, embed_weight: torch.Tensor,
-    tokenizer: Any, meta: dict,
+    client_dir: Path,
+    *,
+    vision_spec: dict,
+    vision_state: dict | None,
+    connector: nn.Module,
+    embed_weight: torch.Tensor,
+    tokenizer: Any,
+    meta: dict,
 ) -> None:
     _write_common(client_dir, embed_weight, tokenizer, {**meta, "kind": "compose", "vision": vision_spec})
     _save(connector.state_dict(), client_dir / "connector.safetensors")
@@ -260,8 +270,16 @@ def _hf_meta(cfg: Any, backbone: str, mean: list[float], std: list[float], where
     else:
         n_visual = cfg.num_query_tokens
     text = cfg.get_text_config()
-    return {"kind": backbone, "hf_config": cfg.to_dict(), "hidden_size": text.hidden_size, "vocab_size": text.vocab_size,
-            "num_visual_tokens": n_visual, "image_size": cfg.vision_config.image_size, "image_mean": mean, "image_std": std}
+    return {
+        "kind": backbone,
+        "hf_config": cfg.to_dict(),
+        "hidden_size": text.hidden_size,
+        "vocab_size": text.vocab_size,
+        "num_visual_tokens": n_visual,
+        "image_size": cfg.vision_config.image_size,
+        "image_mean": mean,
+        "image_std": std,
+    }
 
 
 def _hf_client_states(vision: nn.Module, connector: dict[str, nn.Module | torch.Tensor]) -> tuple[dict, dict]:
@@ -278,12 +296,15 @@ def _hf_client_states(vision: nn.Module, connector: dict[str, nn.Module | torch.
 def write_hf_mllm_bundle(client_dir: Path, checkpoint: Path, backbone: str) -> dict:
     """Split a HF MLLM checkpoint: vision tower + connector + embedding table go to `client/`.
     The checkpoint is read in its own dtype (no float32 copy of a 7B model in host memory)."""
+    model: Any
     model, tok = load_hf_mllm(checkpoint, backbone, dtype="auto")
     if backbone == "llava":
         vision, connector = _hf_client_states(model.model.vision_tower, {"": model.model.multi_modal_projector})
     else:
-        vision, connector = _hf_client_states(model.vision_model, {"query_tokens": model.query_tokens, "qformer": model.qformer,
-                                                                   "language_projection": model.language_projection})
+        vision, connector = _hf_client_states(
+            model.vision_model,
+            {"query_tokens": model.query_tokens, "qformer": model.qformer, "language_projection": model.language_projection},
+        )
     meta = _hf_meta(model.config, backbone, *_image_norm(checkpoint), checkpoint)
     _write_common(client_dir, input_embedding_weight(model, checkpoint), tok, meta)
     _save(vision, client_dir / "vision.safetensors")
@@ -297,7 +318,7 @@ def write_random_hf_mllm_bundle(client_dir: Path, source: str, backbone: str, se
     from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionModel
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-    from fednano.models.hf_vision import CLIP_MEAN, CLIP_STD
+    from fednano.client.hf_vision import CLIP_MEAN, CLIP_STD
 
     cfg, tok = random_mllm_config(source, backbone)
     text = cfg.get_text_config()
@@ -307,9 +328,14 @@ def write_random_hf_mllm_bundle(client_dir: Path, source: str, backbone: str, se
             vision, connector = _hf_client_states(AutoModel.from_config(cfg.vision_config), {"": LlavaMultiModalProjector(cfg)})
         else:
             queries = torch.randn(1, cfg.num_query_tokens, cfg.qformer_config.hidden_size) * cfg.initializer_range
-            vision, connector = _hf_client_states(Blip2VisionModel(cfg.vision_config), {
-                "query_tokens": queries, "qformer": Blip2QFormerModel(cfg.qformer_config),
-                "language_projection": nn.Linear(cfg.qformer_config.hidden_size, text.hidden_size)})
+            vision, connector = _hf_client_states(
+                Blip2VisionModel(cfg.vision_config),
+                {
+                    "query_tokens": queries,
+                    "qformer": Blip2QFormerModel(cfg.qformer_config),
+                    "language_projection": nn.Linear(cfg.qformer_config.hidden_size, text.hidden_size),
+                },
+            )
         embed = torch.randn(text.vocab_size, text.hidden_size) * getattr(text, "initializer_range", 0.02)
     meta = {**_hf_meta(cfg, backbone, list(CLIP_MEAN), list(CLIP_STD), source), "random_init": True}
     _write_common(client_dir, embed, tok, meta)
@@ -329,27 +355,29 @@ def _hf_parts(meta: dict, client_dir: Path) -> tuple[nn.Module, nn.Module]:
     from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionModel
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-    from fednano.models.hf_vision import HFVisionTower, QFormerConnector
+    from fednano.client.hf_vision import HFVisionTower, QFormerConnector
 
     vision_sd = read_safetensors(_require(client_dir / "vision.safetensors", "vision tower weights"))
     conn_sd = read_safetensors(_require(client_dir / "connector.safetensors", "connector weights"))
     mean, std, size = meta["image_mean"], meta["image_std"], meta["image_size"]
     if meta["kind"] == "llava":
-        cfg = LlavaConfig.from_dict(meta["hf_config"])
-        tower = AutoModel.from_config(cfg.vision_config)
+        lcfg: Any = LlavaConfig.from_dict(meta["hf_config"])
+        tower = AutoModel.from_config(lcfg.vision_config)
         tower.load_state_dict(vision_sd)
-        encoder = HFVisionTower(tower, size, mean, std, cfg.vision_feature_layer, drop_cls=cfg.vision_feature_select_strategy == "default")
-        connector = LlavaMultiModalProjector(cfg)
-        connector.load_state_dict(conn_sd)
-        return encoder, connector
-    cfg = Blip2Config.from_dict(meta["hf_config"])
-    tower = Blip2VisionModel(cfg.vision_config)
+        encoder = HFVisionTower(
+            tower, size, mean, std, lcfg.vision_feature_layer, drop_cls=lcfg.vision_feature_select_strategy == "default"
+        )
+        projector = LlavaMultiModalProjector(lcfg)
+        projector.load_state_dict(conn_sd)
+        return encoder, projector
+    bcfg: Any = Blip2Config.from_dict(meta["hf_config"])
+    tower = Blip2VisionModel(bcfg.vision_config)
     tower.load_state_dict(vision_sd)
     encoder = HFVisionTower(tower, size, mean, std, feature_layer=None, drop_cls=False)
-    qformer = Blip2QFormerModel(cfg.qformer_config)
-    qformer.load_state_dict({k[len("qformer."):]: v for k, v in conn_sd.items() if k.startswith("qformer.")})
-    proj = nn.Linear(cfg.qformer_config.hidden_size, cfg.text_config.hidden_size)
-    proj.load_state_dict({k[len("language_projection."):]: v for k, v in conn_sd.items() if k.startswith("language_projection.")})
+    qformer = Blip2QFormerModel(bcfg.qformer_config)
+    qformer.load_state_dict({k[len("qformer.") :]: v for k, v in conn_sd.items() if k.startswith("qformer.")})
+    proj = nn.Linear(bcfg.qformer_config.hidden_size, bcfg.text_config.hidden_size)
+    proj.load_state_dict({k[len("language_projection.") :]: v for k, v in conn_sd.items() if k.startswith("language_projection.")})
     return encoder, QFormerConnector(nn.Parameter(conn_sd["query_tokens"]), qformer, proj)
 
 
@@ -362,12 +390,14 @@ def load_nanoedge(client_dir: Path, adapter: AdapterConfig, device: torch.device
     meta = load_client_meta(client_dir)
     emb_w = read_safetensors(_require(client_dir / "embeddings.safetensors", "embedding table"))["weight"]
     embed = nn.Embedding.from_pretrained(emb_w, freeze=True)
+    encoder: nn.Module
+    connector: nn.Module
     if meta.get("kind", "compose") == "compose":
         vision_state = read_safetensors(client_dir / "vision.safetensors") if (client_dir / "vision.safetensors").exists() else None
-        encoder = build_vision_encoder(meta["vision"], meta["image_size"], meta["visual_grid"], vision_state)
-        connector = Connector(encoder.feature_dim, emb_w.shape[1])
+        vision = build_vision_encoder(meta["vision"], meta["image_size"], meta["visual_grid"], vision_state)
+        encoder, connector = vision, Connector(vision.feature_dim, emb_w.shape[1])
         connector.load_state_dict(read_safetensors(_require(client_dir / "connector.safetensors", "connector weights")))
-        n_visual = encoder.num_tokens
+        n_visual = vision.num_tokens
     else:
         encoder, connector = _hf_parts(meta, client_dir)
         n_visual = meta["num_visual_tokens"]
@@ -386,8 +416,7 @@ def load_server_llm(bundle_dir: Path, dtype: torch.dtype, device: torch.device |
     path = Path(info["path"])
     path = path if path.is_absolute() else Path(bundle_dir) / path
     if kind == "causal-lm":
-        model, _ = load_llm(path, dtype, device, device_map)
-        return ServerLLM(model, dtype)
+        return ServerLLM(load_llm(path, dtype, device, device_map)[0], dtype)
     model, _ = load_hf_mllm(path, kind, dtype, device, device_map)
     if kind == "blip2":  # its language_model is a whole causal LM (decoder + head)
         model.vision_model = model.qformer = model.language_projection = model.query_tokens = None

@@ -38,12 +38,12 @@ import os
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fednano.config import ConfigError, RunConfig, load_config, same_config
+from fednano.config import ConfigError, RunConfig, load_config, read_toml, same_config
+from fednano.io import atomic_write_text
 
 GRID_KEYS = {"methods": "federation.strategy", "alphas": "data.dirichlet_alpha", "num_clients": "data.num_clients", "seeds": "data.seed"}
 SWEEP_KEYS = ("base_config", "output", "set")
@@ -119,97 +119,93 @@ def _as_list(value: Any, where: str) -> list:
 def load_sweep(path: Path) -> Sweep:
     """Parse SWEEP.toml and build + validate every grid point's RunConfig (nothing runs)."""
     path = Path(path)
-    src = str(path)
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{src}: sweep file not found") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{src}: not valid TOML: {e}") from None
+    data = read_toml(path, "sweep file")
     unknown = set(data) - {"sweep", "grid"}
     if unknown:
-        raise ConfigError(f"{src}: unknown table(s) {sorted(unknown)}; expected [sweep] and [[grid]]")
-    sweep = data.get("sweep", {})
-    if not isinstance(sweep, dict):
-        raise ConfigError(f"{src}: [sweep] must be a table")
-    bad = set(sweep) - set(SWEEP_KEYS)
+        raise ConfigError(f"{path}: unknown table(s) {sorted(unknown)}; expected [sweep] and [[grid]]")
+    sweep = _sweep_table(path, data.get("sweep", {}))
+    grids = data.get("grid")
+    if not isinstance(grids, list) or not grids:
+        raise ConfigError(f"{path}: needs at least one [[grid]] table")
+    defaults = _grid_defaults(sweep)
+    seen: set[tuple] = set()
+    for gi, grid in enumerate(grids, 1):
+        for method, alpha, clients, seed in _grid_points(f"{path}: grid #{gi}", grid, defaults):
+            key = (method, float(alpha), clients, seed)
+            if key not in seen:
+                seen.add(key)
+                sweep.points.append(_point(sweep, f"{path}: grid #{gi}", method, alpha, clients, seed))
+    return sweep
+
+
+def _sweep_table(path: Path, table: Any) -> Sweep:
+    """The [sweep] table: base config, output folder, overrides for every run."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [sweep] must be a table")
+    bad = set(table) - set(SWEEP_KEYS)
     if bad:
-        raise ConfigError(f"{src}: unknown key(s) in [sweep]: {sorted(bad)}; known: {list(SWEEP_KEYS)}")
-    base = sweep.get("base_config")
+        raise ConfigError(f"{path}: unknown key(s) in [sweep]: {sorted(bad)}; known: {list(SWEEP_KEYS)}")
+    base = table.get("base_config")
     if base is not None and not isinstance(base, str):
-        raise ConfigError(f"{src}: sweep.base_config must be a string path")
+        raise ConfigError(f"{path}: sweep.base_config must be a string path")
     base_path = (path.parent / base) if base else None
     if base_path is not None and not base_path.exists():
-        raise ConfigError(f"{src}: sweep.base_config {base_path} not found")
-    output = sweep.get("output", "results/sweep")
+        raise ConfigError(f"{path}: sweep.base_config {base_path} not found")
+    output = table.get("output", "results/sweep")
     if not isinstance(output, str) or not output:
-        raise ConfigError(f"{src}: sweep.output must be a non-empty string path")
-    sets = sweep.get("set", {})
+        raise ConfigError(f"{path}: sweep.output must be a non-empty string path")
+    sets = table.get("set", {})
     if not isinstance(sets, dict):
-        raise ConfigError(f"{src}: [sweep.set] must be a table")
+        raise ConfigError(f"{path}: [sweep.set] must be a table")
     overrides = _flatten(sets)
     for key in overrides:
         if key.count(".") != 1:
-            raise ConfigError(f"{src}: sweep.set key {key!r}: expected \"section.field\"")
-    grids = data.get("grid")
-    if not isinstance(grids, list) or not grids:
-        raise ConfigError(f"{src}: needs at least one [[grid]] table")
+            raise ConfigError(f"{path}: sweep.set key {key!r}: expected \"section.field\"")
+    return Sweep(source=path, base_config=base_path, output=Path(output), overrides=overrides)
 
+
+def _grid_defaults(sweep: Sweep) -> dict[str, Any]:
+    """A grid axis left out takes its one value from the base config (after [sweep.set])."""
     try:
-        base_cfg = load_config(base_path, dict(overrides))
+        base = load_config(sweep.base_config, dict(sweep.overrides))
     except ConfigError as e:
-        raise ConfigError(f"{src}: base config with [sweep.set]: {e}") from None
-    if base_cfg.model.random_init:
-        raise ConfigError(f"{src}: model.random_init: a sweep compares accuracies, which random weights do not have")
-    defaults = {
-        "methods": base_cfg.federation.strategy,
-        "alphas": base_cfg.data.dirichlet_alpha,
-        "num_clients": base_cfg.data.num_clients,
-        "seeds": base_cfg.data.seed,
-    }
+        raise ConfigError(f"{sweep.source}: base config with [sweep.set]: {e}") from None
+    if base.model.random_init:
+        raise ConfigError(f"{sweep.source}: model.random_init: a sweep compares accuracies, which random weights do not have")
+    return {"methods": base.federation.strategy, "alphas": base.data.dirichlet_alpha, "num_clients": base.data.num_clients,
+            "seeds": base.data.seed}
 
-    out_dir = Path(output)
-    result = Sweep(source=path, base_config=base_path, output=out_dir, overrides=overrides)
-    seen: set[tuple] = set()
-    for gi, grid in enumerate(grids, 1):
-        where = f"{src}: grid #{gi}"
-        if not isinstance(grid, dict):
-            raise ConfigError(f"{where}: must be a table")
-        bad = set(grid) - set(GRID_KEYS)
-        if bad:
-            raise ConfigError(f"{where}: unknown key(s) {sorted(bad)}; known: {list(GRID_KEYS)}")
-        axes = {k: _as_list(grid[k], f"{where}: {k}") if k in grid else [defaults[k]] for k in GRID_KEYS}
-        for method in axes["methods"]:
-            for alpha in axes["alphas"]:
-                for clients in axes["num_clients"]:
-                    for seed in axes["seeds"]:
-                        point_desc = f"method={method!r}, alpha={alpha!r}, num_clients={clients!r}, seed={seed!r}"
-                        if not isinstance(method, str):
-                            raise ConfigError(f"{where}, point ({point_desc}): methods must be strings")
-                        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
-                            raise ConfigError(f"{where}, point ({point_desc}): alphas must be numbers")
-                        for name, v in (("num_clients", clients), ("seeds", seed)):
-                            if isinstance(v, bool) or not isinstance(v, int):
-                                raise ConfigError(f"{where}, point ({point_desc}): {name} must be integers")
-                        key = (method, float(alpha), clients, seed)
-                        if key in seen:
-                            continue
-                        seen.add(key)
-                        run_over = dict(overrides)
-                        run_over.update({
-                            "federation.strategy": method,
-                            "data.dirichlet_alpha": float(alpha),
-                            "data.num_clients": clients,
-                            "data.seed": seed,
-                            "federation.seed": seed,
-                        })
-                        try:
-                            cfg = load_config(base_path, run_over)
-                        except ConfigError as e:
-                            raise ConfigError(f"{where}, point ({point_desc}): {e}") from None
-                        run_dir = out_dir / method / run_dir_name(alpha, clients, seed)
-                        result.points.append(Point(method, float(alpha), clients, seed, cfg, run_dir))
-    return result
+
+def _grid_points(where: str, grid: Any, defaults: dict[str, Any]) -> list[tuple[Any, Any, Any, Any]]:
+    """Every (method, alpha, clients, seed) of one [[grid]] table, each value checked."""
+    if not isinstance(grid, dict):
+        raise ConfigError(f"{where}: must be a table")
+    bad = set(grid) - set(GRID_KEYS)
+    if bad:
+        raise ConfigError(f"{where}: unknown key(s) {sorted(bad)}; known: {list(GRID_KEYS)}")
+    axes = {k: _as_list(grid[k], f"{where}: {k}") if k in grid else [defaults[k]] for k in GRID_KEYS}
+    points = [(m, a, c, s) for m in axes["methods"] for a in axes["alphas"] for c in axes["num_clients"] for s in axes["seeds"]]
+    for method, alpha, clients, seed in points:
+        desc = f"{where}, point (method={method!r}, alpha={alpha!r}, num_clients={clients!r}, seed={seed!r})"
+        if not isinstance(method, str):
+            raise ConfigError(f"{desc}: methods must be strings")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            raise ConfigError(f"{desc}: alphas must be numbers")
+        for name, v in (("num_clients", clients), ("seeds", seed)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"{desc}: {name} must be integers")
+    return points
+
+
+def _point(sweep: Sweep, where: str, method: str, alpha: float, clients: int, seed: int) -> Point:
+    """One grid point's validated config and folder."""
+    overrides = {**sweep.overrides, "federation.strategy": method, "data.dirichlet_alpha": float(alpha), "data.num_clients": clients,
+                 "data.seed": seed, "federation.seed": seed}
+    try:
+        cfg = load_config(sweep.base_config, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{where}, point (method={method!r}, alpha={alpha!r}, num_clients={clients!r}, seed={seed!r}): {e}") from None
+    return Point(method, float(alpha), clients, seed, cfg, sweep.output / method / run_dir_name(alpha, clients, seed))
 
 
 def _normalised(d: Any) -> Any:
@@ -279,9 +275,7 @@ def write_summary(sweep: Sweep) -> Path:
         "set": sweep.overrides,
         "points": [p.as_dict() for p in sweep.points],
     }
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=2))
     return path
 
 
@@ -315,7 +309,13 @@ def execute(sweep: Sweep, jobs: int = 1) -> list[Point]:
     running: list[tuple[Point, subprocess.Popen, Any, float]] = []
     queue = list(todo)
     with Progress(
-        TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console, transient=True
+        TextColumn("[bold]sweep"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
     ) as progress:
         task = progress.add_task("", total=len(sweep.points), completed=len(sweep.points) - len(todo))
         for p in sweep.points:
@@ -368,7 +368,9 @@ def _loop(sweep: Sweep, queue: list[Point], running: list, jobs: int, env: dict[
                 acc = f"{p.accuracy:.4f}" if p.accuracy is not None else "?"
                 progress.console.print(f"[green]done[/]     {escape(p.name)}  global accuracy {acc}  {p.seconds:.0f} s")
             else:
-                progress.console.print(f"[red]failed[/]   {escape(p.name)}  ({p.error}, {p.seconds:.0f} s): see {escape(str(p.run_dir / 'run.log'))}")
+                progress.console.print(
+                    f"[red]failed[/]   {escape(p.name)}  ({p.error}, {p.seconds:.0f} s): see {escape(str(p.run_dir / 'run.log'))}"
+                )
             write_summary(sweep)
         running[:] = still
 

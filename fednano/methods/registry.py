@@ -1,0 +1,114 @@
+"""Every federated method FedNano runs: one entry each, made of the objects that carry its behaviour.
+
+    trains    what the federation trains: the NanoAdapters through the split channel, or LoRA inside
+              a whole LLM that each client holds (the comparison family), with or without a personal part
+    fisher    what a client sends besides its weights: nothing, a Fisher from an extra pass, or from training
+    combine   how the server merges accepted replies: average, Fisher merging, or average + a server optimiser
+    topology  who trains on what, what each node is sent, and how the result is evaluated
+    proximal  the client adds FedProx's mu/2 ||theta - theta_global||^2 to its loss
+
+The ClientApp and the ServerApp only call these objects; a new method is one new entry (plus its
+name in config.METHOD_NAMES, which validates configs) and its tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fednano.client.evaluation import evaluate
+from fednano.client.training import Proximal, StepHook
+from fednano.config import METHOD_NAMES, ConfigError, RunConfig
+from fednano.methods.combiners import Average, FisherMerge, ServerOptimiser
+from fednano.methods.fisher_sources import FisherOfTraining, FisherPass, NoFisher
+from fednano.methods.nanoadapters import NanoAdapters
+from fednano.methods.topologies import Centralized, Federated, Local
+from fednano.methods.whole_llm import WholeLLMLoRA
+from fednano.runtime.client import ClientJob, ClientRuntime
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What a client's training produced: its new state, its Fisher (or None), and its numbers."""
+
+    state: dict[str, torch.Tensor]
+    fisher: dict[str, torch.Tensor] | None
+    train_loss: float
+    num_examples: int
+    extra: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    trains: NanoAdapters | WholeLLMLoRA
+    fisher: NoFisher
+    combine: Average
+    topology: Federated
+    proximal: bool = False
+
+    @property
+    def sends_fisher(self) -> bool:
+        return self.fisher.sends_fisher
+
+    def split_steps_per_client(self, cfg: RunConfig) -> int:
+        """Training split steps each sampled client takes per round (for progress bars)."""
+        return self.topology.local_steps(cfg) + self.fisher.split_steps(cfg.train)
+
+    # --- the client --------------------------------------------------------------------
+    def client_part(self, rt: ClientRuntime) -> Any:
+        """What this method keeps in a client process (built once per process)."""
+        if rt.part is None:
+            rt.part = self.trains.client(rt)
+        return rt.part
+
+    def client_train(self, job: ClientJob, start: dict[str, torch.Tensor]) -> ClientUpdate:
+        """One client's round: train from `start` (the state it was sent), then its Fisher."""
+        part = self.client_part(job.rt)
+        part.load(start)
+        samples, tcfg = self.topology.client_work(job)
+        hooks: list[StepHook] = self.fisher.hooks()  # a Fisher of the training gradients comes first
+        mu = job.cfg.federation.proximal_mu
+        if self.proximal and mu > 0:
+            hooks.append(Proximal(start, mu))
+        loss, state, extra = part.train(job, samples, tcfg, hooks)
+        return ClientUpdate(state, self.fisher.fisher(job, part, hooks), loss, len(samples), extra)
+
+    def client_evaluate(self, job: ClientJob, state: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Accuracy of `state` (as this client answers with it) on the client's local test split."""
+        part = self.client_part(job.rt)
+        part.load(state)
+        rt = job.rt
+        return evaluate(rt.edge, part.endpoint(job), job.data.test, rt.work, rt.task.candidate_sets, job.cfg.train.eval_batch_size,
+                        rt.task.categories)
+
+    def describe(self) -> dict[str, Any]:
+        """The method's parts, by name (for logs, docs and tests; nothing dispatches on these)."""
+        return {"fisher": self.fisher.kind, "proximal": self.proximal, "server_opt": self.combine.server_opt,
+                "topology": self.topology.kind, "client": self.trains.kind, "personal": self.trains.personal}
+
+
+# One entry per method.
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("fednano", NanoAdapters(), FisherPass(), FisherMerge(), Federated()),
+    Method("fednano-ef", NanoAdapters(), FisherOfTraining(), FisherMerge(), Federated()),
+    Method("fedavg", NanoAdapters(), NoFisher(), Average(), Federated()),
+    Method("fedprox", NanoAdapters(), NoFisher(), Average(), Federated(), proximal=True),
+    Method("fedadam", NanoAdapters(), NoFisher(), ServerOptimiser("adam"), Federated()),
+    Method("fedyogi", NanoAdapters(), NoFisher(), ServerOptimiser("yogi"), Federated()),
+    Method("local", NanoAdapters(), NoFisher(), Average(), Local()),
+    Method("centralized", NanoAdapters(), NoFisher(), Average(), Centralized()),
+    Method("fedit-lora", WholeLLMLoRA(), NoFisher(), Average(), Federated()),
+    Method("feddpa-f", WholeLLMLoRA(personal=True), NoFisher(), Average(), Federated()),
+)}
+if tuple(METHODS) != METHOD_NAMES:
+    raise RuntimeError(f"config.METHOD_NAMES {METHOD_NAMES} and the method registry {tuple(METHODS)} disagree")
+
+
+def method_of(cfg: RunConfig) -> Method:
+    try:
+        return METHODS[cfg.federation.strategy]
+    except KeyError:
+        raise ConfigError(f"federation.strategy: unknown method {cfg.federation.strategy!r}; choose one of {list(METHODS)}") from None

@@ -1,0 +1,125 @@
+"""Who trains, on what, and what the server does with the replies: every client on its own data
+with a merged global state (federated), every client on its own adapters with nothing merged
+(local), or one trainer that holds every client's data (centralized, the upper bound)."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from fednano.config import FederationConfig, RunConfig, TrainConfig
+from fednano.data.partition import partitions
+from fednano.data.samples import Sample
+from fednano.methods.combiners import Average, ServerMemory
+from fednano.metrics import merge_reports
+from fednano.runtime.client import ClientJob
+from fednano.runtime.server import ServerSide
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Update:
+    """One accepted client reply."""
+
+    partition: int
+    theta: Tensors
+    fisher: Tensors | None
+    examples: float
+
+
+@dataclass(frozen=True)
+class Federated:
+    kind = "federated"
+
+    # --- the server ------------------------------------------------------------------
+    def sample(self, nodes: list[int], rnd: int, cfg: FederationConfig) -> list[int]:
+        """The nodes that train this round: a seeded share `fraction_train` of them."""
+        nodes = sorted(nodes)
+        k = max(1, min(len(nodes), round(len(nodes) * cfg.fraction_train)))
+        return sorted(random.Random(f"{cfg.seed}-{rnd}").sample(nodes, k))
+
+    def state_for(self, partition: int | None, global_state: Tensors, memory: ServerMemory) -> Tensors:
+        """What a node is sent (to train from, and to evaluate)."""
+        return global_state
+
+    def min_replies(self, cfg: FederationConfig) -> int:
+        return cfg.min_train_clients
+
+    def combine(
+        self, combiner: Average, reference: Tensors, updates: list[Update], cfg: FederationConfig, memory: ServerMemory
+    ) -> Tensors | None:
+        """The next global state (None: keep the current one)."""
+        return combiner(reference, [u.theta for u in updates], [u.fisher for u in updates], [u.examples for u in updates], cfg, memory)
+
+    def evaluate(
+        self, part: Any, side: ServerSide, global_state: Tensors, memory: ServerMemory
+    ) -> tuple[dict[str, float], dict[str, dict]]:
+        """(global-test report, per-client global-test reports where clients keep their own state)."""
+        part.load(global_state)
+        return side.evaluate(part.endpoint()), {}
+
+    # --- the client ------------------------------------------------------------------
+    def client_work(self, job: ClientJob) -> tuple[list[Sample], TrainConfig]:
+        """The samples a client trains on this round, and for how many steps."""
+        return job.data.train, job.cfg.train
+
+    def local_steps(self, cfg: RunConfig) -> int:
+        return cfg.train.local_steps
+
+
+@dataclass(frozen=True)
+class Local(Federated):
+    """Each client trains its own adapters only; nothing is merged, each is sent back its own."""
+
+    kind = "local"
+
+    def state_for(self, partition: int | None, global_state: Tensors, memory: ServerMemory) -> Tensors:
+        own = memory.clients.get(partition) if partition is not None else None
+        return own if own is not None else global_state
+
+    def min_replies(self, cfg: FederationConfig) -> int:
+        return 1
+
+    def combine(
+        self, combiner: Average, reference: Tensors, updates: list[Update], cfg: FederationConfig, memory: ServerMemory
+    ) -> Tensors | None:
+        for u in updates:
+            memory.clients[u.partition] = u.theta
+        return None
+
+    def evaluate(
+        self, part: Any, side: ServerSide, global_state: Tensors, memory: ServerMemory
+    ) -> tuple[dict[str, float], dict[str, dict]]:
+        """No global model: each client's own adapters on the global test set, and their mean."""
+        per_client = {}
+        for pid, state in sorted(memory.clients.items()):
+            part.load(state)
+            per_client[str(pid)] = side.evaluate(part.endpoint(), f"global evaluation, client {pid}")
+        if not per_client:
+            return super().evaluate(part, side, global_state, memory)
+        return merge_reports(list(per_client.values())), per_client
+
+
+@dataclass(frozen=True)
+class Centralized(Federated):
+    """One trainer holds every client's data and takes the federation's total steps per round."""
+
+    kind = "centralized"
+
+    def sample(self, nodes: list[int], rnd: int, cfg: FederationConfig) -> list[int]:
+        return sorted(nodes)[:1]
+
+    def min_replies(self, cfg: FederationConfig) -> int:
+        return 1
+
+    def client_work(self, job: ClientJob) -> tuple[list[Sample], TrainConfig]:
+        cfg = job.cfg
+        samples = [s for part in partitions(cfg) for s in part.train]
+        return samples, replace(cfg.train, local_steps=self.local_steps(cfg))
+
+    def local_steps(self, cfg: RunConfig) -> int:
+        return cfg.train.local_steps * cfg.data.num_clients

@@ -1,1 +1,0 @@
-"""Model components: the client's NanoEdge and the server's frozen LLM step."""

@@ -1,0 +1,72 @@
+"""What a client process holds for a run, and one message's work.
+
+A ClientRuntime is built once per process and run config (in simulation a Ray actor serves
+several clients in turn; under a SuperNode each message starts a fresh process): the NanoEdge
+on the client's device, its batches and image features, and the split channel to the server
+LLM. It holds nothing of one client in particular: a ClientJob names the partition, the
+round and the client's own folder for one message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fednano.backbones.bundle import load_nanoedge
+from fednano.backbones.prepare import bundle_dir
+from fednano.client.features import ImageFeatures, Workload
+from fednano.client.nanoedge import NanoEdge
+from fednano.config import RunConfig
+from fednano.data import load_task
+from fednano.data.partition import ClientData
+from fednano.data.samples import Task
+from fednano.devices import resolve_device
+from fednano.split.client import SplitClient
+
+
+@dataclass
+class ClientRuntime:
+    cfg: RunConfig
+    edge: NanoEdge
+    work: Workload
+    split: SplitClient
+    device: torch.device
+    task: Task
+    part: Any = None  # the method's client part (methods.trainables): what it keeps in this process
+
+    @classmethod
+    def build(cls, cfg: RunConfig, address: str, token: str = "", ca: str = "") -> ClientRuntime:
+        torch.set_num_threads(max(1, int(cfg.federation.client_cpus)))
+        device = resolve_device(cfg.model.client_device, "model.client_device")
+        bundle = load_nanoedge(bundle_dir(cfg) / "client", cfg.adapter, device)  # client/ only: no LLM weights
+        task = load_task(cfg)
+        work = Workload(bundle.tokenizer, ImageFeatures(bundle.edge.vision), bundle.edge.num_visual_tokens, task.system)
+        split = SplitClient(address, cfg.split.wire_dtype, cfg.split.max_frame_mb, cfg.federation.round_timeout,
+                            token=token or None, root_certificates=ca.encode() if ca else None)
+        return cls(cfg, bundle.edge, work, split, device, task)
+
+    def traffic(self) -> dict[str, int]:
+        return self.split.traffic()
+
+
+@dataclass
+class ClientJob:
+    """One message's work for one client."""
+
+    rt: ClientRuntime
+    data: ClientData
+    partition: int
+    round: int
+    state_dir: Path | None = None  # where the client keeps what never leaves it (FedDPA-F's personal LoRA)
+    # this client's sampling stream for this round (training, then the Fisher pass), from the seed
+    generator: torch.Generator = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.cfg.federation.seed * 1_000_003 + self.round * 1009 + self.partition)
+
+    @property
+    def cfg(self) -> RunConfig:
+        return self.rt.cfg

@@ -1,0 +1,77 @@
+"""What the server holds for a run: the frozen LLM behind the split server, the global test set,
+and (it owns the whole MLLM) its own NanoEdge, to score global states on the global test set.
+
+It knows nothing of methods: what the federation trains is loaded into it by the method's
+server part (`methods.trainables`).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fednano.backbones.bundle import load_nanoedge, load_server_llm
+from fednano.backbones.prepare import ensure_prepared
+from fednano.client.evaluation import evaluate
+from fednano.client.features import ImageFeatures, Workload
+from fednano.config import RunConfig
+from fednano.data import load_task
+from fednano.devices import describe, dtype_of, resolve_device
+from fednano.progress import progress_bar
+from fednano.split.endpoint import LLMEndpoint
+from fednano.split.server import SplitServer
+
+
+class ServerSide:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        device = resolve_device(cfg.model.server_device, "model.server_device")
+        self.bundle = ensure_prepared(cfg)
+        self.llm = load_server_llm(self.bundle, dtype_of(cfg.model.llm_dtype), device, cfg.model.server_device_map)
+        sc = cfg.split
+        self.secret = secrets.token_urlsafe(32) if sc.require_token else None
+        tls = (Path(sc.tls_cert).read_bytes(), Path(sc.tls_key).read_bytes()) if sc.tls_cert else None
+        self.split = SplitServer(self.llm, sc, secret=self.secret, tls=tls).start()
+        self.address = sc.advertised_address or self.split.address
+        owner = load_nanoedge(self.bundle / "client", cfg.adapter, self.llm.device)  # the server's own copy, next to its LLM
+        self.task = load_task(cfg)
+        self.edge, self.test = owner.edge, self.task.test
+        self.work = Workload(owner.tokenizer, ImageFeatures(self.edge.vision), self.edge.num_visual_tokens, self.task.system)
+        self.endpoint: LLMEndpoint = self.split.service.worker.endpoint()  # the LLM, on its one thread
+
+    def on_llm_thread(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the thread that runs the LLM (e.g. to change its LoRA between evaluations)."""
+        return self.split.service.worker.call(fn)
+
+    def client_token(self, node: int) -> str:
+        """The split-channel token of one node ("" when the run needs none)."""
+        return self.split.client_token(f"node-{node}") if self.secret else ""
+
+    def evaluate(self, endpoint: LLMEndpoint, desc: str = "global evaluation") -> dict[str, float]:
+        """Accuracy on the global test set of what the server's NanoEdge and `endpoint` hold now."""
+        with progress_bar(len(self.test), desc) as bar:
+            return evaluate(self.edge, endpoint, self.test, self.work, self.task.candidate_sets, self.cfg.train.eval_batch_size,
+                            self.task.categories, on_batch=bar.update)
+
+    def edge_parameters(self) -> int:
+        return sum(p.numel() for p in self.edge.parameters())
+
+    def llm_seconds(self) -> float:
+        return self.split.service.worker.busy_seconds
+
+    def split_steps(self) -> int:
+        return self.split.service.worker.steps["train_requests"]
+
+    def devices(self) -> dict:
+        """Where the server computes: the LLM's device (each shard's, when sharded), dtype and attention."""
+        model = self.llm.model
+        out = {**describe(self.llm.device), "dtype": self.cfg.model.llm_dtype,
+               "attention": str(getattr(model.config.get_text_config(), "_attn_implementation", "") or "")}
+        if getattr(model, "hf_device_map", None) and len(set(model.hf_device_map.values())) > 1:
+            out["device_map"] = {k: str(v) for k, v in model.hf_device_map.items()}
+        return out
+
+    def stop(self) -> None:
+        self.split.stop()

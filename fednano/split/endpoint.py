@@ -1,0 +1,23 @@
+"""What the client computes against: anything with ServerLLM's `train_step` / `score`.
+
+The remote SplitClient (a client), the ServerLLM itself (the server's own evaluation and
+connector pre-training), or a client-held LLM with LoRA (the comparison family).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class LLMEndpoint(Protocol):
+    def train_step(self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                   reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor, int]:
+        """-> (loss, d loss / d embeds, label tokens). reduction "sum": per-sample gradients (Fisher)."""
+        ...
+
+    def score(self, embeds: torch.Tensor, mask: torch.Tensor, cand_embeds: torch.Tensor, cand_ids: torch.Tensor,
+              cand_mask: torch.Tensor) -> torch.Tensor:
+        """-> log-likelihood of each candidate after each prompt (B, K)."""
+        ...
