@@ -273,9 +273,11 @@ class SplitServer:
         *,
         secret: str | None = None,
         tls: tuple[bytes, bytes] | None = None,
-        workers: int = 16,
     ) -> None:
         cfg = cfg or SplitConfig()
+        # A stream holds a gRPC thread for as long as it is open (its handler waits on the LLM thread): a thread
+        # for every stream the server admits, and a few more to refuse the ones beyond the limit.
+        workers = cfg.max_streams + 8
         self.max_frame_bytes = int(cfg.max_frame_mb * 1024 * 1024)
         self.service = SplitService(
             llm,
