@@ -124,3 +124,52 @@ def test_client_disconnecting_mid_request_does_not_hurt_others(server, tiny_llm)
     with SplitClient(server.address, wire_dtype="float32") as other:
         loss, _, _ = other.train_step(embeds, mask, labels)
     assert math.isfinite(loss.item())
+
+
+def test_the_server_serves_as_many_concurrent_streams_as_it_admits(tiny_llm):
+    """Every admitted stream holds a gRPC thread while open: 24 clients at once (more than any fixed
+    pool of 16 threads) all get their steps through."""
+    import threading
+
+    n = 24
+    srv = SplitServer(tiny_llm, SplitConfig(max_streams=32, max_streams_per_client=32)).start()
+    embeds, mask, labels = _request(tiny_llm.hidden_size)
+    clients = [SplitClient(srv.address, wire_dtype="float32", timeout=60) for _ in range(n)]
+    for c in clients:
+        c.train_step(embeds, mask, labels)  # every stream is open from here on
+    gate, done, errors = threading.Barrier(n), [], []
+
+    def work(c):
+        gate.wait()
+        try:
+            done.append(c.train_step(embeds, mask, labels)[2])
+        except SplitChannelError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    for c in clients:
+        c.close()
+    srv.stop()
+    assert not errors and len(done) == n
+
+
+def test_a_stream_per_session_keeps_its_deadline_to_that_session(server, tiny_llm):
+    """A stream's deadline is the client's timeout; ending the session between units of work (the
+    ClientApp does after every message) gives the next one a fresh stream and deadline."""
+    import time
+
+    embeds, mask, labels = _request(tiny_llm.hidden_size)
+    with SplitClient(server.address, wire_dtype="float32", timeout=1.5) as client:
+        client.train_step(embeds, mask, labels)
+        time.sleep(2.0)
+        with pytest.raises(SplitChannelError, match="DEADLINE_EXCEEDED"):  # the same stream, past its deadline
+            client.train_step(embeds, mask, labels)
+        client.train_step(embeds, mask, labels)  # reopened after the failure
+        client.end_session()
+        time.sleep(2.0)
+        client.end_session()
+        assert client.train_step(embeds, mask, labels)[2] == 4  # a fresh stream each session

@@ -9,9 +9,10 @@ Which method runs, and so what the client computes, is the run config's registry
 
 from __future__ import annotations
 
+import functools
 import json
 import time
-from functools import lru_cache
+from collections.abc import Callable
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -24,10 +25,16 @@ from fednano.federation import keys
 from fednano.methods.registry import Method, method_of
 from fednano.runtime.client import ClientJob, ClientRuntime
 
+_RUNTIMES: dict[tuple[str, str, str, str], ClientRuntime] = {}  # what this process holds, per run and node
 
-@lru_cache(maxsize=4)
+
 def _runtime(config_json: str, address: str, token: str, ca: str) -> ClientRuntime:
-    return ClientRuntime.build(from_dict(json.loads(config_json), "run-config"), address, token, ca)
+    key = (config_json, address, token, ca)
+    if key not in _RUNTIMES:
+        while len(_RUNTIMES) >= 4:  # a simulation actor serves several nodes; keep the last few
+            _RUNTIMES.pop(next(iter(_RUNTIMES))).split.close()
+        _RUNTIMES[key] = ClientRuntime.build(from_dict(json.loads(config_json), "run-config"), address, token, ca)
+    return _RUNTIMES[key]
 
 
 def _job(msg: Message, context: Context) -> tuple[Method, ClientJob]:
@@ -58,7 +65,24 @@ def _memory(job: ClientJob) -> dict[str, int]:
 app = ClientApp()
 
 
+def _one_stream(handler: Callable[[Message, Context], Message]) -> Callable[[Message, Context], Message]:
+    """Each message gets its own split-channel stream, closed when the message's work ends (however it
+    ends): a stream's deadline (federation.round_timeout) then bounds one message, not the whole run,
+    and no idle stream holds a server thread between rounds."""
+
+    @functools.wraps(handler)
+    def wrapped(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        finally:
+            for rt in _RUNTIMES.values():
+                rt.split.end_session()
+
+    return wrapped
+
+
 @app.train()
+@_one_stream
 def train(msg: Message, context: Context) -> Message:
     t0 = time.time()
     method, job = _job(msg, context)
@@ -91,6 +115,7 @@ def identify(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_one_stream
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Accuracy of the state it was sent (as the method answers with it) on this client's local test split."""
     method, job = _job(msg, context)

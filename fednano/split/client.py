@@ -2,8 +2,11 @@
 
 Tensors go out in the wire dtype (bf16 by default) and every byte is counted
 per op, both ways. A stream broken by the server (e.g. a frame refused for
-size) is reopened on the next call. The returned gradient goes to the device
-the embeddings came from (the wire format is the only CPU boundary).
+size) is reopened on the next call. `timeout` is the deadline of one stream, so a
+client ends its stream after each unit of work (`end_session`: the ClientApp does
+after every message) rather than hold one stream for the whole run. The returned
+gradient goes to the device the embeddings came from (the wire format is the only
+CPU boundary).
 """
 
 from __future__ import annotations
@@ -79,6 +82,11 @@ class SplitClient:
 
     def request(self, frame: Frame) -> Frame:
         return self.request_bytes(encode(frame), frame.op)
+
+    def end_session(self) -> None:
+        """Close the current stream (the channel stays); the next request opens a fresh one,
+        with a fresh deadline."""
+        self._close_stream()
 
     def _close_stream(self) -> None:
         if self._requests is not None:
