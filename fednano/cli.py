@@ -110,9 +110,14 @@ def run(
             typer.echo(f"error: {config} not found: not a FedNano results folder", err=True)
             raise typer.Exit(2)
     cfg = _load(config, set_, backbone, checkpoint)
-    _setup_logging(output / "run.log")
-    from fednano.federation.simulation import simulate
+    from fednano.federation.simulation import check_devices, simulate
 
+    try:
+        check_devices(cfg)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    _setup_logging(output / "run.log")
     t0 = time.time()
     res = simulate(cfg, output, resume=resume is not None)
     f = res["final"]

@@ -338,3 +338,21 @@ def test_a_random_weight_run_is_marked_and_left_out_of_reports(llava_config_dir,
     rep = subprocess.run([sys.executable, "-m", "fednano", "report", str(out), "--output", str(tmp_path / "report")],
                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     assert "random weights (model.random_init)" in rep.stdout + rep.stderr
+
+
+@pytest.mark.skipif(not NO_GPU, reason="needs a machine without a CUDA GPU")
+@pytest.mark.parametrize(("sets", "needle"), [
+    (["model.server_device='cuda'"], "model.server_device: 'cuda' asked for, but this process sees no CUDA GPU"),
+    (["model.client_device='cuda:0'", "federation.client_gpus=0"], "simulated clients see no GPU unless federation.client_gpus > 0"),
+])
+def test_fednano_run_refuses_devices_it_cannot_have_in_one_line(tmp_path, sets, needle):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    args = [a for s in sets for a in ("--set", s)]
+    proc = subprocess.run([sys.executable, "-m", "fednano", "run", "--config", str(TINY), "--output", str(tmp_path / "run"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and needle in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()

@@ -19,14 +19,26 @@ from typing import Any
 from flwr.clientapp import ClientApp
 
 from fednano.config import ConfigError, RunConfig
-from fednano.devices import gpus_visible
+from fednano.devices import gpus_visible, resolve_device
 
 log = logging.getLogger("fednano")
+
+
+def check_devices(cfg: RunConfig) -> None:
+    """Device settings this machine cannot honour are refused before anything starts, with the field named."""
+    resolve_device(cfg.model.server_device, "model.server_device")
+    if cfg.federation.client_gpus > 0 and gpus_visible() == 0:
+        raise ConfigError(f"federation.client_gpus={cfg.federation.client_gpus:g}: this machine has no CUDA GPU that torch can see; "
+                          "set it to 0")
+    if cfg.federation.client_gpus == 0 and cfg.model.client_device.startswith("cuda"):
+        raise ConfigError(f"model.client_device={cfg.model.client_device!r}: simulated clients see no GPU unless "
+                          "federation.client_gpus > 0")
 
 
 def simulate(cfg: RunConfig, out_dir: Path, resume: bool = False, client_app: ClientApp | None = None) -> dict:
     """Run `cfg` in `out_dir` (resume: after its last completed round). `client_app` replaces
     FedNano's ClientApp (the tests wrap it to make a client fail)."""
+    check_devices(cfg)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     # Keep Flower's state inside this run's folder, never in ~ (and stay offline).
@@ -46,9 +58,6 @@ def simulate(cfg: RunConfig, out_dir: Path, resume: bool = False, client_app: Cl
     logging.getLogger("flwr").setLevel(logging.ERROR)
 
     gpus = gpus_visible()
-    if cfg.federation.client_gpus > 0 and gpus == 0:
-        raise ConfigError(f"federation.client_gpus={cfg.federation.client_gpus:g}: this machine has no CUDA GPU that torch can see; "
-                          f"set it to 0")
     backend: dict[str, dict[str, Any]] = {
         "client_resources": {"num_cpus": cfg.federation.client_cpus, "num_gpus": cfg.federation.client_gpus},
         "init_args": {
