@@ -34,7 +34,10 @@ from fednano.split.server import SplitServer
 def run(llm: ServerLLM, batching: bool, n_clients: int, steps: int, request: tuple, max_tokens: int) -> tuple[float, int]:
     """-> (samples per second, LLM passes)."""
     emb, mask, labels, _ = request
-    with SplitServer(llm, SplitConfig(micro_batching=batching, max_batch_tokens=max_tokens, max_streams=max(64, n_clients))) as server:
+    # no token here, so every client is 'anonymous': the per-client stream cap must admit them all
+    cfg = SplitConfig(micro_batching=batching, max_batch_tokens=max_tokens, max_streams=max(64, n_clients),
+                      max_streams_per_client=max(4, n_clients))
+    with SplitServer(llm, cfg) as server:
         clients = [SplitClient(server.address, "bfloat16") for _ in range(n_clients)]
         for c in clients:
             c.train_step(emb, mask, labels)  # open streams, warm up

@@ -12,6 +12,10 @@ memory above what it held before loading:
     python benchmarks/load_memory.py --dir /tmp/llava-7b-random                  # fednano, 7B
     python benchmarks/load_memory.py --dir /tmp/llava-2b-random --layers 8 --modes fednano fp32
 
+Weights loaded from safetensors may stay pages of the memory-mapped file until read; each mode
+reads every parameter once after loading (as the first step does), so the peak is what serving
+keeps resident.
+
 The fp32 mode needs about 4 bytes per parameter of host memory (28 GB at 7B), so compare the
 two modes at a reduced depth (--layers) on a small machine. Nothing is downloaded.
 """
@@ -70,7 +74,7 @@ def write_checkpoint(out: Path, shape: str, layers: int | None, seed: int = 0) -
     flush()
     total = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    cfg.torch_dtype = "bfloat16"
+    cfg.dtype = "bfloat16"
     cfg.save_pretrained(out)
     tok.save_pretrained(out)
     return total
@@ -87,13 +91,17 @@ from fednano.backbones.bundle import load_hf_mllm, load_server_llm
 before = rss()
 t0 = time.perf_counter()
 if mode == "fednano":
-    llm = load_server_llm(bundle, torch.bfloat16, "cpu")
-    params = sum(p.numel() for p in llm.model.parameters())
+    model = load_server_llm(bundle, torch.bfloat16, "cpu").model
 else:
     from transformers import LlavaForConditionalGeneration
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).to(torch.bfloat16)
-    params = sum(p.numel() for p in model.parameters())
 seconds = time.perf_counter() - t0
+# Weights may still be pages of the memory-mapped checkpoint that nobody has read: read every one
+# (as the first step will), so the peak counts what serving really keeps resident.
+with torch.no_grad():
+    for p in model.parameters():
+        p.sum()  # reads every page of the tensor, without a copy of it
+params = sum(p.numel() for p in model.parameters())
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(json.dumps({"before": before, "peak": peak, "after": rss(), "seconds": seconds, "params": params}))
 """

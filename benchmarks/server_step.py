@@ -73,7 +73,7 @@ def paper_scale(args: argparse.Namespace, device: torch.device) -> None:
     n_params = sum(p.numel() for p in llm.model.parameters())
     print(f"\nServer step, random weights at {args.backbone}'s shape: LLM {n_params / 1e9:.2f}B parameters, bf16, "
           f"{llm.model.config._attn_implementation} attention, on {machine(device)}")
-    print(f"matmul {'8192' if device.type == 'cuda' else '2048'}^3 bf16: {peak / 1000:.1f} TFLOP/s (measured in this run); "
+    print(f"matmul {'8192' if device.type == 'cuda' else '2048'}^3 bf16: {peak:,.0f} GFLOP/s (measured in this run); "
           f"LLM built in {build:.1f} s\n")
     print("| LLM shape | batch x tokens | seconds | TFLOP counted | achieved TFLOP/s | / matmul rate | samples/s | peak activation "
           "memory | bytes up / down per step |")
@@ -81,7 +81,7 @@ def paper_scale(args: argparse.Namespace, device: torch.device) -> None:
     mem = f"{(torch.cuda.max_memory_allocated(device) - base) / 2**30:.1f} GiB" if device.type == "cuda" else "n/a (CPU)"
     rate = flops / sec / 1e12
     print(f"| {args.backbone} | {args.batch} x {tokens} ({SHAPES[args.backbone]} visual + {args.text_tokens} text) | {sec:.3f} | "
-          f"{flops / 1e12:.2f} | {rate:.2f} | **{rate * 1000 / peak:.3f}** | {args.batch / sec:.1f} | {mem} | {up:,} / {down:,} |")
+          f"{flops / 1e12:.2f} | {rate:.2f} | **{rate * 1000 / peak:.3f}** | {args.batch / sec:.3g} | {mem} | {up:,} / {down:,} |")
 
 
 def smol_real(args: argparse.Namespace, device: torch.device) -> None:

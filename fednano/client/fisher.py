@@ -92,7 +92,7 @@ def empirical_fisher(
         with torch.no_grad():
             grad = grad.to(embeds.device, embeds.dtype)  # row i: d (sample i's NLL) / d its embeddings
             slot = is_image.unsqueeze(-1)
-            weights = (rest[0] if rest else torch.ones(grad.shape[0])).to(grad.device, grad.dtype)  # (B,)
+            weights = rest[0].to(grad.device, grad.dtype) if rest else grad.new_ones(grad.shape[0])  # (B,)
             for name, adapter, x, g in (
                 ("adapter_t", edge.adapter_t, text, grad.masked_fill(slot, 0)),
                 ("adapter_i", edge.adapter_i, vis, grad.masked_fill(~slot, 0)),
