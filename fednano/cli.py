@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from fednano.config import ConfigError, RunConfig, dump_toml, load_config, options_help
+from fednano.errors import UserError
 
 app = typer.Typer(
     add_completion=False,
@@ -19,6 +22,31 @@ app = typer.Typer(
     help="FedNano: federated tuning of multimodal LLMs with the LLM kept on the server.",
 )
 log = logging.getLogger("fednano")
+_DEBUG = {"on": False}
+
+
+@app.callback()
+def _options(
+    debug: Annotated[bool, typer.Option("--debug", help="Show the full traceback of an error FedNano would report in one line.")] = False,
+) -> None:
+    _DEBUG["on"] = debug
+
+
+def _one_line_errors(command: Callable[..., None]) -> Callable[..., None]:
+    """Errors the user can fix (bad config, data, checkpoint, device) end the command with one line naming
+    the field, file or sample, and exit code 2; anything else is a bug and keeps its traceback."""
+
+    @functools.wraps(command)
+    def wrapped(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except UserError as e:
+            if _DEBUG["on"]:
+                raise
+            typer.echo(f"error: {e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapped
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML run config (see `fednano options`; defaults apply to anything it omits).")
@@ -66,16 +94,12 @@ def _overrides(pairs: list[str] | None) -> dict:
 
 
 def _load(config: Path | None, sets: list[str] | None, backbone: str | None = None, checkpoint: Path | None = None) -> RunConfig:
-    try:
-        overrides = _overrides(sets)
-        if backbone:
-            overrides["model.backbone"] = backbone
-        if checkpoint:
-            overrides["model.checkpoint"] = str(checkpoint)
-        return load_config(config, overrides)
-    except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    overrides = _overrides(sets)
+    if backbone:
+        overrides["model.backbone"] = backbone
+    if checkpoint:
+        overrides["model.checkpoint"] = str(checkpoint)
+    return load_config(config, overrides)
 
 
 _OPTIONS_EPILOG = "Config options (TOML tables; override any with --set section.field=value):\n\n" + "\n\n".join(
@@ -84,6 +108,7 @@ _OPTIONS_EPILOG = "Config options (TOML tables; override any with --set section.
 
 
 @app.command(epilog=_OPTIONS_EPILOG)
+@_one_line_errors
 def run(
     config: ConfigOpt = None,
     output: Annotated[
@@ -111,12 +136,10 @@ def run(
             raise typer.Exit(2)
     cfg = _load(config, set_, backbone, checkpoint)
     from fednano.federation.simulation import check_devices, simulate
+    from fednano.runtime.server import preflight
 
-    try:
-        check_devices(cfg)
-    except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    check_devices(cfg)
+    preflight(cfg)  # devices, data and the backbone's source, before anything is created
     _setup_logging(output / "run.log")
     t0 = time.time()
     res = simulate(cfg, output, resume=resume is not None)
@@ -132,6 +155,7 @@ def run(
 
 
 @app.command(epilog=_OPTIONS_EPILOG)
+@_one_line_errors
 def prepare(config: ConfigOpt = None, backbone: BackboneOpt = None, checkpoint: CheckpointOpt = None, set_: SetOpt = None) -> None:
     """Split the backbone into client and server parts, pre-training a composed connector (cached; `run` does this when needed)."""
     cfg = _load(config, set_, backbone, checkpoint)
@@ -142,6 +166,7 @@ def prepare(config: ConfigOpt = None, backbone: BackboneOpt = None, checkpoint: 
 
 
 @app.command()
+@_one_line_errors
 def footprint(
     backbone: Annotated[
         list[str] | None, typer.Option("--backbone", "-b", help="llava-1.5-7b, minigpt4 or smol (repeatable; default: all three).")
@@ -196,6 +221,7 @@ BaselineOpt = Annotated[str, typer.Option(
 
 
 @app.command()
+@_one_line_errors
 def sweep(config: SweepFileOpt, dry_run: DryRunOpt = False, jobs: JobsOpt = 1) -> None:
     """Run a grid of experiments (methods x Dirichlet alpha x clients x seeds), one results folder each; resumable.
 
@@ -205,12 +231,8 @@ def sweep(config: SweepFileOpt, dry_run: DryRunOpt = False, jobs: JobsOpt = 1) -
     """
     from fednano.experiments.sweep import describe_plan, execute, load_sweep, plan
 
-    try:
-        sw = load_sweep(config)
-        plan(sw)
-    except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    sw = load_sweep(config)
+    plan(sw)
     if dry_run:
         typer.echo(describe_plan(sw))
         return
@@ -227,6 +249,7 @@ def sweep(config: SweepFileOpt, dry_run: DryRunOpt = False, jobs: JobsOpt = 1) -
 
 
 @app.command()
+@_one_line_errors
 def report(run_dirs: RunDirsArg, output: ReportOutOpt = None, baseline: BaselineOpt = "fednano") -> None:
     """Tables (mean ± std over seeds, best in bold), accuracy curves and costs from finished results folders.
 

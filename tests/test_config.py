@@ -96,3 +96,36 @@ def test_a_run_recorded_before_a_field_existed_is_the_same_config():
     assert not same_config(
         cfg.to_dict() | {"federation": {k: v for k, v in cfg.to_dict()["federation"].items() if k != "server_lr"}}, changed
     )
+
+
+@pytest.mark.parametrize(
+    ("sets", "needle"),
+    [
+        (["data.dataset='llava-json'", "data.path='{tmp}/nowhere.json'"], "data.path='{tmp}/nowhere.json': data file not found"),
+        (["data.dataset='llava-json'", "data.path='{tmp}/bad.json'"], "{tmp}/bad.json: not valid JSON"),
+        (["data.dataset='scienceqa'", "data.path='{tmp}/sqa'"], "ScienceQA directory not found: {tmp}/sqa"),
+        (["model.backbone='llava'", "model.checkpoint='{tmp}/llava'"], "model.checkpoint: checkpoint directory not found: {tmp}/llava"),
+        (["model.backbone='compose'", "model.llm_path='{tmp}/lm'"], "model.llm_path: checkpoint directory not found: {tmp}/lm"),
+    ],
+)
+def test_run_refuses_bad_data_and_sources_in_one_line_before_anything_starts(tmp_path, sets, needle):
+    """Bad data or a missing checkpoint is found before the backbone is prepared or a server started:
+    one line naming the field and file, exit code 2, no run folder, nothing prepared."""
+    (tmp_path / "bad.json").write_text("[{not json")
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    args = ["run", "--config", str(ROOT / "configs" / "tiny.toml"), "--output", str(out), "--set", f"model.cache_dir='{cache}'"]
+    for s in sets:
+        args += ["--set", s.format(tmp=tmp_path)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert needle.format(tmp=tmp_path) in res.output and res.output.startswith("error: ")
+    assert len(res.output.strip().splitlines()) == 1 and "Traceback" not in res.output
+    assert not out.exists() and not any(cache.glob("*"))
+
+
+def test_debug_shows_the_traceback_of_a_one_line_error(tmp_path):
+    from fednano.data.samples import DataError
+
+    res = CliRunner().invoke(app, ["--debug", "run", "--config", str(ROOT / "configs" / "tiny.toml"), "--output", str(tmp_path / "run"),
+                                   "--set", "data.dataset='llava-json'", "--set", f"data.path='{tmp_path}/none.json'"])
+    assert isinstance(res.exception, DataError) and "data file not found" in str(res.exception)

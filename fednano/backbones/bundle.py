@@ -28,13 +28,14 @@ from fednano.client.connector import Connector
 from fednano.client.nanoedge import NanoEdge
 from fednano.client.vision import build_vision_encoder
 from fednano.config import AdapterConfig
+from fednano.errors import UserError
 from fednano.server.llm import ServerLLM
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 HF_MLLM_TYPES = {"llava": "llava", "blip2": "blip-2"}  # backbone -> config.model_type
 
 
-class BundleError(RuntimeError):
+class BundleError(UserError, RuntimeError):
     """A checkpoint or prepared bundle is missing or incomplete; the message names the path."""
 
 

@@ -15,10 +15,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from fednano.errors import UserError
+
 IMAGE_MARK = "<image>"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file or sample is malformed; the message names the file or sample."""
 
 LETTERS = tuple("ABCDEFGHIJ")

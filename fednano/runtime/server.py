@@ -12,22 +12,49 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fednano.backbones.bundle import load_nanoedge, load_server_llm
-from fednano.backbones.prepare import ensure_prepared
+from fednano.backbones.bundle import HF_MLLM_TYPES, BundleError, check_checkpoint, load_nanoedge, load_server_llm, smollm2_gguf_path
+from fednano.backbones.prepare import bundle_dir, ensure_prepared
 from fednano.client.evaluation import evaluate
 from fednano.client.features import ImageFeatures, Workload
 from fednano.config import RunConfig
 from fednano.data import load_task
+from fednano.data.samples import DataError
 from fednano.devices import describe, dtype_of, resolve_device
 from fednano.progress import progress_bar
 from fednano.split.endpoint import LLMEndpoint
 from fednano.split.server import SplitServer
 
 
+def preflight(cfg: RunConfig) -> None:
+    """What the server can check before it prepares, loads or starts anything: its device, its data
+    (the global test set and the pool the simulation partitions) and the backbone's source. Raises
+    the UserError (ConfigError, DataError, BundleError) that names the field, file or sample."""
+    resolve_device(cfg.model.server_device, "model.server_device")
+    d, m = cfg.data, cfg.model
+    try:
+        load_task(cfg)  # cached: the run reuses it
+    except DataError as e:
+        where = f"data.dataset={d.dataset!r}" + (f", data.path={d.path!r}" if d.path else "")
+        raise DataError(f"{where}: {e}") from None
+    if (bundle_dir(cfg) / "prepare.json").exists():
+        return  # prepared already: the source is not read again
+    try:
+        if m.backbone in HF_MLLM_TYPES and not m.random_init:
+            check_checkpoint(Path(m.checkpoint).expanduser(), HF_MLLM_TYPES[m.backbone])
+        elif m.backbone == "compose":
+            check_checkpoint(Path(m.llm_path).expanduser())
+        elif m.backbone == "smol":
+            smollm2_gguf_path()
+    except BundleError as e:
+        field = "model.llm_path" if m.backbone == "compose" else "model.checkpoint"
+        raise BundleError(f"model.backbone={m.backbone!r}, {field}: {e}") from None
+
+
 class ServerSide:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         device = resolve_device(cfg.model.server_device, "model.server_device")
+        self.task = load_task(cfg)  # bad data fails here, before the backbone is prepared or loaded
         self.bundle = ensure_prepared(cfg)
         self.llm = load_server_llm(self.bundle, dtype_of(cfg.model.llm_dtype), device, cfg.model.server_device_map)
         sc = cfg.split
@@ -36,7 +63,6 @@ class ServerSide:
         self.split = SplitServer(self.llm, sc, secret=self.secret, tls=tls).start()
         self.address = sc.advertised_address or self.split.address
         owner = load_nanoedge(self.bundle / "client", cfg.adapter, self.llm.device)  # the server's own copy, next to its LLM
-        self.task = load_task(cfg)
         self.edge, self.test = owner.edge, self.task.test
         self.work = Workload(owner.tokenizer, ImageFeatures(self.edge.vision), self.edge.num_visual_tokens, self.task.system)
         self.endpoint: LLMEndpoint = self.split.service.worker.endpoint()  # the LLM, on its one thread
