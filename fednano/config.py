@@ -303,6 +303,12 @@ class SplitConfig:
         "LLM saturates at about 8 x 640 tokens; a small LLM takes far more.",
     )
     batch_window_ms: float = _f(30.0, "With micro_batching: how long a step may wait for other connected clients' steps to join it.")
+    max_score_cache_mb: float = _f(
+        2048.0,
+        "Most KV cache the server holds while scoring answer candidates: the prompts' cache is copied once per "
+        "candidate, so beyond this candidates are scored a chunk at a time (same scores, less memory; at 7B, "
+        "8 prompts x 13 candidates x 640 tokens would hold 35 GB).",
+    )
 
     def __post_init__(self) -> None:
         _check(self.wire_dtype in ("bfloat16", "float32"), "split.wire_dtype", "must be 'bfloat16' or 'float32'")
@@ -313,6 +319,7 @@ class SplitConfig:
         _check(self.max_batch_tokens >= 1, "split.max_batch_tokens", "must be >= 1")
         _check(0 <= self.port < 65536, "split.port", "must be in [0, 65535]")
         _check(self.max_frame_mb > 0, "split.max_frame_mb", "must be > 0")
+        _check(self.max_score_cache_mb > 0, "split.max_score_cache_mb", "must be > 0")
 
 
 @dataclass

@@ -5,6 +5,7 @@ Fisher, and micro-batches sized by tokens. The CUDA paths run the same code (see
 import json
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -68,8 +69,23 @@ def test_simulated_clients_on_gpus_without_a_gpu_is_a_clear_error(tiny_cfg, tmp_
 
 # ------------------------------------------------------------------ where tensors are made
 class _Cache:
+    """Keys and values of one layer, kept as HF's DynamicCache keeps them (rows, heads, tokens, dim)."""
+
+    def __init__(self, h: torch.Tensor) -> None:
+        kv = h[:, None, :, :]
+        self.layers = [SimpleNamespace(keys=kv, values=kv)]
+
     def batch_repeat_interleave(self, k: int) -> None:
-        pass
+        for layer in self.layers:
+            layer.keys = layer.values = layer.keys.repeat_interleave(k, 0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.keys = layer.values = layer.keys[indices, ...]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        for layer in self.layers:
+            layer.keys = layer.values = layer.keys[..., :tokens_to_remove, :]
 
 
 class _Decoder(torch.nn.Module):
@@ -81,12 +97,10 @@ class _Decoder(torch.nn.Module):
         self.proj = torch.nn.Linear(d, d)
 
     def forward(self, inputs_embeds, attention_mask, position_ids=None, past_key_values=None, use_cache=False):
-        from types import SimpleNamespace
-
         h = self.proj(inputs_embeds) * attention_mask[:, -inputs_embeds.shape[1]:, None]
         if position_ids is not None:
             h = h + position_ids[..., None]
-        return SimpleNamespace(last_hidden_state=h, past_key_values=_Cache())
+        return SimpleNamespace(last_hidden_state=h, past_key_values=past_key_values or _Cache(h))
 
 
 @pytest.fixture(autouse=False)
@@ -126,11 +140,12 @@ def test_the_server_step_makes_every_tensor_on_the_llms_device(meta_masks):
     assert [n for _, _, n in out] == [4, 2]  # label tokens, counted on the host
 
 
-def test_scoring_makes_every_tensor_on_the_llms_device(meta_masks):
+@pytest.mark.parametrize("max_cache_bytes", [None, 1])  # all candidates in one pass; one at a time
+def test_scoring_makes_every_tensor_on_the_llms_device(meta_masks, max_cache_bytes):
     llm = _meta_llm()
     d = llm.hidden_size
     lp = llm.score(torch.randn(2, 6, d), torch.ones(2, 6, dtype=torch.long), torch.randn(3, 2, d),
-                   torch.randint(0, 10, (3, 2)), torch.ones(3, 2, dtype=torch.long))
+                   torch.randint(0, 10, (3, 2)), torch.ones(3, 2, dtype=torch.long), max_cache_bytes=max_cache_bytes)
     assert lp.shape == (2, 3) and lp.device.type == "meta"
 
 

@@ -28,3 +28,32 @@ def test_score_equals_brute_force_log_likelihood(tiny_edge, tiny_llm):
                 lp = torch.log_softmax(logits, -1)
                 ref = sum(lp[n - 1 + j, t] for j, t in enumerate(ids))
                 assert abs(got[i, k].item() - ref.item()) < 1e-4, (i, a)
+
+
+def test_scoring_in_chunks_of_candidates_gives_the_same_scores_within_the_cache_budget(tiny_edge, tiny_llm):
+    """A cache budget scores the candidates a chunk at a time (the last chunk smaller): same scores."""
+    from fednano.server.llm import cache_bytes, candidates_per_pass
+
+    edge, tok = tiny_edge.edge, tiny_edge.tokenizer
+    samples = list(load_split("test")[:3])
+    answers = answer_set()
+    feats = ImageFeatures(edge.vision)([s.image_path for s in samples])
+    with torch.no_grad():
+        batch = prompt_batch(tok, [s.content() for s in samples], edge.num_visual_tokens, SYSTEM_PROMPT)
+        embeds = edge.embed(batch.input_ids, feats)
+        cand = candidate_batch(tok, answers)
+        args = (embeds, batch.attention_mask, edge.embed(cand.input_ids, None), cand.input_ids, cand.attention_mask)
+        whole = tiny_llm.score(*args)
+        out = tiny_llm.decoder(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=True)
+    B, T = batch.attention_mask.shape
+    per_token = cache_bytes(out.past_key_values) // (B * T)
+    cfg = tiny_llm.model.config
+    assert per_token == cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
+    L, K = cand.input_ids.shape[1], len(answers)
+    for chunk in (1, 5, K):
+        budget = B * chunk * (T + L) * per_token
+        assert candidates_per_pass(per_token, B, T + L, K, budget) == chunk
+        with torch.no_grad():
+            got = tiny_llm.score(*args, max_cache_bytes=budget)
+        torch.testing.assert_close(got, whole, rtol=0, atol=1e-5)
+    assert candidates_per_pass(per_token, B, T + L, K, 1) == 1  # at least one candidate per pass

@@ -114,11 +114,15 @@ class ServerLLM:
         cand_embeds: torch.Tensor,
         cand_ids: torch.Tensor,
         cand_mask: torch.Tensor,
+        max_cache_bytes: int | None = None,
     ) -> torch.Tensor:
         """Log-likelihood of each candidate after each prompt -> (B, K) float32.
 
         embeds (B, T, d), mask (B, T): right-padded prompts.
         cand_embeds (K, L, d), cand_ids (K, L), cand_mask (K, L): right-padded candidates.
+        max_cache_bytes: the prompts' KV cache is copied once per candidate; when B x K copies would
+        hold more than this, candidates are scored a chunk at a time (the same log-likelihoods, less
+        memory: at 7B, 8 prompts x 13 candidates x 640 tokens would be 35 GB of cache). None: no limit.
         """
         dev = self.device
         embeds, mask, cand_embeds = embeds.to(dev, self.dtype), mask.to(dev, torch.long), cand_embeds.to(dev, self.dtype)
@@ -132,10 +136,28 @@ class ServerLLM:
         first_lp = torch.log_softmax(logits, -1)[:, ids[:, 0]]  # (B, K)
         if L == 1:
             return first_lp
-        # Continue every prompt with every candidate: repeat the cache K times.
-        cache = out.past_key_values
-        cache.batch_repeat_interleave(K)
-        c_mask = cand_mask.to(dev, torch.long)
+        cache, c_mask = out.past_key_values, cand_mask.to(dev, torch.long)
+        per_token = cache_bytes(cache) // (B * mask.shape[1]) if max_cache_bytes is not None else 0
+        chunk = candidates_per_pass(per_token, B, mask.shape[1] + L, K, max_cache_bytes)
+        # Continue every prompt with `chunk` candidates at a time: the cache repeated `chunk` times.
+        if chunk > 1:
+            cache.batch_repeat_interleave(chunk)
+        rest = []
+        for k0 in range(0, K, chunk):
+            n = min(chunk, K - k0)
+            if n < chunk:  # the last, smaller chunk: keep n of each prompt's copies
+                cache.batch_select_indices((torch.arange(B)[:, None] * chunk + torch.arange(n)[None]).reshape(-1))
+            rest.append(self._continue(cache, mask, lengths, cand_embeds[k0:k0 + n], ids[k0:k0 + n], c_mask[k0:k0 + n]))
+            if k0 + n < K:
+                cache.crop(-L)  # back to the prompts alone, for the next chunk
+        return first_lp + torch.cat(rest, dim=1)
+
+    def _continue(
+        self, cache: Any, mask: torch.Tensor, lengths: torch.Tensor, cand_embeds: torch.Tensor, ids: torch.Tensor, c_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Log-likelihood of candidate tokens 2..L after each prompt, `cache` holding the prompts repeated
+        once per candidate (row b * K + k: prompt b, candidate k) -> (B, K)."""
+        dev, B, (K, L) = self.device, mask.shape[0], ids.shape
         x = cand_embeds.repeat(B, 1, 1)  # (B*K, L, d)
         full_mask = torch.cat([mask.repeat_interleave(K, 0), c_mask.repeat(B, 1)], dim=1)  # (B*K, T+L)
         pos = lengths.repeat_interleave(K).unsqueeze(1) + torch.arange(L, device=dev).unsqueeze(0)  # (B*K, L)
@@ -145,4 +167,17 @@ class ServerLLM:
         lp = torch.log_softmax(self.head(flat).float(), -1).view(B * K, L - 1, -1)  # (B*K, L-1, V)
         nxt = ids[:, 1:].repeat(B, 1)  # (B*K, L-1)
         tok_lp = lp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1) * c_mask[:, 1:].to(lp.device).repeat(B, 1)
-        return first_lp + tok_lp.sum(1).view(B, K)
+        return tok_lp.sum(1).view(B, K)
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes held by a transformers KV cache (every layer's keys and values)."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def candidates_per_pass(bytes_per_token: int, prompts: int, tokens: int, candidates: int, max_bytes: int | None) -> int:
+    """How many candidates to score in one pass so that `prompts` x that many copies of a cache of
+    `tokens` tokens (at `bytes_per_token` each) stay within `max_bytes`; at least 1, at most all."""
+    if max_bytes is None:
+        return candidates
+    return max(1, min(candidates, max_bytes // max(1, prompts * tokens * bytes_per_token)))

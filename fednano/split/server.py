@@ -83,10 +83,13 @@ class LLMWorker:
     """
 
     def __init__(
-        self, llm: ServerLLM, max_tokens: int = 4096, batching: bool = True, window_s: float = 0.0, active: Callable[[], int] | None = None
+        self, llm: ServerLLM, max_tokens: int = 4096, batching: bool = True, window_s: float = 0.0, active: Callable[[], int] | None = None,
+        score_cache_bytes: int | None = None,
     ) -> None:
-        """window_s: how long a step may wait for other active clients' steps to join it."""
+        """window_s: how long a step may wait for other active clients' steps to join it;
+        score_cache_bytes: the most KV cache candidate scoring may hold (ServerLLM.score)."""
         self.llm, self.max_tokens, self.batching, self.window_s = llm, max_tokens, batching, window_s
+        self.score_cache_bytes = score_cache_bytes
         self._active = active or (lambda: 1)
         self._queue: queue.Queue = queue.Queue()
         self._held: list = []  # a job taken while filling a micro-batch that did not fit: it goes next
@@ -106,6 +109,12 @@ class LLMWorker:
         fut: Future = Future()
         self._queue.put(("train", (embeds, mask, labels, reduction), fut))
         return fut.result()
+
+    def score(
+        self, embeds: torch.Tensor, mask: torch.Tensor, cand_embeds: torch.Tensor, cand_ids: torch.Tensor, cand_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """ServerLLM.score on this thread, within the cache budget."""
+        return self.call(lambda: self.llm.score(embeds, mask, cand_embeds, cand_ids, cand_mask, max_cache_bytes=self.score_cache_bytes))
 
     def stop(self) -> None:
         self._queue.put(None)
@@ -176,7 +185,7 @@ class OnWorker:
     def score(
         self, embeds: torch.Tensor, mask: torch.Tensor, cand_embeds: torch.Tensor, cand_ids: torch.Tensor, cand_mask: torch.Tensor
     ) -> torch.Tensor:
-        return self.worker.call(lambda: self.worker.llm.score(embeds, mask, cand_embeds, cand_ids, cand_mask))
+        return self.worker.score(embeds, mask, cand_embeds, cand_ids, cand_mask)
 
 
 class SplitService:
@@ -190,9 +199,10 @@ class SplitService:
         max_tokens: int = 4096,
         window_s: float = 0.0,
         active: Callable[[], int] | None = None,
+        score_cache_bytes: int | None = None,
     ) -> None:
         self.llm, self.max_frame_bytes = llm, max_frame_bytes
-        self.worker = LLMWorker(llm, max_tokens, batching, window_s, active)
+        self.worker = LLMWorker(llm, max_tokens, batching, window_s, active, score_cache_bytes)
         self.stats = {"frames": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0}
         self._stats_lock = threading.Lock()
         self.on_frame: Callable[[str], None] | None = None  # called with the op of every served frame
@@ -250,7 +260,7 @@ class SplitService:
             raise FrameError(f"tensor cand_ids: shape {tuple(c_ids.shape)} != cand_mask's {tuple(c_mask.shape)}")
         if ((c_ids < 0) | (c_ids >= self.llm.vocab_size)).any():
             raise FrameError(f"tensor cand_ids: ids must be in [0, {self.llm.vocab_size})")
-        lp = self.worker.call(lambda: self.llm.score(emb, mask, c_emb, c_ids, c_mask))
+        lp = self.worker.score(emb, mask, c_emb, c_ids, c_mask)
         return Frame("score", {"logprobs": lp.float()})
 
 
@@ -286,6 +296,7 @@ class SplitServer:
             cfg.max_batch_tokens,
             window_s=cfg.batch_window_ms / 1000,
             active=lambda: self._streams,
+            score_cache_bytes=int(cfg.max_score_cache_mb * 2**20),
         )
         self.secret, self.max_streams, self.max_streams_per_client = secret, cfg.max_streams, cfg.max_streams_per_client
         self._streams = 0
