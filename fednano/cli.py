@@ -192,6 +192,24 @@ def footprint(
 
 
 @app.command()
+@_one_line_errors
+def export(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A finished `fednano run` results folder.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the exported model (must be empty or absent).")],
+) -> None:
+    """Write the tuned MLLM as a standard checkpoint, the NanoAdapters folded into its weights (no cost at inference).
+
+    llava / blip2 runs: a LlavaForConditionalGeneration / Blip2ForConditionalGeneration folder that plain
+    transformers loads. smol / compose / tiny: llm/ (a causal-LM folder) and vision/ (the NanoEdge with the
+    adapters folded, for fednano.backbones.bundle.load_nanoedge).
+    """
+    _setup_logging()
+    from fednano.export import export_run
+
+    typer.echo(f"exported to {export_run(run_dir, output)}")
+
+
+@app.command()
 def options() -> None:
     """List every config option with its default and meaning."""
     typer.echo(options_help())

@@ -1,0 +1,167 @@
+"""A run's tuned MLLM as a standard checkpoint: the NanoAdapters folded into the weights they act on.
+
+Both NanoAdapters are affine maps on the LLM's input space (y = x + s B A x, s = alpha / rank), so
+they fold exactly into existing weights and cost nothing at inference:
+
+    NanoAdapter-T acts on every text-token embedding  ->  the input-embedding table
+                  E' = E + s (E A^T) B^T                   (a tied output head keeps the original E)
+    NanoAdapter-I acts on the connector's output      ->  the connector's last linear layer
+                  W' = (I + s B A) W,  b' = (I + s B A) b
+
+`llava` and `blip2` runs export as the same HF class they were loaded from (plain transformers
+loads the folder). Composed backbones (`smol`, `compose`, `tiny`) export the LLM as a standard
+causal-LM folder (`llm/`) and the vision side as a NanoEdge client folder (`vision/`: encoder,
+folded connector, folded embedding table), which `fednano.backbones.bundle.load_nanoedge` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fednano.backbones.bundle import BundleError, load_hf_mllm, read_safetensors
+from fednano.backbones.prepare import ensure_prepared
+from fednano.client.adapters import ADAPTER_PARAM_NAMES
+from fednano.config import RunConfig, load_config
+from fednano.errors import UserError
+
+
+class ExportError(UserError):
+    """The run cannot be exported as asked; the message says why and names the file."""
+
+
+# ------------------------------------------------------------------ the maths (pure)
+def fold_text_adapter(embed: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """E' = E + s (E A^T) B^T: each row of the table (V, d) through NanoAdapter-T (A: (r, d), B: (d, r)).
+    Computed in float64, returned in E's dtype."""
+    e = embed.double()
+    return (e + scale * (e @ A.double().T) @ B.double().T).to(embed.dtype)
+
+
+def fold_image_adapter(
+    weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """NanoAdapter-I after a linear layer y = W x + b (W: (d, k)): M = I + s B A; -> (M W, M b)."""
+    m = torch.eye(B.shape[0], dtype=torch.float64) + scale * B.double() @ A.double()
+    w = (m @ weight.double()).to(weight.dtype)
+    return w, None if bias is None else (m @ bias.double()).to(bias.dtype)
+
+
+# ------------------------------------------------------------------ folding into modules
+def _fold_embeddings(model: Any, state: dict[str, torch.Tensor], scale: float) -> None:
+    """Fold NanoAdapter-T into `model`'s input embeddings; untie a tied output head first (it keeps E)."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is not None and head.weight is emb.weight:
+        head.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+        for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            cfg.tie_word_embeddings = False
+    with torch.no_grad():
+        emb.weight.copy_(fold_text_adapter(emb.weight, state["adapter_t.A.weight"], state["adapter_t.B.weight"], scale))
+
+
+def _fold_linear(layer: nn.Linear, state: dict[str, torch.Tensor], scale: float) -> None:
+    w, b = fold_image_adapter(layer.weight, layer.bias, state["adapter_i.A.weight"], state["adapter_i.B.weight"], scale)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        if b is not None:
+            layer.bias.copy_(b)
+
+
+# ------------------------------------------------------------------ a run -> a folder
+def read_run(run_dir: Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:
+    """A finished run's config and final NanoAdapters; errors name the file."""
+    run_dir = Path(run_dir)
+    cfg_path, adapters = run_dir / "config.toml", run_dir / "adapters.safetensors"
+    if not cfg_path.exists():
+        raise ExportError(f"{cfg_path} not found: not a FedNano results folder")
+    if not adapters.exists():
+        raise ExportError(f"{adapters} not found: the run has not finished (`fednano run --resume {run_dir}` completes it)")
+    cfg, state = load_config(cfg_path), read_safetensors(adapters)
+    if set(state) != set(ADAPTER_PARAM_NAMES):
+        raise ExportError(f"{adapters}: holds {sorted(state)[:3]}..., not the NanoAdapters {list(ADAPTER_PARAM_NAMES)} "
+                          f"(method {cfg.federation.strategy!r} trains LoRA inside the LLM; its export is not supported yet)")
+    return cfg, state
+
+
+def export_run(run_dir: Path, out: Path) -> Path:
+    """Write the tuned MLLM of the run in `run_dir` to `out` (created; must not hold files)."""
+    cfg, state = read_run(run_dir)
+    return export_model(cfg, state, out)
+
+
+def export_model(cfg: RunConfig, state: dict[str, torch.Tensor], out: Path) -> Path:
+    """`cfg`'s backbone with the NanoAdapters `state` folded in, written to `out`."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ExportError(f"{out}: not empty; choose a new folder")
+    bundle = ensure_prepared(cfg)
+    server = json.loads((bundle / "server.json").read_text())
+    if server.get("random_init"):
+        raise ExportError(f"{bundle}: the run used random weights (model.random_init); there is nothing to export")
+    scale = cfg.adapter.alpha / cfg.adapter.rank
+    kind = server.get("kind", "causal-lm")
+    source = Path(server["path"]) if Path(server["path"]).is_absolute() else bundle / server["path"]
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if kind == "causal-lm":
+        _export_composed(bundle / "client", source, state, scale, tmp)
+    else:
+        _export_hf_mllm(source, kind, state, scale, tmp)
+    (tmp / "fednano_export.json").write_text(json.dumps({
+        "backbone": cfg.model.backbone, "method": cfg.federation.strategy, "adapter_scale": scale, "source": str(source),
+        "layout": "causal-lm in llm/, NanoEdge in vision/" if kind == "causal-lm" else f"transformers {kind}",
+    }, indent=2))
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return out
+
+
+def _copy_missing(src: Path, dst: Path) -> None:
+    """The checkpoint's other files (processor, tokenizer, chat template), where the export has none."""
+    for f in src.iterdir():
+        weights = f.suffix in (".safetensors", ".bin") or f.name.endswith(".index.json")
+        if f.is_file() and not weights and not (dst / f.name).exists():
+            shutil.copy2(f, dst / f.name)
+
+
+def _export_hf_mllm(source: Path, kind: str, state: dict[str, torch.Tensor], scale: float, out: Path) -> None:
+    """LLaVA: NanoAdapter-I into multi_modal_projector.linear_2; BLIP-2: into language_projection."""
+    model, tok = load_hf_mllm(source, kind, dtype="auto")
+    _fold_embeddings(model, state, scale)
+    _fold_linear(model.model.multi_modal_projector.linear_2 if kind == "llava" else model.language_projection, state, scale)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    _copy_missing(source, out)
+
+
+def _export_composed(client_dir: Path, llm_dir: Path, state: dict[str, torch.Tensor], scale: float, out: Path) -> None:
+    """The LLM as a causal-LM folder (embeddings folded, head untied) + the NanoEdge folder (connector
+    and embedding table folded)."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (llm_dir / "config.json").exists():
+        raise BundleError(f"{llm_dir}: the run's LLM folder is gone (config.json missing)")
+    model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype="auto")
+    _fold_embeddings(model, state, scale)
+    model.save_pretrained(out / "llm")
+    AutoTokenizer.from_pretrained(llm_dir).save_pretrained(out / "llm")
+    _copy_missing(llm_dir, out / "llm")
+    shutil.copytree(client_dir, out / "vision")
+    conn = read_safetensors(client_dir / "connector.safetensors")
+    last = max(int(k.split(".")[0]) for k in conn)  # the Connector is Linear-GELU-Linear: its last layer
+    w, b = fold_image_adapter(conn[f"{last}.weight"], conn.get(f"{last}.bias"), state["adapter_i.A.weight"],
+                              state["adapter_i.B.weight"], scale)
+    conn[f"{last}.weight"] = w
+    if b is not None:
+        conn[f"{last}.bias"] = b
+    save_file({k: v.contiguous() for k, v in conn.items()}, out / "vision" / "connector.safetensors")
+    table = read_safetensors(client_dir / "embeddings.safetensors")["weight"]
+    save_file({"weight": fold_text_adapter(table, state["adapter_t.A.weight"], state["adapter_t.B.weight"], scale)},
+              out / "vision" / "embeddings.safetensors")
