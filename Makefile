@@ -57,7 +57,7 @@ test-gpu: setup  ## the GPU cases only (on a machine with an NVIDIA GPU, after `
 	$(PY) -m pytest -m gpu
 
 lint: setup  ## ruff (style, E501 included) and mypy (types, configured in pyproject.toml)
-	$(VENV)/bin/ruff check fednano tests benchmarks
+	$(VENV)/bin/ruff check fednano tests benchmarks examples
 	$(VENV)/bin/mypy
 
 bench: setup
