@@ -12,8 +12,9 @@ The packages, in the order data flows through them:
     aggregation.py  the merge maths (Fisher merging, FedAvg, FedOpt), pure functions
     federation/   Flower's ServerApp / ClientApp / strategy / simulation: the only code importing flwr
     experiments/  results folders, sweeps and reports
-Beside them: config.py (the run config), devices.py (devices, dtypes, memory), io.py (atomic
-writes), metrics.py, progress.py, cli.py.
+    export.py     the tuned MLLM as a standard checkpoint, NanoAdapters folded into its weights
+Beside them: config.py (the run config), errors.py (UserError: what the user can fix), devices.py
+(devices, dtypes, memory), io.py (atomic writes), metrics.py, progress.py, cli.py.
 """
 
 __version__ = "0.1.0"
