@@ -210,6 +210,66 @@ def export(
 
 
 @app.command()
+@_one_line_errors
+def generate(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A finished `fednano run` results folder.", show_default=False)],
+    prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="The question (with --image: about that image).")] = None,
+    image: Annotated[Path | None, typer.Option("--image", "-i", help="An image file the question is about.")] = None,
+    input_file: Annotated[Path | None, typer.Option(
+        "--input", help="Many questions: LLaVA-JSON (.json) or JSONL (.jsonl, one {\"prompt\", \"image\"} per line; images "
+        "relative to the file).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="With --input: write the answers here as JSONL.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens in an answer.")] = 32,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy; above 0: sample at this temperature.")] = 0.0,
+    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="With sampling: keep the smallest set of tokens with this "
+                                         "much probability (nucleus).")] = 1.0,
+    seed: Annotated[int, typer.Option(help="Seed of the sampling.")] = 0,
+    device: Annotated[str, typer.Option(help="Where to run: auto, cpu, cuda, cuda:N.")] = "auto",
+) -> None:
+    """Answer questions in the tuned model's own words (free-form generation, in process).
+
+    One question: --prompt (and --image); the answer streams to the terminal. Many: --input FILE, with a
+    progress bar; --output writes {"id", "prompt", "answer", "reference"} lines.
+    """
+    if (prompt is None) == (input_file is None):
+        typer.echo("error: give --prompt (and --image) or --input FILE", err=True)
+        raise typer.Exit(2)
+    _setup_logging()
+    from fednano.generate import answer, load_tuned
+
+    tuned = load_tuned(run_dir, device)
+    options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    if prompt is not None:
+        images = [str(image)] if image else []
+        content = f"<image>\n{prompt}" if image and "<image>" not in prompt else prompt
+        answer(tuned, content, images, stream=lambda piece: typer.echo(piece, nl=False), **options)
+        typer.echo()
+        return
+    _answer_file(tuned, input_file, output, options)
+
+
+def _answer_file(tuned: Any, input_file: Any, output: Path | None, options: dict) -> None:
+    import json
+
+    from fednano.generate import answer, read_requests
+    from fednano.progress import progress_bar
+
+    samples = list(read_requests(input_file))
+    lines = []
+    with progress_bar(len(samples), "answering") as bar:
+        for s in samples:
+            text = answer(tuned, s.content(), list(s.images), **options)
+            lines.append({"id": s.uid, "prompt": s.question, "answer": text, "reference": s.answer})
+            typer.echo(f"{s.uid}: {text}")
+            bar.update(1)
+    if output is not None:
+        from fednano.io import atomic_write_text
+
+        atomic_write_text(output, "".join(json.dumps(line) + "\n" for line in lines))
+        typer.echo(f"wrote {output}")
+
+
+@app.command()
 def options() -> None:
     """List every config option with its default and meaning."""
     typer.echo(options_help())

@@ -1,0 +1,142 @@
+"""Free-form answers from a tuned run, in process: the run's NanoEdge (its final NanoAdapters loaded)
+embeds the prompt and its images, and the frozen LLM decodes with its KV cache. Every generated
+token is embedded through NanoAdapter-T like any text token, so the answer is the tuned MLLM's
+(the same tokens as `generate` on the `fednano export` of the run, which a test checks).
+
+Greedy by default; `temperature` > 0 samples, with nucleus filtering (`top_p`) from transformers'
+logits warpers. Decoding stops at the end-of-turn token (or EOS) or after `max_new_tokens`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fednano.backbones.bundle import load_nanoedge, load_server_llm
+from fednano.backbones.prepare import ensure_prepared
+from fednano.client.features import ImageFeatures
+from fednano.client.nanoedge import NanoEdge
+from fednano.data import load_task
+from fednano.data.checks import Collector, check_image
+from fednano.data.llava_json import load_llava_json
+from fednano.data.prompts import end_of_turn, prompt_batch
+from fednano.data.samples import IMAGE_MARK, DataError, Sample
+from fednano.devices import dtype_of, resolve_device
+from fednano.export import read_run
+from fednano.server.llm import ServerLLM
+
+
+@dataclass
+class Tuned:
+    """What answering needs: the tuned NanoEdge, the frozen LLM, the tokenizer and the task's system prompt."""
+
+    edge: NanoEdge
+    llm: ServerLLM
+    tokenizer: Any
+    system: str
+    features: ImageFeatures
+
+
+def load_tuned(run_dir: Path, device: str = "auto") -> Tuned:
+    """The run in `run_dir` with its final NanoAdapters, both sides on `device` (a config device name)."""
+    cfg, state = read_run(run_dir)
+    dev = resolve_device(device, "--device")
+    bundle = ensure_prepared(cfg)
+    client = load_nanoedge(bundle / "client", cfg.adapter, dev)
+    client.edge.load_adapter_state(state)
+    client.edge.eval()
+    llm = load_server_llm(bundle, dtype_of(cfg.model.llm_dtype), dev)
+    return Tuned(client.edge, llm, client.tokenizer, load_task(cfg).system, ImageFeatures(client.edge.vision))
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """The next token from (1, V) logits: argmax, or a sample after temperature and nucleus filtering."""
+    if temperature <= 0:
+        return int(logits.argmax(-1))
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(temperature)(None, logits)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return int(torch.multinomial(torch.softmax(scores, -1), 1, generator=generator))
+
+
+@torch.no_grad()
+def generate_ids(
+    t: Tuned, content: str, images: list[str], max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+    seed: int = 0, on_token: Callable[[list[int]], None] | None = None,
+) -> list[int]:
+    """Token ids of the answer to `content` (a user message with one `<image>` mark per image)."""
+    tok, llm = t.tokenizer, t.llm
+    batch = prompt_batch(tok, [content], t.edge.num_visual_tokens, t.system)
+    x = t.edge.embed(batch.input_ids, t.features(images) if images else None).to(llm.device, llm.dtype)
+    mask = batch.attention_mask.to(llm.device)
+    stop = {tok.convert_tokens_to_ids(end_of_turn(tok)), tok.eos_token_id}
+    generator = torch.Generator(logits_device(llm)).manual_seed(seed) if temperature > 0 else None
+    out = llm.decoder(inputs_embeds=x, attention_mask=mask, use_cache=True)
+    ids: list[int] = []
+    for _ in range(max_new_tokens):
+        nxt = _pick(llm.head(out.last_hidden_state[:, -1]).float(), temperature, top_p, generator)
+        if nxt in stop:
+            break
+        ids.append(nxt)
+        if on_token is not None:
+            on_token(ids)
+        e = t.edge.embed(torch.tensor([[nxt]]), None).to(llm.device, llm.dtype)  # through NanoAdapter-T
+        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+        out = llm.decoder(inputs_embeds=e, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+    return ids
+
+
+def logits_device(llm: ServerLLM) -> torch.device:
+    return llm.head.weight.device
+
+
+def answer(t: Tuned, content: str, images: list[str], stream: Callable[[str], None] | None = None, **options: Any) -> str:
+    """The decoded answer; `stream` gets each new piece of text as it is generated."""
+    shown = [""]
+
+    def on_token(ids: list[int]) -> None:
+        text = t.tokenizer.decode(ids, skip_special_tokens=True)
+        if stream is not None and text.startswith(shown[0]):
+            stream(text[len(shown[0]):])
+            shown[0] = text
+
+    ids = generate_ids(t, content, images, on_token=on_token if stream else None, **options)
+    return t.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def read_requests(path: Path) -> Iterator[Sample]:
+    """Questions to answer from `path`: LLaVA-JSON (`.json`; a reference answer when it has one) or
+    JSONL (`.jsonl`: one {"prompt": ..., "image": ...} per line, the image optional and relative to the
+    file's folder). Bad entries raise DataError naming the file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"input file not found: {path}")
+    if path.suffix == ".json":
+        yield from load_llava_json(path, Collector(skip_invalid=False))
+        return
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{n}: not valid JSON: {e}") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("prompt"), str):
+            raise DataError(f"{path}:{n}: each line needs a string 'prompt' (and optionally an 'image')")
+        images: tuple[str, ...] = ()
+        question = rec["prompt"]
+        if rec.get("image"):
+            img = path.parent / str(rec["image"])
+            problem = check_image(img)
+            if problem:
+                raise DataError(f"{path}:{n}: {problem}")
+            images = (str(img),)
+            question = question if IMAGE_MARK in question else f"{IMAGE_MARK}\n{question}"
+        yield Sample(str(rec.get("id", n)), question, str(rec.get("answer", "")), images)
