@@ -13,6 +13,7 @@ The packages, in the order data flows through them:
     federation/   Flower's ServerApp / ClientApp / strategy / simulation: the only code importing flwr
     experiments/  results folders, sweeps and reports
     export.py     the tuned MLLM as a standard checkpoint, NanoAdapters folded into its weights
+    generate.py   free-form answers from a tuned run
 Beside them: config.py (the run config), errors.py (UserError: what the user can fix), devices.py
 (devices, dtypes, memory), io.py (atomic writes), metrics.py, progress.py, cli.py.
 """
