@@ -54,47 +54,22 @@ def load_tuned(run_dir: Path, device: str = "auto") -> Tuned:
     return Tuned(client.edge, llm, client.tokenizer, load_task(cfg).system, ImageFeatures(client.edge.vision))
 
 
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """The next token from (1, V) logits: argmax, or a sample after temperature and nucleus filtering."""
-    if temperature <= 0:
-        return int(logits.argmax(-1))
-    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
-
-    scores = TemperatureLogitsWarper(temperature)(None, logits)
-    if top_p < 1.0:
-        scores = TopPLogitsWarper(top_p)(None, scores)
-    return int(torch.multinomial(torch.softmax(scores, -1), 1, generator=generator))
-
-
 @torch.no_grad()
 def generate_ids(
     t: Tuned, content: str, images: list[str], max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-    seed: int = 0, on_token: Callable[[list[int]], None] | None = None,
+    seed: int = 0, on_token: Callable[[list[int]], None] | None = None, endpoint: Any = None,
 ) -> list[int]:
-    """Token ids of the answer to `content` (a user message with one `<image>` mark per image)."""
-    tok, llm = t.tokenizer, t.llm
+    """Token ids of the answer to `content` (a user message with one `<image>` mark per image).
+    `endpoint`: where the LLM is (a SplitClient: one round trip per answer); default the run's own LLM."""
+    tok = t.tokenizer
     batch = prompt_batch(tok, [content], t.edge.num_visual_tokens, t.system)
-    x = t.edge.embed(batch.input_ids, t.features(images) if images else None).to(llm.device, llm.dtype)
-    mask = batch.attention_mask.to(llm.device)
-    stop = {tok.convert_tokens_to_ids(end_of_turn(tok)), tok.eos_token_id}
-    generator = torch.Generator(logits_device(llm)).manual_seed(seed) if temperature > 0 else None
-    out = llm.decoder(inputs_embeds=x, attention_mask=mask, use_cache=True)
-    ids: list[int] = []
-    for _ in range(max_new_tokens):
-        nxt = _pick(llm.head(out.last_hidden_state[:, -1]).float(), temperature, top_p, generator)
-        if nxt in stop:
-            break
-        ids.append(nxt)
-        if on_token is not None:
-            on_token(ids)
-        e = t.edge.embed(torch.tensor([[nxt]]), None).to(llm.device, llm.dtype)  # through NanoAdapter-T
-        mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-        out = llm.decoder(inputs_embeds=e, attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
-    return ids
-
-
-def logits_device(llm: ServerLLM) -> torch.device:
-    return llm.head.weight.device
+    x = t.edge.embed(batch.input_ids, t.features(images) if images else None)
+    stop = sorted({tok.convert_tokens_to_ids(end_of_turn(tok)), tok.eos_token_id})
+    adapter = t.edge.adapter_t
+    text_adapter = (adapter.A.weight.detach(), adapter.B.weight.detach(), adapter.scale)
+    if endpoint is not None:
+        return endpoint.generate(x, batch.attention_mask, text_adapter, stop, max_new_tokens, temperature, top_p, seed)
+    return t.llm.generate(x, batch.attention_mask, text_adapter, stop, max_new_tokens, temperature, top_p, seed, on_token)
 
 
 def answer(t: Tuned, content: str, images: list[str], stream: Callable[[str], None] | None = None, **options: Any) -> str:

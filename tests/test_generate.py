@@ -21,6 +21,7 @@ from fednano.data.easyvqa import SYSTEM_PROMPT, load_image, load_split
 from fednano.data.prompts import IMAGE_PLACEHOLDER, prompt_batch
 from fednano.export import export_model
 from fednano.generate import generate_ids, load_tuned
+from fednano.split.frames import Frame
 from tests.conftest import TINY, randomize_adapters
 
 
@@ -95,3 +96,56 @@ def test_fednano_generate_names_the_bad_line_of_an_input_file(tiny_cfg, tiny_bun
     assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(app, ["generate", str(run)])
     assert res.exit_code == 2 and "give --prompt" in res.output
+
+
+# ------------------------------------------------------------------ through the split channel
+def test_generation_through_the_split_channel_equals_in_process_and_is_one_round_trip(tiny_cfg, tiny_bundle, tmp_path):
+    from fednano.split.client import SplitClient
+    from fednano.split.server import SplitServer
+
+    run, _ = _run(tmp_path, tiny_cfg, scale=3.0)
+    tuned = load_tuned(run, "cpu")
+    with SplitServer(tuned.llm) as server, SplitClient(server.address, wire_dtype="float32") as client:
+        for s in list(load_split("test"))[:3]:
+            local = generate_ids(tuned, s.content(), [s.image_path], max_new_tokens=8)
+            frames = server.service.stats["frames"]
+            assert generate_ids(tuned, s.content(), [s.image_path], max_new_tokens=8, endpoint=client) == local
+            assert server.service.stats["frames"] == frames + 1  # the whole answer in one request
+        sampled = [generate_ids(tuned, s.content(), [s.image_path], max_new_tokens=6, temperature=2.0, seed=3, endpoint=e)
+                   for e in (client, None)]
+        assert sampled[0] == sampled[1]
+        assert client.bytes_up["generate"] > 0 and client.bytes_down["generate"] > 0  # counted like every op
+
+
+def _generate_frame(d, vocab, **change):
+    tensors = {"embeds": torch.randn(1, 5, d), "mask": torch.ones(1, 5, dtype=torch.uint8),
+               "adapter_t_A": torch.zeros(2, d), "adapter_t_B": torch.zeros(d, 2)}
+    meta = {"scale": 2.0, "stop": [0], "max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "seed": 0}
+    for k, v in change.items():
+        (tensors if isinstance(v, torch.Tensor) else meta)[k] = v
+    return Frame("generate", tensors, meta)
+
+
+@pytest.mark.parametrize(("change", "needle"), [
+    ({"embeds": torch.randn(2, 5, 32), "mask": torch.ones(2, 5, dtype=torch.uint8)}, "one unpadded prompt per request"),
+    ({"adapter_t_A": torch.zeros(2, 7)}, "expected (r, 32) and (32, r)"),
+    ({"adapter_t_B": torch.full((32, 2), float("nan"))}, "contains NaN or Inf"),
+    ({"max_new_tokens": 0}, "meta.max_new_tokens must be an integer in [1, 1024]"),
+    ({"max_new_tokens": 100000}, "meta.max_new_tokens must be an integer in [1, 1024]"),
+    ({"temperature": -1.0}, "meta.temperature must be a number >= 0"),
+    ({"top_p": 0.0}, "meta.top_p must be a number in (0, 1]"),
+    ({"stop": [10**9]}, "meta.stop must be a list of token ids"),
+    ({"seed": "x"}, "meta.seed must be a non-negative integer"),
+])
+def test_malformed_generate_requests_are_refused_and_the_server_keeps_serving(tiny_llm, change, needle):
+    from fednano.split.client import SplitChannelError, SplitClient
+    from fednano.split.server import SplitServer
+
+    d, vocab = tiny_llm.hidden_size, tiny_llm.vocab_size
+    assert d == 32
+    with SplitServer(tiny_llm) as server, SplitClient(server.address, wire_dtype="float32") as client:
+        with pytest.raises(SplitChannelError, match="INVALID_ARGUMENT") as err:
+            client.request(_generate_frame(d, vocab, **change))
+        assert needle in str(err.value)
+        ok = client.request(_generate_frame(d, vocab))  # the same stream goes on
+        assert ok.op == "generate" and ok.tensors["tokens"].numel() <= 4

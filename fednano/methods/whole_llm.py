@@ -125,6 +125,9 @@ class LoRAEndpoint:
     def score(self, *args, **kwargs) -> torch.Tensor:
         return self.llm.score(*args, **kwargs)
 
+    def generate(self, *args, **kwargs) -> list[int]:
+        return self.llm.generate(*args, **kwargs)
+
 
 # ------------------------------------------------------------------ the registry's component
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ format moves them back to the CPU.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Collection
 from typing import Any
 
 import torch
@@ -168,6 +169,55 @@ class ServerLLM:
         nxt = ids[:, 1:].repeat(B, 1)  # (B*K, L-1)
         tok_lp = lp.gather(-1, nxt.unsqueeze(-1)).squeeze(-1) * c_mask[:, 1:].to(lp.device).repeat(B, 1)
         return tok_lp.sum(1).view(B, K)
+
+    @torch.no_grad()
+    def generate(
+        self, embeds: torch.Tensor, mask: torch.Tensor, text_adapter: tuple[torch.Tensor, torch.Tensor, float], stop: Collection[int],
+        max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+        on_token: Callable[[list[int]], None] | None = None,
+    ) -> list[int]:
+        """Decode one prompt (embeds (1, T, d), mask (1, T)) with the KV cache -> the answer's token ids.
+
+        Each generated token is embedded as the client's NanoEdge would embed it: this LLM's own
+        input-embedding row through NanoAdapter-T (`text_adapter` = (A (r, d), B (d, r), scale)), so a
+        client sends its prompt once and gets the whole answer back. Greedy, or sampled (temperature,
+        top_p nucleus, seed); stops at a token in `stop` (not returned) or after max_new_tokens."""
+        table = self.model.get_input_embeddings()
+        at = table.weight.device
+        A, B, scale = text_adapter[0].to(at, torch.float32), text_adapter[1].to(at, torch.float32), float(text_adapter[2])
+
+        def embed(token: int) -> torch.Tensor:  # (1, 1, d)
+            e = table(torch.tensor([[token]], device=at)).float()
+            return (e + scale * (e @ A.T) @ B.T).to(self.device, self.dtype)
+
+        head_at = self.head.weight.device
+        generator = torch.Generator(head_at).manual_seed(seed) if temperature > 0 else None
+        mask = mask.to(self.device, torch.long)
+        out = self.decoder(inputs_embeds=embeds.to(self.device, self.dtype), attention_mask=mask, use_cache=True)
+        ids: list[int] = []
+        for _ in range(max_new_tokens):
+            nxt = next_token(self.head(out.last_hidden_state[:, -1]).float(), temperature, top_p, generator)
+            if nxt in stop:
+                break
+            ids.append(nxt)
+            if on_token is not None:
+                on_token(ids)
+            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+            out = self.decoder(inputs_embeds=embed(nxt), attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+        return ids
+
+
+def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """The next token from (1, V) logits: argmax, or a sample after temperature and nucleus (top_p)
+    filtering, with transformers' logits warpers."""
+    if temperature <= 0:
+        return int(logits.argmax(-1))
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    scores = TemperatureLogitsWarper(temperature)(None, logits)
+    if top_p < 1.0:
+        scores = TopPLogitsWarper(top_p)(None, scores)
+    return int(torch.multinomial(torch.softmax(scores, -1), 1, generator=generator))
 
 
 def cache_bytes(cache: Any) -> int:

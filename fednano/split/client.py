@@ -136,6 +136,22 @@ class SplitClient:
         )
         return reply.tensors["logprobs"]
 
+    def generate(
+        self, embeds: torch.Tensor, mask: torch.Tensor, text_adapter: tuple[torch.Tensor, torch.Tensor, float], stop: list[int],
+        max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+    ) -> list[int]:
+        """One answer in one round trip: the prompt's embeddings and NanoAdapter-T go up (the server embeds
+        each generated token with its own table through the adapter), the answer's token ids come down."""
+        A, B, scale = text_adapter
+        reply = self.request(Frame(
+            "generate",
+            {"embeds": embeds.detach().to(self.wire), "mask": mask.to(torch.uint8), "adapter_t_A": A.detach().float(),
+             "adapter_t_B": B.detach().float()},
+            {"scale": float(scale), "stop": [int(t) for t in stop], "max_new_tokens": int(max_new_tokens),
+             "temperature": float(temperature), "top_p": float(top_p), "seed": int(seed)},
+        ))
+        return [int(t) for t in reply.tensors["tokens"].tolist()]
+
     def traffic(self) -> dict[str, int]:
         return {
             "activations_up": self.bytes_up["train"],

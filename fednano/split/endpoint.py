@@ -1,4 +1,4 @@
-"""What the client computes against: anything with ServerLLM's `train_step` / `score`.
+"""What the client computes against: anything with ServerLLM's `train_step` / `score` / `generate`.
 
 The remote SplitClient (a client), the ServerLLM itself (the server's own evaluation and
 connector pre-training), or a client-held LLM with LoRA (the comparison family).
@@ -20,4 +20,10 @@ class LLMEndpoint(Protocol):
     def score(self, embeds: torch.Tensor, mask: torch.Tensor, cand_embeds: torch.Tensor, cand_ids: torch.Tensor,
               cand_mask: torch.Tensor) -> torch.Tensor:
         """-> log-likelihood of each candidate after each prompt (B, K)."""
+        ...
+
+    def generate(self, embeds: torch.Tensor, mask: torch.Tensor, text_adapter: tuple[torch.Tensor, torch.Tensor, float],
+                 stop: list[int], max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[int]:
+        """-> the answer's token ids after one prompt (1, T, d); generated tokens are embedded through
+        NanoAdapter-T (`text_adapter` = (A, B, scale))."""
         ...

@@ -18,6 +18,7 @@ import functools
 import hashlib
 import hmac
 import logging
+import math
 import queue
 import threading
 import time
@@ -187,6 +188,13 @@ class OnWorker:
     ) -> torch.Tensor:
         return self.worker.score(embeds, mask, cand_embeds, cand_ids, cand_mask)
 
+    def generate(
+        self, embeds: torch.Tensor, mask: torch.Tensor, text_adapter: tuple[torch.Tensor, torch.Tensor, float], stop: list[int],
+        max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+    ) -> list[int]:
+        llm = self.worker.llm
+        return self.worker.call(lambda: llm.generate(embeds, mask, text_adapter, stop, max_new_tokens, temperature, top_p, seed))
+
 
 class SplitService:
     """Validates frames (on the gRPC threads) and hands the LLM work to one LLMWorker."""
@@ -234,7 +242,9 @@ class SplitService:
             return self._train(frame)
         if frame.op == "score":
             return self._score(frame)
-        raise FrameError(f"unknown op {frame.op!r} (known: info, train, score)")
+        if frame.op == "generate":
+            return self._generate(frame)
+        raise FrameError(f"unknown op {frame.op!r} (known: info, train, score, generate)")
 
     def _train(self, frame: Frame) -> Frame:
         emb, mask = _check_embeds(frame, "", self.llm.hidden_size)
@@ -262,6 +272,44 @@ class SplitService:
             raise FrameError(f"tensor cand_ids: ids must be in [0, {self.llm.vocab_size})")
         lp = self.worker.score(emb, mask, c_emb, c_ids, c_mask)
         return Frame("score", {"logprobs": lp.float()})
+
+
+    def _generate(self, frame: Frame) -> Frame:
+        emb, mask = _check_embeds(frame, "", self.llm.hidden_size)
+        if emb.shape[0] != 1 or not bool(mask.all()):
+            raise FrameError(f"op 'generate': one unpadded prompt per request, got embeds of shape {tuple(emb.shape)}")
+        d = self.llm.hidden_size
+        A, B = _tensor(frame, "adapter_t_A", _FLOAT, 2), _tensor(frame, "adapter_t_B", _FLOAT, 2)
+        if A.shape[1] != d or tuple(B.shape) != (d, A.shape[0]):
+            raise FrameError(f"tensors adapter_t_A {tuple(A.shape)} / adapter_t_B {tuple(B.shape)}: expected (r, {d}) and ({d}, r)")
+        opts = _generate_options(frame.meta, self.llm.vocab_size)
+        ids = self.worker.call(lambda: self.llm.generate(emb, mask, (A.float(), B.float(), opts.pop("scale")), **opts))
+        return Frame("generate", {"tokens": torch.tensor(ids, dtype=torch.int64)})
+
+
+MAX_NEW_TOKENS = 1024  # the most tokens one generate request may ask for
+
+
+def _generate_options(meta: dict, vocab: int) -> dict:
+    """A generate request's settings, checked: each problem names the field."""
+
+    def number(key: str, kinds: tuple, ok: Callable[[Any], bool], what: str) -> Any:
+        v = meta.get(key)
+        if not isinstance(v, kinds) or isinstance(v, bool) or not math.isfinite(v) or not ok(v):
+            raise FrameError(f"meta.{key} must be {what}, got {v!r}")
+        return v
+
+    stop = meta.get("stop")
+    if not isinstance(stop, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in stop):
+        raise FrameError(f"meta.stop must be a list of token ids in [0, {vocab}), got {stop!r}")
+    return {
+        "scale": float(number("scale", (int, float), lambda v: True, "a number")),
+        "stop": stop,
+        "max_new_tokens": number("max_new_tokens", (int,), lambda v: 1 <= v <= MAX_NEW_TOKENS, f"an integer in [1, {MAX_NEW_TOKENS}]"),
+        "temperature": float(number("temperature", (int, float), lambda v: v >= 0, "a number >= 0")),
+        "top_p": float(number("top_p", (int, float), lambda v: 0 < v <= 1, "a number in (0, 1]")),
+        "seed": number("seed", (int,), lambda v: 0 <= v < 2**63, "a non-negative integer"),
+    }
 
 
 class SplitServer:
