@@ -1,10 +1,10 @@
-"""Free-form answers from a tuned run, in process: the run's NanoEdge (its final NanoAdapters loaded)
-embeds the prompt and its images, and the frozen LLM decodes with its KV cache. Every generated
-token is embedded through NanoAdapter-T like any text token, so the answer is the tuned MLLM's
-(the same tokens as `generate` on the `fednano export` of the run, which a test checks).
-
-Greedy by default; `temperature` > 0 samples, with nucleus filtering (`top_p`) from transformers'
-logits warpers. Decoding stops at the end-of-turn token (or EOS) or after `max_new_tokens`.
+"""Free-form answers from a tuned run: the run's NanoEdge (its final NanoAdapters loaded) embeds the
+prompt and its images; the frozen LLM decodes (`ServerLLM.generate`, in this process or behind a
+split channel), embedding every generated token through NanoAdapter-T like any text token. So the
+answer is the tuned MLLM's: the same tokens as transformers' `generate` on the run's `fednano
+export`, which a test checks. Greedy by default, or sampled (temperature, top_p, seed); decoding
+stops at the end-of-turn token (or EOS) or after `max_new_tokens`. Also: reading a file of
+questions (LLaVA-JSON or JSONL).
 """
 
 from __future__ import annotations
