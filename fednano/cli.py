@@ -221,8 +221,8 @@ def generate(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="With --input: write the answers here as JSONL.")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Most tokens in an answer.")] = 32,
     temperature: Annotated[float, typer.Option(min=0.0, help="0: greedy; above 0: sample at this temperature.")] = 0.0,
-    top_p: Annotated[float, typer.Option(min=0.0, max=1.0, help="With sampling: keep the smallest set of tokens with this "
-                                         "much probability (nucleus).")] = 1.0,
+    top_p: Annotated[float, typer.Option(max=1.0, help="With sampling: keep the smallest set of tokens with this much "
+                                         "probability (nucleus), in (0, 1].")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the sampling.")] = 0,
     device: Annotated[str, typer.Option(help="Where to run: auto, cpu, cuda, cuda:N.")] = "auto",
 ) -> None:
@@ -233,6 +233,9 @@ def generate(
     """
     if (prompt is None) == (input_file is None):
         typer.echo("error: give --prompt (and --image) or --input FILE", err=True)
+        raise typer.Exit(2)
+    if top_p <= 0:
+        typer.echo("error: --top-p must be in (0, 1]", err=True)
         raise typer.Exit(2)
     _setup_logging()
     from fednano.generate import answer, load_tuned

@@ -96,6 +96,8 @@ def test_fednano_generate_names_the_bad_line_of_an_input_file(tiny_cfg, tiny_bun
     assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(app, ["generate", str(run)])
     assert res.exit_code == 2 and "give --prompt" in res.output
+    res = CliRunner().invoke(app, ["generate", str(run), "--prompt", "hi", "--temperature", "1", "--top-p", "0"])
+    assert res.exit_code == 2 and "--top-p must be in (0, 1]" in res.output
 
 
 # ------------------------------------------------------------------ through the split channel
