@@ -238,8 +238,9 @@ def generate(
         typer.echo("error: --top-p must be in (0, 1]", err=True)
         raise typer.Exit(2)
     _setup_logging()
-    from fednano.generate import answer, load_tuned
+    from fednano.generate import answer, load_tuned, read_requests
 
+    samples = list(read_requests(input_file)) if input_file is not None else []  # bad input fails before the model loads
     tuned = load_tuned(run_dir, device)
     options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     if prompt is not None:
@@ -248,16 +249,15 @@ def generate(
         answer(tuned, content, images, stream=lambda piece: typer.echo(piece, nl=False), **options)
         typer.echo()
         return
-    _answer_file(tuned, input_file, output, options)
+    _answer_file(tuned, samples, output, options)
 
 
-def _answer_file(tuned: Any, input_file: Any, output: Path | None, options: dict) -> None:
+def _answer_file(tuned: Any, samples: list, output: Path | None, options: dict) -> None:
     import json
 
-    from fednano.generate import answer, read_requests
+    from fednano.generate import answer
     from fednano.progress import progress_bar
 
-    samples = list(read_requests(input_file))
     lines = []
     with progress_bar(len(samples), "answering") as bar:
         for s in samples:
