@@ -47,7 +47,7 @@ def fold_image_adapter(
     weight: torch.Tensor, bias: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """NanoAdapter-I after a linear layer y = W x + b (W: (d, k)): M = I + s B A; -> (M W, M b)."""
-    m = torch.eye(B.shape[0], dtype=torch.float64) + scale * B.double() @ A.double()
+    m = torch.eye(B.shape[0], dtype=torch.float64, device=B.device) + scale * B.double() @ A.double()
     w = (m @ weight.double()).to(weight.dtype)
     return w, None if bias is None else (m @ bias.double()).to(bias.dtype)
 

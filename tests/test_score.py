@@ -7,16 +7,22 @@ from fednano.data.easyvqa import SYSTEM_PROMPT, answer_set, load_split
 from fednano.data.prompts import answer_ids, candidate_batch, prompt_batch
 
 
-def test_score_equals_brute_force_log_likelihood(tiny_edge, tiny_llm):
+def _prompts_and_candidates(tiny_edge):
+    """3 easy-vqa prompts and the 13 answers, embedded by the tiny NanoEdge."""
     edge, tok = tiny_edge.edge, tiny_edge.tokenizer
     samples = list(load_split("test")[:3])
-    answers = answer_set()
-    feats = ImageFeatures(edge.vision)([s.image_path for s in samples])
     with torch.no_grad():
         batch = prompt_batch(tok, [s.content() for s in samples], edge.num_visual_tokens, SYSTEM_PROMPT)
-        embeds = edge.embed(batch.input_ids, feats)
-        cand = candidate_batch(tok, answers)
-        cand_embeds = edge.embed(cand.input_ids, None)
+        embeds = edge.embed(batch.input_ids, ImageFeatures(edge.vision)([s.image_path for s in samples]))
+        cand = candidate_batch(tok, answer_set())
+        return batch, embeds, cand, edge.embed(cand.input_ids, None)
+
+
+def test_score_equals_brute_force_log_likelihood(tiny_edge, tiny_llm):
+    edge, tok = tiny_edge.edge, tiny_edge.tokenizer
+    answers = answer_set()
+    batch, embeds, cand, cand_embeds = _prompts_and_candidates(tiny_edge)
+    with torch.no_grad():
         got = tiny_llm.score(embeds, batch.attention_mask, cand_embeds, cand.input_ids, cand.attention_mask)
         assert got.shape == (3, len(answers))
         for i in range(3):
@@ -34,15 +40,10 @@ def test_scoring_in_chunks_of_candidates_gives_the_same_scores_within_the_cache_
     """A cache budget scores the candidates a chunk at a time (the last chunk smaller): same scores."""
     from fednano.server.llm import cache_bytes, candidates_per_pass
 
-    edge, tok = tiny_edge.edge, tiny_edge.tokenizer
-    samples = list(load_split("test")[:3])
+    batch, embeds, cand, cand_embeds = _prompts_and_candidates(tiny_edge)
     answers = answer_set()
-    feats = ImageFeatures(edge.vision)([s.image_path for s in samples])
+    args = (embeds, batch.attention_mask, cand_embeds, cand.input_ids, cand.attention_mask)
     with torch.no_grad():
-        batch = prompt_batch(tok, [s.content() for s in samples], edge.num_visual_tokens, SYSTEM_PROMPT)
-        embeds = edge.embed(batch.input_ids, feats)
-        cand = candidate_batch(tok, answers)
-        args = (embeds, batch.attention_mask, edge.embed(cand.input_ids, None), cand.input_ids, cand.attention_mask)
         whole = tiny_llm.score(*args)
         out = tiny_llm.decoder(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=True)
     B, T = batch.attention_mask.shape

@@ -146,7 +146,7 @@ class ServerLLM:
         rest = []
         for k0 in range(0, K, chunk):
             n = min(chunk, K - k0)
-            if n < chunk:  # the last, smaller chunk: keep n of each prompt's copies
+            if n < chunk:  # the last, smaller chunk: keep n of each prompt's copies (a CPU index serves every shard's device)
                 cache.batch_select_indices((torch.arange(B)[:, None] * chunk + torch.arange(n)[None]).reshape(-1))
             rest.append(self._continue(cache, mask, lengths, cand_embeds[k0:k0 + n], ids[k0:k0 + n], c_mask[k0:k0 + n]))
             if k0 + n < K:
