@@ -143,6 +143,7 @@ class PrepareConfig:
 
 
 DATASETS = ("easy-vqa", "scienceqa", "iconqa", "llava-json")
+SCORING = ("candidates", "generate")
 
 
 @dataclass
@@ -168,6 +169,11 @@ class DataConfig:
     max_local_test: int = _f(64, "Cap on each client's local test split (evaluation cost).")
     global_test_samples: int = _f(500, "Questions sampled from the test split for the global test set (0 = all).")
     seed: int = _f(0, "Seed for partitioning and test sampling.")
+    scoring: str = _f(
+        "candidates", "How answers are scored: 'candidates' (the most likely answer of the task's closed set) or 'generate' "
+        "(also the model's own greedy answer, by exact match after normalisation; results.json then reports both scores)."
+    )
+    answer_tokens: int = _f(16, "With scoring = 'generate': the most tokens an answer may have.")
 
     def __post_init__(self) -> None:
         _check(self.dataset in DATASETS, "data.dataset", f"unknown dataset {self.dataset!r}; choose one of {list(DATASETS)}")
@@ -180,9 +186,13 @@ class DataConfig:
         _check(0.0 < self.local_test_fraction < 1.0, "data.local_test_fraction", "must be in (0, 1)")
         _check(self.max_local_test >= 1, "data.max_local_test", "must be >= 1")
         _check(self.global_test_samples >= 0, "data.global_test_samples", "must be >= 0")
+        _check(self.scoring in SCORING, "data.scoring", f"must be one of {list(SCORING)}")
+        _check(self.answer_tokens >= 1, "data.answer_tokens", "must be >= 1")
 
     def to_key(self) -> str:
-        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+        """What the loaded data depends on (how answers are scored does not change it)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("scoring", "answer_tokens")}
+        return json.dumps(fields, sort_keys=True)
 
 
 @dataclass

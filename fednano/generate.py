@@ -24,7 +24,7 @@ from fednano.client.nanoedge import NanoEdge
 from fednano.data import load_task
 from fednano.data.checks import Collector, check_image
 from fednano.data.llava_json import load_llava_json
-from fednano.data.prompts import end_of_turn, prompt_batch
+from fednano.data.prompts import prompt_batch, stop_tokens
 from fednano.data.samples import IMAGE_MARK, DataError, Sample
 from fednano.devices import dtype_of, resolve_device
 from fednano.export import read_run
@@ -64,9 +64,7 @@ def generate_ids(
     tok = t.tokenizer
     batch = prompt_batch(tok, [content], t.edge.num_visual_tokens, t.system)
     x = t.edge.embed(batch.input_ids, t.features(images) if images else None)
-    stop = sorted({tok.convert_tokens_to_ids(end_of_turn(tok)), tok.eos_token_id})
-    adapter = t.edge.adapter_t
-    text_adapter = (adapter.A.weight.detach(), adapter.B.weight.detach(), adapter.scale)
+    stop, text_adapter = stop_tokens(tok), t.edge.text_adapter()
     if endpoint is not None:
         return endpoint.generate(x, batch.attention_mask, text_adapter, stop, max_new_tokens, temperature, top_p, seed)
     return t.llm.generate(x, batch.attention_mask, text_adapter, stop, max_new_tokens, temperature, top_p, seed, on_token)

@@ -34,7 +34,9 @@ def test_tiny_run_two_clients_two_rounds(tiny_bundle, tiny_cache, tmp_path):
     out_dir = tmp_path / "run"
     marker = uuid.uuid4().hex
     env = {**os.environ, "FEDNANO_CACHE": str(tiny_cache), "FEDNANO_PROGRESS": "off", "FEDNANO_TEST_RUN": marker}
-    proc = subprocess.run([sys.executable, "-m", "fednano", "run", "--config", str(TINY), "--output", str(out_dir)],
+    # scored both ways: the closed set, and the model's own generated answers (data.scoring = "generate")
+    proc = subprocess.run([sys.executable, "-m", "fednano", "run", "--config", str(TINY), "--output", str(out_dir),
+                           "--set", 'data.scoring="generate"', "--set", "data.answer_tokens=4"],
                           capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -50,7 +52,11 @@ def test_tiny_run_two_clients_two_rounds(tiny_bundle, tiny_cache, tmp_path):
         assert b["adapters_up"] == b["fisher_up"] > 0
         assert b["adapters_down"] == 2 * b["adapters_up"]  # train + evaluate messages
         assert b["activations_up"] > 0 and b["gradients_down"] > 0 and b["eval_activations_up"] > 0
-    assert set(res["final"]) >= {"global_accuracy", "zero_shot_accuracy"}
+        # each client generated its local test answers through the split channel: one round trip each
+        assert b["eval_generate_up"] > 0 and b["eval_answers_down"] > 0
+        assert 0.0 <= r["global_generated_accuracy"] <= 1.0 and set(r["client_generated_accuracy"]) == {"0", "1"}
+    assert set(res["final"]) >= {"global_accuracy", "zero_shot_accuracy", "generated_accuracy", "zero_shot_generated_accuracy"}
+    assert "global acc. (generated)" in (out_dir / "table.md").read_text()
     # where each side computed, and what it held (no GPU in a simulated client without client_gpus)
     devices = res["final"]["devices"]
     assert devices["server"]["device"] in ("cpu", "cuda:0") and devices["server"]["dtype"] == "float32"

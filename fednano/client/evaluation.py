@@ -1,17 +1,25 @@
-"""Closed-set answer scoring: every candidate's log-likelihood after the prompt, one prompt pass
-per batch (the server shares it across candidates through the KV cache)."""
+"""How a client's model is scored on questions.
+
+Closed set (always): every candidate's log-likelihood after the prompt, one prompt pass per batch
+(the server shares it across candidates through the KV cache); the most likely valid candidate is the
+prediction. Generated (`data.scoring = "generate"`): the model's own greedy answer, decoded by the
+LLM with its KV cache (one round trip per question), counted correct when it equals the reference
+after the task's normalisation (`data.answers`). Both scores go in the report."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 from fednano.client.features import Workload
 from fednano.client.nanoedge import NanoEdge
-from fednano.data.prompts import candidate_batch, prompt_batch
-from fednano.data.samples import Sample
-from fednano.metrics import accuracy_report
+from fednano.config import DataConfig
+from fednano.data.answers import Normaliser, exact_match, vqa_normalise
+from fednano.data.prompts import candidate_batch, prompt_batch, stop_tokens
+from fednano.data.samples import Sample, Task
+from fednano.metrics import accuracy_report, generated_report
 from fednano.split.endpoint import LLMEndpoint
 
 
@@ -48,6 +56,45 @@ def candidate_scores(
                 on_batch(len(part))
 
 
+@torch.no_grad()
+def generated_answers(
+    edge: NanoEdge, endpoint: LLMEndpoint, samples: list[Sample], work: Workload, max_tokens: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> Iterator[str]:
+    """The model's greedy answer to each sample, in order: the prompt's embeddings go to the LLM once,
+    which decodes up to `max_tokens` tokens (each embedded through this NanoEdge's NanoAdapter-T)."""
+    edge.eval()
+    stop, text_adapter = stop_tokens(work.tokenizer), edge.text_adapter()
+    for s in samples:
+        batch = prompt_batch(work.tokenizer, [s.content()], work.n_visual, work.system)
+        embeds = edge.embed(batch.input_ids, work.images([s]))
+        ids = endpoint.generate(embeds, batch.attention_mask, text_adapter, stop, max_tokens)
+        yield work.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        if on_batch:
+            on_batch(1)
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How answers are scored beyond the closed set: `answer_tokens` > 0 also generates each answer
+    (up to that many tokens) and matches it after its candidate set's normaliser (VQA's by default)."""
+
+    answer_tokens: int = 0
+    normalisers: Mapping[str, Normaliser] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, cfg: DataConfig, task: Task) -> Scoring:
+        return cls(cfg.answer_tokens if cfg.scoring == "generate" else 0, task.normalisers)
+
+    @property
+    def passes(self) -> int:
+        """Passes over the questions (for progress bars): candidates, and generation if asked."""
+        return 2 if self.answer_tokens else 1
+
+    def correct(self, sample: Sample, generated: str) -> bool:
+        return exact_match(generated, sample.answer, self.normalisers.get(sample.candidates, vqa_normalise))
+
+
 def evaluate(
     edge: NanoEdge,
     endpoint: LLMEndpoint,
@@ -57,8 +104,14 @@ def evaluate(
     batch_size: int,
     categories: tuple[str, ...] = (),
     on_batch: Callable[[int], None] | None = None,
+    scoring: Scoring = Scoring(),
 ) -> dict[str, float]:
-    """Closed-set accuracy: the valid candidate with the highest log-likelihood is the prediction."""
+    """Closed-set accuracy (the valid candidate with the highest log-likelihood is the prediction), and
+    with `scoring.answer_tokens` the generated answers' accuracy (`generated_accuracy`, `gen_acc/...`)."""
     scored = candidate_scores(edge, endpoint, samples, work, candidate_sets, batch_size, on_batch)
     correct = {i: cands[int(lp.argmax())] == samples[i].answer for i, lp, cands in scored}
-    return accuracy_report(samples, [correct[i] for i in range(len(samples))], categories)
+    report = accuracy_report(samples, [correct[i] for i in range(len(samples))], categories)
+    if scoring.answer_tokens:
+        answers = generated_answers(edge, endpoint, samples, work, scoring.answer_tokens, on_batch)
+        report.update(generated_report(samples, [scoring.correct(s, a) for s, a in zip(samples, answers, strict=True)], categories))
+    return report

@@ -107,6 +107,12 @@ class NanoEdge(nn.Module):
         text, vis, is_image = self._sequence(input_ids, features, adapted=True)
         return text if vis is None else text.masked_scatter(is_image.unsqueeze(-1), vis)
 
+    def text_adapter(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """NanoAdapter-T as (A (r, d), B (d, r), scale): what a decoder needs to embed each generated token
+        as this NanoEdge would."""
+        a = self.adapter_t
+        return a.A.weight.detach(), a.B.weight.detach(), a.scale
+
     def adapter_inputs(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """What each adapter receives, laid out as the sequence: (text embeddings (B, T, d), visual
         tokens at the image slots and zeros elsewhere (B, T, d), image-slot mask (B, T))."""

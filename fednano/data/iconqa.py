@@ -11,10 +11,10 @@ data.json: question, choices (texts, or image file names for choose_img), answer
 * choose_img: the question image first, then each choice image after its letter
   ("A. <image> B. <image> ..."), so a sample carries 1 + n images.
 * fill_in_blank: scored by exact match of the best-scoring candidate from the closed
-  set of answers seen in the training split. Free generation would cost one split
-  round trip per generated token (NanoAdapter-T lives on the client, so each new
-  token's embedding must come from the client); candidate scoring needs one pass.
-  A test answer outside that set counts as wrong.
+  set of answers seen in the training split (a test answer outside that set counts as
+  wrong); with `data.scoring = "generate"` also by exact match of the generated answer
+  after number normalisation (`data.answers.number_normalise`), which that set does not
+  flatter.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 from fednano.config import DataConfig
+from fednano.data.answers import choice_letter, number_normalise
 from fednano.data.checks import Collector, check_image, read_json, require
 from fednano.data.samples import LETTERS, DataError, Sample, Task
 
@@ -111,4 +112,5 @@ def iconqa_task(d: DataConfig) -> Task:
     if not train or not test:
         raise DataError(f"{d.path}: no valid IconQA samples in split {d.train_split if not train else d.test_split!r}")
     fill = sorted({s.answer for s in train if s.candidates == "fill"})
-    return Task("iconqa", train, test, {"letters": list(LETTERS), "fill": fill}, SYSTEM, ("subtask",), check.skipped)
+    return Task("iconqa", train, test, {"letters": list(LETTERS), "fill": fill}, SYSTEM, ("subtask",), check.skipped,
+                normalisers={"letters": choice_letter, "fill": number_normalise})

@@ -32,6 +32,11 @@ def end_of_turn(tokenizer: Any) -> str:
     return CHATML_END if CHATML_END in vocab else str(tokenizer.eos_token)
 
 
+def stop_tokens(tokenizer: Any) -> list[int]:
+    """Token ids that end an answer: the end-of-turn token and EOS."""
+    return sorted({tokenizer.convert_tokens_to_ids(end_of_turn(tokenizer)), tokenizer.eos_token_id} - {None})
+
+
 def prompt_text(tokenizer: Any, content: str, system: str) -> str:
     """The tokenizer's chat template; without one, LLaVA-1.5's plain 'USER: ... ASSISTANT:' format."""
     if _has_template(tokenizer):

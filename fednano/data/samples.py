@@ -9,6 +9,7 @@ the closed set of fill-in-the-blank answers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,6 +67,8 @@ class Task:
     system: str
     categories: tuple[str, ...] = ()  # meta keys reported as per-category accuracy
     skipped: dict[str, str] = field(default_factory=dict)  # uid -> reason (skip_invalid)
+    # candidate set -> how a free-form answer to its samples is normalised (data.answers; default: VQA's)
+    normalisers: dict[str, Callable[[str], str]] = field(default_factory=dict)
 
 
 def load_image(path: str) -> torch.Tensor:

@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 
 from fednano.config import DataConfig, default_cache_dir
+from fednano.data.answers import choice_letter
 from fednano.data.checks import Collector, check_image, read_json, require
 from fednano.data.samples import LETTERS, DataError, Sample, Task
 
@@ -146,4 +147,5 @@ def scienceqa_task(d: DataConfig) -> Task:
     train, test = load_scienceqa(d.path, d.train_split, check), load_scienceqa(d.path, d.test_split, check)
     if not train or not test:
         raise DataError(f"{d.path}: no valid ScienceQA samples in split {d.train_split if not train else d.test_split!r}")
-    return Task("scienceqa", train, test, {"letters": list(LETTERS)}, SYSTEM, ("subject", "context", "grade"), check.skipped)
+    return Task("scienceqa", train, test, {"letters": list(LETTERS)}, SYSTEM, ("subject", "context", "grade"), check.skipped,
+                normalisers={"letters": choice_letter})

@@ -14,7 +14,8 @@ import torch
 from fednano.config import RunConfig, same_config
 from fednano.io import atomic_save_tensors, atomic_write_text
 
-BYTES_FIELDS = ("adapters_down", "adapters_up", "fisher_up", "activations_up", "gradients_down", "eval_activations_up", "eval_scores_down")
+BYTES_FIELDS = ("adapters_down", "adapters_up", "fisher_up", "activations_up", "gradients_down", "eval_activations_up", "eval_scores_down",
+                "eval_generate_up", "eval_answers_down")
 
 
 @dataclass
@@ -42,12 +43,17 @@ class RoundRecord:
     seconds: float
     memory: dict  # peak host memory per side; peak GPU memory on CUDA
     client_global_accuracy: dict[str, float] | None = None  # clients' own states on the global test set ('local')
+    # data.scoring = "generate": the same evaluations scored by the model's own (generated) answers
+    global_generated_accuracy: float | None = None
+    global_generated_by_category: dict[str, float] | None = None
+    client_generated_accuracy: dict[str, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        if out["client_global_accuracy"] is None:
-            del out["client_global_accuracy"]
-        return out
+        """The entry, without the optional fields the run does not have."""
+        return {k: v for k, v in asdict(self).items() if v is not None or k in REQUIRED_NONE}
+
+
+REQUIRED_NONE = ("train_loss",)  # None when no client trained, and still recorded
 
 
 class RunRecorder:
@@ -129,6 +135,10 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> None:
         color="black",
         label="global test (server)",
     )
+    if any("global_generated_accuracy" in r for r in rounds):  # data.scoring = "generate"
+        zg = results.get("zero_shot_generated_accuracy")
+        ax.plot(xs, [zg if zg is not None else float("nan")] + [r.get("global_generated_accuracy", float("nan")) for r in rounds],
+                "s-", lw=2, color="tab:red", label="global test, generated answers")
     clients = sorted({c for r in rounds for c in r["client_accuracy"]}, key=int)
     for c in clients:
         pts = [(r["round"], r["client_accuracy"][c]) for r in rounds if c in r["client_accuracy"]]
@@ -182,15 +192,20 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], align: 
 
 def round_table(results: dict[str, Any]) -> str:
     """Per-round table, pasteable into a paper or README (and, with categories, their final accuracy)."""
+    generated = any("global_generated_accuracy" in r for r in results["rounds"])
+    gen = (lambda v: [f"{v:.4f}" if v is not None else ""]) if generated else (lambda v: [])
     rows = []
     if results.get("zero_shot_accuracy") is not None:
-        rows.append(["0 (zero-shot)", f"{results['zero_shot_accuracy']:.4f}", "", "", ""])
+        zero_gen = gen(results.get("zero_shot_generated_accuracy"))
+        rows.append(["0 (zero-shot)", f"{results['zero_shot_accuracy']:.4f}", *zero_gen, "", "", ""])
     for r in results["rounds"]:
         ca = list(r["client_accuracy"].values())
         mean = f"{sum(ca) / len(ca):.4f}" if ca else ""
         loss = f"{r['train_loss']:.4f}" if r["train_loss"] is not None else ""
-        rows.append([str(r["round"]), f"{r['global_accuracy']:.4f}", mean, loss, f"{sum(r['bytes'].values()) / 2**20:.2f}"])
-    out = markdown_table(["round", "global acc.", "mean client acc.", "train loss", "MiB moved"], rows, ["---:"] * 5)
+        rows.append([str(r["round"]), f"{r['global_accuracy']:.4f}", *gen(r.get("global_generated_accuracy")), mean, loss,
+                     f"{sum(r['bytes'].values()) / 2**20:.2f}"])
+    head = ["round", "global acc.", *(["global acc. (generated)"] if generated else []), "mean client acc.", "train loss", "MiB moved"]
+    out = markdown_table(head, rows, ["---:"] * len(head))
     cats = results["rounds"][-1].get("global_accuracy_by_category") if results["rounds"] else None
     if cats:
         zs = results.get("zero_shot_by_category", {})

@@ -27,7 +27,7 @@ from fednano.experiments.results import BYTES_FIELDS, RoundRecord, RunRecorder, 
 from fednano.federation import keys
 from fednano.federation.strategy import ClientOutcome, FedNanoStrategy
 from fednano.methods.registry import method_of
-from fednano.metrics import by_category
+from fednano.metrics import GENERATED, by_category
 from fednano.progress import progress_bar
 from fednano.runtime.server import ServerSide
 
@@ -119,6 +119,9 @@ class ServerRun:
             zero, _ = self.method.topology.evaluate(self.part, self.side, self.global_state, self.strategy.memory)
             log.info("zero-shot accuracy of the prepared MLLM on %d global test questions: %.4f", len(self.side.test), zero["accuracy"])
             task = self.side.task
+            if GENERATED in zero:
+                log.info("zero-shot accuracy of its generated answers: %.4f", zero[GENERATED])
+                self.recorder.set(zero_shot_generated_accuracy=zero[GENERATED])
             self.recorder.set(zero_shot_accuracy=zero["accuracy"], zero_shot_by_category=by_category(zero), bundle=str(self.side.bundle),
                               devices={"server": self.side.devices()},
                               data={"dataset": task.name, "train_pool": len(task.train), "global_test": len(self.side.test),
@@ -200,7 +203,17 @@ class ServerRun:
             seconds=round(time.time() - t0, 2),
             memory=self._memory(train.outcomes),
             client_global_accuracy={pid: r["accuracy"] for pid, r in ev.per_client.items()} or None,
+            **self._generated(ev, evaluated),
         )
+
+    @staticmethod
+    def _generated(ev: EvaluatePhase, evaluated: list[ClientOutcome]) -> dict:
+        """The generated answers' scores (data.scoring = "generate"), where they were measured."""
+        if GENERATED not in ev.report:
+            return {}
+        return {"global_generated_accuracy": ev.report[GENERATED],
+                "global_generated_by_category": by_category(ev.report, "gen_acc/"),
+                "client_generated_accuracy": {str(o.partition_id): o.metrics[GENERATED] for o in evaluated if GENERATED in o.metrics}}
 
     def _bytes(self, train: TrainPhase, ev: EvaluatePhase) -> dict[str, int]:
         """Every byte of the round: the Flower messages' tensors, and each client's split-channel count."""
@@ -247,7 +260,9 @@ class ServerRun:
             "global_accuracy_by_category": last["global_accuracy_by_category"],
             "zero_shot_accuracy": data["zero_shot_accuracy"],
             "client_accuracy": last["client_accuracy"],
-            "bytes_total": {k: sum(r["bytes"][k] for r in data["rounds"]) for k in BYTES_FIELDS},
+            **{k: v for k, v in (("generated_accuracy", last.get("global_generated_accuracy")),
+                                 ("zero_shot_generated_accuracy", data.get("zero_shot_generated_accuracy"))) if v is not None},
+            "bytes_total": {k: sum(r["bytes"].get(k, 0) for r in data["rounds"]) for k in BYTES_FIELDS},
             "adapter_parameters": n_trainable,
             "client_parameters": self.part.client_parameters(),
             # what one training client sends per round: its trainable state, plus its Fisher for FedNano
@@ -288,6 +303,8 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) 
                     sum(rec.bytes.values()) / 2**20,
                     rec.seconds,
                 )
+                if rec.global_generated_accuracy is not None:
+                    log.info("round %d: global acc of generated answers %.4f", rnd, rec.global_generated_accuracy)
         return run.finish(t_start)
     finally:
         run.side.stop()

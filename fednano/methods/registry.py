@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from fednano.client.evaluation import evaluate
+from fednano.client.evaluation import Scoring, evaluate
 from fednano.client.training import Proximal, StepHook
 from fednano.config import METHOD_NAMES, ConfigError, RunConfig
 from fednano.methods.combiners import Average, FisherMerge, ServerOptimiser
@@ -82,7 +82,7 @@ class Method:
         part.load(state)
         rt = job.rt
         return evaluate(rt.edge, part.endpoint(job), job.data.test, rt.work, rt.task.candidate_sets, job.cfg.train.eval_batch_size,
-                        rt.task.categories)
+                        rt.task.categories, scoring=Scoring.of(job.cfg.data, rt.task))
 
     def describe(self) -> dict[str, Any]:
         """The method's parts, by name (for logs, docs and tests; nothing dispatches on these)."""

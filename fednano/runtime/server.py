@@ -14,7 +14,7 @@ from typing import Any
 
 from fednano.backbones.bundle import HF_MLLM_TYPES, BundleError, check_checkpoint, load_nanoedge, load_server_llm, smollm2_gguf_path
 from fednano.backbones.prepare import bundle_dir, ensure_prepared
-from fednano.client.evaluation import evaluate
+from fednano.client.evaluation import Scoring, evaluate
 from fednano.client.features import ImageFeatures, Workload
 from fednano.config import RunConfig
 from fednano.data import load_task
@@ -77,9 +77,10 @@ class ServerSide:
 
     def evaluate(self, endpoint: LLMEndpoint, desc: str = "global evaluation") -> dict[str, float]:
         """Accuracy on the global test set of what the server's NanoEdge and `endpoint` hold now."""
-        with progress_bar(len(self.test), desc) as bar:
+        scoring = Scoring.of(self.cfg.data, self.task)
+        with progress_bar(len(self.test) * scoring.passes, desc) as bar:
             return evaluate(self.edge, endpoint, self.test, self.work, self.task.candidate_sets, self.cfg.train.eval_batch_size,
-                            self.task.categories, on_batch=bar.update)
+                            self.task.categories, on_batch=bar.update, scoring=scoring)
 
     def edge_parameters(self) -> int:
         return sum(p.numel() for p in self.edge.parameters())

@@ -158,4 +158,6 @@ class SplitClient:
             "gradients_down": self.bytes_down["train"],
             "eval_activations_up": self.bytes_up["score"],
             "eval_scores_down": self.bytes_down["score"],
+            "eval_generate_up": self.bytes_up["generate"],
+            "eval_answers_down": self.bytes_down["generate"],
         }
