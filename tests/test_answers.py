@@ -30,7 +30,8 @@ def test_vqa_normalise(text, expected):
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("3", "3"), ("3.0", "3"), ("3.50", "3.5"), ("1,000", "1000"), ("Seven", "7"), ("  12. ", "12"), ("-2", "-2"), ("-2.50", "-2.5"), ("cat", "cat"), ("nan", "nan"),
+    ("3", "3"), ("3.0", "3"), ("3.50", "3.5"), ("1,000", "1000"), ("Seven", "7"), ("  12. ", "12"),
+    ("-2", "-2"), ("-2.50", "-2.5"), ("cat", "cat"), ("nan", "nan"),
 ])
 def test_number_normalise(text, expected):
     assert number_normalise(text) == expected
