@@ -191,28 +191,41 @@ def footprint(
     typer.echo(json.dumps([r.as_dict() for r in rows], indent=2) if as_json else markdown(rows))
 
 
+ClientOpt = Annotated[int | None, typer.Option(
+    "--client", help="A client's own model (its partition id), where the method keeps one: local (its adapters), feddpa-f "
+    "(the global LoRA plus its personal LoRA). Default: the global model.")]
+ClientStateOpt = Annotated[Path | None, typer.Option(
+    "--client-state", help="With --client on feddpa-f: the folder holding the client's personal LoRA (a deployed node's "
+    "state-dir; default RUN_DIR/client-state, where simulated clients keep it).")]
+
+
 @app.command()
 @_one_line_errors
 def export(
     run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A finished `fednano run` results folder.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="New folder for the exported model (must be empty or absent).")],
+    client: ClientOpt = None,
+    client_state: ClientStateOpt = None,
 ) -> None:
-    """Write the tuned MLLM as a standard checkpoint, the NanoAdapters folded into its weights (no cost at inference).
+    """Write the tuned MLLM as a standard checkpoint, the NanoAdapters folded into its weights and any LoRA
+    merged (PEFT's merge_and_unload): no cost at inference.
 
     llava / blip2 runs: a LlavaForConditionalGeneration / Blip2ForConditionalGeneration folder that plain
     transformers loads. smol / compose / tiny: llm/ (a causal-LM folder) and vision/ (the NanoEdge with the
-    adapters folded, for fednano.backbones.bundle.load_nanoedge).
+    adapters folded, for fednano.backbones.bundle.load_nanoedge). --client ID: that client's own model, where
+    the method keeps one (local; feddpa-f: the global LoRA plus the client's personal LoRA).
     """
     _setup_logging()
     from fednano.export import export_run
 
-    typer.echo(f"exported to {export_run(run_dir, output)}")
+    typer.echo(f"exported to {export_run(run_dir, output, client, client_state)}")
 
 
 @app.command()
 @_one_line_errors
 def generate(
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A finished `fednano run` results folder.", show_default=False)],
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR|EXPORT_DIR", help="A finished `fednano run` results folder, or a "
+                                            "folder `fednano export` wrote.", show_default=False)],
     prompt: Annotated[str | None, typer.Option("--prompt", "-p", help="The question (with --image: about that image).")] = None,
     image: Annotated[Path | None, typer.Option("--image", "-i", help="An image file the question is about.")] = None,
     input_file: Annotated[Path | None, typer.Option(
@@ -225,6 +238,8 @@ def generate(
                                          "probability (nucleus), in (0, 1].")] = 1.0,
     seed: Annotated[int, typer.Option(help="Seed of the sampling.")] = 0,
     device: Annotated[str, typer.Option(help="Where to run: auto, cpu, cuda, cuda:N.")] = "auto",
+    client: ClientOpt = None,
+    client_state: ClientStateOpt = None,
 ) -> None:
     """Answer questions in the tuned model's own words (free-form generation, in process).
 
@@ -241,7 +256,7 @@ def generate(
     from fednano.generate import answer, load_tuned, read_requests
 
     samples = list(read_requests(input_file)) if input_file is not None else []  # bad input fails before the model loads
-    tuned = load_tuned(run_dir, device)
+    tuned = load_tuned(run_dir, device, client, client_state)
     options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     if prompt is not None:
         images = [str(image)] if image else []

@@ -12,12 +12,18 @@ they fold exactly into existing weights and cost nothing at inference:
 loads the folder). Composed backbones (`smol`, `compose`, `tiny`) export the LLM as a standard
 causal-LM folder (`llm/`) and the vision side as a NanoEdge client folder (`vision/`: encoder,
 folded connector, folded embedding table), which `fednano.backbones.bundle.load_nanoedge` loads.
+
+Whose model: the run's global one, or with `client` one client's own where the method keeps one
+(`local`: its adapters from the last checkpoint). The LoRA family (`fedit-lora`, `feddpa-f`) trains
+no NanoAdapters: its global LoRA (and, for a FedDPA-F client, that client's personal LoRA) is merged
+into the LLM with PEFT's `merge_and_unload`.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +33,14 @@ from torch import nn
 from fednano.backbones.bundle import BundleError, load_hf_mllm, read_safetensors
 from fednano.backbones.prepare import ensure_prepared
 from fednano.client.adapters import ADAPTER_PARAM_NAMES
-from fednano.config import RunConfig, load_config
+from fednano.config import AdapterConfig, RunConfig, load_config
+from fednano.data import load_task
 from fednano.errors import UserError
+from fednano.methods.combiners import ServerMemory
+from fednano.methods.registry import method_of
+from fednano.methods.whole_llm import GLOBAL, LOCAL, merge_loras, personal_lora_file
+
+EXPORT_INFO = "fednano_export.json"  # what an exported folder holds: backbone, method, whose model, system prompt, ...
 
 
 class ExportError(UserError):
@@ -73,8 +85,22 @@ def _fold_linear(layer: nn.Linear, state: dict[str, torch.Tensor], scale: float)
 
 
 # ------------------------------------------------------------------ a run -> a folder
-def read_run(run_dir: Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:
-    """A finished run's config and final NanoAdapters; errors name the file."""
+@dataclass
+class RunModel:
+    """What a run tuned, ready to fold: its config, the NanoAdapters (None: the method trains none, so they
+    stay the identity), the LoRAs to merge into the LLM (name -> tensors; whole-LLM methods), and whose
+    model it is (for messages)."""
+
+    cfg: RunConfig
+    adapters: dict[str, torch.Tensor] | None
+    loras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    who: str = "the global model"
+
+
+def read_run(run_dir: Path, client: int | None = None, client_state: Path | None = None) -> RunModel:
+    """A finished run's tuned model: the global one, or (`client`) one client's own where the method keeps
+    one (`local`: its adapters from the last checkpoint; `feddpa-f`: the global LoRA plus its personal LoRA
+    from `client_state`, default RUN_DIR/client-state). Errors name the file and say what to do."""
     run_dir = Path(run_dir)
     cfg_path, adapters = run_dir / "config.toml", run_dir / "adapters.safetensors"
     if not cfg_path.exists():
@@ -82,20 +108,54 @@ def read_run(run_dir: Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:
     if not adapters.exists():
         raise ExportError(f"{adapters} not found: the run has not finished (`fednano run --resume {run_dir}` completes it)")
     cfg, state = load_config(cfg_path), read_safetensors(adapters)
-    if set(state) != set(ADAPTER_PARAM_NAMES):
+    method = method_of(cfg)
+    lora = method.trains.in_llm  # the method trains LoRA inside the LLM, not the NanoAdapters
+    if lora and not (state and all(".lora_" in k for k in state)):
+        raise ExportError(f"{adapters}: holds {sorted(state)[:3]}..., not the LoRA method {method.name!r} trains")
+    if not lora and set(state) != set(ADAPTER_PARAM_NAMES):
         raise ExportError(f"{adapters}: holds {sorted(state)[:3]}..., not the NanoAdapters {list(ADAPTER_PARAM_NAMES)} "
-                          f"(method {cfg.federation.strategy!r} trains LoRA inside the LLM; its export is not supported yet)")
-    return cfg, state
+                          f"method {method.name!r} trains")
+    if client is None:
+        if method.topology.personal_models:
+            raise ExportError(f"{run_dir}: method {method.name!r} trains no global model, each client its own: "
+                              f"pass --client ID (one of {sorted(_local_clients(run_dir))})")
+        return RunModel(cfg, None, {GLOBAL: state}) if lora else RunModel(cfg, state)
+    who = f"client {client}'s model"
+    if method.topology.personal_models:
+        own = _local_clients(run_dir)
+        if client not in own:
+            raise ExportError(f"{run_dir}: no client {client} in the last checkpoint; its clients are {sorted(own)}")
+        return RunModel(cfg, own[client], who=who)
+    if method.trains.personal:
+        path = personal_lora_file(client_state or run_dir / "client-state", client)
+        if not path.exists():
+            raise ExportError(f"{path} not found: client {client}'s personal LoRA (for a deployed node, pass --client-state "
+                              "with that node's state-dir)")
+        return RunModel(cfg, None, {GLOBAL: state, LOCAL: read_safetensors(path)}, who)
+    raise ExportError(f"method {method.name!r} merges every client into one global model and keeps no per-client model: "
+                      "export without --client")
 
 
-def export_run(run_dir: Path, out: Path) -> Path:
-    """Write the tuned MLLM of the run in `run_dir` to `out` (created; must not hold files)."""
-    cfg, state = read_run(run_dir)
-    return export_model(cfg, state, out)
+def _local_clients(run_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
+    """Each client's own adapters from the run's last checkpoint (methods that merge nothing)."""
+    results = run_dir / "results.json"
+    ck = json.loads(results.read_text()).get("checkpoint", {}) if results.exists() else {}
+    if not ck.get("strategy") or not (run_dir / ck["strategy"]).exists():
+        raise ExportError(f"{results}: no checkpoint with the clients' adapters (was the run completed with this version?)")
+    memory = ServerMemory()
+    memory.load_state_dict(read_safetensors(run_dir / ck["strategy"]))
+    return memory.clients
 
 
-def export_model(cfg: RunConfig, state: dict[str, torch.Tensor], out: Path) -> Path:
-    """`cfg`'s backbone with the NanoAdapters `state` folded in, written to `out`."""
+def export_run(run_dir: Path, out: Path, client: int | None = None, client_state: Path | None = None) -> Path:
+    """Write the run's tuned MLLM (the global model, or `client`'s own) to `out` (created; must not hold files)."""
+    run = read_run(run_dir, client, client_state)
+    return export_model(run.cfg, run.adapters, out, run.loras, run.who)
+
+
+def export_model(cfg: RunConfig, state: dict[str, torch.Tensor] | None, out: Path,
+                 loras: dict[str, dict[str, torch.Tensor]] | None = None, who: str = "the global model") -> Path:
+    """`cfg`'s backbone with the NanoAdapters `state` folded in (None: none) and `loras` merged, written to `out`."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out}: not empty; choose a new folder")
@@ -103,23 +163,48 @@ def export_model(cfg: RunConfig, state: dict[str, torch.Tensor], out: Path) -> P
     server = json.loads((bundle / "server.json").read_text())
     if server.get("random_init"):
         raise ExportError(f"{bundle}: the run used random weights (model.random_init); there is nothing to export")
-    scale = cfg.adapter.alpha / cfg.adapter.rank
+    tuned = Tuning(state, loras or {}, cfg.adapter)
     kind = server.get("kind", "causal-lm")
     source = Path(server["path"]) if Path(server["path"]).is_absolute() else bundle / server["path"]
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if kind == "causal-lm":
-        _export_composed(bundle / "client", source, state, scale, tmp)
+        _export_composed(bundle / "client", source, tuned, tmp)
     else:
-        _export_hf_mllm(source, kind, state, scale, tmp)
-    (tmp / "fednano_export.json").write_text(json.dumps({
-        "backbone": cfg.model.backbone, "method": cfg.federation.strategy, "adapter_scale": scale, "source": str(source),
+        _export_hf_mllm(source, kind, tuned, tmp)
+    (tmp / EXPORT_INFO).write_text(json.dumps({
+        "backbone": cfg.model.backbone, "kind": kind, "method": cfg.federation.strategy, "model": who, "llm_dtype": cfg.model.llm_dtype,
+        "adapter_scale": tuned.scale, "loras_merged": list(tuned.loras), "source": str(source), "system": load_task(cfg).system,
         "layout": "causal-lm in llm/, NanoEdge in vision/" if kind == "causal-lm" else f"transformers {kind}",
     }, indent=2))
     if out.exists():
         out.rmdir()
     tmp.rename(out)
     return out
+
+
+@dataclass
+class Tuning:
+    """What is folded into a loaded model: NanoAdapters (or none) and LoRAs (merged first)."""
+
+    adapters: dict[str, torch.Tensor] | None
+    loras: dict[str, dict[str, torch.Tensor]]
+    adapter_cfg: AdapterConfig
+
+    @property
+    def scale(self) -> float:
+        return self.adapter_cfg.alpha / self.adapter_cfg.rank
+
+    def into_llm(self, model: Any, where: str) -> Any:
+        """Merge the LoRAs (PEFT's merge_and_unload), then fold NanoAdapter-T into the input embeddings."""
+        if self.loras:
+            try:
+                model = merge_loras(model, self.adapter_cfg, self.loras, where)
+            except ValueError as e:
+                raise ExportError(str(e)) from None
+        if self.adapters is not None:
+            _fold_embeddings(model, self.adapters, self.scale)
+        return model
 
 
 def _copy_missing(src: Path, dst: Path) -> None:
@@ -130,17 +215,19 @@ def _copy_missing(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def _export_hf_mllm(source: Path, kind: str, state: dict[str, torch.Tensor], scale: float, out: Path) -> None:
+def _export_hf_mllm(source: Path, kind: str, tuned: Tuning, out: Path) -> None:
     """LLaVA: NanoAdapter-I into multi_modal_projector.linear_2; BLIP-2: into language_projection."""
     model, tok = load_hf_mllm(source, kind, dtype="auto")
-    _fold_embeddings(model, state, scale)
-    _fold_linear(model.model.multi_modal_projector.linear_2 if kind == "llava" else model.language_projection, state, scale)
+    model = tuned.into_llm(model, str(source))
+    if tuned.adapters is not None:
+        projector = model.model.multi_modal_projector.linear_2 if kind == "llava" else model.language_projection
+        _fold_linear(projector, tuned.adapters, tuned.scale)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     _copy_missing(source, out)
 
 
-def _export_composed(client_dir: Path, llm_dir: Path, state: dict[str, torch.Tensor], scale: float, out: Path) -> None:
+def _export_composed(client_dir: Path, llm_dir: Path, tuned: Tuning, out: Path) -> None:
     """The LLM as a causal-LM folder (embeddings folded, head untied) + the NanoEdge folder (connector
     and embedding table folded)."""
     from safetensors.torch import save_file
@@ -148,12 +235,14 @@ def _export_composed(client_dir: Path, llm_dir: Path, state: dict[str, torch.Ten
 
     if not (llm_dir / "config.json").exists():
         raise BundleError(f"{llm_dir}: the run's LLM folder is gone (config.json missing)")
-    model = AutoModelForCausalLM.from_pretrained(llm_dir, dtype="auto")
-    _fold_embeddings(model, state, scale)
+    model = tuned.into_llm(AutoModelForCausalLM.from_pretrained(llm_dir, dtype="auto"), str(llm_dir))
     model.save_pretrained(out / "llm")
     AutoTokenizer.from_pretrained(llm_dir).save_pretrained(out / "llm")
     _copy_missing(llm_dir, out / "llm")
     shutil.copytree(client_dir, out / "vision")
+    if tuned.adapters is None:
+        return
+    state, scale = tuned.adapters, tuned.scale
     conn = read_safetensors(client_dir / "connector.safetensors")
     last = max(int(k.split(".")[0]) for k in conn)  # the Connector is Linear-GELU-Linear: its last layer
     w, b = fold_image_adapter(conn[f"{last}.weight"], conn.get(f"{last}.bias"), state["adapter_i.A.weight"],

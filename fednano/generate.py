@@ -1,4 +1,4 @@
-"""Free-form answers from a tuned run: the run's NanoEdge (its final NanoAdapters loaded) embeds the
+"""Free-form answers from a tuned run (or from the folder `fednano export` wrote): the run's NanoEdge (its final NanoAdapters loaded) embeds the
 prompt and its images; the frozen LLM decodes (`ServerLLM.generate`, in this process or behind a
 split channel), embedding every generated token through NanoAdapter-T like any text token. So the
 answer is the tuned MLLM's: the same tokens as transformers' `generate` on the run's `fednano
@@ -17,17 +17,20 @@ from typing import Any
 
 import torch
 
-from fednano.backbones.bundle import load_nanoedge, load_server_llm
+from fednano.backbones.bundle import load_llm, load_nanoedge, load_server_llm
 from fednano.backbones.prepare import ensure_prepared
 from fednano.client.features import ImageFeatures
 from fednano.client.nanoedge import NanoEdge
+from fednano.config import AdapterConfig, from_dict
 from fednano.data import load_task
 from fednano.data.checks import Collector, check_image
+from fednano.data.llava_json import SYSTEM as DEFAULT_SYSTEM
 from fednano.data.llava_json import load_llava_json
 from fednano.data.prompts import prompt_batch, stop_tokens
 from fednano.data.samples import IMAGE_MARK, DataError, Sample
 from fednano.devices import dtype_of, resolve_device
-from fednano.export import read_run
+from fednano.export import EXPORT_INFO, ExportError, read_run
+from fednano.methods.whole_llm import add_lora, load_lora_state
 from fednano.server.llm import ServerLLM
 
 
@@ -42,16 +45,43 @@ class Tuned:
     features: ImageFeatures
 
 
-def load_tuned(run_dir: Path, device: str = "auto") -> Tuned:
-    """The run in `run_dir` with its final NanoAdapters, both sides on `device` (a config device name)."""
-    cfg, state = read_run(run_dir)
-    dev = resolve_device(device, "--device")
+def load_tuned(path: Path, device: str = "auto", client: int | None = None, client_state: Path | None = None) -> Tuned:
+    """The tuned model in `path`, on `device` (a config device name): a run's results folder (its global
+    model, or `client`'s own: see export.read_run), or a folder `fednano export` wrote."""
+    path, dev = Path(path), resolve_device(device, "--device")
+    if (path / EXPORT_INFO).exists():
+        if client is not None:
+            raise ExportError(f"{path}: an exported folder holds one model already; --client applies to a run's folder")
+        return _load_export(path, dev)
+    run = read_run(path, client, client_state)
+    cfg = run.cfg
     bundle = ensure_prepared(cfg)
-    client = load_nanoedge(bundle / "client", cfg.adapter, dev)
-    client.edge.load_adapter_state(state)
-    client.edge.eval()
+    side = load_nanoedge(bundle / "client", cfg.adapter, dev)
+    if run.adapters is not None:
+        side.edge.load_adapter_state(run.adapters)
     llm = load_server_llm(bundle, dtype_of(cfg.model.llm_dtype), dev)
-    return Tuned(client.edge, llm, client.tokenizer, load_task(cfg).system, ImageFeatures(client.edge.vision))
+    if run.loras:  # whole-LLM methods: their LoRAs inside the LLM, all active
+        add_lora(llm, cfg.adapter, tuple(run.loras), seed=cfg.federation.seed)
+        for name, state in run.loras.items():
+            load_lora_state(llm, state, name)
+    side.edge.eval()
+    return Tuned(side.edge, llm, side.tokenizer, load_task(cfg).system, ImageFeatures(side.edge.vision))
+
+
+def _load_export(path: Path, dev: torch.device) -> Tuned:
+    """An exported folder: the folded weights with identity NanoAdapters (their effect is in the weights)."""
+    info = json.loads((path / EXPORT_INFO).read_text())
+    dtype = dtype_of(info.get("llm_dtype", "bfloat16"))
+    kind = info.get("kind", "causal-lm")
+    if kind == "causal-lm":  # llm/ + vision/
+        side = load_nanoedge(path / "vision", AdapterConfig(), dev)
+        llm = ServerLLM(load_llm(path / "llm", dtype, dev)[0], dtype)
+    else:  # a LLaVA / BLIP-2 folder: split into its client and server parts like any checkpoint
+        bundle = ensure_prepared(from_dict({"model": {"backbone": kind, "checkpoint": str(path.resolve())}}, str(path / EXPORT_INFO)))
+        side = load_nanoedge(bundle / "client", AdapterConfig(), dev)
+        llm = load_server_llm(bundle, dtype, dev)
+    side.edge.eval()
+    return Tuned(side.edge, llm, side.tokenizer, str(info.get("system", DEFAULT_SYSTEM)), ImageFeatures(side.edge.vision))
 
 
 @torch.no_grad()

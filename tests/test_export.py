@@ -5,6 +5,7 @@ exported folders, loaded with plain transformers, must give the logits FedNano's
 gives with the same trained (non-zero) adapters.
 """
 
+import dataclasses
 import re
 
 import pytest
@@ -126,7 +127,7 @@ def test_an_exported_composed_model_gives_fednanos_logits(tiny_cfg, tiny_bundle,
 # ------------------------------------------------------------------ the command
 def _fake_run(tmp_path, tiny_cfg, state):
     run = tmp_path / "run"
-    run.mkdir()
+    run.mkdir(parents=True)
     (run / "config.toml").write_text(tiny_cfg.to_toml())
     save_file(state, run / "adapters.safetensors")
     return run
@@ -165,3 +166,88 @@ def test_the_readme_loading_example_runs(checkpoints, tiny_cache, tmp_path):
     readme = (ROOT / "README.md").read_text()
     (code,) = re.findall(r"```python\n(# load an export.*?)```", readme, re.S)
     exec(code.replace("results/export", str(out)), {})
+
+
+# ------------------------------------------------------------------ a client's own model, LoRA merged
+def composed_export_logits(out, cfg, samples):
+    """Logits of an exported composed folder on `samples`' prompts: plain transformers for llm/, the
+    documented NanoEdge loader for vision/."""
+    from transformers import AutoModelForCausalLM
+
+    lm = AutoModelForCausalLM.from_pretrained(out / "llm", dtype=torch.float32).eval()
+    side = load_nanoedge(out / "vision", cfg.adapter)
+    batch = prompt_batch(side.tokenizer, [s.content() for s in samples], side.edge.num_visual_tokens, SYSTEM_PROMPT)
+    ids = batch.input_ids
+    with torch.no_grad():
+        visual = side.edge.visual_tokens(ImageFeatures(side.edge.vision)([s.image_path for s in samples]))
+        text = lm.get_input_embeddings()(ids.clamp(min=0))
+        x = text.masked_scatter((ids == IMAGE_PLACEHOLDER).unsqueeze(-1), visual.reshape(-1, text.shape[-1]))
+        return lm(inputs_embeds=x, attention_mask=batch.attention_mask).logits, batch.attention_mask.bool()
+
+
+def split_model_logits(cfg, adapters, loras, samples):
+    """Logits of FedNano's own model: the NanoEdge with `adapters` (None: as initialised) and the server
+    LLM with each LoRA in `loras` active (name -> its tensors)."""
+    from fednano.methods.whole_llm import add_lora, load_lora_state
+
+    bundle = ensure_prepared(cfg)
+    side = load_nanoedge(bundle / "client", cfg.adapter)
+    if adapters is not None:
+        side.edge.load_adapter_state(adapters)
+    llm = load_server_llm(bundle, torch.float32)
+    if loras:
+        add_lora(llm, cfg.adapter, tuple(loras), seed=cfg.federation.seed)
+        for name, state in loras.items():
+            load_lora_state(llm, state, name)
+    batch = prompt_batch(side.tokenizer, [s.content() for s in samples], side.edge.num_visual_tokens, SYSTEM_PROMPT)
+    with torch.no_grad():
+        x = side.edge.embed(batch.input_ids, ImageFeatures(side.edge.vision)([s.image_path for s in samples]))
+        return llm.head(llm.decoder(inputs_embeds=x, attention_mask=batch.attention_mask).last_hidden_state)
+
+
+def _lora_run(tmp_path, tiny_cfg, method, scale=0.2):
+    """A results folder of a LoRA method: trained (non-zero) global LoRA, and client 0's personal one."""
+    from fednano.methods.whole_llm import GLOBAL, LOCAL, add_lora, lora_state
+
+    cfg = dataclasses.replace(tiny_cfg, federation=dataclasses.replace(tiny_cfg.federation, strategy=method))
+    llm = load_server_llm(ensure_prepared(cfg), torch.float32)
+    add_lora(llm, cfg.adapter, (GLOBAL, LOCAL), seed=0)
+    g = torch.Generator().manual_seed(3)
+    states = {n: {k: torch.randn(v.shape, generator=g) * scale for k, v in lora_state(llm, n).items()} for n in (GLOBAL, LOCAL)}
+    run = _fake_run(tmp_path, cfg, states[GLOBAL])
+    (run / "client-state").mkdir()
+    save_file(states[LOCAL], run / "client-state" / "partition-0-local-lora.safetensors")
+    return cfg, run, states
+
+
+@pytest.mark.parametrize("method, client", [("fedit-lora", None), ("feddpa-f", None), ("feddpa-f", 0)])
+def test_an_exported_lora_model_gives_the_lora_models_logits(tiny_cfg, tiny_bundle, tmp_path, method, client):
+    """fedit-lora / feddpa-f: the global LoRA (and with --client, that client's personal LoRA) merged into
+    the LLM by PEFT's merge_and_unload; plain transformers then gives the LoRA model's logits."""
+    from fednano.methods.whole_llm import GLOBAL
+
+    cfg, run, states = _lora_run(tmp_path, tiny_cfg, method)
+    out = export_run(run, tmp_path / "export", client=client)
+    samples = list(load_split("train")[:3])
+    got, mask = composed_export_logits(out, cfg, samples)
+    ref = split_model_logits(cfg, None, states if client is not None else {GLOBAL: states[GLOBAL]}, samples)
+    torch.testing.assert_close(got[mask], ref[mask], atol=1e-5, rtol=1e-4)
+    plain = split_model_logits(cfg, None, {}, samples)
+    assert (ref[mask] - plain[mask]).abs().max() > 1e-2  # the LoRAs matter
+    if client is not None:
+        without_personal = split_model_logits(cfg, None, {GLOBAL: states[GLOBAL]}, samples)
+        assert (ref[mask] - without_personal[mask]).abs().max() > 1e-2
+
+
+def test_export_client_refusals_say_what_to_do(tiny_cfg, tiny_edge, tmp_path):
+    _, run, _ = _lora_run(tmp_path / "a", tiny_cfg, "feddpa-f")
+    with pytest.raises(ExportError, match="partition-1-local-lora.safetensors not found.*--client-state"):
+        export_run(run, tmp_path / "out", client=1)
+    _, run, _ = _lora_run(tmp_path / "b", tiny_cfg, "fedit-lora")
+    res = CliRunner().invoke(app, ["export", str(run), "--output", str(tmp_path / "out"), "--client", "0"])
+    assert res.exit_code == 2 and "keeps no per-client model" in res.output and len(res.output.strip().splitlines()) == 1
+    (tmp_path / "c").mkdir()
+    fednano = _fake_run(tmp_path / "c", tiny_cfg, tiny_edge.edge.adapter_state())
+    with pytest.raises(ExportError, match="'fednano' merges every client"):
+        export_run(fednano, tmp_path / "out", client=0)
+    assert not (tmp_path / "out").exists()

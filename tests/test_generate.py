@@ -36,16 +36,21 @@ def _run(tmp_path, cfg, scale=0.3):
     return run, edge
 
 
-def test_greedy_answers_equal_transformers_generate_on_the_export(tiny_cache, tmp_path):
+def test_greedy_answers_equal_transformers_generate_on_the_export(tiny_cache, tmp_path, monkeypatch):
+    """...and `fednano generate EXPORT_DIR` (the folder split into client and server parts again) gives them too."""
     from transformers import LlavaForConditionalGeneration
 
+    monkeypatch.setenv("FEDNANO_CACHE", str(tiny_cache))
     ckpt = build_tiny_llava(tmp_path / "llava")
     cfg = load_config(TINY, {"model.cache_dir": str(tiny_cache), "model.backbone": "llava", "model.checkpoint": str(ckpt)})
     run, edge = _run(tmp_path, cfg, scale=3.0)  # adapters strong enough that the tiny random model's answers vary
     tuned = load_tuned(run, "cpu")
-    hf = LlavaForConditionalGeneration.from_pretrained(export_model(cfg, edge.adapter_state(), tmp_path / "export")).eval()
+    exported = export_model(cfg, edge.adapter_state(), tmp_path / "export")
+    hf = LlavaForConditionalGeneration.from_pretrained(exported).eval()
+    from_export = load_tuned(exported, "cpu")
     for s in list(load_split("test"))[:3]:
         ours = generate_ids(tuned, s.content(), [s.image_path], max_new_tokens=8)
+        assert generate_ids(from_export, s.content(), [s.image_path], max_new_tokens=8) == ours
         batch = prompt_batch(tuned.tokenizer, [s.content()], edge.num_visual_tokens, SYSTEM_PROMPT)
         ids = batch.input_ids.masked_fill(batch.input_ids == IMAGE_PLACEHOLDER, hf.config.image_token_id)
         with torch.no_grad():
@@ -53,6 +58,36 @@ def test_greedy_answers_equal_transformers_generate_on_the_export(tiny_cache, tm
                               attention_mask=batch.attention_mask, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
         ref = ref[:ref.index(tuned.tokenizer.eos_token_id)] if tuned.tokenizer.eos_token_id in ref else ref
         assert ours == ref and len(set(ours)) >= 4  # several different tokens: each one's embedding mattered
+
+
+def test_an_exported_composed_folder_answers_like_its_run(tiny_cfg, tiny_bundle, tmp_path):
+    run, edge = _run(tmp_path, tiny_cfg, scale=3.0)
+    tuned, from_export = load_tuned(run, "cpu"), load_tuned(export_model(tiny_cfg, edge.adapter_state(), tmp_path / "export"), "cpu")
+    assert from_export.system == tuned.system == SYSTEM_PROMPT  # the export records the task's system prompt
+    answers = []
+    for s in list(load_split("test"))[:3]:
+        answers.append(generate_ids(tuned, s.content(), [s.image_path], max_new_tokens=6))
+        assert generate_ids(from_export, s.content(), [s.image_path], max_new_tokens=6) == answers[-1]
+    assert len({t for a in answers for t in a}) >= 3  # not one repeated token: the adapters shaped the answers
+
+
+def test_a_feddpa_clients_own_model_answers_from_its_run_and_from_its_export(tiny_cfg, tiny_bundle, tmp_path):
+    """The LoRA family: the run's global LoRA plus client 0's personal LoRA, active in the LLM (run) or
+    merged into it (export), give the same answers; --client on an export is refused."""
+    from fednano.export import ExportError, export_run
+    from tests.test_export import _lora_run
+
+    _, run, _ = _lora_run(tmp_path, tiny_cfg, "feddpa-f", scale=1.0)
+    own, glob = load_tuned(run, "cpu", client=0), load_tuned(run, "cpu")
+    exported = load_tuned(export_run(run, tmp_path / "export", client=0), "cpu")
+    differs = False
+    for s in list(load_split("test"))[:3]:
+        ids = generate_ids(own, s.content(), [s.image_path], max_new_tokens=6)
+        assert generate_ids(exported, s.content(), [s.image_path], max_new_tokens=6) == ids
+        differs |= generate_ids(glob, s.content(), [s.image_path], max_new_tokens=6) != ids
+    assert differs  # the personal LoRA changed some answer
+    with pytest.raises(ExportError, match="--client applies to a run"):
+        load_tuned(tmp_path / "export", "cpu", client=0)
 
 
 def test_sampling_is_seeded_and_a_tiny_nucleus_is_greedy(tiny_cfg, tiny_bundle, tmp_path):

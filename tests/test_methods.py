@@ -164,10 +164,32 @@ def test_every_method_runs_end_to_end(tiny_bundle, tiny_cache, tmp_path, method)
     if m["topology"] == "local":  # each client's own adapters on the global test; the global accuracy is their mean
         cga = r["client_global_accuracy"]
         assert set(cga) == {"0", "1"} and r["global_accuracy"] == pytest.approx(sum(cga.values()) / 2)
+        _check_client_export(tmp_path / "run", tiny_cache, tmp_path)
     assert len(r["client_seconds"]) == r["clients_sampled"]
     if m["topology"] == "centralized":  # the one trainer holds every client's training data
         parts = json.loads((tmp_path / "run" / "partition.json").read_text())["clients"]
         assert r["train_examples"] == sum(c["train"] for c in parts)
+
+
+def _check_client_export(run, tiny_cache, tmp_path):
+    """`local` keeps no global model: `fednano export --client 1` writes client 1's own model (its adapters from
+    the run's last checkpoint), which gives that client's logits; without --client the command says which ids exist."""
+    from safetensors.torch import load_file
+
+    from tests.test_export import composed_export_logits, split_model_logits
+
+    env = {**os.environ, "FEDNANO_CACHE": str(tiny_cache), "FEDNANO_PROGRESS": "off"}
+    cmd = [sys.executable, "-m", "fednano", "export", str(run), "--output", str(tmp_path / "export")]
+    refused = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
+    assert refused.returncode == 2 and "pass --client ID (one of [0, 1])" in refused.stderr + refused.stdout
+    done = subprocess.run([*cmd, "--client", "1"], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    cfg = load_config(run / "config.toml", {"model.cache_dir": str(tiny_cache)})
+    strategy = load_file(run / json.loads((run / "results.json").read_text())["checkpoint"]["strategy"])
+    own = {k[len("client.1."):]: v for k, v in strategy.items() if k.startswith("client.1.")}
+    samples = list(load_split("train")[:2])
+    got, mask = composed_export_logits(tmp_path / "export", cfg, samples)
+    torch.testing.assert_close(got[mask], split_model_logits(cfg, own, {}, samples)[mask], atol=1e-5, rtol=1e-4)
 
 
 def test_exact_fisher_runs_end_to_end(tiny_bundle, tiny_cache, tmp_path):

@@ -20,6 +20,7 @@ from fednano.split.endpoint import LLMEndpoint
 class NanoAdapters:
     kind = "nanoedge"
     personal = False
+    in_llm = False  # what trains sits on the client's NanoEdge, outside the LLM
 
     def client(self, rt: ClientRuntime) -> NanoAdapterClient:
         return NanoAdapterClient(rt)

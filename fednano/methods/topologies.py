@@ -34,6 +34,7 @@ class Update:
 @dataclass(frozen=True)
 class Federated:
     kind = "federated"
+    personal_models = False  # the run's model is the global state; clients keep no models of their own
 
     # --- the server ------------------------------------------------------------------
     def sample(self, nodes: list[int], rnd: int, cfg: FederationConfig) -> list[int]:
@@ -76,6 +77,7 @@ class Local(Federated):
     """Each client trains its own adapters only; nothing is merged, each is sent back its own."""
 
     kind = "local"
+    personal_models = True  # no global model: each client's own adapters, in the server's checkpoint
 
     def state_for(self, partition: int | None, global_state: Tensors, memory: ServerMemory) -> Tensors:
         own = memory.clients.get(partition) if partition is not None else None

@@ -97,6 +97,39 @@ def save_personal(llm: ServerLLM, path: Path) -> None:
     atomic_save_tensors(lora_state(llm, LOCAL), path)
 
 
+def personal_lora_file(state_dir: Path, partition: int) -> Path:
+    """Where a FedDPA-F client keeps its personal LoRA (the node's state-dir; in simulation the run's client-state/)."""
+    return Path(state_dir) / f"partition-{partition}-local-lora.safetensors"
+
+
+def merge_loras(model: nn.Module, cfg: AdapterConfig, states: dict[str, dict[str, torch.Tensor]], where: str) -> nn.Module:
+    """`model` (the HF model the LoRA states were trained in, as loaded) with every LoRA in `states`
+    (name -> its tensors, named as `lora_state` names them) merged into the base weights by PEFT's
+    `merge_and_unload`: a plain model again, with no cost at inference. `where` names the source in errors."""
+    from peft import LoraConfig
+    from peft.tuners.lora import LoraModel
+
+    modules = sorted({k.split(".lora_")[0] for st in states.values() for k in st})
+    config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]  # a float scale works; PEFT types it int
+                        target_modules=modules, lora_dropout=0.0, bias="none")
+    names = list(states)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+        tuner = LoraModel(model, {names[0]: config}, names[0])
+        for name in names[1:]:
+            tuner.peft_config[name] = config
+            tuner.inject_adapter(model, name)
+    params = dict(model.named_parameters())
+    for name, st in states.items():
+        missing = [k for k in st if k not in params]
+        if missing or len(st) != sum(f".lora_A.{name}." in k or f".lora_B.{name}." in k for k in params):
+            raise ValueError(f"{where}: LoRA '{name}' does not fit the model (e.g. {missing[:2]}); was it trained on this backbone?")
+        with torch.no_grad():
+            for k, v in st.items():
+                params[k].copy_(v.to(params[k].dtype))
+    return tuner.merge_and_unload(adapter_names=names)
+
+
 def train_only(llm: ServerLLM, name: str) -> dict[str, nn.Parameter]:
     """Make exactly LoRA `name` trainable (the base and any other LoRA stay frozen)."""
     for p in llm.model.parameters():
@@ -137,6 +170,7 @@ class WholeLLMLoRA:
 
     personal: bool = False
     kind = "full-mllm"
+    in_llm = True  # LoRA inside the LLM's layers
 
     def client(self, rt: ClientRuntime) -> WholeLLMClient:
         return WholeLLMClient(rt, self.personal)
@@ -161,7 +195,7 @@ class WholeLLMClient:
     def _personal_path(self, job: ClientJob) -> Path:
         if job.state_dir is None:
             raise ValueError("feddpa-f needs a client state folder: set node config state-dir")
-        return job.state_dir / f"partition-{job.partition}-local-lora.safetensors"
+        return personal_lora_file(job.state_dir, job.partition)
 
     def train(
         self, job: ClientJob, samples: list[Sample], cfg: TrainConfig, hooks: Sequence[StepHook]
