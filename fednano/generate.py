@@ -1,10 +1,11 @@
-"""Free-form answers from a tuned run (or from the folder `fednano export` wrote): the run's NanoEdge (its final NanoAdapters loaded) embeds the
-prompt and its images; the frozen LLM decodes (`ServerLLM.generate`, in this process or behind a
-split channel), embedding every generated token through NanoAdapter-T like any text token. So the
-answer is the tuned MLLM's: the same tokens as transformers' `generate` on the run's `fednano
-export`, which a test checks. Greedy by default, or sampled (temperature, top_p, seed); decoding
-stops at the end-of-turn token (or EOS) or after `max_new_tokens`. Also: reading a file of
-questions (LLaVA-JSON or JSONL).
+"""Free-form answers from a tuned run, or from the folder `fednano export` wrote.
+
+The run's NanoEdge (its final NanoAdapters loaded) embeds the prompt and its images; the frozen LLM
+decodes (`ServerLLM.generate`, in this process or behind a split channel), embedding every generated
+token through NanoAdapter-T like any text token. So the answer is the tuned MLLM's: the same tokens as
+transformers' `generate` on the run's `fednano export`, which a test checks. Greedy by default, or
+sampled (temperature, top_p, seed); decoding stops at the end-of-turn token (or EOS) or after
+`max_new_tokens`. Also: reading a file of questions (LLaVA-JSON or JSONL).
 """
 
 from __future__ import annotations
@@ -96,8 +97,8 @@ def generate_ids(
     x = t.edge.embed(batch.input_ids, t.features(images) if images else None)
     stop, text_adapter = stop_tokens(tok), t.edge.text_adapter()
     if endpoint is not None:
-        return endpoint.generate(x, batch.attention_mask, text_adapter, stop, max_new_tokens, temperature, top_p, seed)
-    return t.llm.generate(x, batch.attention_mask, text_adapter, stop, max_new_tokens, temperature, top_p, seed, on_token)
+        return endpoint.generate(x, batch.attention_mask, text_adapter, stop, max_new_tokens, temperature, top_p, seed)[0]
+    return t.llm.generate(x, batch.attention_mask, text_adapter, stop, max_new_tokens, temperature, top_p, seed, on_token)[0]
 
 
 def answer(t: Tuned, content: str, images: list[str], stream: Callable[[str], None] | None = None, **options: Any) -> str:

@@ -154,6 +154,34 @@ def test_generation_through_the_split_channel_equals_in_process_and_is_one_round
         assert client.bytes_up["generate"] > 0 and client.bytes_down["generate"] > 0  # counted like every op
 
 
+@pytest.mark.parametrize("backbone", ["tiny", "llava", "blip2"])
+def test_prompts_decoded_together_get_the_answers_each_gets_alone(tiny_cache, tmp_path, backbone):
+    """Batched decoding (prompts of different lengths, padded, moved to the left with their positions)
+    gives every prompt the tokens it gets decoded alone, in process and through the split channel."""
+    from fednano.backbones.tiny import build_tiny_blip2
+    from fednano.split.client import SplitClient
+    from fednano.split.server import SplitServer
+
+    sets = {"model.cache_dir": str(tiny_cache)}
+    if backbone != "tiny":
+        builder = build_tiny_llava if backbone == "llava" else build_tiny_blip2
+        sets |= {"model.backbone": backbone, "model.checkpoint": str(builder(tmp_path / backbone))}
+    run, edge = _run(tmp_path, load_config(TINY, sets), scale=3.0)
+    tuned = load_tuned(run, "cpu")
+    questions = ["what shape is it?", "is there a circle in the image at all, or not?", "color?"]
+    samples = list(load_split("test"))[:3]
+    contents = [f"<image>\n{q}" for q in questions]
+    alone = [generate_ids(tuned, c, [s.image_path], max_new_tokens=8) for c, s in zip(contents, samples, strict=True)]
+    batch = prompt_batch(tuned.tokenizer, contents, edge.num_visual_tokens, tuned.system)
+    assert len(set(batch.attention_mask.sum(1).tolist())) == 3  # three lengths: two prompts padded
+    with torch.no_grad():
+        x = tuned.edge.embed(batch.input_ids, tuned.features([s.image_path for s in samples]))
+    args = (x, batch.attention_mask, tuned.edge.text_adapter(), [tuned.tokenizer.eos_token_id], 8)
+    assert tuned.llm.generate(*args) == alone and len({t for a in alone for t in a}) >= 3
+    with SplitServer(tuned.llm) as server, SplitClient(server.address, wire_dtype="float32") as client:
+        assert client.generate(*args) == alone
+
+
 def _generate_frame(d, vocab, **change):
     tensors = {"embeds": torch.randn(1, 5, d), "mask": torch.ones(1, 5, dtype=torch.uint8),
                "adapter_t_A": torch.zeros(2, d), "adapter_t_B": torch.zeros(d, 2)}
@@ -164,7 +192,8 @@ def _generate_frame(d, vocab, **change):
 
 
 @pytest.mark.parametrize(("change", "needle"), [
-    ({"embeds": torch.randn(2, 5, 32), "mask": torch.ones(2, 5, dtype=torch.uint8)}, "one unpadded prompt per request"),
+    ({"embeds": torch.randn(2, 5, 32), "mask": torch.tensor([[1, 1, 0, 0, 0], [0] * 5], dtype=torch.uint8)},
+     "sequences must be right-padded and non-empty"),
     ({"adapter_t_A": torch.zeros(2, 7)}, "expected (r, 32) and (32, r)"),
     ({"adapter_t_B": torch.full((32, 2), float("nan"))}, "contains NaN or Inf"),
     ({"max_new_tokens": 0}, "meta.max_new_tokens must be an integer in [1, 1024]"),

@@ -3,7 +3,7 @@
 Closed set (always): every candidate's log-likelihood after the prompt, one prompt pass per batch
 (the server shares it across candidates through the KV cache); the most likely valid candidate is the
 prediction. Generated (`data.scoring = "generate"`): the model's own greedy answer, decoded by the
-LLM with its KV cache (one round trip per question), counted correct when it equals the reference
+LLM with its KV cache (a batch of questions per round trip), counted correct when it equals the reference
 after the task's normalisation (`data.answers`). Both scores go in the report."""
 
 from __future__ import annotations
@@ -58,20 +58,22 @@ def candidate_scores(
 
 @torch.no_grad()
 def generated_answers(
-    edge: NanoEdge, endpoint: LLMEndpoint, samples: list[Sample], work: Workload, max_tokens: int,
+    edge: NanoEdge, endpoint: LLMEndpoint, samples: list[Sample], work: Workload, max_tokens: int, batch_size: int = 1,
     on_batch: Callable[[int], None] | None = None,
 ) -> Iterator[str]:
-    """The model's greedy answer to each sample, in order: the prompt's embeddings go to the LLM once,
-    which decodes up to `max_tokens` tokens (each embedded through this NanoEdge's NanoAdapter-T)."""
+    """The model's greedy answer to each sample, in order: each batch's prompt embeddings go to the LLM
+    once (one round trip), which decodes up to `max_tokens` tokens for all of them together (each
+    token embedded through this NanoEdge's NanoAdapter-T)."""
     edge.eval()
     stop, text_adapter = stop_tokens(work.tokenizer), edge.text_adapter()
-    for s in samples:
-        batch = prompt_batch(work.tokenizer, [s.content()], work.n_visual, work.system)
-        embeds = edge.embed(batch.input_ids, work.images([s]))
-        ids = endpoint.generate(embeds, batch.attention_mask, text_adapter, stop, max_tokens)
-        yield work.tokenizer.decode(ids, skip_special_tokens=True).strip()
+    for j in range(0, len(samples), batch_size):
+        part = samples[j : j + batch_size]
+        batch = prompt_batch(work.tokenizer, [s.content() for s in part], work.n_visual, work.system)
+        embeds = edge.embed(batch.input_ids, work.images(part))
+        for ids in endpoint.generate(embeds, batch.attention_mask, text_adapter, stop, max_tokens):
+            yield work.tokenizer.decode(ids, skip_special_tokens=True).strip()
         if on_batch:
-            on_batch(1)
+            on_batch(len(part))
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,6 @@ def evaluate(
     correct = {i: cands[int(lp.argmax())] == samples[i].answer for i, lp, cands in scored}
     report = accuracy_report(samples, [correct[i] for i in range(len(samples))], categories)
     if scoring.answer_tokens:
-        answers = generated_answers(edge, endpoint, samples, work, scoring.answer_tokens, on_batch)
+        answers = generated_answers(edge, endpoint, samples, work, scoring.answer_tokens, batch_size, on_batch)
         report.update(generated_report(samples, [scoring.correct(s, a) for s, a in zip(samples, answers, strict=True)], categories))
     return report

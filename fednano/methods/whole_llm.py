@@ -158,7 +158,7 @@ class LoRAEndpoint:
     def score(self, *args, **kwargs) -> torch.Tensor:
         return self.llm.score(*args, **kwargs)
 
-    def generate(self, *args, **kwargs) -> list[int]:
+    def generate(self, *args, **kwargs) -> list[list[int]]:
         return self.llm.generate(*args, **kwargs)
 
 

@@ -175,49 +175,70 @@ class ServerLLM:
         self, embeds: torch.Tensor, mask: torch.Tensor, text_adapter: tuple[torch.Tensor, torch.Tensor, float], stop: Collection[int],
         max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
         on_token: Callable[[list[int]], None] | None = None,
-    ) -> list[int]:
-        """Decode one prompt (embeds (1, T, d), mask (1, T)) with the KV cache -> the answer's token ids.
+    ) -> list[list[int]]:
+        """Decode B prompts together (embeds (B, T, d), mask (B, T), padded on either side) with the KV
+        cache -> each answer's token ids.
 
         Each generated token is embedded as the client's NanoEdge would embed it: this LLM's own
         input-embedding row through NanoAdapter-T (`text_adapter` = (A (r, d), B (d, r), scale)), so a
-        client sends its prompt once and gets the whole answer back. Greedy, or sampled (temperature,
-        top_p nucleus, seed); stops at a token in `stop` (not returned) or after max_new_tokens."""
+        client sends its prompts once and gets the whole answers back. The prompts are moved to the
+        left (positions counted from each one's first token), so every row's next token comes at the
+        same step. Greedy, or sampled (temperature, top_p nucleus, seed); an answer stops at a token in
+        `stop` (not returned) or after max_new_tokens. `on_token` sees the first answer as it grows."""
+        embed = self._token_embedder(text_adapter)
+        x, mask, pos = left_aligned(embeds.to(self.device, self.dtype), mask.to(self.device, torch.long))
+        generator = torch.Generator(self.head.weight.device).manual_seed(seed) if temperature > 0 else None
+        out = self.decoder(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True)
+        ids: list[list[int]] = [[] for _ in range(x.shape[0])]
+        done = [False] * len(ids)
+        for _ in range(max_new_tokens):
+            nxt = next_tokens(self.head(out.last_hidden_state[:, -1]).float(), temperature, top_p, generator)
+            for row, token in enumerate(nxt):
+                done[row] = done[row] or token in stop
+                if not done[row]:
+                    ids[row].append(token)
+            if all(done):
+                break
+            if on_token is not None and not done[0]:
+                on_token(ids[0])
+            mask, pos = torch.cat([mask, mask.new_ones(len(ids), 1)], dim=1), pos[:, -1:] + 1
+            out = self.decoder(inputs_embeds=embed(nxt), attention_mask=mask, position_ids=pos, past_key_values=out.past_key_values,
+                               use_cache=True)
+        return ids
+
+    def _token_embedder(self, text_adapter: tuple[torch.Tensor, torch.Tensor, float]) -> Callable[[list[int]], torch.Tensor]:
+        """Token ids -> their embeddings (B, 1, d) through NanoAdapter-T, as the client's NanoEdge makes them."""
         table = self.model.get_input_embeddings()
         at = table.weight.device
         A, B, scale = text_adapter[0].to(at, torch.float32), text_adapter[1].to(at, torch.float32), float(text_adapter[2])
 
-        def embed(token: int) -> torch.Tensor:  # (1, 1, d)
-            e = table(torch.tensor([[token]], device=at)).float()
+        def embed(tokens: list[int]) -> torch.Tensor:
+            e = table(torch.tensor(tokens, device=at)[:, None]).float()
             return (e + scale * (e @ A.T) @ B.T).to(self.device, self.dtype)
 
-        head_at = self.head.weight.device
-        generator = torch.Generator(head_at).manual_seed(seed) if temperature > 0 else None
-        mask = mask.to(self.device, torch.long)
-        out = self.decoder(inputs_embeds=embeds.to(self.device, self.dtype), attention_mask=mask, use_cache=True)
-        ids: list[int] = []
-        for _ in range(max_new_tokens):
-            nxt = next_token(self.head(out.last_hidden_state[:, -1]).float(), temperature, top_p, generator)
-            if nxt in stop:
-                break
-            ids.append(nxt)
-            if on_token is not None:
-                on_token(ids)
-            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-            out = self.decoder(inputs_embeds=embed(nxt), attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
-        return ids
+        return embed
 
 
-def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
-    """The next token from (1, V) logits: argmax, or a sample after temperature and nucleus (top_p)
-    filtering, with transformers' logits warpers."""
+def left_aligned(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of a padded batch (x (B, T, d), mask (B, T)) with their tokens moved to the right end, in
+    order, and pads to the left -> (x, mask, position ids counted from each row's first token)."""
+    order = torch.argsort(mask, dim=1, stable=True)  # pads first, then the tokens, each group in order
+    mask = mask.gather(1, order)
+    x = x.gather(1, order.unsqueeze(-1).expand_as(x))
+    return x, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> list[int]:
+    """The next token of each row of (B, V) logits: argmax, or a sample after temperature and nucleus
+    (top_p) filtering, with transformers' logits warpers."""
     if temperature <= 0:
-        return int(logits.argmax(-1))
+        return logits.argmax(-1).tolist()
     from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
     scores = TemperatureLogitsWarper(temperature)(None, logits)
     if top_p < 1.0:
         scores = TopPLogitsWarper(top_p)(None, scores)
-    return int(torch.multinomial(torch.softmax(scores, -1), 1, generator=generator))
+    return torch.multinomial(torch.softmax(scores, -1), 1, generator=generator)[:, 0].tolist()
 
 
 def cache_bytes(cache: Any) -> int:

@@ -139,9 +139,9 @@ class SplitClient:
     def generate(
         self, embeds: torch.Tensor, mask: torch.Tensor, text_adapter: tuple[torch.Tensor, torch.Tensor, float], stop: list[int],
         max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-    ) -> list[int]:
-        """One answer in one round trip: the prompt's embeddings and NanoAdapter-T go up (the server embeds
-        each generated token with its own table through the adapter), the answer's token ids come down."""
+    ) -> list[list[int]]:
+        """A batch of answers in one round trip: the prompts' embeddings and NanoAdapter-T go up (the server
+        embeds each generated token with its own table through the adapter), each answer's token ids come down."""
         A, B, scale = text_adapter
         reply = self.request(Frame(
             "generate",
@@ -150,7 +150,7 @@ class SplitClient:
             {"scale": float(scale), "stop": [int(t) for t in stop], "max_new_tokens": int(max_new_tokens),
              "temperature": float(temperature), "top_p": float(top_p), "seed": int(seed)},
         ))
-        return [int(t) for t in reply.tensors["tokens"].tolist()]
+        return [[int(t) for t in row if t >= 0] for row in reply.tensors["tokens"].tolist()]
 
     def traffic(self) -> dict[str, int]:
         return {

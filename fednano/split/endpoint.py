@@ -23,7 +23,8 @@ class LLMEndpoint(Protocol):
         ...
 
     def generate(self, embeds: torch.Tensor, mask: torch.Tensor, text_adapter: tuple[torch.Tensor, torch.Tensor, float],
-                 stop: list[int], max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> list[int]:
-        """-> the answer's token ids after one prompt (1, T, d); generated tokens are embedded through
+                 stop: list[int], max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int = 0) -> list[list[int]]:
+        """-> each answer's token ids after B padded prompts (B, T, d); generated tokens are embedded through
         NanoAdapter-T (`text_adapter` = (A, B, scale))."""
         ...

@@ -191,7 +191,7 @@ class OnWorker:
     def generate(
         self, embeds: torch.Tensor, mask: torch.Tensor, text_adapter: tuple[torch.Tensor, torch.Tensor, float], stop: list[int],
         max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-    ) -> list[int]:
+    ) -> list[list[int]]:
         llm = self.worker.llm
         return self.worker.call(lambda: llm.generate(embeds, mask, text_adapter, stop, max_new_tokens, temperature, top_p, seed))
 
@@ -276,15 +276,16 @@ class SplitService:
 
     def _generate(self, frame: Frame) -> Frame:
         emb, mask = _check_embeds(frame, "", self.llm.hidden_size)
-        if emb.shape[0] != 1 or not bool(mask.all()):
-            raise FrameError(f"op 'generate': one unpadded prompt per request, got embeds of shape {tuple(emb.shape)}")
         d = self.llm.hidden_size
         A, B = _tensor(frame, "adapter_t_A", _FLOAT, 2), _tensor(frame, "adapter_t_B", _FLOAT, 2)
         if A.shape[1] != d or tuple(B.shape) != (d, A.shape[0]):
             raise FrameError(f"tensors adapter_t_A {tuple(A.shape)} / adapter_t_B {tuple(B.shape)}: expected (r, {d}) and ({d}, r)")
         opts = _generate_options(frame.meta, self.llm.vocab_size)
-        ids = self.worker.call(lambda: self.llm.generate(emb, mask, (A.float(), B.float(), opts.pop("scale")), **opts))
-        return Frame("generate", {"tokens": torch.tensor(ids, dtype=torch.int64)})
+        answers = self.worker.call(lambda: self.llm.generate(emb, mask, (A.float(), B.float(), opts.pop("scale")), **opts))
+        tokens = torch.full((len(answers), max(map(len, answers), default=0)), -1, dtype=torch.int64)  # -1 after an answer's end
+        for row, ids in enumerate(answers):
+            tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
+        return Frame("generate", {"tokens": tokens})
 
 
 MAX_NEW_TOKENS = 1024  # the most tokens one generate request may ask for
