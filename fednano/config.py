@@ -144,6 +144,7 @@ class PrepareConfig:
 
 DATASETS = ("easy-vqa", "scienceqa", "iconqa", "llava-json")
 SCORING = ("candidates", "generate")
+WIRE_DTYPES = ("bfloat16", "float32", "float8_e4m3", "float8_e5m2", "int8")  # the last three: split.frames.SCALED
 
 
 @dataclass
@@ -291,7 +292,10 @@ class SplitConfig:
     host: str = _f("127.0.0.1", "Address the split-learning server binds to.")
     port: int = _f(0, "Port of the split-learning server (0 = pick a free port).")
     advertised_address: str = _f("", "host:port clients dial (default: host:port as bound).")
-    wire_dtype: str = _f("bfloat16", "dtype of activations and gradients on the wire: 'bfloat16' or 'float32'.")
+    wire_dtype: str = _f(
+        "bfloat16", "dtype of activations and gradients on the wire: 'bfloat16', 'float32', or one byte per value with one scale "
+        "per tensor (lossy): 'float8_e4m3', 'float8_e5m2' or 'int8'."
+    )
     max_frame_mb: float = _f(64.0, "Largest frame (MiB) the split server accepts.")
     require_token: bool = _f(
         True,
@@ -321,7 +325,7 @@ class SplitConfig:
     )
 
     def __post_init__(self) -> None:
-        _check(self.wire_dtype in ("bfloat16", "float32"), "split.wire_dtype", "must be 'bfloat16' or 'float32'")
+        _check(self.wire_dtype in WIRE_DTYPES, "split.wire_dtype", f"must be one of {list(WIRE_DTYPES)}")
         _check(bool(self.tls_cert) == bool(self.tls_key) == bool(self.tls_ca), "split.tls_cert", "tls_cert, tls_key and tls_ca go together")
         _check(self.max_streams >= 1, "split.max_streams", "must be >= 1")
         _check(self.max_streams_per_client >= 1, "split.max_streams_per_client", "must be >= 1")

@@ -173,3 +173,23 @@ def test_a_stream_per_session_keeps_its_deadline_to_that_session(server, tiny_ll
         time.sleep(2.0)
         client.end_session()
         assert client.train_step(embeds, mask, labels)[2] == 4  # a fresh stream each session
+
+
+@pytest.mark.parametrize("wire", ["float8_e4m3", "float8_e5m2", "int8"])
+def test_one_byte_wires_carry_activations_and_gradients_at_a_quarter_of_fp32(server, tiny_llm, wire):
+    """split.wire_dtype float8_* / int8: embeddings up and gradients down as one-byte codes with one scale
+    each; the step's loss and gradient stay close to the exact ones, at a quarter of fp32's bytes."""
+    embeds, mask, labels = _request(tiny_llm.hidden_size)
+    ref_loss, ref_grad, _ = tiny_llm.train_step(embeds, mask, labels)
+    traffic = {}
+    for w in ("float32", wire):
+        with SplitClient(server.address, wire_dtype=w) as client:
+            loss, grad, _ = client.train_step(embeds, mask, labels)
+            traffic[w] = client.traffic()
+    assert grad.dtype == embeds.dtype
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=0.05)
+    cos = torch.nn.functional.cosine_similarity(grad.flatten(), ref_grad.flatten(), dim=0)
+    assert cos > 0.98, cos
+    n = embeds.numel()
+    for key in ("activations_up", "gradients_down"):  # 3 bytes fewer per value (give or take the header)
+        assert abs(traffic["float32"][key] - traffic[wire][key] - 3 * n) < 100, key

@@ -19,7 +19,7 @@ import grpc
 import torch
 
 from fednano.devices import DTYPES
-from fednano.split.frames import Frame, decode, encode
+from fednano.split.frames import SCALED, Frame, decode, encode
 from fednano.split.server import METHOD
 
 
@@ -37,7 +37,9 @@ class SplitClient:
         token: str | None = None, root_certificates: bytes | None = None,
     ) -> None:
         """token: the run's split-channel token; root_certificates: PEM of the CA (enables TLS)."""
-        self.address, self.wire = address, DTYPES[wire_dtype]
+        self.address = address
+        # floats go as this dtype, or (a one-byte type) as scaled codes: Frame.scaled
+        self.wire, self.scaled = (torch.float32, wire_dtype) if wire_dtype in SCALED else (DTYPES[wire_dtype], "")
         limit = int(max_frame_mb * 1024 * 1024) + 64 * 1024
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
         if root_certificates is not None:
@@ -115,6 +117,7 @@ class SplitClient:
                 "train",
                 {"embeds": embeds.detach().to(self.wire), "mask": mask.to(torch.uint8), "labels": labels.to(torch.int32)},
                 {"reduction": reduction},
+                self._scaled("embeds"),
             )
         )
         return reply.tensors["loss"].float(), reply.tensors["grad"].to(embeds.device, embeds.dtype), int(reply.meta["n_tokens"])
@@ -132,6 +135,7 @@ class SplitClient:
                     "cand_ids": cand_ids.to(torch.int32),
                     "cand_mask": cand_mask.to(torch.uint8),
                 },
+                scaled=self._scaled("embeds", "cand_embeds"),
             )
         )
         return reply.tensors["logprobs"]
@@ -149,8 +153,13 @@ class SplitClient:
              "adapter_t_B": B.detach().float()},
             {"scale": float(scale), "stop": [int(t) for t in stop], "max_new_tokens": int(max_new_tokens),
              "temperature": float(temperature), "top_p": float(top_p), "seed": int(seed)},
+            self._scaled("embeds"),
         ))
         return [[int(t) for t in row if t >= 0] for row in reply.tensors["tokens"].tolist()]
+
+    def _scaled(self, *names: str) -> dict[str, str]:
+        """Which tensors of a request go as one-byte codes (split.wire_dtype float8_* / int8)."""
+        return dict.fromkeys(names, self.scaled) if self.scaled else {}
 
     def traffic(self) -> dict[str, int]:
         return {

@@ -260,7 +260,9 @@ class SplitService:
         if reduction not in ("mean", "sum"):
             raise FrameError(f"meta.reduction must be 'mean' or 'sum', got {reduction!r}")
         loss, grad, n_tokens = self.worker.train(emb, mask, labels, reduction)
-        return Frame("train", {"loss": loss.reshape(()), "grad": grad}, {"n_tokens": n_tokens})
+        # the gradient goes back the way the embeddings came: as one-byte codes if they did
+        scaled = {"grad": frame.scaled["embeds"]} if "embeds" in frame.scaled else {}
+        return Frame("train", {"loss": loss.reshape(()), "grad": grad}, {"n_tokens": n_tokens}, scaled)
 
     def _score(self, frame: Frame) -> Frame:
         emb, mask = _check_embeds(frame, "", self.llm.hidden_size)
