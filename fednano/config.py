@@ -458,3 +458,38 @@ def options_help() -> str:
         for f in dataclasses.fields(cls):
             out.append(f"{section}.{f.name} (default {f.default!r}): {f.metadata['help']}")
     return "\n".join(out)
+
+
+# What a node may set for itself in its node config (`flower-supernode --node-config "batch-size=2 device='cuda'"`),
+# over the server's run config: key -> (section, field, type). A small device and a large one can then share a federation.
+NODE_SETTINGS: dict[str, tuple[str, str, type]] = {
+    "batch-size": ("train", "batch_size", int),
+    "eval-batch-size": ("train", "eval_batch_size", int),
+    "device": ("model", "client_device", str),
+    "threads": ("federation", "client_cpus", float),
+}
+
+_KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}
+
+
+def with_node_settings(cfg: RunConfig, node_config: dict[str, Any], node: str = "this node") -> RunConfig:
+    """`cfg` with the node's own settings (NODE_SETTINGS) applied; other node-config keys are not settings
+    (partition-id, state-dir, ...). A bad value is a ConfigError naming the node and the key."""
+    changes: dict[str, dict[str, Any]] = {}
+    for key, (section, name, kind) in NODE_SETTINGS.items():
+        if key not in node_config:
+            continue
+        value = node_config[key]
+        ok = isinstance(value, str) if kind is str else isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok or (kind is int and float(value) != int(value)):
+            raise ConfigError(f"{node}: node config {key}={value!r} must be {_KIND_NAMES[kind]}")
+        changes.setdefault(section, {})[name] = kind(value)
+    if not changes:
+        return cfg
+    data = cfg.to_dict()
+    for section, fields in changes.items():
+        data[section].update(fields)
+    try:
+        return from_dict(data, f"{node}'s node config")
+    except ConfigError as e:
+        raise ConfigError(f"{node}: node config: {e}") from None

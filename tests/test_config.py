@@ -1,9 +1,11 @@
+import dataclasses
+
 import pytest
 from typer.testing import CliRunner
 
 from fednano.cli import app
 from fednano.config import ConfigError, RunConfig, dump_toml, load_config
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY
 
 
 def _write(tmp_path, text):
@@ -129,3 +131,28 @@ def test_debug_shows_the_traceback_of_a_one_line_error(tmp_path):
     res = CliRunner().invoke(app, ["--debug", "run", "--config", str(ROOT / "configs" / "tiny.toml"), "--output", str(tmp_path / "run"),
                                    "--set", "data.dataset='llava-json'", "--set", f"data.path='{tmp_path}/none.json'"])
     assert isinstance(res.exception, DataError) and "data file not found" in str(res.exception)
+
+
+def test_a_node_sets_its_own_batch_size_device_and_threads():
+    from fednano.config import with_node_settings
+
+    cfg = load_config(TINY)
+    mine = with_node_settings(cfg, {"partition-id": 1, "state-dir": "/srv/a", "batch-size": 2, "eval-batch-size": 5,
+                                    "device": "cpu", "threads": 3}, "node 7")
+    assert (mine.train.batch_size, mine.train.eval_batch_size, mine.model.client_device, mine.federation.client_cpus) == (2, 5, "cpu", 3.0)
+    assert mine.train.local_steps == cfg.train.local_steps and mine.federation == dataclasses.replace(cfg.federation, client_cpus=3.0)
+    assert with_node_settings(cfg, {"partition-id": 0}) is cfg  # nothing of its own: the server's config
+
+
+@pytest.mark.parametrize(("node_config", "needle"), [
+    ({"batch-size": 0}, "node 7: node config: .*train.batch_size: must be >= 1"),
+    ({"batch-size": 2.5}, "node 7: node config batch-size=2.5 must be an integer"),
+    ({"batch-size": "big"}, "node 7: node config batch-size='big' must be an integer"),
+    ({"device": 3}, "node 7: node config device=3 must be a string"),
+    ({"device": "tpu"}, "node 7: node config: .*client_device"),
+])
+def test_a_bad_node_setting_names_the_node_and_the_key(node_config, needle):
+    from fednano.config import with_node_settings
+
+    with pytest.raises(ConfigError, match=needle):
+        with_node_settings(load_config(TINY), node_config, "node 7")

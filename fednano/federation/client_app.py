@@ -18,7 +18,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fednano.config import from_dict
+from fednano.config import from_dict, with_node_settings
 from fednano.data.partition import client_data
 from fednano.devices import describe, peak_host_memory, peak_memory, reset_peak_memory
 from fednano.federation import keys
@@ -39,9 +39,10 @@ def _runtime(config_json: str, address: str, token: str, ca: str) -> ClientRunti
 
 def _job(msg: Message, context: Context) -> tuple[Method, ClientJob]:
     conf = msg.content.config_records[keys.CONFIG]
-    rt = _runtime(
-        str(conf[keys.RUN_CONFIG]), str(conf[keys.SPLIT_ADDRESS]), str(conf.get(keys.SPLIT_TOKEN, "")), str(conf.get(keys.SPLIT_CA, ""))
-    )
+    # the server's run config, with what this node sets for itself (batch size, device, threads)
+    cfg = with_node_settings(from_dict(json.loads(str(conf[keys.RUN_CONFIG])), "run-config"), dict(context.node_config),
+                             f"node {context.node_id}")
+    rt = _runtime(cfg.to_json(), str(conf[keys.SPLIT_ADDRESS]), str(conf.get(keys.SPLIT_TOKEN, "")), str(conf.get(keys.SPLIT_CA, "")))
     pid = int(keys.number(context.node_config[keys.PARTITION_ID]))
     # what never leaves the client lives on its own disk: the SuperNode's state-dir, or in simulation the run's folder
     root = context.node_config.get("state-dir") or conf.get(keys.CLIENT_STATE_DIR, "")
