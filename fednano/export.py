@@ -34,7 +34,7 @@ from fednano.backbones.bundle import BundleError, load_hf_mllm, read_safetensors
 from fednano.backbones.prepare import ensure_prepared
 from fednano.client.adapters import ADAPTER_PARAM_NAMES
 from fednano.config import AdapterConfig, RunConfig, load_config
-from fednano.data import load_task
+from fednano.data import system_prompt
 from fednano.errors import UserError
 from fednano.methods.combiners import ServerMemory
 from fednano.methods.registry import method_of
@@ -174,7 +174,7 @@ def export_model(cfg: RunConfig, state: dict[str, torch.Tensor] | None, out: Pat
         _export_hf_mllm(source, kind, tuned, tmp)
     (tmp / EXPORT_INFO).write_text(json.dumps({
         "backbone": cfg.model.backbone, "kind": kind, "method": cfg.federation.strategy, "model": who, "llm_dtype": cfg.model.llm_dtype,
-        "adapter_scale": tuned.scale, "loras_merged": list(tuned.loras), "source": str(source), "system": load_task(cfg).system,
+        "adapter_scale": tuned.scale, "loras_merged": list(tuned.loras), "source": str(source), "system": system_prompt(cfg.data.dataset),
         "layout": "causal-lm in llm/, NanoEdge in vision/" if kind == "causal-lm" else f"transformers {kind}",
     }, indent=2))
     if out.exists():

@@ -23,7 +23,7 @@ from fednano.backbones.prepare import ensure_prepared
 from fednano.client.features import ImageFeatures
 from fednano.client.nanoedge import NanoEdge
 from fednano.config import AdapterConfig, from_dict
-from fednano.data import load_task
+from fednano.data import system_prompt
 from fednano.data.checks import Collector, check_image
 from fednano.data.llava_json import SYSTEM as DEFAULT_SYSTEM
 from fednano.data.llava_json import load_llava_json
@@ -66,7 +66,7 @@ def load_tuned(path: Path, device: str = "auto", client: int | None = None, clie
         for name, state in run.loras.items():
             load_lora_state(llm, state, name)
     side.edge.eval()
-    return Tuned(side.edge, llm, side.tokenizer, load_task(cfg).system, ImageFeatures(side.edge.vision))
+    return Tuned(side.edge, llm, side.tokenizer, system_prompt(cfg.data.dataset), ImageFeatures(side.edge.vision))
 
 
 def _load_export(path: Path, dev: torch.device) -> Tuned:

@@ -102,7 +102,7 @@ def load_iconqa(path: str, split: str, subtasks: tuple[str, ...], check: Collect
     return out
 
 
-def iconqa_task(d: DataConfig) -> Task:
+def iconqa_task(d: DataConfig, *_: int) -> Task:  # (caption images, prepare seed): easy-vqa's only
     subtasks = tuple(s.strip() for s in d.subtasks.split(",") if s.strip())
     unknown = set(subtasks) - set(SUBTASKS)
     if unknown or not subtasks:

@@ -60,7 +60,7 @@ def load_llava_json(path: Path, check: Collector) -> list[Sample]:
     return out
 
 
-def llava_json_task(d: DataConfig) -> Task:
+def llava_json_task(d: DataConfig, *_: int) -> Task:  # (caption images, prepare seed): easy-vqa's only
     path = Path(os.path.expanduser(d.path))
     check = Collector(d.skip_invalid)
     train_file, test_file = path.with_name(path.stem + "_train.json"), path.with_name(path.stem + "_test.json")

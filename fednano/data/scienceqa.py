@@ -142,7 +142,7 @@ def load_scienceqa(path: str, split: str, check: Collector) -> list[Sample]:
     return _official(root, split, check) if (root / "problems.json").exists() else _parquet(root, split, check)
 
 
-def scienceqa_task(d: DataConfig) -> Task:
+def scienceqa_task(d: DataConfig, *_: int) -> Task:  # (caption images, prepare seed): easy-vqa's only
     check = Collector(d.skip_invalid)
     train, test = load_scienceqa(d.path, d.train_split, check), load_scienceqa(d.path, d.test_split, check)
     if not train or not test:
