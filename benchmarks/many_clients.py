@@ -1,8 +1,8 @@
 """Many clients, a few sampled per round: server memory and round time against the number of clients.
 
 For each N in --clients: `fednano run` (a real Flower simulation) on the tiny backbone with N clients,
---sampled of them training per round (federation.fraction_train = sampled / N; every client still
-evaluates its local test split each round), --rounds rounds. From each run's results.json: the server
+--sampled of them training per round and as many (another seeded sample) scoring the model on their
+local test splits (federation.fraction_train = fraction_evaluate = sampled / N), --rounds rounds. From each run's results.json: the server
 process's peak RSS, the clients sampled and accepted per round, rejected or dropped clients, split
 steps and seconds per round. The server keeps only the global adapters and per-round records, so its
 memory should not grow with N; the clients' Ray actors are separate processes.
@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(n: int, sampled: int, rounds: int, out: Path) -> dict:
-    sets = {"data.num_clients": n, "federation.fraction_train": min(1.0, sampled / n), "federation.min_train_clients": 1,
-            "federation.rounds": rounds}
+    share = min(1.0, sampled / n)
+    sets = {"data.num_clients": n, "federation.fraction_train": share, "federation.fraction_evaluate": share,
+            "federation.min_train_clients": 1, "federation.rounds": rounds}
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "fednano", "run", "--config", str(ROOT / "configs" / "tiny.toml"), "--output", str(out),

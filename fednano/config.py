@@ -243,6 +243,10 @@ class FederationConfig:
     server_tau: float = _f(1e-3, "fedadam/fedyogi: adaptivity tau (added to sqrt(v)).")
     rounds: int = _f(3, "Federated rounds.")
     fraction_train: float = _f(1.0, "Fraction of clients sampled per round.")
+    fraction_evaluate: float = _f(
+        1.0, "Fraction of clients that score each round's model on their local test split (a seeded sample per round; "
+        "with many clients, evaluating all of them costs more than the training)."
+    )
     min_train_clients: int = _f(2, "Fewest valid replies a round needs; otherwise the previous global adapters are kept.")
     fisher_floor: float = _f(1e-6, "Lower bound on each Fisher entry (keeps the merge defined where all Fishers vanish).")
     fisher_normalize: bool = _f(False, "Divide each client's Fisher by its mean before merging.")
@@ -266,6 +270,7 @@ class FederationConfig:
         )
         _check(self.rounds >= 1, "federation.rounds", "must be >= 1")
         _check(0.0 < self.fraction_train <= 1.0, "federation.fraction_train", "must be in (0, 1]")
+        _check(0.0 < self.fraction_evaluate <= 1.0, "federation.fraction_evaluate", "must be in (0, 1]")
         _check(self.min_train_clients >= 1, "federation.min_train_clients", "must be >= 1")
         _check(self.fisher_floor > 0, "federation.fisher_floor", "must be > 0")
         _check(self.max_update_norm >= 0, "federation.max_update_norm", "must be >= 0")

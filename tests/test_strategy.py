@@ -114,6 +114,18 @@ def test_sampling_is_seeded_and_explicit():
     assert any(pick(1) != pick(r) for r in range(2, 6))
 
 
+def test_evaluation_sampling_is_seeded_and_every_node_by_default():
+    def pick(cfg, r):
+        s = FedNanoStrategy(cfg)
+        msgs = s.configure_evaluate(r, ArrayRecord(GLOBAL), ConfigRecord({}), _Nodes(list(range(10))))
+        return sorted(x.metadata.dst_node_id for x in msgs)
+    assert pick(FederationConfig(), 1) == list(range(10))
+    few = FederationConfig(fraction_evaluate=0.3, seed=3)
+    assert pick(few, 2) == pick(few, 2) and len(pick(few, 2)) == 3 and set(pick(few, 2)) <= set(range(10))
+    assert any(pick(few, 1) != pick(few, r) for r in range(2, 6))  # a fresh sample each round
+    assert len(pick(FederationConfig(fraction_evaluate=0.01), 1)) == 1  # at least one node
+
+
 def test_oversized_update_is_rejected_with_its_norm(caplog):
     s = FedNanoStrategy(FederationConfig(strategy="fedavg", min_train_clients=1, max_update_norm=1.0))
     m = _instructions(s, 2)

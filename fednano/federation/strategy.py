@@ -78,8 +78,9 @@ class FedNanoStrategy(Strategy):
         self._sent: dict[int, Tensors] = {}  # node -> what it was sent, where that is not the global state
 
     def summary(self) -> None:
-        log.info("strategy %s: fraction_train=%s min_train_clients=%s fisher_floor=%g normalize=%s",
-                 self.cfg.strategy, self.cfg.fraction_train, self.cfg.min_train_clients, self.cfg.fisher_floor, self.cfg.fisher_normalize)
+        log.info("strategy %s: fraction_train=%s fraction_evaluate=%s min_train_clients=%s fisher_floor=%g normalize=%s",
+                 self.cfg.strategy, self.cfg.fraction_train, self.cfg.fraction_evaluate, self.cfg.min_train_clients,
+                 self.cfg.fisher_floor, self.cfg.fisher_normalize)
 
     # --- state that must survive a restart ------------------------------------------
     def state_dict(self) -> Tensors:
@@ -110,7 +111,8 @@ class FedNanoStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         config[keys.SERVER_ROUND] = server_round
-        return self._messages(arrays, config, sorted(grid.get_node_ids()), MessageType.EVALUATE)
+        nodes = self.method.topology.evaluators(list(grid.get_node_ids()), server_round, self.cfg)
+        return self._messages(arrays, config, nodes, MessageType.EVALUATE)
 
     # --- aggregation ------------------------------------------------------------------
     def _validate(self, out: ClientOutcome) -> None:

@@ -43,6 +43,14 @@ class Federated:
         k = max(1, min(len(nodes), round(len(nodes) * cfg.fraction_train)))
         return sorted(random.Random(f"{cfg.seed}-{rnd}").sample(nodes, k))
 
+    def evaluators(self, nodes: list[int], rnd: int, cfg: FederationConfig) -> list[int]:
+        """The nodes that score this round's model on their local test splits: a seeded share `fraction_evaluate`."""
+        nodes = sorted(nodes)
+        if cfg.fraction_evaluate >= 1.0:
+            return nodes
+        k = max(1, min(len(nodes), round(len(nodes) * cfg.fraction_evaluate)))
+        return sorted(random.Random(f"{cfg.seed}-{rnd}-evaluate").sample(nodes, k))
+
     def state_for(self, partition: int | None, global_state: Tensors, memory: ServerMemory) -> Tensors:
         """What a node is sent (to train from, and to evaluate)."""
         return global_state
