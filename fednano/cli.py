@@ -288,6 +288,25 @@ def _answer_file(tuned: Any, samples: list, output: Path | None, options: dict) 
 
 
 @app.command()
+@_one_line_errors
+def leakage(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A finished `fednano run` results folder.", show_default=False)],
+    per_client: Annotated[int, typer.Option(min=1, help="Training samples of each client to attack.")] = 8,
+    pool: Annotated[int, typer.Option(min=2, help="Candidate images the server matches each received image against "
+                                      "(the true ones plus others from the clients' data).")] = 200,
+    device: Annotated[str, typer.Option(help="Where to compute: cpu, cuda, cuda:N.")] = "cpu",
+) -> None:
+    """What an honest-but-curious server recovers from the split channel's training frames: text tokens (nearest
+    row of its embedding table), answer tokens (sent in the clear) and images (top-1 retrieval in a pool), with
+    the adapters at initialisation and the run's final ones. Writes leakage.json and leakage.md in RUN_DIR.
+    """
+    _setup_logging()
+    from fednano.leakage import audit_run, write_report
+
+    typer.echo(write_report(run_dir, audit_run(run_dir, per_client, pool, device)))
+
+
+@app.command()
 def options() -> None:
     """List every config option with its default and meaning."""
     typer.echo(options_help())

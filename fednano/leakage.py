@@ -1,0 +1,139 @@
+"""What an honest-but-curious server learns from what the split channel brings it, measured.
+
+In split learning the server receives, at every training step, each client's adapted input embeddings
+(text tokens through NanoAdapter-T, visual tokens through NanoAdapter-I) and the answer tokens as
+`labels`, in the clear. The server holds the LLM's input-embedding table and may run the public frozen
+vision encoder and connector. Three attacks, on exactly the frames it would receive (encoded and
+decoded in the run's `split.wire_dtype`):
+
+    text    each received text embedding's nearest row of the embedding table (L2) is taken as the
+            token; the share of text tokens recovered. NanoAdapter-T starts as the identity, so at
+            round 0 this is the whole prompt.
+    labels  the share of answer tokens the server reads: `labels` travel in the clear, so all of them.
+    images  each received image's visual tokens are matched (mean L2 over tokens) against the
+            connector's output for every image of a candidate pool holding the true one; top-1
+            retrieval rate. The server does not know NanoAdapter-I, so it compares un-adapted outputs.
+
+Measured for the adapters at initialisation (round 0) and the run's final ones, on samples from
+every client's training split; the pure functions are tested against hand-built cases.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from fednano.backbones.bundle import load_nanoedge, load_server_llm
+from fednano.backbones.prepare import ensure_prepared
+from fednano.client.features import ImageFeatures, Workload
+from fednano.client.nanoedge import NanoEdge
+from fednano.config import RunConfig
+from fednano.data import system_prompt
+from fednano.data.partition import partitions
+from fednano.data.prompts import IGNORE_INDEX, IMAGE_PLACEHOLDER
+from fednano.data.samples import Sample
+from fednano.devices import DTYPES, dtype_of
+from fednano.experiments.results import markdown_table
+from fednano.export import ExportError, read_run
+from fednano.split.frames import SCALED, Frame, decode, encode
+
+
+# ------------------------------------------------------------------ the attacks (pure)
+def nearest_rows(x: torch.Tensor, table: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """Index of the nearest row of `table` (V, d) to each row of `x` (N, d), by L2 distance."""
+    t = table.float()
+    sq = (t * t).sum(1)
+    out = [(sq[None, :] - 2 * part.float() @ t.T).argmin(1) for part in x.split(chunk)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def text_recovered(received: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, table: torch.Tensor) -> tuple[int, int]:
+    """(text tokens whose nearest table row is the true token, text tokens) among the real, non-image positions."""
+    where = mask.bool() & (input_ids != IMAGE_PLACEHOLDER)
+    guess = nearest_rows(received[where], table)
+    return int((guess == input_ids[where].to(guess.device)).sum()), int(where.sum())
+
+
+def image_top1(received: torch.Tensor, pool: torch.Tensor, truth: list[int]) -> int:
+    """How many received images (M, N, d) are nearest (mean L2 over their N tokens) to their own image
+    among the pool's (P, N, d); `truth` gives each one's index in the pool."""
+    dist = torch.cdist(received.float().transpose(0, 1), pool.float().transpose(0, 1)).mean(0)  # (M, P)
+    return int((dist.argmin(1) == torch.tensor(truth, device=dist.device)).sum())
+
+
+# ------------------------------------------------------------------ on what the server receives
+@dataclass
+class Leakage:
+    text_tokens_recovered: float
+    text_tokens: int
+    answer_tokens_in_clear: float
+    answer_tokens: int
+    image_top1: float
+    images: int
+    image_pool: int
+
+
+def as_received(embeds: torch.Tensor, wire: str) -> torch.Tensor:
+    """The embeddings as the split server decodes them from a training frame in `wire`."""
+    frame = Frame("train", {"embeds": embeds.float() if wire in SCALED else embeds.to(DTYPES[wire])},
+                  scaled={"embeds": wire} if wire in SCALED else {})
+    return decode(encode(frame)).tensors["embeds"].float()
+
+
+@torch.no_grad()
+def audit(edge: NanoEdge, work: Workload, table: torch.Tensor, samples: list[Sample], pool: list[str], wire: str) -> Leakage:
+    """The three attacks on the training frames `samples` would produce (pool: candidate image paths,
+    holding every image of `samples`)."""
+    edge.eval()
+    batch, feats = work.train_batch(samples)
+    received = as_received(edge.embed(batch.input_ids, feats), wire)
+    got, n_text = text_recovered(received, batch.input_ids, batch.attention_mask, table)
+    n_answer = int((batch.labels != IGNORE_INDEX).sum())
+    is_image = batch.input_ids == IMAGE_PLACEHOLDER
+    images = [p for s in samples for p in s.images]
+    hits = 0
+    if images:
+        visual = received[is_image].reshape(len(images), edge.num_visual_tokens, -1)
+        candidates = torch.cat([edge.connector(work.features(pool[i:i + 64])) for i in range(0, len(pool), 64)])
+        hits = image_top1(visual, candidates.to(visual.device), [pool.index(p) for p in images])
+    return Leakage(got / max(1, n_text), n_text, 1.0 if n_answer else 0.0, n_answer, hits / max(1, len(images)), len(images), len(pool))
+
+
+def audit_run(run_dir: Path, per_client: int = 8, pool_size: int = 200, device: str = "cpu") -> dict[str, Leakage]:
+    """The attacks on a run's clients' training frames, with the adapters at initialisation and the final ones."""
+    run = read_run(run_dir)
+    if run.adapters is None:
+        raise ExportError(f"{run_dir}: method {run.cfg.federation.strategy!r} sends nothing through the split channel")
+    cfg = run.cfg
+    bundle = ensure_prepared(cfg)
+    side = load_nanoedge(bundle / "client", cfg.adapter, device)
+    table = load_server_llm(bundle, dtype_of(cfg.model.llm_dtype), device).model.get_input_embeddings().weight.detach()
+    work = Workload(side.tokenizer, ImageFeatures(side.edge.vision), side.edge.num_visual_tokens, system_prompt(cfg.data.dataset))
+    samples = [s for part in partitions(cfg) for s in part.train[:per_client]]
+    pool = _image_pool(cfg, samples, pool_size)
+    out = {"round 0 (adapters at init)": audit(side.edge, work, table, samples, pool, cfg.split.wire_dtype)}
+    side.edge.load_adapter_state(run.adapters)
+    out[f"final (round {cfg.federation.rounds})"] = audit(side.edge, work, table, samples, pool, cfg.split.wire_dtype)
+    return out
+
+
+def _image_pool(cfg: RunConfig, samples: list[Sample], size: int) -> list[str]:
+    """The audited samples' images plus distinct others from the clients' data, `size` in all (seeded)."""
+    own = list(dict.fromkeys(p for s in samples for p in s.images))
+    others = sorted({p for part in partitions(cfg) for s in part.train for p in s.images} - set(own))
+    return own + random.Random(cfg.data.seed).sample(others, max(0, min(len(others), size - len(own))))
+
+
+def write_report(run_dir: Path, results: dict[str, Leakage]) -> str:
+    """leakage.json and leakage.md in the run's folder; returns the markdown table."""
+    rows = [[name, f"{r.text_tokens_recovered:.3f} of {r.text_tokens}", f"{r.answer_tokens_in_clear:.3f} of {r.answer_tokens}",
+             f"{r.image_top1:.3f} of {r.images} (pool {r.image_pool})"] for name, r in results.items()]
+    table = markdown_table(["adapters", "text tokens recovered (nearest row)", "answer tokens in the clear",
+                            "images retrieved (top-1)"], rows)
+    (Path(run_dir) / "leakage.json").write_text(json.dumps({k: asdict(v) for k, v in results.items()}, indent=2))
+    (Path(run_dir) / "leakage.md").write_text(table + "\n")
+    return table

@@ -1,0 +1,55 @@
+"""`fednano leakage`: the server-side attacks against hand-built cases, and on a tiny run's frames."""
+
+import json
+
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from fednano.backbones.bundle import load_nanoedge
+from fednano.backbones.prepare import ensure_prepared
+from fednano.cli import app
+from fednano.leakage import as_received, image_top1, nearest_rows, text_recovered
+from tests.conftest import randomize_adapters
+
+
+def test_nearest_rows_and_text_recovery_by_hand():
+    table = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    x = torch.tensor([[0.9, 0.1], [0.1, 0.2], [0.2, 0.9]])
+    assert nearest_rows(x, table, chunk=2).tolist() == [1, 0, 2]
+    ids = torch.tensor([[1, 0, -200, 2]])  # one image slot (-200) is not text
+    # position 0 -> row 1 (true 1: recovered); position 1 [0.1, 0.8] -> row 2 (true 0: missed); the last is padding
+    received = torch.tensor([[[0.9, 0.1], [0.1, 0.8], [5.0, 5.0], [0.0, 0.6]]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    assert text_recovered(received, ids, mask, table) == (1, 2)
+
+
+def test_image_retrieval_by_hand():
+    pool = torch.tensor([[[0.0, 0.0]], [[1.0, 1.0]], [[3.0, 3.0]]])  # 3 candidates, 1 token each
+    received = torch.tensor([[[0.9, 1.2]], [[0.2, 0.1]]])
+    assert image_top1(received, pool, [1, 0]) == 2 and image_top1(received, pool, [2, 0]) == 1
+
+
+def test_what_the_server_decodes_is_the_wire_dtype():
+    x = torch.randn(2, 3, 4)
+    assert torch.equal(as_received(x, "float32"), x)
+    assert torch.equal(as_received(x, "bfloat16"), x.to(torch.bfloat16).float())
+    assert (as_received(x, "int8") - x).abs().max() <= x.abs().max() / 127
+
+
+def test_at_init_the_server_reads_every_text_token_and_image_and_the_adapters_change_that(tiny_cfg, tiny_bundle, tmp_path):
+    edge = load_nanoedge(ensure_prepared(tiny_cfg) / "client", tiny_cfg.adapter).edge
+    randomize_adapters(edge, scale=3.0)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(tiny_cfg.to_toml())
+    save_file(edge.adapter_state(), run / "adapters.safetensors")
+    res = CliRunner().invoke(app, ["leakage", str(run), "--per-client", "4", "--pool", "20"])
+    assert res.exit_code == 0, res.output
+    out = json.loads((run / "leakage.json").read_text())
+    init, final = out["round 0 (adapters at init)"], out["final (round 2)"]
+    assert init["text_tokens"] > 0 and init["text_tokens_recovered"] == 1.0  # NanoAdapter-T is the identity at init
+    assert init["image_top1"] == 1.0 and init["images"] == 8 and init["image_pool"] == 20
+    assert init["answer_tokens_in_clear"] == 1.0 and init["answer_tokens"] > 0
+    assert final["text_tokens_recovered"] < 1.0  # strong adapters move the embeddings off the table's rows
+    assert "text tokens recovered" in (run / "leakage.md").read_text()
