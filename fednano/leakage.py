@@ -48,7 +48,7 @@ def nearest_rows(x: torch.Tensor, table: torch.Tensor, chunk: int = 2048) -> tor
     t = table.float()
     sq = (t * t).sum(1)
     out = [(sq[None, :] - 2 * part.float() @ t.T).argmin(1) for part in x.split(chunk)]
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=table.device)
 
 
 def text_recovered(received: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, table: torch.Tensor) -> tuple[int, int]:
