@@ -145,6 +145,7 @@ class PrepareConfig:
 DATASETS = ("easy-vqa", "scienceqa", "iconqa", "llava-json")
 SCORING = ("candidates", "generate")
 WIRE_DTYPES = ("bfloat16", "float32", "float8_e4m3", "float8_e5m2", "int8")  # the last three: split.frames.SCALED
+SPLIT_PROTOCOLS = ("activations", "cached-features", "cached-features+ids")  # split.parts.PROTOCOLS
 
 
 @dataclass
@@ -301,6 +302,16 @@ class SplitConfig:
         "bfloat16", "dtype of activations and gradients on the wire: 'bfloat16', 'float32', or one byte per value with one scale "
         "per tensor (lossy): 'float8_e4m3', 'float8_e5m2' or 'int8'."
     )
+    protocol: str = _f(
+        "activations",
+        "What crosses per step: 'activations' (the input embeddings up, their gradient down), 'cached-features' (each "
+        "image's frozen connector output once, then the text rows and NanoAdapter-I's weights up, their gradients down) "
+        "or 'cached-features+ids' (token ids instead of text rows; only the adapters' gradients down). Same gradients in "
+        "all three; the cached ones need adapter.dropout = 0.",
+    )
+    feature_cache_mb: float = _f(
+        4096.0, "Most image features (MiB) the split server keeps for the cached protocols; least recently used go first."
+    )
     max_frame_mb: float = _f(64.0, "Largest frame (MiB) the split server accepts.")
     require_token: bool = _f(
         True,
@@ -331,6 +342,8 @@ class SplitConfig:
 
     def __post_init__(self) -> None:
         _check(self.wire_dtype in WIRE_DTYPES, "split.wire_dtype", f"must be one of {list(WIRE_DTYPES)}")
+        _check(self.protocol in SPLIT_PROTOCOLS, "split.protocol", f"must be one of {list(SPLIT_PROTOCOLS)}")
+        _check(self.feature_cache_mb > 0, "split.feature_cache_mb", "must be > 0")
         _check(bool(self.tls_cert) == bool(self.tls_key) == bool(self.tls_ca), "split.tls_cert", "tls_cert, tls_key and tls_ca go together")
         _check(self.max_streams >= 1, "split.max_streams", "must be >= 1")
         _check(self.max_streams_per_client >= 1, "split.max_streams_per_client", "must be >= 1")
@@ -350,6 +363,14 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+
+    def __post_init__(self) -> None:
+        _check(
+            self.split.protocol == "activations" or self.adapter.dropout == 0,
+            "split.protocol",
+            f"{self.split.protocol!r} needs adapter.dropout = 0 (the server applies the adapters it caches for, without the "
+            "client's dropout mask); use 'activations' or set adapter.dropout = 0",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

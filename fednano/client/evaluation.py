@@ -44,9 +44,10 @@ def candidate_scores(
             idx = group[j : j + batch_size]
             part = [samples[i] for i in idx]
             batch = prompt_batch(work.tokenizer, [s.content() for s in part], work.n_visual, work.system)
-            embeds = edge.embed(batch.input_ids, work.images(part))
+            feats = work.images(part)
+            embeds = edge.embed(batch.input_ids, feats)
             lp = endpoint.score(
-                embeds, batch.attention_mask, cand_embeds, cand.input_ids, cand.attention_mask
+                embeds, batch.attention_mask, cand_embeds, cand.input_ids, cand.attention_mask, parts=edge.parts(batch.input_ids, feats)
             ).cpu()  # (B, K), one copy per batch
             for row, s in enumerate(part):
                 if s.n_choices:
@@ -69,8 +70,10 @@ def generated_answers(
     for j in range(0, len(samples), batch_size):
         part = samples[j : j + batch_size]
         batch = prompt_batch(work.tokenizer, [s.content() for s in part], work.n_visual, work.system)
-        embeds = edge.embed(batch.input_ids, work.images(part))
-        for ids in endpoint.generate(embeds, batch.attention_mask, text_adapter, stop, max_tokens):
+        feats = work.images(part)
+        embeds = edge.embed(batch.input_ids, feats)
+        parts = edge.parts(batch.input_ids, feats)
+        for ids in endpoint.generate(embeds, batch.attention_mask, text_adapter, stop, max_tokens, parts=parts):
             yield work.tokenizer.decode(ids, skip_special_tokens=True).strip()
         if on_batch:
             on_batch(len(part))

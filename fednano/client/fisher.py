@@ -88,7 +88,9 @@ def empirical_fisher(
         with torch.no_grad():
             text, vis, is_image = edge.adapter_inputs(batch.input_ids, feats)  # (B, T, d) each
             embeds = edge.embed(batch.input_ids, feats)  # (B, T, d)
-        _, grad, _ = endpoint.train_step(embeds, batch.attention_mask, batch.labels, reduction="sum")
+        # (reduction "sum" brings the whole (B, T, d) gradient back in every protocol: the closed form needs it)
+        parts = edge.parts(batch.input_ids, feats)
+        _, grad, _ = endpoint.train_step(embeds, batch.attention_mask, batch.labels, reduction="sum", parts=parts)
         with torch.no_grad():
             grad = grad.to(embeds.device, embeds.dtype)  # row i: d (sample i's NLL) / d its embeddings
             slot = is_image.unsqueeze(-1)

@@ -15,6 +15,7 @@ from torch import nn
 from fednano.client.adapters import ADAPTER_PARAM_NAMES, NanoAdapter, copy_state
 from fednano.config import AdapterConfig
 from fednano.data.prompts import IMAGE_PLACEHOLDER
+from fednano.split.parts import EdgeParts
 
 
 class NanoEdge(nn.Module):
@@ -106,6 +107,14 @@ class NanoEdge(nn.Module):
         """
         text, vis, is_image = self._sequence(input_ids, features, adapted=True)
         return text if vis is None else text.masked_scatter(is_image.unsqueeze(-1), vis)
+
+    def parts(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> EdgeParts:
+        """What `embed` is made of, for the split protocols that send parts (split.parts): the ids, the
+        image slots, the frozen connector outputs (M, N, d) and the live adapters."""
+        input_ids = input_ids.to(self.device)
+        adapters = {name: (a.A.weight, a.B.weight, a.scale) for name, a in (("adapter_i", self.adapter_i), ("adapter_t", self.adapter_t))}
+        connect = lambda: None if features is None else self.connector(features)  # noqa: E731 - computed only if sent
+        return EdgeParts(input_ids, input_ids == IMAGE_PLACEHOLDER, adapters, connect)
 
     def text_adapter(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """NanoAdapter-T as (A (r, d), B (d, r), scale): what a decoder needs to embed each generated token

@@ -47,8 +47,10 @@ class Proximal:
 def split_step(edge: NanoEdge, endpoint: LLMEndpoint, batch: TokenBatch, features: torch.Tensor | None) -> float:
     """One split-learning step: client forward, server LLM, client backward. Returns the loss."""
     embeds = edge.embed(batch.input_ids, features)  # (B, T, d)
-    loss, grad, _ = endpoint.train_step(embeds, batch.attention_mask, batch.labels)
-    if embeds.requires_grad:  # (an in-process LoRA endpoint has already back-propagated into its own parameters)
+    loss, grad, _ = endpoint.train_step(embeds, batch.attention_mask, batch.labels, parts=edge.parts(batch.input_ids, features))
+    # (an in-process LoRA endpoint has already back-propagated into its own parameters; a parts protocol's
+    # server into the adapters it applied, leaving zero gradient at their positions)
+    if embeds.requires_grad:
         embeds.backward(grad.to(embeds.device, embeds.dtype))
     return float(loss)  # one host synchronisation per step
 

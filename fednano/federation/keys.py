@@ -32,4 +32,5 @@ SECONDS = "seconds"
 PEAK_GPU_BYTES = "peak-gpu-bytes"  # CUDA clients: peak memory allocated during the message's work
 PEAK_RSS_BYTES = "peak-rss-bytes"  # the client process's peak resident host memory so far
 # split-channel bytes this reply's work moved (client-side count)
-BYTES_KEYS = ("activations_up", "gradients_down", "eval_activations_up", "eval_scores_down", "eval_generate_up", "eval_answers_down")
+BYTES_KEYS = ("activations_up", "gradients_down", "eval_activations_up", "eval_scores_down", "eval_generate_up", "eval_answers_down",
+              "features_up", "features_down")

@@ -148,7 +148,7 @@ class LoRAEndpoint:
         self.llm = llm
 
     def train_step(
-        self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+        self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", parts: object = None
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         losses, x, counts = self.llm.losses([(embeds, mask, labels, reduction)])
         losses.sum().backward()

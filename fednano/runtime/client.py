@@ -45,7 +45,7 @@ class ClientRuntime:
         task = load_task(cfg)
         work = Workload(bundle.tokenizer, ImageFeatures(bundle.edge.vision), bundle.edge.num_visual_tokens, task.system)
         split = SplitClient(address, cfg.split.wire_dtype, cfg.split.max_frame_mb, cfg.federation.round_timeout,
-                            token=token or None, root_certificates=ca.encode() if ca else None)
+                            token=token or None, root_certificates=ca.encode() if ca else None, protocol=cfg.split.protocol)
         return cls(cfg, bundle.edge, work, split, device, task)
 
     def traffic(self) -> dict[str, int]:

@@ -53,7 +53,7 @@ class ServerLLM:
         self.vocab_size = text_cfg.vocab_size
 
     def train_step(
-        self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+        self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", parts: object = None
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """-> (loss, d loss / d embeds with embeds' dtype, number of label tokens).
 
@@ -116,6 +116,7 @@ class ServerLLM:
         cand_ids: torch.Tensor,
         cand_mask: torch.Tensor,
         max_cache_bytes: int | None = None,
+        parts: object = None,
     ) -> torch.Tensor:
         """Log-likelihood of each candidate after each prompt -> (B, K) float32.
 
@@ -174,7 +175,7 @@ class ServerLLM:
     def generate(
         self, embeds: torch.Tensor, mask: torch.Tensor, text_adapter: tuple[torch.Tensor, torch.Tensor, float], stop: Collection[int],
         max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-        on_token: Callable[[list[int]], None] | None = None,
+        on_token: Callable[[list[int]], None] | None = None, parts: object = None,
     ) -> list[list[int]]:
         """Decode B prompts together (embeds (B, T, d), mask (B, T), padded on either side) with the KV
         cache -> each answer's token ids.
@@ -184,7 +185,8 @@ class ServerLLM:
         client sends its prompts once and gets the whole answers back. The prompts are moved to the
         left (positions counted from each one's first token), so every row's next token comes at the
         same step. Greedy, or sampled (temperature, top_p nucleus, seed); an answer stops at a token in
-        `stop` (not returned) or after max_new_tokens. `on_token` sees the first answer as it grows."""
+        `stop` (not returned) or after max_new_tokens. `on_token` sees the first answer as it grows.
+        `parts` (here and in train_step / score): how a client made `embeds`; in process, unused."""
         embed = self._token_embedder(text_adapter)
         x, mask, pos = left_aligned(embeds.to(self.device, self.dtype), mask.to(self.device, torch.long))
         generator = torch.Generator(self.head.weight.device).manual_seed(seed) if temperature > 0 else None

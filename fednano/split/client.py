@@ -20,6 +20,7 @@ import torch
 
 from fednano.devices import DTYPES
 from fednano.split.frames import SCALED, Frame, decode, encode
+from fednano.split.parts import PROTOCOLS, EdgeParts
 from fednano.split.server import METHOD
 
 
@@ -34,10 +35,12 @@ class SplitChannelError(RuntimeError):
 class SplitClient:
     def __init__(
         self, address: str, wire_dtype: str = "bfloat16", max_frame_mb: float = 64.0, timeout: float = 600.0,
-        token: str | None = None, root_certificates: bytes | None = None,
+        token: str | None = None, root_certificates: bytes | None = None, protocol: str = "activations",
     ) -> None:
-        """token: the run's split-channel token; root_certificates: PEM of the CA (enables TLS)."""
-        self.address = address
+        """token: the run's split-channel token; root_certificates: PEM of the CA (enables TLS);
+        protocol: what crosses per step (split.parts.PROTOCOLS)."""
+        self.address, self.protocol = address, PROTOCOLS[protocol]
+        self._sent: set[str] = set()  # image features the server has been sent (it may have evicted some since)
         # floats go as this dtype, or (a one-byte type) as scaled codes: Frame.scaled
         self.wire, self.scaled = (torch.float32, wire_dtype) if wire_dtype in SCALED else (DTYPES[wire_dtype], "")
         limit = int(max_frame_mb * 1024 * 1024) + 64 * 1024
@@ -110,52 +113,90 @@ class SplitClient:
         return self.request(Frame("info")).meta
 
     def train_step(
-        self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+        self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", *, parts: EdgeParts | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        reply = self.request(
-            Frame(
-                "train",
-                {"embeds": embeds.detach().to(self.wire), "mask": mask.to(torch.uint8), "labels": labels.to(torch.int32)},
-                {"reduction": reduction},
-                self._scaled("embeds"),
-            )
-        )
-        return reply.tensors["loss"].float(), reply.tensors["grad"].to(embeds.device, embeds.dtype), int(reply.meta["n_tokens"])
+        tensors, meta, scaled = self._inputs(embeds, parts)
+        reply = self._parts_request(Frame(
+            "train", {**tensors, "mask": mask.to(torch.uint8), "labels": labels.to(torch.int32)}, {**meta, "reduction": reduction}, scaled
+        ), parts)
+        loss, n_tokens = reply.tensors["loss"].float(), int(reply.meta["n_tokens"])
+        if "grad" in reply.tensors:
+            return loss, reply.tensors["grad"].to(embeds.device, embeds.dtype), n_tokens
+        assert parts is not None  # a parts reply: the adapters' gradients, and the text rows' if they were sent
+        for name in parts.adapters:
+            if f"grad_{name}_A" in reply.tensors:
+                parts.add_grads(name, reply.tensors[f"grad_{name}_A"], reply.tensors[f"grad_{name}_B"])
+        grad = torch.zeros_like(embeds)
+        if "grad_text" in reply.tensors:
+            grad[~parts.is_image] = reply.tensors["grad_text"].to(embeds.device, embeds.dtype)
+        return loss, grad, n_tokens
 
     def score(
-        self, embeds: torch.Tensor, mask: torch.Tensor, cand_embeds: torch.Tensor, cand_ids: torch.Tensor, cand_mask: torch.Tensor
+        self, embeds: torch.Tensor, mask: torch.Tensor, cand_embeds: torch.Tensor, cand_ids: torch.Tensor, cand_mask: torch.Tensor,
+        *, parts: EdgeParts | None = None,
     ) -> torch.Tensor:
-        reply = self.request(
-            Frame(
-                "score",
-                {
-                    "embeds": embeds.detach().to(self.wire),
-                    "mask": mask.to(torch.uint8),
-                    "cand_embeds": cand_embeds.detach().to(self.wire),
-                    "cand_ids": cand_ids.to(torch.int32),
-                    "cand_mask": cand_mask.to(torch.uint8),
-                },
-                scaled=self._scaled("embeds", "cand_embeds"),
-            )
-        )
-        return reply.tensors["logprobs"]
+        tensors, meta, scaled = self._inputs(embeds, parts)
+        tensors |= {"mask": mask.to(torch.uint8), "cand_ids": cand_ids.to(torch.int32), "cand_mask": cand_mask.to(torch.uint8)}
+        if "ids" not in tensors:  # with ids the server embeds the candidates itself
+            tensors["cand_embeds"], scaled = cand_embeds.detach().to(self.wire), scaled | self._scaled("cand_embeds")
+        return self._parts_request(Frame("score", tensors, meta, scaled), parts).tensors["logprobs"]
 
     def generate(
         self, embeds: torch.Tensor, mask: torch.Tensor, text_adapter: tuple[torch.Tensor, torch.Tensor, float], stop: list[int],
-        max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+        max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, *, parts: EdgeParts | None = None,
     ) -> list[list[int]]:
         """A batch of answers in one round trip: the prompts' embeddings and NanoAdapter-T go up (the server
         embeds each generated token with its own table through the adapter), each answer's token ids come down."""
         A, B, scale = text_adapter
-        reply = self.request(Frame(
+        tensors, meta, scaled = self._inputs(embeds, parts)
+        reply = self._parts_request(Frame(
             "generate",
-            {"embeds": embeds.detach().to(self.wire), "mask": mask.to(torch.uint8), "adapter_t_A": A.detach().float(),
-             "adapter_t_B": B.detach().float()},
-            {"scale": float(scale), "stop": [int(t) for t in stop], "max_new_tokens": int(max_new_tokens),
+            {**tensors, "mask": mask.to(torch.uint8), "adapter_t_A": A.detach().float(), "adapter_t_B": B.detach().float()},
+            {**meta, "scale": float(scale), "stop": [int(t) for t in stop], "max_new_tokens": int(max_new_tokens),
              "temperature": float(temperature), "top_p": float(top_p), "seed": int(seed)},
-            self._scaled("embeds"),
-        ))
+            scaled,
+        ), parts)
         return [[int(t) for t in row if t >= 0] for row in reply.tensors["tokens"].tolist()]
+
+    # --- the protocols (split.parts) ------------------------------------------------------
+    def _inputs(self, embeds: torch.Tensor, parts: EdgeParts | None) -> tuple[dict[str, torch.Tensor], dict, dict[str, str]]:
+        """A request's input embeddings as this protocol sends them: (tensors, meta, scaled)."""
+        if parts is None or not self.protocol.caches_features:
+            return {"embeds": embeds.detach().to(self.wire)}, {}, self._scaled("embeds")
+        keys = parts.keys()
+        self._send_features(keys, parts)
+        tensors: dict[str, torch.Tensor] = {}
+        meta: dict = {"image_keys": keys}
+        for name in ("adapter_i", "adapter_t") if self.protocol.sends_ids else ("adapter_i",):
+            A, B, scale = parts.adapters[name]
+            tensors |= {f"{name}_A": A.detach().float(), f"{name}_B": B.detach().float()}
+            meta[f"scale_{name}"] = float(scale)
+        if self.protocol.sends_ids:
+            return tensors | {"ids": parts.input_ids.to(torch.int32)}, meta, {}
+        text = embeds.detach()[~parts.is_image].to(self.wire)  # (S, d): the rows that are not image slots
+        return tensors | {"slots": parts.is_image.to(torch.uint8), "text": text}, meta, self._scaled("text")
+
+    def _send_features(self, keys: list[str], parts: EdgeParts) -> None:
+        """Each image's frozen connector output goes up once (the server caches it under its key)."""
+        new = {k: i for i, k in enumerate(keys) if k not in self._sent}
+        if not new:
+            return
+        assert parts.visual is not None
+        feats = parts.visual[list(new.values())].to(self.wire)
+        self.request(Frame("features", {"features": feats}, {"keys": list(new)}, self._scaled("features")))
+        self._sent.update(new)
+
+    def _parts_request(self, frame: Frame, parts: EdgeParts | None) -> Frame:
+        """Send; if the server no longer holds some of the images (evicted, or restarted), send them again, once."""
+        try:
+            return self.request(frame)
+        except SplitChannelError as e:
+            if e.status != "NOT_FOUND" or parts is None:
+                raise
+        keys = frame.meta.get("image_keys", [])
+        self._sent.difference_update(keys)
+        self._send_features(keys, parts)
+        return self.request(frame)
 
     def _scaled(self, *names: str) -> dict[str, str]:
         """Which tensors of a request go as one-byte codes (split.wire_dtype float8_* / int8)."""
@@ -169,4 +210,6 @@ class SplitClient:
             "eval_scores_down": self.bytes_down["score"],
             "eval_generate_up": self.bytes_up["generate"],
             "eval_answers_down": self.bytes_down["generate"],
+            "features_up": self.bytes_up["features"],
+            "features_down": self.bytes_down["features"],
         }

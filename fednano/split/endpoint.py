@@ -2,6 +2,9 @@
 
 The remote SplitClient (a client), the ServerLLM itself (the server's own evaluation and
 connector pre-training), or a client-held LLM with LoRA (the comparison family).
+
+`parts` (NanoEdge.parts) says how `embeds` were made; the split client may send them instead of the
+embeddings (`split.protocol`, split.parts). In process the embeddings hold everything, and it is ignored.
 """
 
 from __future__ import annotations
@@ -10,21 +13,25 @@ from typing import Protocol
 
 import torch
 
+from fednano.split.parts import EdgeParts
+
 
 class LLMEndpoint(Protocol):
     def train_step(self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
-                   reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor, int]:
-        """-> (loss, d loss / d embeds, label tokens). reduction "sum": per-sample gradients (Fisher)."""
+                   reduction: str = "mean", *, parts: EdgeParts | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """-> (loss, d loss / d embeds, label tokens). reduction "sum": per-sample gradients (Fisher).
+        Where the server back-propagated an adapter itself (a parts protocol), that adapter's gradient is
+        already in its `.grad` and the returned gradient is zero at the positions it produced."""
         ...
 
     def score(self, embeds: torch.Tensor, mask: torch.Tensor, cand_embeds: torch.Tensor, cand_ids: torch.Tensor,
-              cand_mask: torch.Tensor) -> torch.Tensor:
+              cand_mask: torch.Tensor, *, parts: EdgeParts | None = None) -> torch.Tensor:
         """-> log-likelihood of each candidate after each prompt (B, K)."""
         ...
 
     def generate(self, embeds: torch.Tensor, mask: torch.Tensor, text_adapter: tuple[torch.Tensor, torch.Tensor, float],
                  stop: list[int], max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0) -> list[list[int]]:
+                 seed: int = 0, *, parts: EdgeParts | None = None) -> list[list[int]]:
         """-> each answer's token ids after B padded prompts (B, T, d); generated tokens are embedded through
         NanoAdapter-T (`text_adapter` = (A, B, scale))."""
         ...

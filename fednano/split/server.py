@@ -3,9 +3,14 @@
 Each client opens one stream (`Session`) and sends one frame per step; the
 server answers each with one frame. Ops:
 
-    info   -> {hidden_size, vocab_size, dtype}            (handshake)
-    train  embeds (B,T,d), mask (B,T), labels (B,T)        -> loss (), grad (B,T,d)
-    score  embeds, mask, cand_embeds (K,L,d), cand_ids, cand_mask -> logprobs (B,K)
+    info      -> {hidden_size, vocab_size, dtype}            (handshake)
+    features  features (K,N,d), meta keys                 -> {stored}   (parts protocols: cache images)
+    train     embeds (B,T,d), mask (B,T), labels (B,T)    -> loss (), grad (B,T,d)
+    score     embeds, mask, cand_embeds (K,L,d), cand_ids, cand_mask -> logprobs (B,K)
+    generate  embeds, mask, adapter_t_A/B, meta           -> tokens (B,L), -1 padded
+
+In the parts protocols (split.parts) `embeds` is replaced by its parts (assembly.py), and a training
+step replies with the parts' gradients (`grad_text`, `grad_adapter_i_A`, ...).
 
 A malformed frame gets an in-band `error` frame (status INVALID_ARGUMENT) and
 the stream stays usable; frames over the size limit are refused by gRPC with
@@ -33,43 +38,24 @@ import torch
 from fednano.config import SplitConfig
 from fednano.data.prompts import IGNORE_INDEX
 from fednano.server.llm import ServerLLM
+from fednano.split.assembly import Assembled, FeatureCache, MissingFeatures, assemble, check_mask, store_features, tensor
 from fednano.split.frames import Frame, FrameError, decode, encode, error_frame
+from fednano.split.parts import low_rank
 
 log = logging.getLogger(__name__)
 
 SERVICE = "fednano.split.v1.SplitLLM"
 METHOD = f"/{SERVICE}/Session"
 _FLOAT = (torch.bfloat16, torch.float16, torch.float32)
-_INT = (torch.int64, torch.int32, torch.uint8, torch.bool)
-
-
-def _tensor(frame: Frame, name: str, kinds: tuple, ndim: int) -> torch.Tensor:
-    t = frame.tensors.get(name)
-    if t is None:
-        raise FrameError(f"op {frame.op!r}: missing tensor {name!r}")
-    if t.dtype not in kinds:
-        raise FrameError(f"tensor {name!r}: dtype {t.dtype} not allowed here")
-    if t.dim() != ndim:
-        raise FrameError(f"tensor {name!r}: expected {ndim} dims, got shape {tuple(t.shape)}")
-    if t.is_floating_point() and not torch.isfinite(t).all():
-        raise FrameError(f"tensor {name!r}: contains NaN or Inf")
-    return t
 
 
 def _check_embeds(frame: Frame, prefix: str, hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
-    emb = _tensor(frame, f"{prefix}embeds", _FLOAT, 3)
-    mask = _tensor(frame, f"{prefix}mask", _INT, 2).long()
+    emb = tensor(frame, f"{prefix}embeds", _FLOAT, 3)
     if emb.shape[-1] != hidden:
         raise FrameError(f"tensor {prefix}embeds: hidden size {emb.shape[-1]} != the LLM's {hidden}")
-    if tuple(mask.shape) != tuple(emb.shape[:2]):
-        raise FrameError(f"tensor {prefix}mask: shape {tuple(mask.shape)} != embeds' {tuple(emb.shape[:2])}")
     if emb.shape[0] == 0 or emb.shape[1] == 0:
         raise FrameError(f"tensor {prefix}embeds: empty batch")
-    if not ((mask == 0) | (mask == 1)).all():
-        raise FrameError(f"tensor {prefix}mask: values must be 0 or 1")
-    if (mask[:, 0] != 1).any():
-        raise FrameError(f"tensor {prefix}mask: sequences must be right-padded and non-empty")
-    return emb, mask
+    return emb, check_mask(frame, f"{prefix}mask", tuple(emb.shape[:2]))
 
 
 class LLMWorker:
@@ -179,25 +165,30 @@ class OnWorker:
         self.worker = worker
 
     def train_step(
-        self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+        self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", parts: object = None
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         return self.worker.call(lambda: self.worker.llm.train_step(embeds, mask, labels, reduction))
 
     def score(
-        self, embeds: torch.Tensor, mask: torch.Tensor, cand_embeds: torch.Tensor, cand_ids: torch.Tensor, cand_mask: torch.Tensor
+        self, embeds: torch.Tensor, mask: torch.Tensor, cand_embeds: torch.Tensor, cand_ids: torch.Tensor, cand_mask: torch.Tensor,
+        parts: object = None,
     ) -> torch.Tensor:
         return self.worker.score(embeds, mask, cand_embeds, cand_ids, cand_mask)
 
     def generate(
         self, embeds: torch.Tensor, mask: torch.Tensor, text_adapter: tuple[torch.Tensor, torch.Tensor, float], stop: list[int],
-        max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+        max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, parts: object = None,
     ) -> list[list[int]]:
         llm = self.worker.llm
         return self.worker.call(lambda: llm.generate(embeds, mask, text_adapter, stop, max_new_tokens, temperature, top_p, seed))
 
 
 class SplitService:
-    """Validates frames (on the gRPC threads) and hands the LLM work to one LLMWorker."""
+    """Validates frames (on the gRPC threads) and hands the LLM work to one LLMWorker.
+
+    A request carries its input embeddings whole (`embeds`) or in parts (split.parts: text rows or
+    token ids, image keys into the FeatureCache, the client's adapters); parts are assembled here, and
+    a training step's gradient is back-propagated into them before the reply (`grad_<part>`)."""
 
     def __init__(
         self,
@@ -208,16 +199,22 @@ class SplitService:
         window_s: float = 0.0,
         active: Callable[[], int] | None = None,
         score_cache_bytes: int | None = None,
+        feature_cache_bytes: int = 4 * 2**30,
     ) -> None:
         self.llm, self.max_frame_bytes = llm, max_frame_bytes
         self.worker = LLMWorker(llm, max_tokens, batching, window_s, active, score_cache_bytes)
+        self.features = FeatureCache(feature_cache_bytes)
+        self.table = llm.model.get_input_embeddings()
         self.stats = {"frames": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0}
         self._stats_lock = threading.Lock()
         self.on_frame: Callable[[str], None] | None = None  # called with the op of every served frame
 
-    def handle(self, data: bytes) -> bytes:
+    def handle(self, data: bytes, client: str = "anonymous") -> bytes:
+        """One request frame from `client` (the authenticated id: its cached image features are its own)."""
         try:
-            reply = self._dispatch(decode(data, self.max_frame_bytes))
+            reply = self._dispatch(decode(data, self.max_frame_bytes), client)
+        except MissingFeatures as e:
+            reply = error_frame("NOT_FOUND", str(e))
         except FrameError as e:
             reply = error_frame("INVALID_ARGUMENT", str(e))
         except Exception as e:
@@ -233,53 +230,72 @@ class SplitService:
             self.on_frame(reply.op)
         return out
 
-    def _dispatch(self, frame: Frame) -> Frame:
+    def _dispatch(self, frame: Frame, client: str) -> Frame:
         if frame.op == "info":
             return Frame(
                 "info", meta={"hidden_size": self.llm.hidden_size, "vocab_size": self.llm.vocab_size, "dtype": str(self.llm.dtype)}
             )
-        if frame.op == "train":
-            return self._train(frame)
-        if frame.op == "score":
-            return self._score(frame)
-        if frame.op == "generate":
-            return self._generate(frame)
-        raise FrameError(f"unknown op {frame.op!r} (known: info, train, score, generate)")
+        if frame.op == "features":
+            stored = store_features(frame, client, self.features, self.llm.hidden_size, self.table.weight.device)
+            return Frame("features", meta={"stored": stored})
+        ops = {"train": self._train, "score": self._score, "generate": self._generate}
+        if frame.op not in ops:
+            raise FrameError(f"unknown op {frame.op!r} (known: info, features, {', '.join(ops)})")
+        return ops[frame.op](frame, client)
 
-    def _train(self, frame: Frame) -> Frame:
-        emb, mask = _check_embeds(frame, "", self.llm.hidden_size)
-        labels = _tensor(frame, "labels", (torch.int64, torch.int32), 2).long()
-        if tuple(labels.shape) != tuple(mask.shape):
-            raise FrameError(f"tensor labels: shape {tuple(labels.shape)} != mask's {tuple(mask.shape)}")
+    def _inputs(self, frame: Frame, client: str, train: bool) -> tuple[torch.Tensor, torch.Tensor, Assembled | None]:
+        """(embeds (B, T, d), mask (B, T), the parts they were assembled from or None if they came whole)."""
+        if "embeds" in frame.tensors:
+            return (*_check_embeds(frame, "", self.llm.hidden_size), None)
+        parts = assemble(frame, client, self.features, self.table, train)
+        return parts.embeds.detach(), parts.mask, parts
+
+    def _labels(self, frame: Frame, shape: tuple[int, ...]) -> torch.Tensor:
+        labels = tensor(frame, "labels", (torch.int64, torch.int32), 2).long()
+        if tuple(labels.shape) != shape:
+            raise FrameError(f"tensor labels: shape {tuple(labels.shape)} != mask's {shape}")
         valid = (labels == IGNORE_INDEX) | ((labels >= 0) & (labels < self.llm.vocab_size))
         if not valid.all():
             raise FrameError(f"tensor labels: ids must be in [0, {self.llm.vocab_size}) or {IGNORE_INDEX}")
         if not (labels[:, 1:] != IGNORE_INDEX).any():
             raise FrameError("tensor labels: no supervised token")
+        return labels
+
+    def _train(self, frame: Frame, client: str) -> Frame:
         reduction = frame.meta.get("reduction", "mean")
         if reduction not in ("mean", "sum"):
             raise FrameError(f"meta.reduction must be 'mean' or 'sum', got {reduction!r}")
+        emb, mask, parts = self._inputs(frame, client, train=reduction == "mean")
+        labels = self._labels(frame, tuple(mask.shape))
         loss, grad, n_tokens = self.worker.train(emb, mask, labels, reduction)
         # the gradient goes back the way the embeddings came: as one-byte codes if they did
-        scaled = {"grad": frame.scaled["embeds"]} if "embeds" in frame.scaled else {}
-        return Frame("train", {"loss": loss.reshape(()), "grad": grad}, {"n_tokens": n_tokens}, scaled)
+        sent = next((frame.scaled[k] for k in ("embeds", "text") if k in frame.scaled), "")
+        if parts is None or reduction == "sum":  # per-sample gradients (Fisher): the whole (B, T, d) in every protocol
+            return Frame("train", {"loss": loss.reshape(()), "grad": grad}, {"n_tokens": n_tokens}, {"grad": sent} if sent else {})
+        grads = parts.grads(grad)
+        return Frame("train", {"loss": loss.reshape(()), **grads}, {"n_tokens": n_tokens}, {"grad_text": sent} if sent else {})
 
-    def _score(self, frame: Frame) -> Frame:
-        emb, mask = _check_embeds(frame, "", self.llm.hidden_size)
-        c_emb, c_mask = _check_embeds(frame, "cand_", self.llm.hidden_size)
-        c_ids = _tensor(frame, "cand_ids", (torch.int64, torch.int32), 2).long()
+    def _score(self, frame: Frame, client: str) -> Frame:
+        with torch.no_grad():
+            emb, mask, parts = self._inputs(frame, client, train=False)
+            c_ids = tensor(frame, "cand_ids", (torch.int64, torch.int32), 2).long()
+            if ((c_ids < 0) | (c_ids >= self.llm.vocab_size)).any():
+                raise FrameError(f"tensor cand_ids: ids must be in [0, {self.llm.vocab_size})")
+            if parts is not None and "adapter_t" in parts.adapters:  # ids: the candidates are embedded here too
+                c_emb = low_rank(self.table(c_ids.to(self.table.weight.device)).float(), parts.adapters["adapter_t"])
+                c_mask = check_mask(frame, "cand_mask", tuple(c_ids.shape))
+            else:
+                c_emb, c_mask = _check_embeds(frame, "cand_", self.llm.hidden_size)
         if tuple(c_ids.shape) != tuple(c_mask.shape):
             raise FrameError(f"tensor cand_ids: shape {tuple(c_ids.shape)} != cand_mask's {tuple(c_mask.shape)}")
-        if ((c_ids < 0) | (c_ids >= self.llm.vocab_size)).any():
-            raise FrameError(f"tensor cand_ids: ids must be in [0, {self.llm.vocab_size})")
         lp = self.worker.score(emb, mask, c_emb, c_ids, c_mask)
         return Frame("score", {"logprobs": lp.float()})
 
-
-    def _generate(self, frame: Frame) -> Frame:
-        emb, mask = _check_embeds(frame, "", self.llm.hidden_size)
+    def _generate(self, frame: Frame, client: str) -> Frame:
+        with torch.no_grad():
+            emb, mask, _ = self._inputs(frame, client, train=False)
         d = self.llm.hidden_size
-        A, B = _tensor(frame, "adapter_t_A", _FLOAT, 2), _tensor(frame, "adapter_t_B", _FLOAT, 2)
+        A, B = tensor(frame, "adapter_t_A", _FLOAT, 2), tensor(frame, "adapter_t_B", _FLOAT, 2)
         if A.shape[1] != d or tuple(B.shape) != (d, A.shape[0]):
             raise FrameError(f"tensors adapter_t_A {tuple(A.shape)} / adapter_t_B {tuple(B.shape)}: expected (r, {d}) and ({d}, r)")
         opts = _generate_options(frame.meta, self.llm.vocab_size)
@@ -348,6 +364,7 @@ class SplitServer:
             window_s=cfg.batch_window_ms / 1000,
             active=lambda: self._streams,
             score_cache_bytes=int(cfg.max_score_cache_mb * 2**20),
+            feature_cache_bytes=int(cfg.feature_cache_mb * 2**20),
         )
         self.secret, self.max_streams, self.max_streams_per_client = secret, cfg.max_streams, cfg.max_streams_per_client
         self._streams = 0
@@ -401,7 +418,7 @@ class SplitServer:
             self._per_client[client] = self._per_client.get(client, 0) + 1
         try:
             for data in requests:
-                yield self.service.handle(data)
+                yield self.service.handle(data, client)
         finally:
             with self._streams_lock:
                 self._streams -= 1
