@@ -174,9 +174,15 @@ def footprint(
     rank: Annotated[int, typer.Option(help="NanoAdapter rank r.")] = 64,
     batch: Annotated[int, typer.Option(help="Samples per split step, for the activation bytes.")] = 8,
     text_tokens: Annotated[int, typer.Option(help="Text tokens per sample, for the activation bytes.")] = 64,
+    steps: Annotated[int, typer.Option(help="Local split steps per round, for a client-round's bytes.")] = 25,
+    fisher_samples: Annotated[int, typer.Option(help="Samples of the Fisher pass, for a client-round's bytes.")] = 32,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a Markdown table.")] = False,
 ) -> None:
-    """Client/server parameters, storage reduction and traffic, from real configurations (no weights needed)."""
+    """Client/server parameters, storage reduction and traffic, from real configurations (no weights needed).
+
+    Traffic per split step and per client-round for each split protocol (split.protocol): a round counts the
+    adapters down and up, the Fisher up, the split steps, the Fisher pass and (cached protocols) every image of
+    the round sent once, as in a first round."""
     import json
 
     from fednano.backbones.footprint import FOOTPRINTS, markdown
@@ -184,7 +190,7 @@ def footprint(
 
     names = backbone or list(FOOTPRINTS)
     try:
-        rows = [measure(n, rank, batch, text_tokens) for n in names]
+        rows = [measure(n, rank, batch, text_tokens, steps, fisher_samples) for n in names]
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None

@@ -47,3 +47,21 @@ def test_smol_footprint_matches_the_real_model():
     model, _ = load_llm(convert_smollm2(Path(os.path.expanduser(default_cache_dir())) / "smollm2-135m-instruct"))
     f = footprint("smol", rank=16)
     assert f.server_params == sum(p.numel() for p in model.parameters())
+
+
+def test_protocol_bytes_at_llava_scale_against_hand_computed_values():
+    """Per step at LLaVA-1.5-7B shapes (8 x (576 + 64) tokens, d = 4096, r = 64, bf16 wire): activations send
+    the embeddings (8*640*4096*2) plus mask and labels (8*640*(1+4)); cached-features+ids send ids, mask and labels
+    (8*640*(4+1+4)) and both adapters in float32 (2 * 2*64*4096*4)."""
+    f = footprint("llava-1.5-7b", rank=64)
+    d = f.as_dict()["protocols"]
+    assert (d["activations"]["step_up"], d["activations"]["step_down"]) == (41_968_640, 41_943_044)
+    assert (d["cached-features+ids"]["step_up"], d["cached-features+ids"]["step_down"]) == (4_240_384, 4_194_308)
+    text_rows, adapter = 8 * 64 * 4096 * 2, 2 * 64 * 4096 * 4
+    assert d["cached-features"]["step_up"] == 8 * 640 * 6 + text_rows + adapter
+    assert d["cached-features"]["image_bytes"] == 576 * 4096 * 2
+    rnd = d["activations"]["round"]  # 25 steps + a Fisher pass of 32 samples (4 steps), adapters and Fisher in fp32
+    assert rnd["split_up"] == 29 * 41_968_640 and rnd["adapters_up"] == rnd["fisher_up"] == 4 * 1_048_576
+    assert d["cached-features"]["round"]["features_up"] == 29 * 8 * 576 * 4096 * 2
+    assert d["cached-features"]["round_images_sent"]["features_up"] == 0
+    assert f.lora_params == 32 * 2 * 8 * (4096 + 4096)  # FedIT: rank 8 on q_proj and v_proj of 32 layers

@@ -181,3 +181,63 @@ def test_the_protocol_names_agree_and_dropout_is_refused_with_a_cached_protocol(
     with pytest.raises(ConfigError, match="split.protocol: must be one of"):
         from_dict({"split": {"protocol": "features"}})
     assert RunConfig().split.protocol in PROTOCOLS
+
+
+def _payload(data: bytes) -> int:
+    """A frame's tensor bytes: everything after the magic, the header length and the header."""
+    return len(data) - 8 - int.from_bytes(data[4:8], "little")
+
+
+@pytest.mark.parametrize("protocol", list(PROTOCOLS))
+def test_the_byte_formulas_are_the_frames_bytes(tiny_edge, tiny_llm, protocol, monkeypatch):
+    """Protocol.step_bytes / fisher_step_bytes / image_bytes (what `fednano footprint` reports at any scale)
+    equal the payload of the frames a real step sends and receives."""
+    import fednano.split.client as split_client
+    from fednano.split.frames import encode
+    from fednano.split.parts import StepShape
+
+    edge = tiny_edge.edge
+    randomize_adapters(edge)
+    (batch, feats), _ = _batches(tiny_edge)[0]
+    sent: list[tuple[str, int, int]] = []
+    decode = split_client.decode
+
+    def recording(data):
+        frame = decode(data)
+        sent[-1] = (*sent[-1][:2], _payload(encode(frame)))
+        return frame
+
+    with SplitServer(tiny_llm) as server, SplitClient(server.address, "float32", protocol=protocol) as client:
+        request = client.request_bytes
+        monkeypatch.setattr(client, "request_bytes", lambda data, op: (sent.append((op, _payload(data), 0)), request(data, op))[1])
+        monkeypatch.setattr(split_client, "decode", recording)
+        _step(edge, client, batch, feats)
+        empirical_fisher(edge, client, [(batch, feats)])
+    B, T = batch.input_ids.shape
+    N = edge.num_visual_tokens
+    shape = StepShape(B, N, T - N, edge.dim, edge.adapter_i.rank, wire_bytes=4)
+    p = PROTOCOLS[protocol]
+    steps = [(up, down) for op, up, down in sent if op == "train"]
+    assert steps == [p.step_bytes(shape), p.fisher_step_bytes(shape)]
+    features = [up for op, up, _ in sent if op == "features"]
+    assert features == ([B * p.image_bytes(shape)] if p.caches_features else [])
+
+
+def test_on_a_bf16_wire_the_cached_protocols_are_no_less_accurate(tiny_edge, tiny_llm):
+    """Lossy wires: activations round the whole embeddings and their gradient to bf16; the cached protocols
+    round the text rows and the image features (once), and keep the adapters in float32. Against the float32
+    wire's gradients, their error is no larger."""
+    edge = tiny_edge.edge
+    randomize_adapters(edge, scale=0.2)
+    (batch, feats), _ = _batches(tiny_edge)[0]
+    with SplitServer(tiny_llm) as server:
+        with SplitClient(server.address, "float32") as client:
+            _, exact = _step(edge, client, batch, feats)
+        error = {}
+        for protocol in PROTOCOLS:
+            with SplitClient(server.address, "bfloat16", protocol=protocol) as client:
+                _, got = _step(edge, client, batch, feats)
+            error[protocol] = max(float((got[k] - exact[k]).norm() / exact[k].norm()) for k in exact)
+    assert 0 < error["activations"] < 0.05
+    for protocol in CACHED:
+        assert error[protocol] <= error["activations"], error

@@ -53,6 +53,7 @@ def test_tiny_run_two_clients_two_rounds(tiny_bundle, tiny_cache, tmp_path):
         assert r["clients_accepted"] == 2 and r["aggregated"]
         b = r["bytes"]
         assert b["adapters_up"] == b["fisher_up"] > 0
+        assert r["bytes_per_client"] == sum(b.values()) // 2
         assert b["adapters_down"] == 2 * b["adapters_up"]  # train + evaluate messages
         assert b["activations_up"] > 0 and b["gradients_down"] > 0 and b["eval_activations_up"] > 0
         # each client generated its local test answers through the split channel: one round trip each

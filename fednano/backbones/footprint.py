@@ -10,6 +10,7 @@ bf16/fp16 storage (2 bytes per parameter), as these models are distributed.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass, field
 from importlib import resources
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from fednano.client.adapters import adapter_param_count
+from fednano.split.parts import PROTOCOLS, StepShape
 
 BYTES_PER_PARAM = 2  # bf16 / fp16 checkpoints
 FOOTPRINTS = {
@@ -26,6 +28,7 @@ FOOTPRINTS = {
     "minigpt4": ("blip2", "minigpt4-vicuna-7b.json"),
     "smol": ("compose", None),
 }
+FEDIT_LORA = (8, ("q_proj", "v_proj"))  # FedIT's LoRA: rank and layers (AdapterConfig's lora_rank / lora_targets defaults)
 # The paper's own figures, for side-by-side comparison (FedNano, arXiv 2506.14824).
 PAPER = {"storage_reduction_pct": 95.0, "upload_pct": 0.01, "adapter_params_llava_r64": 1_048_576, "feddpa_f_upload_params": 180_890_000}
 
@@ -41,6 +44,9 @@ class Footprint:
     visual_tokens: int = 0
     batch: int = 8
     text_tokens: int = 64
+    steps: int = 25  # local steps per round (train.local_steps)
+    fisher_samples: int = 32  # the Fisher pass (train.fisher_samples)
+    lora_params: int = 0  # FedIT's LoRA in the LLM: rank 8 on the query and value projections (adapter.lora_*)
 
     @property
     def client_params(self) -> int:
@@ -60,6 +66,24 @@ class Footprint:
         """Embeddings up per split step (bf16): batch x (visual + text tokens) x d x 2."""
         return self.batch * (self.visual_tokens + self.text_tokens) * self.hidden_size * BYTES_PER_PARAM
 
+    def shape(self, wire_bytes: int = BYTES_PER_PARAM) -> StepShape:
+        return StepShape(self.batch, self.visual_tokens, self.text_tokens, self.hidden_size, self.rank, wire_bytes)
+
+    def round_bytes(self, protocol: str, wire_bytes: int = BYTES_PER_PARAM, new_images: bool = True) -> dict[str, int]:
+        """One client's bytes in one FedNano round (training message): adapters down and up and the Fisher up
+        (float32, as Flower carries them), the split steps and the Fisher pass, and (cached protocols) each
+        image's features: every image of the round new (`new_images`, a first round) or all already sent
+        (a later round over the same images, the server's cache holding them)."""
+        p, s = PROTOCOLS[protocol], self.shape(wire_bytes)
+        (up, down), (f_up, f_down) = p.step_bytes(s), p.fisher_step_bytes(s)
+        f_steps = -(-self.fisher_samples // self.batch)
+        out = {
+            "adapters_down": 4 * self.adapter_params, "adapters_up": 4 * self.adapter_params, "fisher_up": 4 * self.adapter_params,
+            "split_up": self.steps * up + f_steps * f_up, "split_down": self.steps * down + f_steps * f_down,
+            "features_up": (self.steps + f_steps) * self.batch * p.image_bytes(s) if new_images else 0,
+        }
+        return out | {"total": sum(out.values())}
+
     def as_dict(self) -> dict:
         d = asdict(self)
         d.update(
@@ -72,6 +96,12 @@ class Footprint:
             upload_with_fisher_pct=200 * self.adapter_params / self.total_params,
             step_activation_bytes=self.step_activation_bytes,
             step_gradient_bytes=self.step_activation_bytes,
+            protocols={
+                name: {"step_up": p.step_bytes(self.shape())[0], "step_down": p.step_bytes(self.shape())[1],
+                       "image_bytes": p.image_bytes(self.shape()), "round": self.round_bytes(name),
+                       "round_images_sent": self.round_bytes(name, new_images=False)}
+                for name, p in PROTOCOLS.items()
+            },
         )
         return d
 
@@ -90,7 +120,13 @@ def load_config_file(filename: str) -> dict:
     return data
 
 
-def footprint(name: str, rank: int = 64, batch: int = 8, text_tokens: int = 64) -> Footprint:
+def lora_param_count(llm: nn.Module, rank: int, targets: tuple[str, ...]) -> int:
+    """Parameters of a LoRA of `rank` on every linear layer of `llm` whose name ends in one of `targets`."""
+    return sum(rank * (m.in_features + m.out_features) for n, m in llm.named_modules()
+               if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets)
+
+
+def footprint(name: str, rank: int = 64, batch: int = 8, text_tokens: int = 64, steps: int = 25, fisher_samples: int = 32) -> Footprint:
     if name not in FOOTPRINTS:
         raise ValueError(f"unknown footprint backbone {name!r}; choose one of {sorted(FOOTPRINTS)}")
     kind, filename = FOOTPRINTS[name]
@@ -103,7 +139,8 @@ def footprint(name: str, rank: int = 64, batch: int = 8, text_tokens: int = 64) 
     client = {"vision_encoder": vision, "connector": connector, "embedding_table": embed, "nanoadapters": adapter_param_count(d, rank)}
     tied = m.get_output_embeddings() is not None and m.get_output_embeddings().weight is m.get_input_embeddings().weight
     server = total - vision - connector - (0 if tied else embed)  # a tied table doubles as the LM head on the server
-    return Footprint(name, rank, d, total, client, server, visual_tokens, batch, text_tokens)
+    lora = lora_param_count(m.get_decoder(), FEDIT_LORA[0], FEDIT_LORA[1])
+    return Footprint(name, rank, d, total, client, server, visual_tokens, batch, text_tokens, steps, fisher_samples, lora)
 
 
 def _hf_meta(kind: str, filename: str) -> tuple[Any, int, int, int]:
@@ -151,7 +188,23 @@ def _smol_meta() -> tuple[Any, int, int, int]:
     holder.config = lm.config
     holder.get_input_embeddings = lm.get_input_embeddings
     holder.get_output_embeddings = lm.get_output_embeddings
+    holder.get_decoder = lm.get_decoder
     return holder, _count(encoder), _count(connector), 9
+
+
+def _step_cell(protocol: str, r: Footprint) -> str:
+    up, down = PROTOCOLS[protocol].step_bytes(r.shape())
+    return f"{up / 2**20:.2f} / {down / 2**20:.2f} MiB"
+
+
+def _round_cell(protocol: str, r: Footprint) -> str:
+    """A client-round's total bytes with every image new / every image already sent, and how many times fewer
+    than the activations protocol's."""
+    base = r.round_bytes("activations")["total"]
+    cells = [r.round_bytes(protocol, new_images=new)["total"] for new in (True, False)]
+    if protocol == "activations":
+        return f"{base / 2**20:,.1f} MiB"
+    return " / ".join(f"{t / 2**20:,.1f} MiB ({base / t:.1f}x)" for t in cells)
 
 
 def markdown(rows: list[Footprint]) -> str:
@@ -179,6 +232,15 @@ def markdown(rows: list[Footprint]) -> str:
             lambda r: f"{r.step_activation_bytes / 2**20:.2f} MiB ({r.batch}x{r.visual_tokens + r.text_tokens})",
         ),
         ("per split step, down (bf16 gradients)", lambda r: f"{r.step_activation_bytes / 2**20:.2f} MiB"),
+    ]
+    for name in PROTOCOLS:
+        lines.append((f"split step up / down, `{name}`", functools.partial(_step_cell, name)))
+    lines.append(("each image once, cached protocols", lambda r: f"{PROTOCOLS['cached-features'].image_bytes(r.shape()) / 2**20:.2f} MiB"))
+    for name in PROTOCOLS:
+        lines.append((f"one client-round, all bytes (images new / already sent), `{name}`", functools.partial(_round_cell, name)))
+    lines += [
+        ("FedIT upload per round (LoRA r=8 on q,v; fp32)", lambda r: f"{r.lora_params * 4 / 2**20:.2f} MiB ({m(r.lora_params)})"),
+        ("FedDPA-F upload per round (the paper's 180.89M; bf16)", lambda r: f"{PAPER['feddpa_f_upload_params'] * 2 / 2**20:.2f} MiB"),
     ]
     for label, fn in lines:
         out.append(f"| {label} | " + " | ".join(fn(r) for r in rows) + " |")

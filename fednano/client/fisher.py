@@ -8,12 +8,9 @@
 Per-sample gradients come cheaply through the split: the server differentiates
 the *summed* NLL, whose gradient w.r.t. sample i's embeddings is sample i's own
 (samples do not interact in a causal LM batch). The client turns these into
-per-sample adapter gradients in closed form, for the whole batch at once: for an
-adapter y = x + s B(A x) with input rows x_t and output gradients g_t of one sample,
-
-    dL/dB = s sum_t g_t (A x_t)^T        dL/dA = s sum_t (B^T g_t) x_t^T
-
-(two batched contractions, no per-sample backward, no host synchronisation).
+per-sample adapter gradients in closed form, for the whole batch at once (split.parts.sample_grads:
+two batched contractions, no per-sample backward, no host synchronisation). In the cached split
+protocols the server does this for the adapters it applies and sends back only their Fisher sums.
 
     fisher_pass          FedNano: an extra pass over some training samples (empirical or exact)
     FisherFromTraining   FedNano-EF: the mean squared gradient of the training steps (no extra pass)
@@ -34,6 +31,7 @@ from fednano.config import TrainConfig
 from fednano.data.prompts import TokenBatch, training_batch
 from fednano.data.samples import Sample
 from fednano.split.endpoint import LLMEndpoint
+from fednano.split.parts import sample_grads, weighted_squares
 
 
 def accumulate_squared(acc: dict[str, torch.Tensor], grads: dict[str, torch.Tensor], weight: float = 1.0) -> None:
@@ -58,15 +56,13 @@ def mean_fisher(acc: dict[str, torch.Tensor], n: float) -> dict[str, torch.Tenso
 
 
 def adapter_sample_grads(adapter: NanoAdapter, x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-sample gradients of an adapter y = x + s B(A(x)) (eval mode: no dropout).
+    """Per-sample gradients of an adapter y = x + s B(A(x)) (eval mode: no dropout; split.parts.sample_grads).
 
     x: (B, T, d) what the adapter received; g: (B, T, d) d loss / d y, zero where y was not used.
     -> {"A.weight": (B, r, d), "B.weight": (B, d, r)}.
     """
-    h = x @ adapter.A.weight.T  # (B, T, r)
-    gb = g @ adapter.B.weight  # (B, T, r)
-    return {"A.weight": adapter.scale * torch.einsum("btr,btd->brd", gb, x),
-            "B.weight": adapter.scale * torch.einsum("btd,btr->bdr", g, h)}
+    gA, gB = sample_grads((adapter.A.weight, adapter.B.weight, adapter.scale), x, g)
+    return {"A.weight": gA, "B.weight": gB}
 
 
 def empirical_fisher(
@@ -89,18 +85,21 @@ def empirical_fisher(
             text, vis, is_image = edge.adapter_inputs(batch.input_ids, feats)  # (B, T, d) each
             embeds = edge.embed(batch.input_ids, feats)  # (B, T, d)
         # (reduction "sum" brings the whole (B, T, d) gradient back in every protocol: the closed form needs it)
+        weights = rest[0].to(embeds.device, embeds.dtype) if rest else embeds.new_ones(embeds.shape[0])  # (B,)
         parts = edge.parts(batch.input_ids, feats)
+        parts.weights = weights
         _, grad, _ = endpoint.train_step(embeds, batch.attention_mask, batch.labels, reduction="sum", parts=parts)
         with torch.no_grad():
             grad = grad.to(embeds.device, embeds.dtype)  # row i: d (sample i's NLL) / d its embeddings
             slot = is_image.unsqueeze(-1)
-            weights = rest[0].to(grad.device, grad.dtype) if rest else grad.new_ones(grad.shape[0])  # (B,)
             for name, adapter, x, g in (
                 ("adapter_t", edge.adapter_t, text, grad.masked_fill(slot, 0)),
                 ("adapter_i", edge.adapter_i, vis, grad.masked_fill(~slot, 0)),
             ):
                 for p, gs in adapter_sample_grads(adapter, x, g).items():
-                    acc[f"{name}.{p}"] += torch.einsum("b,b...->...", weights, gs**2)
+                    acc[f"{name}.{p}"] += weighted_squares(gs, weights)
+            for k, f in parts.fisher.items():  # the server's share (a cached protocol), where the gradient above is zero
+                acc[k] += f.to(acc[k])
             n += float(weights.sum())
     return mean_fisher(acc, n), n
 

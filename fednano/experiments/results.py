@@ -49,8 +49,14 @@ class RoundRecord:
     client_generated_accuracy: dict[str, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        """The entry, without the optional fields the run does not have."""
-        return {k: v for k, v in asdict(self).items() if v is not None or k in REQUIRED_NONE}
+        """The entry, without the optional fields the run does not have, and the bytes per client."""
+        d = {k: v for k, v in asdict(self).items() if v is not None or k in REQUIRED_NONE}
+        return d | {"bytes_per_client": bytes_per_client(d)}
+
+
+def bytes_per_client(record: dict[str, Any]) -> int:
+    """Every byte of the round (Flower messages and split channel, both ways), per client that trained."""
+    return sum(record["bytes"].values()) // max(1, record["clients_accepted"])
 
 
 REQUIRED_NONE = ("train_loss",)  # None when no client trained, and still recorded
@@ -197,14 +203,15 @@ def round_table(results: dict[str, Any]) -> str:
     rows = []
     if results.get("zero_shot_accuracy") is not None:
         zero_gen = gen(results.get("zero_shot_generated_accuracy"))
-        rows.append(["0 (zero-shot)", f"{results['zero_shot_accuracy']:.4f}", *zero_gen, "", "", ""])
+        rows.append(["0 (zero-shot)", f"{results['zero_shot_accuracy']:.4f}", *zero_gen, "", "", "", ""])
     for r in results["rounds"]:
         ca = list(r["client_accuracy"].values())
         mean = f"{sum(ca) / len(ca):.4f}" if ca else ""
         loss = f"{r['train_loss']:.4f}" if r["train_loss"] is not None else ""
         rows.append([str(r["round"]), f"{r['global_accuracy']:.4f}", *gen(r.get("global_generated_accuracy")), mean, loss,
-                     f"{sum(r['bytes'].values()) / 2**20:.2f}"])
-    head = ["round", "global acc.", *(["global acc. (generated)"] if generated else []), "mean client acc.", "train loss", "MiB moved"]
+                     f"{sum(r['bytes'].values()) / 2**20:.2f}", f"{bytes_per_client(r) / 2**20:.2f}"])
+    head = ["round", "global acc.", *(["global acc. (generated)"] if generated else []), "mean client acc.", "train loss", "MiB moved",
+            "MiB per client"]
     out = markdown_table(head, rows, ["---:"] * len(head))
     cats = results["rounds"][-1].get("global_accuracy_by_category") if results["rounds"] else None
     if cats:

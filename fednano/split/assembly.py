@@ -19,7 +19,7 @@ from torch import nn
 
 from fednano.data.prompts import IMAGE_PLACEHOLDER
 from fednano.split.frames import Frame, FrameError
-from fednano.split.parts import low_rank
+from fednano.split.parts import low_rank, sample_grads, weighted_squares
 
 _FLOAT = (torch.bfloat16, torch.float16, torch.float32)
 _INT = (torch.int64, torch.int32, torch.uint8, torch.bool)
@@ -130,11 +130,23 @@ class Assembled:
     mask: torch.Tensor
     leaves: dict[str, torch.Tensor]
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    inputs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # adapter -> (what it received (B, T, d), where its output is used (B, T))
 
     def grads(self, grad: torch.Tensor) -> dict[str, torch.Tensor]:
         """d loss / d each leaf, from d loss / d embeds: the reply's `grad_<leaf>` tensors."""
         found = torch.autograd.grad(self.embeds, list(self.leaves.values()), grad.to(self.embeds), allow_unused=True)
         return {f"grad_{k}": torch.zeros_like(v) if g is None else g for (k, v), g in zip(self.leaves.items(), found, strict=True)}
+
+    def fisher(self, grad: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The weighted squared per-sample gradients of each adapter applied here (`fisher_<adapter>_A/B`), from the
+        per-sample gradient of the embeddings (B, T, d) (a summed loss: row b is sample b's own)."""
+        out: dict[str, torch.Tensor] = {}
+        for name, (x, used) in self.inputs.items():
+            g = grad.to(x).masked_fill(~used.unsqueeze(-1), 0)
+            A, B, scale = self.adapters[name]
+            per_A, per_B = sample_grads((A.detach(), B.detach(), scale), x, g)
+            out |= {f"fisher_{name}_A": weighted_squares(per_A, weights), f"fisher_{name}_B": weighted_squares(per_B, weights)}
+        return out
 
 
 def assemble(frame: Frame, client: str, cache: FeatureCache, table: nn.Embedding, train: bool) -> Assembled:
@@ -147,13 +159,14 @@ def assemble(frame: Frame, client: str, cache: FeatureCache, table: nn.Embedding
         if (((ids < 0) | (ids >= table.num_embeddings)) & ~slots).any():
             raise FrameError(f"tensor ids: ids must be in [0, {table.num_embeddings}) or the image placeholder {IMAGE_PLACEHOLDER}")
         adapters["adapter_t"] = adapter_of(frame, "adapter_t", hidden, device, train)
-        text, leaves = low_rank(table(ids.clamp(min=0)).float(), adapters["adapter_t"]), {}
+        words = table(ids.clamp(min=0)).float()
+        text, leaves, inputs = low_rank(words, adapters["adapter_t"]), {}, {"adapter_t": (words, ~slots)}
     else:  # cached-features: the text rows come as the client embedded them
         slots = tensor(frame, "slots", _INT, 2).to(device).bool()
         rows = tensor(frame, "text", _FLOAT, 2).to(device, torch.float32).requires_grad_(train)
         if tuple(rows.shape) != (int((~slots).sum()), hidden):
             raise FrameError(f"tensor text: shape {tuple(rows.shape)} != ({int((~slots).sum())} text positions, {hidden})")
-        text, leaves = rows.new_zeros(*slots.shape, hidden).masked_scatter(~slots.unsqueeze(-1), rows), {"text": rows}
+        text, leaves, inputs = rows.new_zeros(*slots.shape, hidden).masked_scatter(~slots.unsqueeze(-1), rows), {"text": rows}, {}
     mask = check_mask(frame, "mask", tuple(slots.shape)).to(device)
     keys, n_slots = keys_of(frame), int(slots.sum())
     vis = cache.get(client, keys).to(torch.float32) if keys else text.new_zeros(0, 1, hidden)
@@ -161,6 +174,7 @@ def assemble(frame: Frame, client: str, cache: FeatureCache, table: nn.Embedding
         raise FrameError(f"meta.image_keys: {len(keys)} images x {vis.shape[1]} tokens != {n_slots} image slots")
     if n_slots:
         text = text.masked_scatter(slots.unsqueeze(-1), low_rank(vis, adapters["adapter_i"]).reshape(-1, hidden))
+        inputs["adapter_i"] = (vis.new_zeros(*slots.shape, hidden).masked_scatter(slots.unsqueeze(-1), vis.reshape(-1, hidden)), slots)
     for name, (A, B, _) in adapters.items():
         leaves |= {f"{name}_A": A, f"{name}_B": B} if train else {}
-    return Assembled(text, mask, leaves, adapters)
+    return Assembled(text, mask, leaves, adapters, inputs)

@@ -116,16 +116,21 @@ class SplitClient:
         self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", *, parts: EdgeParts | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         tensors, meta, scaled = self._inputs(embeds, parts)
+        if "embeds" not in tensors and parts is not None and parts.weights is not None and reduction == "sum":
+            tensors["fisher_weights"] = parts.weights.detach().float()  # a Fisher pass: the server sums its adapters' squares
         reply = self._parts_request(Frame(
             "train", {**tensors, "mask": mask.to(torch.uint8), "labels": labels.to(torch.int32)}, {**meta, "reduction": reduction}, scaled
         ), parts)
         loss, n_tokens = reply.tensors["loss"].float(), int(reply.meta["n_tokens"])
         if "grad" in reply.tensors:
             return loss, reply.tensors["grad"].to(embeds.device, embeds.dtype), n_tokens
-        assert parts is not None  # a parts reply: the adapters' gradients, and the text rows' if they were sent
+        assert parts is not None  # a parts reply: the adapters' gradients (or Fisher sums), and the text rows' if they were sent
         for name in parts.adapters:
             if f"grad_{name}_A" in reply.tensors:
                 parts.add_grads(name, reply.tensors[f"grad_{name}_A"], reply.tensors[f"grad_{name}_B"])
+            for w in ("A", "B"):
+                if f"fisher_{name}_{w}" in reply.tensors:
+                    parts.fisher[f"{name}.{w}.weight"] = reply.tensors[f"fisher_{name}_{w}"]
         grad = torch.zeros_like(embeds)
         if "grad_text" in reply.tensors:
             grad[~parts.is_image] = reply.tensors["grad_text"].to(embeds.device, embeds.dtype)

@@ -26,11 +26,60 @@ LowRank = tuple[torch.Tensor, torch.Tensor, float]  # (A (r, d), B (d, r), scale
 
 
 @dataclass(frozen=True)
+class StepShape:
+    """A training step's shapes, for counting its bytes: `batch` samples of one image (`visual_tokens`) and
+    `text_tokens` each, hidden size d, adapter rank r, `wire_bytes` per activation value (bf16: 2, fp8/int8: 1)."""
+
+    batch: int
+    visual_tokens: int
+    text_tokens: int
+    hidden: int
+    rank: int
+    wire_bytes: int = 2
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * (self.visual_tokens + self.text_tokens)
+
+
+# Adapters (weights up, gradients and Fisher sums down), the loss and the Fisher weights go as float32 on every wire:
+# rounding the adapters' gradients to bf16 costs more than the activations protocol's bf16 wire does (measured:
+# 1.9e-3 vs 1.3e-3 relative error on the tiny model), so the cached protocols stay exact. Ids and labels go as
+# int32, masks as uint8.
+_F32, _I32, _U8 = 4, 4, 1
+
+
+@dataclass(frozen=True)
 class Protocol:
     name: str
     caches_features: bool  # visual tokens cross once per image, as frozen connector outputs
     sends_ids: bool  # text crosses as token ids (the server embeds them), not as embeddings
     reveals: str  # what the server learns beyond the activations protocol (README)
+
+    def step_bytes(self, s: StepShape) -> tuple[int, int]:
+        """Payload bytes (up, down) of one training step as SplitClient sends it (frame headers, a few hundred
+        bytes, not counted); tests/test_protocols.py checks them against encoded frames."""
+        adapter = 2 * s.rank * s.hidden * _F32  # A and B of one adapter
+        text_rows = s.batch * s.text_tokens * s.hidden * s.wire_bytes
+        up, down = s.tokens * (_U8 + _I32), _F32  # mask and labels up; the loss down
+        if not self.caches_features:
+            return up + s.tokens * s.hidden * s.wire_bytes, down + s.tokens * s.hidden * s.wire_bytes
+        if self.sends_ids:
+            return up + s.tokens * _I32 + 2 * adapter, down + 2 * adapter
+        return up + s.tokens * _U8 + text_rows + adapter, down + text_rows + adapter
+
+    def fisher_step_bytes(self, s: StepShape) -> tuple[int, int]:
+        """A Fisher-pass step: activations, the request of a training step and the whole (B, T, d) gradient down; the
+        cached protocols add the rows' weights up and get, for each adapter the server applied, its Fisher sums
+        (the shape of its gradient), and the text rows' gradient if they were sent."""
+        up, down = self.step_bytes(s)
+        if not self.caches_features:
+            return up, _F32 + s.tokens * s.hidden * s.wire_bytes
+        return up + s.batch * _F32, down
+
+    def image_bytes(self, s: StepShape) -> int:
+        """Each image's connector output, sent once (cached protocols)."""
+        return s.visual_tokens * s.hidden * s.wire_bytes if self.caches_features else 0
 
 
 PROTOCOLS: dict[str, Protocol] = {
@@ -49,6 +98,24 @@ def low_rank(x: torch.Tensor, adapter: LowRank) -> torch.Tensor:
     return x + scale * ((x @ A.T) @ B.T)
 
 
+def sample_grads(adapter: LowRank, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample gradients of y = x + s B(A(x)) in closed form (no per-sample backward):
+
+        dL/dB = s sum_t g_t (A x_t)^T        dL/dA = s sum_t (B^T g_t) x_t^T
+
+    x: (B, T, d) what the adapter received; g: (B, T, d) d loss / d y, zero where y was not used.
+    -> (per-sample dL/dA (B, r, d), per-sample dL/dB (B, d, r))."""
+    A, B, scale = adapter
+    h = x @ A.T  # (B, T, r)
+    gb = g @ B  # (B, T, r)
+    return scale * torch.einsum("btr,btd->brd", gb, x), scale * torch.einsum("btd,btr->bdr", g, h)
+
+
+def weighted_squares(per_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_b weights_b * per_sample_b ** 2: one batch's contribution to a diagonal Fisher."""
+    return torch.einsum("b,b...->...", weights.to(per_sample), per_sample**2)
+
+
 def feature_key(features: torch.Tensor) -> str:
     """Content key of one image's connector output (N, d): a hash of its float32 bytes."""
     raw = features.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
@@ -65,6 +132,10 @@ class EdgeParts:
     is_image: torch.Tensor  # (B, T) bool
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # "adapter_i" / "adapter_t" -> (A, B, scale)
     connect: Callable[[], torch.Tensor | None]  # -> (M, N, d) frozen connector outputs, one per image in slot order
+    # a Fisher pass: each row's weight (B,) in; the weighted squared per-sample gradients of the adapters the server
+    # computed them for out ("adapter_i.A.weight" -> (r, d), ...), their positions' gradient then left at zero
+    weights: torch.Tensor | None = None
+    fisher: dict[str, torch.Tensor] = field(default_factory=dict)
     _visual: list = field(default_factory=list, repr=False)
 
     @property

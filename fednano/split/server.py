@@ -265,15 +265,26 @@ class SplitService:
         reduction = frame.meta.get("reduction", "mean")
         if reduction not in ("mean", "sum"):
             raise FrameError(f"meta.reduction must be 'mean' or 'sum', got {reduction!r}")
-        emb, mask, parts = self._inputs(frame, client, train=reduction == "mean")
+        fisher = "fisher_weights" in frame.tensors
+        if fisher and reduction != "sum":
+            raise FrameError("tensor fisher_weights: a Fisher pass needs meta.reduction 'sum'")
+        emb, mask, parts = self._inputs(frame, client, train=reduction == "mean" or fisher)
         labels = self._labels(frame, tuple(mask.shape))
         loss, grad, n_tokens = self.worker.train(emb, mask, labels, reduction)
         # the gradient goes back the way the embeddings came: as one-byte codes if they did
         sent = next((frame.scaled[k] for k in ("embeds", "text") if k in frame.scaled), "")
-        if parts is None or reduction == "sum":  # per-sample gradients (Fisher): the whole (B, T, d) in every protocol
-            return Frame("train", {"loss": loss.reshape(()), "grad": grad}, {"n_tokens": n_tokens}, {"grad": sent} if sent else {})
-        grads = parts.grads(grad)
-        return Frame("train", {"loss": loss.reshape(()), **grads}, {"n_tokens": n_tokens}, {"grad_text": sent} if sent else {})
+        head = {"loss": loss.reshape(())}
+        if parts is None or (reduction == "sum" and not fisher):  # per-sample gradients: the whole (B, T, d)
+            return Frame("train", head | {"grad": grad}, {"n_tokens": n_tokens}, {"grad": sent} if sent else {})
+        if not fisher:
+            out = parts.grads(grad)
+        else:  # the Fisher sums of the adapters applied here; the text rows' per-sample gradient if they came as rows
+            weights = tensor(frame, "fisher_weights", _FLOAT, 1)
+            if weights.shape[0] != mask.shape[0]:
+                raise FrameError(f"tensor fisher_weights: {weights.shape[0]} weights for {mask.shape[0]} rows")
+            out = {"grad_text": parts.grads(grad)["grad_text"]} if "text" in parts.leaves else {}
+            out |= parts.fisher(grad, weights)
+        return Frame("train", head | out, {"n_tokens": n_tokens}, {"grad_text": sent} if sent else {})
 
     def _score(self, frame: Frame, client: str) -> Frame:
         with torch.no_grad():
