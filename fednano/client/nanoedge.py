@@ -114,7 +114,7 @@ class NanoEdge(nn.Module):
         input_ids = input_ids.to(self.device)
         adapters = {name: (a.A.weight, a.B.weight, a.scale) for name, a in (("adapter_i", self.adapter_i), ("adapter_t", self.adapter_t))}
         connect = lambda: None if features is None else self.connector(features)  # noqa: E731 - computed only if sent
-        return EdgeParts(input_ids, input_ids == IMAGE_PLACEHOLDER, adapters, connect)
+        return EdgeParts(input_ids, input_ids == IMAGE_PLACEHOLDER, adapters, connect, features)
 
     def text_adapter(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """NanoAdapter-T as (A (r, d), B (d, r), scale): what a decoder needs to embed each generated token

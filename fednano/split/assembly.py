@@ -130,7 +130,17 @@ class Assembled:
     mask: torch.Tensor
     leaves: dict[str, torch.Tensor]
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
-    inputs: dict[str, tuple[torch.Tensor, torch.Tensor]]  # adapter -> (what it received (B, T, d), where its output is used (B, T))
+    slots: torch.Tensor  # (B, T) image slots
+    words: torch.Tensor | None  # (B, T, d) the table rows NanoAdapter-T received (ids only)
+    visual: torch.Tensor | None  # (M*N, d) the cached features NanoAdapter-I received, in slot order
+
+    def inputs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """adapter -> (what it received, laid out as the sequence (B, T, d), where its output is used (B, T))."""
+        out = {} if self.words is None else {"adapter_t": (self.words, ~self.slots)}
+        if self.visual is not None:
+            placed = self.visual.new_zeros(*self.slots.shape, self.visual.shape[-1]).masked_scatter(self.slots.unsqueeze(-1), self.visual)
+            out["adapter_i"] = (placed, self.slots)
+        return out
 
     def grads(self, grad: torch.Tensor) -> dict[str, torch.Tensor]:
         """d loss / d each leaf, from d loss / d embeds: the reply's `grad_<leaf>` tensors."""
@@ -141,7 +151,7 @@ class Assembled:
         """The weighted squared per-sample gradients of each adapter applied here (`fisher_<adapter>_A/B`), from the
         per-sample gradient of the embeddings (B, T, d) (a summed loss: row b is sample b's own)."""
         out: dict[str, torch.Tensor] = {}
-        for name, (x, used) in self.inputs.items():
+        for name, (x, used) in self.inputs().items():
             g = grad.to(x).masked_fill(~used.unsqueeze(-1), 0)
             A, B, scale = self.adapters[name]
             per_A, per_B = sample_grads((A.detach(), B.detach(), scale), x, g)
@@ -160,21 +170,21 @@ def assemble(frame: Frame, client: str, cache: FeatureCache, table: nn.Embedding
             raise FrameError(f"tensor ids: ids must be in [0, {table.num_embeddings}) or the image placeholder {IMAGE_PLACEHOLDER}")
         adapters["adapter_t"] = adapter_of(frame, "adapter_t", hidden, device, train)
         words = table(ids.clamp(min=0)).float()
-        text, leaves, inputs = low_rank(words, adapters["adapter_t"]), {}, {"adapter_t": (words, ~slots)}
+        text, leaves = low_rank(words, adapters["adapter_t"]), {}
     else:  # cached-features: the text rows come as the client embedded them
         slots = tensor(frame, "slots", _INT, 2).to(device).bool()
         rows = tensor(frame, "text", _FLOAT, 2).to(device, torch.float32).requires_grad_(train)
         if tuple(rows.shape) != (int((~slots).sum()), hidden):
             raise FrameError(f"tensor text: shape {tuple(rows.shape)} != ({int((~slots).sum())} text positions, {hidden})")
-        text, leaves, inputs = rows.new_zeros(*slots.shape, hidden).masked_scatter(~slots.unsqueeze(-1), rows), {"text": rows}, {}
+        words, text, leaves = None, rows.new_zeros(*slots.shape, hidden).masked_scatter(~slots.unsqueeze(-1), rows), {"text": rows}
     mask = check_mask(frame, "mask", tuple(slots.shape)).to(device)
     keys, n_slots = keys_of(frame), int(slots.sum())
     vis = cache.get(client, keys).to(torch.float32) if keys else text.new_zeros(0, 1, hidden)
     if vis.shape[0] * vis.shape[1] != n_slots:
         raise FrameError(f"meta.image_keys: {len(keys)} images x {vis.shape[1]} tokens != {n_slots} image slots")
-    if n_slots:
-        text = text.masked_scatter(slots.unsqueeze(-1), low_rank(vis, adapters["adapter_i"]).reshape(-1, hidden))
-        inputs["adapter_i"] = (vis.new_zeros(*slots.shape, hidden).masked_scatter(slots.unsqueeze(-1), vis.reshape(-1, hidden)), slots)
+    vis = vis.reshape(-1, hidden) if n_slots else None
+    if vis is not None:
+        text = text.masked_scatter(slots.unsqueeze(-1), low_rank(vis, adapters["adapter_i"]))
     for name, (A, B, _) in adapters.items():
         leaves |= {f"{name}_A": A, f"{name}_B": B} if train else {}
-    return Assembled(text, mask, leaves, adapters, inputs)
+    return Assembled(text, mask, leaves, adapters, slots, words, vis)

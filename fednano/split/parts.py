@@ -2,7 +2,7 @@
 
     activations           embeddings (B, T, d) up, their gradient (B, T, d) down       (the paper's split)
     cached-features       each image's frozen connector output up once (the server keeps it, keyed by
-                          its hash); per step the text rows, the image slots, the image keys and
+                          the hash of the image's encoder features); per step the text rows, the image slots, the image keys and
                           NanoAdapter-I's weights up; the text rows' gradient and NanoAdapter-I's
                           gradient down
     cached-features+ids   as cached-features, but the token ids and NanoAdapter-T's weights go up instead
@@ -117,7 +117,8 @@ def weighted_squares(per_sample: torch.Tensor, weights: torch.Tensor) -> torch.T
 
 
 def feature_key(features: torch.Tensor) -> str:
-    """Content key of one image's connector output (N, d): a hash of its float32 bytes."""
+    """Content key of one image: a hash of the float32 bytes of its frozen encoder features (the connector, frozen
+    too, is a function of them; hashing its input rather than its output is cheaper where it widens the features)."""
     raw = features.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
     return hashlib.blake2b(raw, digest_size=16).hexdigest()
 
@@ -132,6 +133,7 @@ class EdgeParts:
     is_image: torch.Tensor  # (B, T) bool
     adapters: dict[str, tuple[torch.Tensor, torch.Tensor, float]]  # "adapter_i" / "adapter_t" -> (A, B, scale)
     connect: Callable[[], torch.Tensor | None]  # -> (M, N, d) frozen connector outputs, one per image in slot order
+    features: torch.Tensor | None = None  # (M, P, C) the frozen encoder features the connector takes (the images' keys)
     # a Fisher pass: each row's weight (B,) in; the weighted squared per-sample gradients of the adapters the server
     # computed them for out ("adapter_i.A.weight" -> (r, d), ...), their positions' gradient then left at zero
     weights: torch.Tensor | None = None
@@ -147,7 +149,8 @@ class EdgeParts:
         return self._visual[0]
 
     def keys(self) -> list[str]:
-        return [] if self.visual is None else [feature_key(v) for v in self.visual]
+        images = self.features if self.features is not None else self.visual
+        return [] if images is None else [feature_key(v) for v in images]
 
     def add_grads(self, name: str, grad_A: torch.Tensor, grad_B: torch.Tensor) -> None:
         """Add the server's gradient of adapter `name`'s weights to their `.grad` (where backward puts it)."""

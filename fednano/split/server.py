@@ -278,11 +278,13 @@ class SplitService:
             return Frame("train", head | {"grad": grad}, {"n_tokens": n_tokens}, {"grad": sent} if sent else {})
         if not fisher:
             out = parts.grads(grad)
+            if "text" in frame.tensors:  # the text rows' gradient in the dtype they came in (bf16 wire: bf16)
+                out["grad_text"] = out["grad_text"].to(frame.tensors["text"].dtype)
         else:  # the Fisher sums of the adapters applied here; the text rows' per-sample gradient if they came as rows
             weights = tensor(frame, "fisher_weights", _FLOAT, 1)
             if weights.shape[0] != mask.shape[0]:
                 raise FrameError(f"tensor fisher_weights: {weights.shape[0]} weights for {mask.shape[0]} rows")
-            out = {"grad_text": parts.grads(grad)["grad_text"]} if "text" in parts.leaves else {}
+            out = {"grad_text": parts.grads(grad)["grad_text"].to(frame.tensors["text"].dtype)} if "text" in parts.leaves else {}
             out |= parts.fisher(grad, weights)
         return Frame("train", head | out, {"n_tokens": n_tokens}, {"grad_text": sent} if sent else {})
 
