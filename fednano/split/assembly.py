@@ -179,10 +179,10 @@ def assemble(frame: Frame, client: str, cache: FeatureCache, table: nn.Embedding
         words, text, leaves = None, rows.new_zeros(*slots.shape, hidden).masked_scatter(~slots.unsqueeze(-1), rows), {"text": rows}
     mask = check_mask(frame, "mask", tuple(slots.shape)).to(device)
     keys, n_slots = keys_of(frame), int(slots.sum())
-    vis = cache.get(client, keys).to(torch.float32) if keys else text.new_zeros(0, 1, hidden)
-    if vis.shape[0] * vis.shape[1] != n_slots:
-        raise FrameError(f"meta.image_keys: {len(keys)} images x {vis.shape[1]} tokens != {n_slots} image slots")
-    vis = vis.reshape(-1, hidden) if n_slots else None
+    images = cache.get(client, keys).to(torch.float32) if keys else text.new_zeros(0, 1, hidden)
+    if images.shape[0] * images.shape[1] != n_slots:
+        raise FrameError(f"meta.image_keys: {len(keys)} images x {images.shape[1]} tokens != {n_slots} image slots")
+    vis = images.reshape(-1, hidden) if n_slots else None
     if vis is not None:
         text = text.masked_scatter(slots.unsqueeze(-1), low_rank(vis, adapters["adapter_i"]))
     for name, (A, B, _) in adapters.items():
