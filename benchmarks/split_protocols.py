@@ -11,6 +11,9 @@
    embeddings from cached features, back-propagating into the adapters, encoding the reply). The LLM's
    forward and backward are the same in every protocol (benchmarks/server_step.py measures them) and are
    not run here.
+3. Lossless compression of the real smol frames of part 1 (a request and its reply per protocol and wire):
+   how much zlib (level 1) and zstd (level 3; `pip install zstandard==0.25.0`, not a FedNano dependency)
+   shrink them, and at what speed on this CPU.
 
     python benchmarks/split_protocols.py [--repeats 5] [--big-repeats 3]
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import zlib
 
 import torch
 from common import machine
@@ -40,6 +44,18 @@ from fednano.split.server import SplitServer
 WIRES = ("bfloat16", "float8_e4m3")
 
 
+class Recording(SplitClient):
+    """A SplitClient that keeps its last training request and reply as they crossed (for part 3)."""
+
+    last: tuple[bytes, bytes] = (b"", b"")
+
+    def request_bytes(self, data: bytes, op: str = "raw") -> Frame:
+        reply = super().request_bytes(data, op)
+        if op == "train":
+            self.last = (data, encode(reply))
+        return reply
+
+
 def smol(repeats: int) -> None:
     cfg = RunConfig()
     bundle = ensure_prepared(cfg)
@@ -53,10 +69,10 @@ def smol(repeats: int) -> None:
     samples = list(by_image.values())[: 8 * repeats]
     batches = [work.train_batch(samples[i : i + 8]) for i in range(0, len(samples), 8)]
     llm = load_server_llm(bundle, torch.bfloat16)
-    rows = []
+    rows, frames = [], []
     with SplitServer(llm) as server:
         for wire in WIRES:
-            clients = {p: SplitClient(server.address, wire, protocol=p) for p in PROTOCOLS}
+            clients = {p: Recording(server.address, wire, protocol=p) for p in PROTOCOLS}
             for c in clients.values():  # the images go up once (cached protocols), and everything is warm
                 for batch, feats in batches:
                     split_step(edge, c, batch, feats)
@@ -72,9 +88,32 @@ def smol(repeats: int) -> None:
                 up, down = ((c.bytes_up["train"] - before[p][0]) / len(batches), (c.bytes_down["train"] - before[p][1]) / len(batches))
                 image = c.bytes_up["features"] / max(1, len(samples))
                 rows.append((wire, p, up, down, image, statistics.median(times[p])))
+                frames.append((wire, p, *c.last))
                 c.close()
     print(f"## smol (SmolLM2-135M bf16, real weights), batch 8, gRPC loopback — {machine(torch.device('cpu'))}\n")
     _table(rows)
+    lossless(frames)
+
+
+def lossless(frames: list[tuple[str, str, bytes, bytes]]) -> None:
+    try:
+        import zstandard
+    except ImportError:
+        zstandard = None
+    codecs = {"zlib-1": lambda b: zlib.compress(b, 1)}
+    if zstandard is not None:
+        codecs["zstd-3"] = zstandard.ZstdCompressor(level=3).compress
+    print("## Lossless compression of real smol training frames (request + reply)\n")
+    print("| wire | protocol | bytes | " + " | ".join(f"{c} size | {c} MB/s" for c in codecs) + " |")
+    print("|---|---|---:|" + "---:|---:|" * len(codecs))
+    for wire, p, req, rep in frames:
+        cells = []
+        for fn in codecs.values():
+            t = time.perf_counter()
+            size = len(fn(req)) + len(fn(rep))
+            cells += [f"{size / (len(req) + len(rep)):.3f}", f"{(len(req) + len(rep)) / (time.perf_counter() - t) / 1e6:,.0f}"]
+        print(f"| {wire} | `{p}` | {len(req) + len(rep):,} | " + " | ".join(cells) + " |")
+    print()
 
 
 def _table(rows: list[tuple]) -> None:

@@ -1,7 +1,9 @@
 """The split-learning channel: client NanoEdge <-> server LLM over gRPC.
 
-endpoint.py  what the client computes against (ServerLLM's `train_step` / `score`)
+endpoint.py  what the client computes against (ServerLLM's `train_step` / `score` / `generate`)
 frames.py    the wire format (raw tensor bytes + a small JSON header) and its checks
+parts.py     the protocols (split.protocol): what crosses per step, and their byte formulas
+assembly.py  the server's side of the cached protocols: the image-feature cache, parts -> embeddings
 server.py    the gRPC service wrapping a ServerLLM (one LLM thread, micro-batches)
-client.py    the client stub, with the same `train_step` / `score` calls as ServerLLM
+client.py    the client stub, with the same `train_step` / `score` / `generate` calls as ServerLLM
 """
