@@ -40,6 +40,7 @@ from fednano.devices import DTYPES, dtype_of
 from fednano.experiments.results import markdown_table
 from fednano.export import ExportError, read_run
 from fednano.split.frames import SCALED, Frame, decode, encode
+from fednano.split.parts import PROTOCOLS
 
 
 # ------------------------------------------------------------------ the attacks (pure)
@@ -85,13 +86,21 @@ def as_received(embeds: torch.Tensor, wire: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def audit(edge: NanoEdge, work: Workload, table: torch.Tensor, samples: list[Sample], pool: list[str], wire: str) -> Leakage:
-    """The three attacks on the training frames `samples` would produce (pool: candidate image paths,
-    holding every image of `samples`)."""
+def audit(edge: NanoEdge, work: Workload, table: torch.Tensor, samples: list[Sample], pool: list[str], wire: str,
+          protocol: str = "activations") -> Leakage:
+    """The three attacks on the training frames `samples` would produce under `protocol` (split.parts; pool:
+    candidate image paths, holding every image of `samples`). The cached protocols send each image's connector
+    output (before NanoAdapter-I), and `cached-features+ids` the token ids themselves."""
     edge.eval()
     batch, feats = work.train_batch(samples)
     received = as_received(edge.embed(batch.input_ids, feats), wire)
     got, n_text = text_recovered(received, batch.input_ids, batch.attention_mask, table)
+    sent = PROTOCOLS[protocol]
+    if sent.sends_ids:
+        got = n_text  # the ids are the text
+    if sent.caches_features and feats is not None:
+        received = received.masked_scatter((batch.input_ids == IMAGE_PLACEHOLDER).unsqueeze(-1).to(received.device),
+                                           as_received(edge.connector(feats), wire).to(received.device))
     n_answer = int((batch.labels != IGNORE_INDEX).sum())
     is_image = batch.input_ids == IMAGE_PLACEHOLDER
     images = [p for s in samples for p in s.images]
@@ -115,9 +124,10 @@ def audit_run(run_dir: Path, per_client: int = 8, pool_size: int = 200, device: 
     work = Workload(side.tokenizer, ImageFeatures(side.edge.vision), side.edge.num_visual_tokens, system_prompt(cfg.data.dataset))
     samples = [s for part in partitions(cfg) for s in part.train[:per_client]]
     pool = _image_pool(cfg, samples, pool_size)
-    out = {"round 0 (adapters at init)": audit(side.edge, work, table, samples, pool, cfg.split.wire_dtype)}
+    how = (cfg.split.wire_dtype, cfg.split.protocol)
+    out = {"round 0 (adapters at init)": audit(side.edge, work, table, samples, pool, *how)}
     side.edge.load_adapter_state(run.adapters)
-    out[f"final (round {cfg.federation.rounds})"] = audit(side.edge, work, table, samples, pool, cfg.split.wire_dtype)
+    out[f"final (round {cfg.federation.rounds})"] = audit(side.edge, work, table, samples, pool, *how)
     return out
 
 

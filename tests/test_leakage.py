@@ -53,3 +53,22 @@ def test_at_init_the_server_reads_every_text_token_and_image_and_the_adapters_ch
     assert init["answer_tokens_in_clear"] == 1.0 and init["answer_tokens"] > 0
     assert final["text_tokens_recovered"] < 1.0  # strong adapters move the embeddings off the table's rows
     assert "text tokens recovered" in (run / "leakage.md").read_text()
+
+
+def test_the_cached_protocols_hand_the_server_the_ids_and_the_connector_outputs(tiny_cfg, tiny_bundle, tmp_path):
+    """The same strong adapters that hide text rows under `activations` hide nothing under
+    `cached-features+ids`: the ids are the text, and each image's connector output (before NanoAdapter-I) is sent."""
+    from fednano.config import load_config
+    from tests.conftest import TINY
+
+    cfg = load_config(TINY, {"model.cache_dir": tiny_cfg.model.cache_dir, "split.protocol": "cached-features+ids"})
+    edge = load_nanoedge(ensure_prepared(cfg) / "client", cfg.adapter).edge
+    randomize_adapters(edge, scale=3.0)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(cfg.to_toml())
+    save_file(edge.adapter_state(), run / "adapters.safetensors")
+    res = CliRunner().invoke(app, ["leakage", str(run), "--per-client", "4", "--pool", "20"])
+    assert res.exit_code == 0, res.output
+    final = json.loads((run / "leakage.json").read_text())["final (round 2)"]
+    assert final["text_tokens_recovered"] == 1.0 and final["image_top1"] == 1.0
