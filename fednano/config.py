@@ -152,6 +152,13 @@ SPLIT_PROTOCOLS = ("activations", "cached-features", "cached-features+ids")  # s
 class DataConfig:
     dataset: str = _f("easy-vqa", "Dataset: 'easy-vqa' (ships inside its package), 'scienceqa', 'iconqa' or 'llava-json' (from `path`).")
     path: str = _f("", "scienceqa / iconqa / llava-json: where the data lies (see README: official layouts, HF parquet, LLaVA JSON).")
+    test_path: str = _f(
+        "", "llava-json: the test file (default: `<stem>_test.json` beside data.path, with data.path's `<stem>_train.json` "
+        "as the training file, when both exist; else data.path split 90/10 by seed)."
+    )
+    image_folder: str = _f(
+        "", "llava-json: the folder the files' image paths are relative to, as LLaVA's --image_folder (default: each file's folder)."
+    )
     train_split: str = _f("train", "Split the clients' data comes from (scienceqa / iconqa: 'train', 'val', ...).")
     test_split: str = _f("test", "Split the global test set comes from.")
     subtasks: str = _f("choose_txt,choose_img,fill_in_blank", "iconqa: comma-separated sub-tasks to load.")
@@ -493,6 +500,7 @@ NODE_SETTINGS: dict[str, tuple[str, str, type]] = {
     "eval-batch-size": ("train", "eval_batch_size", int),
     "device": ("model", "client_device", str),
     "threads": ("federation", "client_cpus", float),
+    "image-folder": ("data", "image_folder", str),
 }
 
 _KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}

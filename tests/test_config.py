@@ -138,8 +138,9 @@ def test_a_node_sets_its_own_batch_size_device_and_threads():
 
     cfg = load_config(TINY)
     mine = with_node_settings(cfg, {"partition-id": 1, "state-dir": "/srv/a", "batch-size": 2, "eval-batch-size": 5,
-                                    "device": "cpu", "threads": 3}, "node 7")
+                                    "device": "cpu", "threads": 3, "image-folder": "/srv/a/images"}, "node 7")
     assert (mine.train.batch_size, mine.train.eval_batch_size, mine.model.client_device, mine.federation.client_cpus) == (2, 5, "cpu", 3.0)
+    assert mine.data.image_folder == "/srv/a/images"
     assert mine.train.local_steps == cfg.train.local_steps and mine.federation == dataclasses.replace(cfg.federation, client_cpus=3.0)
     assert with_node_settings(cfg, {"partition-id": 0}) is cfg  # nothing of its own: the server's config
 

@@ -3,8 +3,10 @@ per-category metrics, malformed data, and a 2-client x 1-round run on each."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -68,6 +70,26 @@ def test_llava_json(tmp_path):
     assert len(task.train) + len(task.test) == 40
     assert task.candidate_sets == {"answers": ["no", "yes"]}
     assert any(not s.images for s in task.train) and any(s.images for s in task.train)
+
+
+def test_llava_json_as_llava_writes_it_images_in_their_own_folder_files_named_freely(tmp_path):
+    """LLaVA's data names images relative to a separate --image_folder (data.image_folder), and the train and test
+    files are any two files (data.path, data.test_path)."""
+    src = make_llava_json(tmp_path / "src")
+    records = json.loads(src.read_text())
+    (tmp_path / "json").mkdir()
+    (tmp_path / "json" / "my-train.json").write_text(json.dumps(records[:30]))
+    (tmp_path / "json" / "held-out.json").write_text(json.dumps(records[30:]))
+    (tmp_path / "pictures").mkdir()
+    shutil.move(tmp_path / "src" / "images", tmp_path / "pictures" / "images")  # images/... no longer beside the JSON
+    d = {"dataset": "llava-json", "path": str(tmp_path / "json" / "my-train.json"), "test_path": str(tmp_path / "json" / "held-out.json")}
+    with pytest.raises(DataError, match=r"my-train.json \[entry 1, id conv-1\]: image file not found: .*json/images/1.png"):
+        llava_json_task(DataConfig(**d))
+    task = llava_json_task(DataConfig(**d, image_folder=str(tmp_path / "pictures")))
+    assert (len(task.train), len(task.test)) == (30, 10)
+    assert all(Path(p).is_file() and "pictures" in p for s in task.train + task.test for p in s.images)
+    with pytest.raises(DataError, match="data.image_folder: .* is not a folder"):
+        llava_json_task(DataConfig(**d, image_folder=str(tmp_path / "nowhere")))
 
 
 def test_accuracy_report_per_category_hand_computed():

@@ -3,13 +3,13 @@
     [{"id": ..., "image": "relative/path.png",            # "image" optional
       "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}]
 
-data.path is the JSON file; images are resolved relative to its folder. The
-first human/gpt exchange of each conversation becomes one sample (later turns
-are not used). Evaluation scores the closed set of
-answers seen in the training file, so it is meaningful for short answers; the
-training loss is reported for any data. The train and test files are
-`<stem>` + `_train.json` / `_test.json` next to data.path when they exist, else
-data.path is split 90/10 by seed.
+data.path is the JSON file (the training file when data.test_path names the test file); images are
+resolved relative to data.image_folder, as LLaVA's own `--image_folder`, or else to each file's folder.
+The first human/gpt exchange of each conversation becomes one sample (later turns are not used).
+Evaluation scores the closed set of answers seen in the training file, so it is meaningful for short
+answers; the training loss is reported for any data. Without data.test_path the train and test files
+are `<stem>` + `_train.json` / `_test.json` next to data.path when they exist, else data.path is
+split 90/10 by seed.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from fednano.data.samples import IMAGE_MARK, DataError, Sample, Task
 SYSTEM = "You are a helpful assistant."
 
 
-def load_llava_json(path: Path, check: Collector) -> list[Sample]:
+def load_llava_json(path: Path, check: Collector, image_folder: Path | None = None) -> list[Sample]:
+    """The samples of one LLaVA JSON file; image paths relative to `image_folder` (default: the file's folder)."""
     records = read_json(path)
+    folder = image_folder if image_folder is not None else path.parent
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a list of conversations")
     out = []
@@ -45,7 +47,7 @@ def load_llava_json(path: Path, check: Collector) -> list[Sample]:
         question = human["value"].strip()
         images: tuple[str, ...] = ()
         if rec.get("image"):
-            img = path.parent / str(rec["image"])
+            img = folder / str(rec["image"])
             problem = check_image(img)
             if problem:
                 check.reject(uid, f"{where}: {problem}")
@@ -63,11 +65,16 @@ def load_llava_json(path: Path, check: Collector) -> list[Sample]:
 def llava_json_task(d: DataConfig, *_: int) -> Task:  # (caption images, prepare seed): easy-vqa's only
     path = Path(os.path.expanduser(d.path))
     check = Collector(d.skip_invalid)
+    folder = Path(os.path.expanduser(d.image_folder)) if d.image_folder else None
+    if folder is not None and not folder.is_dir():
+        raise DataError(f"data.image_folder: {folder} is not a folder")
     train_file, test_file = path.with_name(path.stem + "_train.json"), path.with_name(path.stem + "_test.json")
-    if train_file.exists() and test_file.exists():
-        train, test = load_llava_json(train_file, check), load_llava_json(test_file, check)
+    if d.test_path:
+        train_file, test_file = path, Path(os.path.expanduser(d.test_path))
+    if d.test_path or (train_file.exists() and test_file.exists()):
+        train, test = load_llava_json(train_file, check, folder), load_llava_json(test_file, check, folder)
     else:
-        samples = load_llava_json(path, check)
+        samples = load_llava_json(path, check, folder)
         random.Random(f"{d.seed}-llava-split").shuffle(samples)
         cut = max(1, len(samples) // 10)
         test, train = samples[:cut], samples[cut:]
