@@ -12,6 +12,11 @@
 # federation.round_timeout. CLIENTAPP=package.module:app runs another ClientApp
 # (e.g. one that wraps FedNano's; the tests' makes a client hang): its top-level
 # package is packed into the app next to fednano.
+# Nodes with their own data: ON_NODES=1 sets data.on_nodes, and NODE_CONFIG_<i> is
+# added to SuperNode i's node config, e.g.
+#   ON_NODES=1 NODE_CONFIG_0="dataset='llava-json' data-path='/srv/a/data.json'" \
+#   NODE_CONFIG_1="dataset='scienceqa' data-path='/srv/b/ScienceQA'" deploy/local-federation.sh WORK
+# The run config's own data is then only the server's global test set.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 ROOT=$(mkdir -p "$1" && cd "$1" && pwd)
@@ -37,6 +42,7 @@ cleanup() {
 }
 trap cleanup EXIT
 start() { local log=$1; shift; setsid "$@" >"$log" 2>&1 & PGIDS+=($!); }  # each daemon in its own process group
+node_config() { local v="NODE_CONFIG_$1"; echo "${!v:-}"; }  # what node $1 sets for itself (its own data, ...)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 bash "$REPO/deploy/make-certs.sh" "$ROOT" "$((NODES + 1))"   # the last key stays unregistered
@@ -57,12 +63,14 @@ if [ -n "${CLIENTAPP:-}" ]; then
   sed -i "s|^clientapp = .*|clientapp = \"$CLIENTAPP\"|" app/pyproject.toml
 fi
 find app -name __pycache__ -prune -exec rm -rf {} +
-python3 - "$BASE_CONFIG" "$ROOT/run.toml" "$ROOT" "$NODES" "${ROUND_TIMEOUT:-600}" <<'PY'
+python3 - "$BASE_CONFIG" "$ROOT/run.toml" "$ROOT" "$NODES" "${ROUND_TIMEOUT:-600}" "${ON_NODES:-0}" <<'PY'
 import sys, tomllib
 src, dst, root, nodes, timeout = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.argv[5])
 cfg = tomllib.loads(open(src).read())
 cfg.setdefault("model", {})["cache_dir"] = f"{root}/cache"
 cfg.setdefault("data", {})["num_clients"] = nodes
+if sys.argv[6] == "1":
+    cfg["data"]["on_nodes"] = True
 fed = cfg.setdefault("federation", {})
 fed["round_timeout"] = timeout
 cfg.setdefault("split", {}).update(tls_cert=f"{root}/certs/server.pem", tls_key=f"{root}/certs/server.key", tls_ca=f"{root}/certs/ca.crt")
@@ -83,7 +91,8 @@ grep -q "Uvicorn running" logs/superlink.log || { echo "SuperLink did not start 
 for ((i = 0; i < NODES; i++)); do
   flwr supernode register "keys/node$i.pub" fednano >>logs/register.log 2>&1
   start "logs/supernode$i.log" flower-supernode --root-certificates "$ROOT/certs/ca.crt" --superlink "127.0.0.1:$LINK_PORT" \
-    --auth-supernode-private-key "$ROOT/keys/node$i" --node-config "partition-id=$i num-partitions=$NODES" --port "$(free_port)"
+    --auth-supernode-private-key "$ROOT/keys/node$i" --node-config "partition-id=$i num-partitions=$NODES $(node_config "$i")" \
+    --port "$(free_port)"
 done
 for _ in $(seq 120); do [ "$(flwr supernode list 2>/dev/null | grep -c online)" -ge "$NODES" ] && break; sleep 1; done
 echo "SuperLink on 127.0.0.1:$LINK_PORT (TLS, SuperNode auth), $NODES SuperNodes online"

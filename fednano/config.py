@@ -183,6 +183,11 @@ class DataConfig:
         "(also the model's own greedy answer, by exact match after normalisation; results.json then reports both scores)."
     )
     answer_tokens: int = _f(16, "With scoring = 'generate': the most tokens an answer may have.")
+    on_nodes: bool = _f(
+        False, "Deployment: each node brings its own data (node config data-path, dataset, test-path, image-folder) and trains on "
+        "all of it, keeping its own test split; this config's data is then only the server's global test set, nothing is "
+        "partitioned, and partition.json holds what the nodes report (sample counts and label histograms, no samples)."
+    )
 
     def __post_init__(self) -> None:
         _check(self.dataset in DATASETS, "data.dataset", f"unknown dataset {self.dataset!r}; choose one of {list(DATASETS)}")
@@ -200,7 +205,7 @@ class DataConfig:
 
     def to_key(self) -> str:
         """What the loaded data depends on (how answers are scored does not change it)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("scoring", "answer_tokens")}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("scoring", "answer_tokens", "on_nodes")}
         return json.dumps(fields, sort_keys=True)
 
 
@@ -373,6 +378,11 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check(
+            not (self.data.on_nodes and self.federation.strategy == "centralized"),
+            "data.on_nodes",
+            "'centralized' trains on every client's data on the server, which nodes that keep their own data do not allow",
+        )
+        _check(
             self.split.protocol == "activations" or self.adapter.dropout == 0,
             "split.protocol",
             f"{self.split.protocol!r} needs adapter.dropout = 0 (the server applies the adapters it caches for, without the "
@@ -501,6 +511,10 @@ NODE_SETTINGS: dict[str, tuple[str, str, type]] = {
     "device": ("model", "client_device", str),
     "threads": ("federation", "client_cpus", float),
     "image-folder": ("data", "image_folder", str),
+    # data.on_nodes: the node's own data
+    "dataset": ("data", "dataset", str),
+    "data-path": ("data", "path", str),
+    "test-path": ("data", "test_path", str),
 }
 
 _KIND_NAMES = {int: "an integer", float: "a number", str: "a string"}

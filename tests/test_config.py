@@ -4,7 +4,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fednano.cli import app
-from fednano.config import ConfigError, RunConfig, dump_toml, load_config
+from fednano.config import ConfigError, RunConfig, dump_toml, from_dict, load_config
 from tests.conftest import ROOT, TINY
 
 
@@ -157,3 +157,16 @@ def test_a_bad_node_setting_names_the_node_and_the_key(node_config, needle):
 
     with pytest.raises(ConfigError, match=needle):
         with_node_settings(load_config(TINY), node_config, "node 7")
+
+
+def test_nodes_with_their_own_data_cannot_run_centralized_and_name_their_data():
+    from fednano.config import with_node_settings
+
+    with pytest.raises(ConfigError, match="data.on_nodes: 'centralized' trains on every client's data on the server"):
+        from_dict({"data": {"on_nodes": True}, "federation": {"strategy": "centralized"}})
+    cfg = from_dict({"data": {"on_nodes": True}})
+    own = {"dataset": "llava-json", "data-path": "/srv/a/data.json", "test-path": "/srv/a/held-out.json"}
+    mine = with_node_settings(cfg, own, "node 3")
+    assert (mine.data.dataset, mine.data.path, mine.data.test_path) == ("llava-json", "/srv/a/data.json", "/srv/a/held-out.json")
+    with pytest.raises(ConfigError, match="node 3: node config: .*data.dataset: unknown dataset 'coco'"):
+        with_node_settings(cfg, {"dataset": "coco", "data-path": "/srv/a"}, "node 3")

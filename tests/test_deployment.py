@@ -46,3 +46,38 @@ def test_hung_client_is_dropped_after_the_round_timeout(tmp_path):
     assert drop["reason"] == "no reply within round_timeout=30 s"
     assert "dropped node" in (work / "logs" / "flwr-run.log").read_text()
     assert not subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True).stdout.split()
+
+
+def test_nodes_bring_their_own_data_and_a_malformed_one_is_named(tmp_path):
+    """data.on_nodes over a real deployment: three SuperNodes, each with its own folder made here — LLaVA JSON,
+    ScienceQA in its official layout, and a malformed LLaVA JSON. The round completes with the two good nodes;
+    the bad one's error names its node and file; the server records what the good ones hold, in numbers."""
+    import os
+
+    from tests.conftest import TINY
+    from tests.datasets import make_llava_json, make_scienceqa_official
+
+    cfg = tmp_path / "one-round.toml"
+    cfg.write_text(TINY.read_text().replace("rounds = 2", "rounds = 1"))
+    llava, sqa = make_llava_json(tmp_path / "site-a", n=40), make_scienceqa_official(tmp_path / "site-b")
+    bad = tmp_path / "site-c" / "data.json"
+    bad.parent.mkdir()
+    bad.write_text('[{"id": 1, "conversations": "not a list"}]')
+    work = tmp_path / "federation"
+    env = {**os.environ, "ON_NODES": "1", "NODE_CONFIG_0": f"dataset='llava-json' data-path='{llava}'",
+           "NODE_CONFIG_1": f"dataset='scienceqa' data-path='{sqa}'", "NODE_CONFIG_2": f"dataset='llava-json' data-path='{bad}'"}
+    proc = subprocess.run(["bash", str(ROOT / "deploy" / "local-federation.sh"), str(work), str(cfg), "3"],
+                          capture_output=True, text=True, timeout=600, env=env)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-1500:]}" for p in sorted((work / "logs").glob("*.log")))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + logs
+    res = json.loads((work / "out" / "results.json").read_text())
+    (r,) = res["rounds"]
+    assert r["clients_sampled"] == 3 and r["clients_accepted"] == 2 and r["aggregated"]
+    (rej,) = r["rejected"]
+    assert "site-c/data.json" in rej["reason"] and "needs a 'conversations' list" in rej["reason"]
+    assert set(res["node_data"]) == {"0", "1"}
+    assert res["node_data"]["0"]["train"] + res["node_data"]["0"]["test"] == 40  # all of site-a's conversations, none partitioned away
+    assert res["node_data"]["1"]["labels"] and res["config"]["data"]["on_nodes"] is True
+    part = json.loads((work / "out" / "partition.json").read_text())
+    assert [c["client"] for c in part["clients"]] == [0, 1]
+    assert not subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True).stdout.split()

@@ -70,6 +70,8 @@ def test_tiny_run_two_clients_two_rounds(tiny_bundle, tiny_cache, tmp_path):
         assert r["memory"]["server_peak_rss_bytes"] > 2**20
         assert set(r["memory"]["client_peak_rss_bytes"]) == {"0", "1"}
     assert res["config"]["federation"]["strategy"] == "fednano"
+    # what each client reported holding, in numbers (sizes and the answers' histogram)
+    assert set(res["node_data"]) == {"0", "1"} and all(d["train"] == sum(d["labels"].values()) > 0 for d in res["node_data"].values())
     assert _processes_of(marker, settle=20) == []  # nothing left running: no SuperLink, no Ray
 
     # the same run with the cheapest split protocol: the same adapters, fewer bytes (images up once, ids not embeddings)

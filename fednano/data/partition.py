@@ -98,6 +98,16 @@ def partitions(cfg: RunConfig) -> list[ClientData]:
     return _PARTS[key]
 
 
+def node_data(cfg: RunConfig) -> ClientData:
+    """A node's own data (data.on_nodes; `cfg` carries its node config): every training sample of its task, and
+    its test split, at most data.max_local_test of it (seeded)."""
+    task = load_task(cfg)
+    test = list(task.test)
+    if len(test) > cfg.data.max_local_test:
+        test = random.Random(f"{cfg.data.seed}-node-test").sample(test, cfg.data.max_local_test)
+    return ClientData(list(task.train), test)
+
+
 def client_data(cfg: RunConfig, partition_id: int) -> ClientData:
     parts = partitions(cfg)
     if not 0 <= partition_id < len(parts):

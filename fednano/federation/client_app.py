@@ -19,8 +19,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fednano.config import from_dict, with_node_settings
-from fednano.data.partition import client_data
+from fednano.data.partition import client_data, node_data
+from fednano.data.samples import DataError
 from fednano.devices import describe, peak_host_memory, peak_memory, reset_peak_memory
+from fednano.errors import UserError
 from fednano.federation import keys
 from fednano.methods.registry import Method, method_of
 from fednano.runtime.client import ClientJob, ClientRuntime
@@ -39,17 +41,21 @@ def _runtime(config_json: str, address: str, token: str, ca: str) -> ClientRunti
 
 def _job(msg: Message, context: Context) -> tuple[Method, ClientJob]:
     conf = msg.content.config_records[keys.CONFIG]
-    # the server's run config, with what this node sets for itself (batch size, device, threads)
-    cfg = with_node_settings(from_dict(json.loads(str(conf[keys.RUN_CONFIG])), "run-config"), dict(context.node_config),
-                             f"node {context.node_id}")
-    rt = _runtime(cfg.to_json(), str(conf[keys.SPLIT_ADDRESS]), str(conf.get(keys.SPLIT_TOKEN, "")), str(conf.get(keys.SPLIT_CA, "")))
-    pid = int(keys.number(context.node_config[keys.PARTITION_ID]))
+    node, node_config = f"node {context.node_id}", dict(context.node_config)
+    # the server's run config, with what this node sets for itself (batch size, device, threads, its own data)
+    cfg = with_node_settings(from_dict(json.loads(str(conf[keys.RUN_CONFIG])), "run-config"), node_config, node)
+    if cfg.data.on_nodes and "data-path" not in node_config and cfg.data.dataset != "easy-vqa":
+        raise DataError(f"{node}: data.on_nodes is set, but its node config names no data-path (the node's own data)")
+    try:  # the node's data (its own, or its partition of the simulation's) is read and checked here
+        rt = _runtime(cfg.to_json(), str(conf[keys.SPLIT_ADDRESS]), str(conf.get(keys.SPLIT_TOKEN, "")), str(conf.get(keys.SPLIT_CA, "")))
+        pid = int(keys.number(node_config[keys.PARTITION_ID]))
+        data = node_data(rt.cfg) if cfg.data.on_nodes else client_data(rt.cfg, pid)
+    except UserError as e:
+        raise type(e)(f"{node}: {e}") from None
     # what never leaves the client lives on its own disk: the SuperNode's state-dir, or in simulation the run's folder
-    root = context.node_config.get("state-dir") or conf.get(keys.CLIENT_STATE_DIR, "")
+    root = node_config.get("state-dir") or conf.get(keys.CLIENT_STATE_DIR, "")
     reset_peak_memory(rt.device)  # the peak reported is this message's work
-    return method_of(rt.cfg), ClientJob(
-        rt, client_data(rt.cfg, pid), pid, int(keys.number(conf[keys.SERVER_ROUND])), Path(str(root)) if root else None
-    )
+    return method_of(rt.cfg), ClientJob(rt, data, pid, int(keys.number(conf[keys.SERVER_ROUND])), Path(str(root)) if root else None)
 
 
 def _traffic_delta(job: ClientJob, before: dict[str, int]) -> dict[str, float]:
@@ -104,6 +110,9 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     content[keys.CLIENT_INFO] = ConfigRecord({k: str(v) for k, v in describe(job.rt.device).items()})
+    # what the node holds, in numbers only: sizes and the answers' histogram (never a sample)
+    content[keys.DATA_INFO] = ConfigRecord({"train": len(job.data.train), "test": len(job.data.test),
+                                            "labels": json.dumps(job.data.label_histogram())})
     return Message(content=content, reply_to=msg)
 
 

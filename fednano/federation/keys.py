@@ -16,6 +16,7 @@ FISHER = "fisher"  # ArrayRecord: diagonal Fisher of the same parameters
 METRICS = "metrics"
 CONFIG = "config"
 CLIENT_INFO = "client-info"  # ConfigRecord: the device the client computed on (describe())
+DATA_INFO = "data-info"  # ConfigRecord: what the client holds, in numbers (train, test, labels: a JSON histogram)
 
 RUN_CONFIG = "run-config"  # the full RunConfig as JSON
 SPLIT_ADDRESS = "split-address"

@@ -132,11 +132,25 @@ class ServerRun:
         self.strategy.summary()
         return first
 
+    def _node_data(self, outcomes: list[ClientOutcome]) -> None:
+        """What each client reports holding (sizes, label histogram) into results.json's `node_data`; with
+        data.on_nodes, partition.json and partition.png are drawn from these reports."""
+        seen = self.recorder.data.setdefault("node_data", {})
+        seen.update({str(o.partition_id): o.data for o in outcomes if o.data})
+        if self.cfg.data.on_nodes and seen:
+            rows = [{"client": int(pid), "train": d["train"], "test": d["test"], "answer": d["labels"]} for pid, d in sorted(seen.items())]
+            self._write_rows(rows, "answer")
+
     def _write_partition(self) -> None:
-        """partition.json + partition.png: what each client holds (when the server can see the data)."""
-        rows = summary(partitions(self.cfg), self.cfg.data.partition_by)
-        (self.out_dir / "partition.json").write_text(json.dumps({"partition_by": self.cfg.data.partition_by, "clients": rows}, indent=2))
-        plot_partition(rows, self.cfg.data.partition_by, self.out_dir / "partition.png")
+        """partition.json + partition.png: what each client holds (when the server can see the data; with
+        data.on_nodes the nodes' own reports after each round instead)."""
+        if self.cfg.data.on_nodes:
+            return
+        self._write_rows(summary(partitions(self.cfg), self.cfg.data.partition_by), self.cfg.data.partition_by)
+
+    def _write_rows(self, rows: list[dict], key: str) -> None:
+        (self.out_dir / "partition.json").write_text(json.dumps({"partition_by": key, "clients": rows}, indent=2))
+        plot_partition(rows, key, self.out_dir / "partition.png")
 
     # --- train ---------------------------------------------------------------------------
     def train(self, rnd: int) -> TrainPhase:
@@ -249,6 +263,7 @@ class ServerRun:
         self.recorder.data.setdefault("devices", {}).setdefault("clients", {}).update(
             {str(o.partition_id): o.info for o in train.outcomes if o.info}
         )
+        self._node_data(train.outcomes)
         self.recorder.complete_round(rec, self.global_state, self.strategy.state_dict())
         return rec
 

@@ -10,6 +10,7 @@ its `ServerMemory`, which the server checkpoints with every round.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -37,8 +38,20 @@ class ClientOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
     rejected: str | None = None
     info: dict[str, str] = field(default_factory=dict)  # where the client computed (device, name)
+    data: dict = field(default_factory=dict)  # what it holds, in numbers: {"train", "test", "labels": {answer: count}}
     theta: Tensors | None = None
     fisher: Tensors | None = None
+
+
+def data_info(record: object) -> dict:
+    """A reply's data-info (sizes and the label histogram), checked; {} if the client sent none."""
+    if record is None:
+        return {}
+    rec = dict(record)  # type: ignore[call-overload]
+    labels = json.loads(str(rec["labels"]))
+    if not isinstance(labels, dict) or not all(isinstance(v, int) and v >= 0 for v in labels.values()):
+        raise ValueError("data-info labels must map answers to counts")
+    return {"train": int(keys.number(rec["train"])), "test": int(keys.number(rec["test"])), "labels": labels}
 
 
 def parse_replies(replies: Iterable[Message], arrays: bool = False, fisher: bool = False) -> list[ClientOutcome]:
@@ -55,6 +68,7 @@ def parse_replies(replies: Iterable[Message], arrays: bool = False, fisher: bool
             out.metrics = {k: keys.number(v) for k, v in msg.content.metric_records[keys.METRICS].items()}
             out.partition_id = int(out.metrics.get(keys.PARTITION_ID, -1))
             out.info = {k: str(v) for k, v in msg.content.config_records.get(keys.CLIENT_INFO, {}).items()}
+            out.data = data_info(msg.content.config_records.get(keys.DATA_INFO))
             if arrays:
                 out.theta = msg.content.array_records[keys.ARRAYS].to_torch_state_dict()
             if fisher:
