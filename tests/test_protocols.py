@@ -107,6 +107,22 @@ def test_each_image_goes_up_once_and_again_after_the_server_forgets_it(tiny_edge
             torch.testing.assert_close(again[k], ref[k], atol=1e-6, rtol=1e-5)
 
 
+def test_a_fresh_client_process_does_not_send_what_the_server_holds(tiny_edge, tiny_llm):
+    """A deployed node starts a fresh process per message: its new SplitClient asks which images the server
+    lacks (a few bytes a key) instead of sending them all again."""
+    edge = tiny_edge.edge
+    (b1, f1), _ = _batches(tiny_edge)[0]
+    with SplitServer(tiny_llm) as server:
+        with SplitClient(server.address, "float32", protocol="cached-features") as first:
+            _step(edge, first, b1, f1)
+            sent = first.traffic()["features_up"]
+        with SplitClient(server.address, "float32", protocol="cached-features") as second:
+            _step(edge, second, b1, f1)
+            asked = second.traffic()["features_up"]
+    assert 0 < asked < 400 < sent  # one small question; the first sent 3 images' features
+    assert server.service.features.stats["stored"] == 3
+
+
 def test_a_cache_too_small_for_one_batch_is_a_clear_error(tiny_edge, tiny_llm):
     (b1, f1), _ = _batches(tiny_edge)[0]
     with SplitServer(tiny_llm, SplitConfig(feature_cache_mb=1e-4)) as server, \
@@ -219,8 +235,8 @@ def test_the_byte_formulas_are_the_frames_bytes(tiny_edge, tiny_llm, protocol, m
     p = PROTOCOLS[protocol]
     steps = [(up, down) for op, up, down in sent if op == "train"]
     assert steps == [p.step_bytes(shape), p.fisher_step_bytes(shape)]
-    features = [up for op, up, _ in sent if op == "features"]
-    assert features == ([B * p.image_bytes(shape)] if p.caches_features else [])
+    features = [up for op, up, _ in sent if op == "features"]  # which images do you hold (no tensor), then the new ones
+    assert features == ([0, B * p.image_bytes(shape)] if p.caches_features else [])
 
 
 def test_on_a_bf16_wire_the_cached_protocols_are_no_less_accurate(tiny_edge, tiny_llm):

@@ -26,7 +26,11 @@ _INT = (torch.int64, torch.int32, torch.uint8, torch.bool)
 
 
 class MissingFeatures(FrameError):
-    """The request names image features the cache does not hold (status NOT_FOUND)."""
+    """The request names image features the cache does not hold (status NOT_FOUND); `keys`: which."""
+
+    def __init__(self, message: str, keys: list[str]) -> None:
+        super().__init__(message)
+        self.keys = keys
 
 
 def tensor(frame: Frame, name: str, kinds: tuple, ndim: int) -> torch.Tensor:
@@ -80,13 +84,18 @@ class FeatureCache:
                 self.bytes -= self._items.popitem(last=False)[1].nbytes
                 self.stats["evicted"] += 1
 
+    def missing(self, client: str, keys: list[str]) -> list[str]:
+        """Which of `keys` this client's cache does not hold."""
+        with self._lock:
+            return [k for k in dict.fromkeys(keys) if (client, k) not in self._items]
+
     def get(self, client: str, keys: list[str]) -> torch.Tensor:
         """-> (M, N, d) in key order; raises MissingFeatures naming how many are not held."""
         with self._lock:
             missing = [k for k in keys if (client, k) not in self._items]
             self.stats["misses"] += len(missing)
             if missing:
-                raise MissingFeatures(f"{len(missing)} of {len(keys)} image features are not cached (send them again)")
+                raise MissingFeatures(f"{len(missing)} of {len(keys)} image features are not cached (send them)", missing)
             self.stats["hits"] += len(keys)
             for k in keys:
                 self._items.move_to_end((client, k))
@@ -100,14 +109,17 @@ def keys_of(frame: Frame, name: str = "image_keys") -> list[str]:
     return keys
 
 
-def store_features(frame: Frame, client: str, cache: FeatureCache, hidden: int, device: torch.device) -> int:
-    """The `features` op: connector outputs (K, N, d) under meta.keys -> how many were stored."""
-    feats = tensor(frame, "features", _FLOAT, 3)
+def store_features(frame: Frame, client: str, cache: FeatureCache, hidden: int, device: torch.device) -> dict:
+    """The `features` op: connector outputs (K, N, d) under meta.keys -> {"stored": K}; without the tensor, a
+    question -> {"missing": the keys the cache does not hold}."""
     keys = keys_of(frame, "keys")
+    if "features" not in frame.tensors:
+        return {"missing": cache.missing(client, keys)}
+    feats = tensor(frame, "features", _FLOAT, 3)
     if len(keys) != feats.shape[0] or feats.shape[2] != hidden:
         raise FrameError(f"tensor features: shape {tuple(feats.shape)} != ({len(keys)} keys, N, {hidden})")
     cache.put(client, keys, feats.to(device))
-    return len(keys)
+    return {"stored": len(keys)}
 
 
 def adapter_of(frame: Frame, name: str, hidden: int, device: torch.device, grad: bool) -> tuple[torch.Tensor, torch.Tensor, float]:

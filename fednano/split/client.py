@@ -27,9 +27,10 @@ from fednano.split.server import METHOD
 class SplitChannelError(RuntimeError):
     """The server refused a frame or failed; `status` is the gRPC-style code."""
 
-    def __init__(self, status: str, message: str) -> None:
+    def __init__(self, status: str, message: str, missing: list[str] | None = None) -> None:
         super().__init__(f"split server: {status}: {message}")
         self.status = status
+        self.missing = missing or []  # NOT_FOUND: the image keys the server does not hold
 
 
 class SplitClient:
@@ -40,7 +41,7 @@ class SplitClient:
         """token: the run's split-channel token; root_certificates: PEM of the CA (enables TLS);
         protocol: what crosses per step (split.parts.PROTOCOLS)."""
         self.address, self.protocol = address, PROTOCOLS[protocol]
-        self._sent: set[str] = set()  # image features the server has been sent (it may have evicted some since)
+        self._held: set[str] = set()  # image keys the server is known to hold (this process sent or asked)
         # floats go as this dtype, or (a one-byte type) as scaled codes: Frame.scaled
         self.wire, self.scaled = (torch.float32, wire_dtype) if wire_dtype in SCALED else (DTYPES[wire_dtype], "")
         limit = int(max_frame_mb * 1024 * 1024) + 64 * 1024
@@ -82,7 +83,9 @@ class SplitClient:
         self.calls[op] += 1
         frame = decode(reply)
         if frame.op == "error":
-            raise SplitChannelError(frame.meta.get("status", "UNKNOWN"), frame.meta.get("message", ""))
+            missing = frame.meta.get("missing")
+            raise SplitChannelError(frame.meta.get("status", "UNKNOWN"), frame.meta.get("message", ""),
+                                    [str(k) for k in missing] if isinstance(missing, list) else None)
         return frame
 
     def request(self, frame: Frame) -> Frame:
@@ -169,7 +172,7 @@ class SplitClient:
         if parts is None or not self.protocol.caches_features:
             return {"embeds": embeds.detach().to(self.wire)}, {}, self._scaled("embeds")
         keys = parts.keys()
-        self._send_features(keys, parts)
+        self._ensure_held(keys, parts)
         tensors: dict[str, torch.Tensor] = {}
         meta: dict = {"image_keys": keys}
         for name in ("adapter_i", "adapter_t") if self.protocol.sends_ids else ("adapter_i",):
@@ -181,26 +184,38 @@ class SplitClient:
         text = embeds.detach()[~parts.is_image].to(self.wire)  # (S, d): the rows that are not image slots
         return tensors | {"slots": parts.is_image.to(torch.uint8), "text": text}, meta, self._scaled("text")
 
-    def _send_features(self, keys: list[str], parts: EdgeParts) -> None:
-        """Each image's frozen connector output goes up once (the server caches it under its key)."""
-        new = {k: i for i, k in enumerate(keys) if k not in self._sent}
-        if not new:
+    def _ensure_held(self, keys: list[str], parts: EdgeParts) -> None:
+        """Before a request: of the images this process has not seen the server hold, ask which it lacks (a few
+        bytes a key) and send those. A deployed node starts a fresh process per message; the server's cache
+        outlives it, so what it already holds is not sent again."""
+        unknown = [k for k in dict.fromkeys(keys) if k not in self._held]
+        if not unknown:
             return
+        missing = self.request(Frame("features", meta={"keys": unknown})).meta.get("missing", unknown)
+        if missing:
+            self._send_features(missing, parts)
+        self._held.update(unknown)
+
+    def _send_features(self, keys: list[str], parts: EdgeParts) -> None:
+        """These images' frozen connector outputs go up (the server caches them under their keys)."""
         assert parts.visual is not None
-        feats = parts.visual[list(new.values())].to(self.wire)
-        self.request(Frame("features", {"features": feats}, {"keys": list(new)}, self._scaled("features")))
-        self._sent.update(new)
+        index = {k: i for i, k in enumerate(parts.keys())}
+        feats = parts.visual[[index[k] for k in keys]].to(self.wire)
+        self.request(Frame("features", {"features": feats}, {"keys": keys}, self._scaled("features")))
+        self._held.update(keys)
 
     def _parts_request(self, frame: Frame, parts: EdgeParts | None) -> Frame:
-        """Send; if the server no longer holds some of the images (evicted, or restarted), send them again, once."""
+        """Send; images the server no longer holds (evicted since, or a restarted server) it names in a NOT_FOUND
+        reply: they go up, and the request again, once."""
         try:
             return self.request(frame)
         except SplitChannelError as e:
-            if e.status != "NOT_FOUND" or parts is None:
+            if e.status != "NOT_FOUND" or parts is None or not e.missing:
                 raise
-        keys = frame.meta.get("image_keys", [])
-        self._sent.difference_update(keys)
-        self._send_features(keys, parts)
+            missing = list(dict.fromkeys(k for k in e.missing if k in frame.meta.get("image_keys", [])))
+            if not missing:
+                raise
+        self._send_features(missing, parts)
         return self.request(frame)
 
     def _scaled(self, *names: str) -> dict[str, str]:

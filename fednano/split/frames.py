@@ -151,5 +151,5 @@ def _check_spec(spec: object) -> tuple[str, torch.dtype, list[int], float | None
     return name, DTYPES[dtype], shape, None
 
 
-def error_frame(status: str, message: str) -> Frame:
-    return Frame("error", meta={"status": status, "message": message})
+def error_frame(status: str, message: str, **details: object) -> Frame:
+    return Frame("error", meta={"status": status, "message": message, **details})

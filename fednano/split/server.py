@@ -5,6 +5,7 @@ server answers each with one frame. Ops:
 
     info      -> {hidden_size, vocab_size, dtype}            (handshake)
     features  features (K,N,d), meta keys                 -> {stored}   (parts protocols: cache images)
+              meta keys only                              -> {missing}  (which of them it does not hold)
     train     embeds (B,T,d), mask (B,T), labels (B,T)    -> loss (), grad (B,T,d)
     score     embeds, mask, cand_embeds (K,L,d), cand_ids, cand_mask -> logprobs (B,K)
     generate  embeds, mask, adapter_t_A/B, meta           -> tokens (B,L), -1 padded
@@ -214,7 +215,7 @@ class SplitService:
         try:
             reply = self._dispatch(decode(data, self.max_frame_bytes), client)
         except MissingFeatures as e:
-            reply = error_frame("NOT_FOUND", str(e))
+            reply = error_frame("NOT_FOUND", str(e), missing=e.keys)
         except FrameError as e:
             reply = error_frame("INVALID_ARGUMENT", str(e))
         except Exception as e:
@@ -236,8 +237,7 @@ class SplitService:
                 "info", meta={"hidden_size": self.llm.hidden_size, "vocab_size": self.llm.vocab_size, "dtype": str(self.llm.dtype)}
             )
         if frame.op == "features":
-            stored = store_features(frame, client, self.features, self.llm.hidden_size, self.table.weight.device)
-            return Frame("features", meta={"stored": stored})
+            return Frame("features", meta=store_features(frame, client, self.features, self.llm.hidden_size, self.table.weight.device))
         ops = {"train": self._train, "score": self._score, "generate": self._generate}
         if frame.op not in ops:
             raise FrameError(f"unknown op {frame.op!r} (known: info, features, {', '.join(ops)})")
