@@ -38,6 +38,10 @@ def test_what_the_server_decodes_is_the_wire_dtype():
 
 
 def test_at_init_the_server_reads_every_text_token_and_image_and_the_adapters_change_that(tiny_cfg, tiny_bundle, tmp_path):
+    """Under the activations protocol (the embeddings themselves cross)."""
+    import dataclasses
+
+    tiny_cfg = dataclasses.replace(tiny_cfg, split=dataclasses.replace(tiny_cfg.split, protocol="activations"))
     edge = load_nanoedge(ensure_prepared(tiny_cfg) / "client", tiny_cfg.adapter).edge
     randomize_adapters(edge, scale=3.0)
     run = tmp_path / "run"
