@@ -5,6 +5,9 @@
    training step (images already sent: the cached protocols' steady state), each image's one-off bytes, and
    the seconds of a whole split step (client forward, channel, server LLM, client backward). The protocols
    take turns within each repeat (median of --repeats), so all see the same machine.
+   Then the rest of a client-round, per protocol: the Fisher pass (train.fisher_samples) and the local
+   evaluation (64 questions), alternately, median of --repeats after a warm-up; with the step time, a
+   client-round's time = local_steps x step + Fisher pass + evaluation.
 2. LLaVA-1.5-7B shapes (8 x (576 + 64) tokens, d = 4096, r = 64, vocabulary 32000, random values): the bytes
    of one step from the frames each protocol really encodes, and the seconds of the protocol's own work
    (client: building and encoding the request, decoding the reply; server: decoding, assembling the
@@ -30,9 +33,12 @@ from common import machine
 
 from fednano.backbones.bundle import load_nanoedge, load_server_llm
 from fednano.backbones.prepare import ensure_prepared
+from fednano.client.evaluation import evaluate
 from fednano.client.features import ImageFeatures, Workload
+from fednano.client.fisher import fisher_pass
 from fednano.client.training import split_step
 from fednano.config import RunConfig
+from fednano.data import load_task
 from fednano.data.easyvqa import SYSTEM_PROMPT, load_split
 from fednano.data.prompts import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from fednano.split.assembly import FeatureCache, assemble
@@ -93,6 +99,38 @@ def smol(repeats: int) -> None:
     print(f"## smol (SmolLM2-135M bf16, real weights), batch 8, gRPC loopback — {machine(torch.device('cpu'))}\n")
     _table(rows)
     lossless(frames)
+    step = {p: sec for wire, p, *_, sec in rows if wire == "bfloat16"}
+    client_round(edge, work, llm, cfg, step, repeats)
+
+
+def client_round(edge, work, llm, cfg, step: dict[str, float], repeats: int) -> None:
+    """The Fisher pass and the local evaluation per protocol (bf16 wire), alternately; a client-round's time."""
+    task = load_task(cfg)
+    train, test = task.train[:400], task.test[:64]
+    times: dict[tuple[str, str], list[float]] = {(p, w): [] for p in PROTOCOLS for w in ("fisher", "eval")}
+    with SplitServer(llm) as server:
+        clients = {p: SplitClient(server.address, "bfloat16", protocol=p) for p in PROTOCOLS}
+        for rep in range(repeats + 1):  # the first is a warm-up (the cached protocols send their images then)
+            for p, c in clients.items():
+                t0 = time.perf_counter()
+                fisher_pass(edge, c, train, work, cfg.train, torch.Generator().manual_seed(rep))
+                t1 = time.perf_counter()
+                evaluate(edge, c, test, work, task.candidate_sets, cfg.train.eval_batch_size)
+                if rep:
+                    times[(p, "fisher")].append(t1 - t0)
+                    times[(p, "eval")].append(time.perf_counter() - t1)
+        for c in clients.values():
+            c.close()
+    print(f"## smol: a client-round ({cfg.train.local_steps} steps, a {cfg.train.fisher_samples}-sample Fisher pass, "
+          f"{len(test)} local test questions), bf16 wire\n")
+    print("| protocol | step s | Fisher pass s | evaluation s | client-round s | vs activations |")
+    print("|---|---:|---:|---:|---:|---:|")
+    total = {p: cfg.train.local_steps * step[p] + statistics.median(times[(p, "fisher")]) + statistics.median(times[(p, "eval")])
+             for p in PROTOCOLS}
+    for p in PROTOCOLS:
+        print(f"| `{p}` | {step[p]:.3f} | {statistics.median(times[(p, 'fisher')]):.2f} | {statistics.median(times[(p, 'eval')]):.2f} | "
+              f"{total[p]:.1f} | {total[p] / total['activations']:.3f}x |")
+    print()
 
 
 def lossless(frames: list[tuple[str, str, bytes, bytes]]) -> None:
