@@ -76,9 +76,9 @@ def smol(repeats: int) -> None:
     batches = [work.train_batch(samples[i : i + 8]) for i in range(0, len(samples), 8)]
     llm = load_server_llm(bundle, torch.bfloat16)
     rows, frames = [], []
-    with SplitServer(llm) as server:
+    with SplitServer(llm, secret="bench") as server:  # each client its own id, so each sends its own images
         for wire in WIRES:
-            clients = {p: Recording(server.address, wire, protocol=p) for p in PROTOCOLS}
+            clients = {p: Recording(server.address, wire, protocol=p, token=server.client_token(f"{wire}/{p}")) for p in PROTOCOLS}
             for c in clients.values():  # the images go up once (cached protocols), and everything is warm
                 for batch, feats in batches:
                     split_step(edge, c, batch, feats)
