@@ -187,7 +187,7 @@ def big(repeats: int) -> None:
             if PROTOCOLS[p].caches_features:
                 keys = parts.keys()
                 cache.put("c", keys, decode(encode(Frame("f", {"x": visual.to(client.wire)}, {}, client._scaled("x")))).tensors["x"])
-                client._sent.update(keys)
+                client._held.update(keys)
             t_client, t_server, sizes = [], [], (0, 0)
             for _ in range(repeats):
                 t0 = time.perf_counter()
