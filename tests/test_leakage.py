@@ -37,35 +37,11 @@ def test_what_the_server_decodes_is_the_wire_dtype():
     assert (as_received(x, "int8") - x).abs().max() <= x.abs().max() / 127
 
 
-def test_at_init_the_server_reads_every_text_token_and_image_and_the_adapters_change_that(tiny_cfg, tiny_bundle, tmp_path):
-    """Under the activations protocol (the embeddings themselves cross)."""
+def _audited_run(cfg, tmp_path, protocol: str) -> dict:
+    """`fednano leakage` on a run folder whose final adapters are strong (random, scale 3) under `protocol`."""
     import dataclasses
 
-    tiny_cfg = dataclasses.replace(tiny_cfg, split=dataclasses.replace(tiny_cfg.split, protocol="activations"))
-    edge = load_nanoedge(ensure_prepared(tiny_cfg) / "client", tiny_cfg.adapter).edge
-    randomize_adapters(edge, scale=3.0)
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.toml").write_text(tiny_cfg.to_toml())
-    save_file(edge.adapter_state(), run / "adapters.safetensors")
-    res = CliRunner().invoke(app, ["leakage", str(run), "--per-client", "4", "--pool", "20"])
-    assert res.exit_code == 0, res.output
-    out = json.loads((run / "leakage.json").read_text())
-    init, final = out["round 0 (adapters at init)"], out["final (round 2)"]
-    assert init["text_tokens"] > 0 and init["text_tokens_recovered"] == 1.0  # NanoAdapter-T is the identity at init
-    assert init["image_top1"] == 1.0 and init["images"] == 8 and init["image_pool"] == 20
-    assert init["answer_tokens_in_clear"] == 1.0 and init["answer_tokens"] > 0
-    assert final["text_tokens_recovered"] < 1.0  # strong adapters move the embeddings off the table's rows
-    assert "text tokens recovered" in (run / "leakage.md").read_text()
-
-
-def test_the_cached_protocols_hand_the_server_the_ids_and_the_connector_outputs(tiny_cfg, tiny_bundle, tmp_path):
-    """The same strong adapters that hide text rows under `activations` hide nothing under
-    `cached-features+ids`: the ids are the text, and each image's connector output (before NanoAdapter-I) is sent."""
-    from fednano.config import load_config
-    from tests.conftest import TINY
-
-    cfg = load_config(TINY, {"model.cache_dir": tiny_cfg.model.cache_dir, "split.protocol": "cached-features+ids"})
+    cfg = dataclasses.replace(cfg, split=dataclasses.replace(cfg.split, protocol=protocol))
     edge = load_nanoedge(ensure_prepared(cfg) / "client", cfg.adapter).edge
     randomize_adapters(edge, scale=3.0)
     run = tmp_path / "run"
@@ -74,5 +50,22 @@ def test_the_cached_protocols_hand_the_server_the_ids_and_the_connector_outputs(
     save_file(edge.adapter_state(), run / "adapters.safetensors")
     res = CliRunner().invoke(app, ["leakage", str(run), "--per-client", "4", "--pool", "20"])
     assert res.exit_code == 0, res.output
-    final = json.loads((run / "leakage.json").read_text())["final (round 2)"]
+    assert "text tokens recovered" in (run / "leakage.md").read_text()
+    return json.loads((run / "leakage.json").read_text())
+
+
+def test_at_init_the_server_reads_every_text_token_and_image_and_the_adapters_change_that(tiny_cfg, tiny_bundle, tmp_path):
+    """Under the activations protocol (the embeddings themselves cross)."""
+    out = _audited_run(tiny_cfg, tmp_path, "activations")
+    init, final = out["round 0 (adapters at init)"], out["final (round 2)"]
+    assert init["text_tokens"] > 0 and init["text_tokens_recovered"] == 1.0  # NanoAdapter-T is the identity at init
+    assert init["image_top1"] == 1.0 and init["images"] == 8 and init["image_pool"] == 20
+    assert init["answer_tokens_in_clear"] == 1.0 and init["answer_tokens"] > 0
+    assert final["text_tokens_recovered"] < 1.0  # strong adapters move the embeddings off the table's rows
+
+
+def test_the_cached_protocols_hand_the_server_the_ids_and_the_connector_outputs(tiny_cfg, tiny_bundle, tmp_path):
+    """The same strong adapters that hide text rows under `activations` hide nothing under
+    `cached-features+ids`: the ids are the text, and each image's connector output (before NanoAdapter-I) is sent."""
+    final = _audited_run(tiny_cfg, tmp_path, "cached-features+ids")["final (round 2)"]
     assert final["text_tokens_recovered"] == 1.0 and final["image_top1"] == 1.0

@@ -10,6 +10,7 @@ not hold (never sent, or evicted) is MissingFeatures -> NOT_FOUND, and the clien
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -128,7 +129,7 @@ def adapter_of(frame: Frame, name: str, hidden: int, device: torch.device, grad:
     if A.shape[1] != hidden or tuple(B.shape) != (hidden, A.shape[0]):
         raise FrameError(f"tensors {name}_A {tuple(A.shape)} / {name}_B {tuple(B.shape)}: expected (r, {hidden}) and ({hidden}, r)")
     scale = frame.meta.get(f"scale_{name}")
-    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not torch.isfinite(torch.tensor(float(scale))):
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise FrameError(f"meta.scale_{name} must be a finite number, got {scale!r}")
     leaf = lambda t: t.to(device, torch.float32).requires_grad_(grad)  # noqa: E731
     return leaf(A), leaf(B), float(scale)

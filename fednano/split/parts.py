@@ -139,6 +139,7 @@ class EdgeParts:
     weights: torch.Tensor | None = None
     fisher: dict[str, torch.Tensor] = field(default_factory=dict)
     _visual: list = field(default_factory=list, repr=False)
+    _keys: list = field(default_factory=list, repr=False)
 
     @property
     def visual(self) -> torch.Tensor | None:
@@ -149,8 +150,11 @@ class EdgeParts:
         return self._visual[0]
 
     def keys(self) -> list[str]:
-        images = self.features if self.features is not None else self.visual
-        return [] if images is None else [feature_key(v) for v in images]
+        """Each image's content key, hashed once per batch."""
+        if not self._keys:
+            images = self.features if self.features is not None else self.visual
+            self._keys.append([] if images is None else [feature_key(v) for v in images])
+        return self._keys[0]
 
     def add_grads(self, name: str, grad_A: torch.Tensor, grad_B: torch.Tensor) -> None:
         """Add the server's gradient of adapter `name`'s weights to their `.grad` (where backward puts it)."""
