@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -89,6 +90,16 @@ def peak_memory(device: torch.device) -> int | None:
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux's /proc), or None where that cannot be read."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()  # after the command name
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))  # field 22: start time, in clock ticks
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def peak_host_memory() -> int:

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -55,6 +57,31 @@ def test_dirichlet_partition_is_reproducible_disjoint_and_non_iid():
     assert max(shares) - min(shares) > 0.05
     c = split_clients(pool, _cfg(seed=6))
     assert [len(x.train) for x in c] != [len(x.train) for x in a]
+
+
+def test_a_node_keeps_its_partition_on_disk_and_recomputes_a_damaged_one(tmp_path, monkeypatch):
+    """A deployed node starts a fresh process per message: the partition is read back from its disk,
+    equal to the computed one; another setting is another file; a damaged file is computed again."""
+    import fednano.data.partition as partition
+
+    pool = federated_pool(100, 0)[:2000]
+    fresh = split_clients(pool, _cfg())
+    cached = split_clients(pool, _cfg(), tmp_path)
+    (file,) = (tmp_path / "partitions").iterdir()
+    calls = []
+    real = partition.partition_indices
+    monkeypatch.setattr(partition, "partition_indices", lambda labels, cfg: calls.append(1) or real(labels, cfg))
+    again = split_clients(pool, _cfg(), tmp_path)
+    assert calls == []  # read back, not computed
+    assert [[s.uid for s in c.train + c.test] for c in again] == [[s.uid for s in c.train + c.test] for c in fresh]
+    assert [[s.uid for s in c.train] for c in cached] == [[s.uid for s in c.train] for c in fresh]
+    split_clients(pool, _cfg(dirichlet_alpha=0.5), tmp_path)
+    assert len(list((tmp_path / "partitions").iterdir())) == 2 and calls == [1]
+    for damage in ("[[0, 1], [1", "[[0, 0], [], [], []]", '[[0], [1], [2], [1e9]]', "[[0], [1]]"):
+        file.write_text(damage)
+        again = split_clients(pool, _cfg(), tmp_path)
+        assert [[s.uid for s in c.train] for c in again] == [[s.uid for s in c.train] for c in fresh]
+    assert len(calls) == 5 and json.loads(file.read_text())[0][:3] == real([s.answer for s in pool], _cfg())[0][:3]
 
 
 def test_iid_partition_is_balanced():

@@ -20,6 +20,11 @@ def test_tls_authenticated_federation(tmp_path):
     res = json.loads((work / "out" / "results.json").read_text())
     assert res["final"] and all(r["clients_accepted"] == 2 for r in res["rounds"])
     assert res["rounds"][0]["bytes"]["activations_up"] > 0  # the split channel carried the steps
+    # every message starts a fresh ClientApp process, which reports its start-up; the partition is kept on the node's disk
+    for r in res["rounds"]:
+        for p in [*r["client_phase_seconds"]["train"].values(), *r["client_phase_seconds"]["evaluate"].values()]:
+            assert p["start"] > 0 and p["work"] > 0
+    assert len(list((work / "cache" / "partitions").glob("*.json"))) == 1
     assert "(TLS), token required" in (work / "logs" / "flwr-run.log").read_text()
     assert "Failed to activate SuperNode" in (work / "logs" / "unregistered.log").read_text()
     left = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True).stdout.split()

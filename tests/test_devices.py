@@ -27,6 +27,16 @@ NO_GPU = not torch.cuda.is_available()
 
 
 # ------------------------------------------------------------------ device names
+def test_process_age_counts_from_the_process_start():
+    import subprocess
+    import sys
+
+    code = "import time; time.sleep(1.0); from fednano.devices import process_age; print(process_age())"
+    out = subprocess.run([sys.executable, "-c", code],
+                         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    assert 1.0 <= float(out) < 20.0
+
+
 def test_auto_is_the_cpu_without_a_gpu_and_names_are_checked():
     if NO_GPU:
         assert resolve_device("auto") == torch.device("cpu")

@@ -166,6 +166,10 @@ def test_every_method_runs_end_to_end(tiny_bundle, tiny_cache, tmp_path, method)
         assert set(cga) == {"0", "1"} and r["global_accuracy"] == pytest.approx(sum(cga.values()) / 2)
         _check_client_export(tmp_path / "run", tiny_cache, tmp_path)
     assert len(r["client_seconds"]) == r["clients_sampled"]
+    phases = r["client_phase_seconds"]  # where each client's message time went
+    assert set(phases["train"]) == set(r["client_seconds"]) and set(phases["evaluate"]) == {"0", "1"}
+    for p in [*phases["train"].values(), *phases["evaluate"].values()]:
+        assert {"build", "data", "work"} <= set(p) <= {"start", "build", "data", "work"} and min(p.values()) >= 0
     if m["topology"] == "centralized":  # the one trainer holds every client's training data
         parts = json.loads((tmp_path / "run" / "partition.json").read_text())["clients"]
         assert r["train_examples"] == sum(c["train"] for c in parts)

@@ -4,15 +4,21 @@ flwr-datasets' partitioners on an in-memory Dataset of partition keys:
 IidPartitioner, DirichletPartitioner over `partition_by` (answer, subject,
 subtask, ...), NaturalIdPartitioner (one client per value of the key).
 Everything is a pure function of (samples, config): every client process
-recomputes the same partition from the same seed.
+computes the same partition from the same seed. A deployed node starts a fresh
+process per message, so the indices are also kept on the node's disk
+(`<cache_dir>/partitions/`), keyed by a hash of the partition keys and of the
+settings they depend on: a changed dataset or setting is a new key.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 from fednano.config import DataConfig, RunConfig
 from fednano.data import load_task
@@ -65,12 +71,35 @@ def partition_indices(labels: list[str], cfg: DataConfig) -> list[list[int]]:
     return parts
 
 
-def split_clients(pool: list[Sample], cfg: DataConfig) -> list[ClientData]:
+def cached_partition_indices(labels: list[str], cfg: DataConfig, cache: Path | None) -> list[list[int]]:
+    """partition_indices, kept in `cache` (a folder; None: not kept). A file that does not hold a
+    partition of these samples (truncated, edited) is computed again and replaced."""
+    if cache is None:
+        return partition_indices(labels, cfg)
+    settings = [cfg.partitioner, cfg.partition_by, cfg.num_clients, cfg.dirichlet_alpha, cfg.min_partition_size, cfg.seed]
+    digest = hashlib.sha256(json.dumps([settings, labels]).encode()).hexdigest()[:16]
+    path = cache / "partitions" / f"{digest}.json"
+    try:
+        parts = json.loads(path.read_text())
+        flat = [i for p in parts for i in p]
+        if len(parts) == cfg.num_clients and len(set(flat)) == len(flat) and all(type(i) is int and 0 <= i < len(labels) for i in flat):
+            return parts
+    except (OSError, ValueError, TypeError):
+        pass
+    parts = partition_indices(labels, cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # nodes sharing a disk may write at once: each its own file, then a rename
+    tmp.write_text(json.dumps(parts))
+    os.replace(tmp, path)
+    return parts
+
+
+def split_clients(pool: list[Sample], cfg: DataConfig, cache: Path | None = None) -> list[ClientData]:
     labels = [s.get(cfg.partition_by) for s in pool]
     missing = [s.uid for s, v in zip(pool, labels, strict=True) if not v]
     if missing:
         raise DataError(f"data.partition_by={cfg.partition_by!r}: samples without that field, e.g. {missing[:3]}")
-    parts = partition_indices(labels, cfg)
+    parts = cached_partition_indices(labels, cfg, cache)
     clients = []
     for cid, idx in enumerate(parts):
         rng = random.Random(f"{cfg.seed}-local-test-{cid}")
@@ -94,7 +123,7 @@ def partitions(cfg: RunConfig) -> list[ClientData]:
     (and cached per process)."""
     key = json.dumps([cfg.data.to_key(), cfg.prepare.caption_images, cfg.prepare.seed])
     if key not in _PARTS:
-        _PARTS[key] = split_clients(load_task(cfg).train, cfg.data)
+        _PARTS[key] = split_clients(load_task(cfg).train, cfg.data, cfg.model.resolved_cache_dir)
     return _PARTS[key]
 
 

@@ -43,6 +43,8 @@ class RoundRecord:
     seconds: float
     memory: dict  # peak host memory per side; peak GPU memory on CUDA
     client_global_accuracy: dict[str, float] | None = None  # clients' own states on the global test set ('local')
+    # per message kind (train, evaluate), per client: its time by phase (start, build, data, work)
+    client_phase_seconds: dict[str, dict[str, dict[str, float]]] | None = None
     # data.scoring = "generate": the same evaluations scored by the model's own (generated) answers
     global_generated_accuracy: float | None = None
     global_generated_by_category: dict[str, float] | None = None

@@ -21,7 +21,7 @@ from flwr.clientapp import ClientApp
 from fednano.config import from_dict, with_node_settings
 from fednano.data.partition import client_data, node_data
 from fednano.data.samples import DataError
-from fednano.devices import describe, peak_host_memory, peak_memory, reset_peak_memory
+from fednano.devices import describe, peak_host_memory, peak_memory, process_age, reset_peak_memory
 from fednano.errors import UserError
 from fednano.federation import keys
 from fednano.methods.registry import Method, method_of
@@ -40,22 +40,36 @@ def _runtime(config_json: str, address: str, token: str, ca: str) -> ClientRunti
 
 
 def _job(msg: Message, context: Context) -> tuple[Method, ClientJob]:
+    arrived = time.time()
     conf = msg.content.config_records[keys.CONFIG]
     node, node_config = f"node {context.node_id}", dict(context.node_config)
     # the server's run config, with what this node sets for itself (batch size, device, threads, its own data)
     cfg = with_node_settings(from_dict(json.loads(str(conf[keys.RUN_CONFIG])), "run-config"), node_config, node)
     if cfg.data.on_nodes and "data-path" not in node_config and cfg.data.dataset != "easy-vqa":
         raise DataError(f"{node}: data.on_nodes is set, but its node config names no data-path (the node's own data)")
+    # where this message's time goes: a fresh process's start (interpreter, imports, Flower loading the app)
+    seconds = {"start": process_age() or 0.0} if not _RUNTIMES else {}
     try:  # the node's data (its own, or its partition of the simulation's) is read and checked here
+        t = time.time()
         rt = _runtime(cfg.to_json(), str(conf[keys.SPLIT_ADDRESS]), str(conf.get(keys.SPLIT_TOKEN, "")), str(conf.get(keys.SPLIT_CA, "")))
+        seconds["build"], t = time.time() - t, time.time()
         pid = int(keys.number(node_config[keys.PARTITION_ID]))
         data = node_data(rt.cfg) if cfg.data.on_nodes else client_data(rt.cfg, pid)
+        seconds["data"] = time.time() - t
     except UserError as e:
         raise type(e)(f"{node}: {e}") from None
     # what never leaves the client lives on its own disk: the SuperNode's state-dir, or in simulation the run's folder
     root = node_config.get("state-dir") or conf.get(keys.CLIENT_STATE_DIR, "")
     reset_peak_memory(rt.device)  # the peak reported is this message's work
-    return method_of(rt.cfg), ClientJob(rt, data, pid, int(keys.number(conf[keys.SERVER_ROUND])), Path(str(root)) if root else None)
+    job = ClientJob(rt, data, pid, int(keys.number(conf[keys.SERVER_ROUND])), Path(str(root)) if root else None)
+    job.seconds, job.arrived = seconds, arrived
+    return method_of(rt.cfg), job
+
+
+def _phases(job: ClientJob) -> dict[str, float]:
+    """The message's time by phase (keys.PHASE_PREFIX + start, build, data, work)."""
+    job.seconds["work"] = time.time() - job.arrived - sum(v for k, v in job.seconds.items() if k != "start")
+    return {keys.PHASE_PREFIX + k: round(v, 3) for k, v in job.seconds.items()}
 
 
 def _traffic_delta(job: ClientJob, before: dict[str, int]) -> dict[str, float]:
@@ -91,7 +105,6 @@ def _one_stream(handler: Callable[[Message, Context], Message]) -> Callable[[Mes
 @app.train()
 @_one_stream
 def train(msg: Message, context: Context) -> Message:
-    t0 = time.time()
     method, job = _job(msg, context)
     before = job.rt.traffic()
     update = method.client_train(job, msg.content.array_records[keys.ARRAYS].to_torch_state_dict())
@@ -103,7 +116,8 @@ def train(msg: Message, context: Context) -> Message:
             keys.NUM_EXAMPLES: update.num_examples,
             keys.PARTITION_ID: job.partition,
             keys.TRAIN_LOSS: update.train_loss,
-            keys.SECONDS: time.time() - t0,
+            keys.SECONDS: time.time() - job.arrived,
+            **_phases(job),
             **_traffic_delta(job, before),
             **_memory(job),
             **{k.replace("_", "-"): v for k, v in update.extra.items()},
@@ -132,5 +146,6 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     before = job.rt.traffic()
     res = method.client_evaluate(job, msg.content.array_records[keys.ARRAYS].to_torch_state_dict())
     res.pop("num_examples")
-    metrics = MetricRecord({keys.NUM_EXAMPLES: len(job.data.test), keys.PARTITION_ID: job.partition, **res, **_traffic_delta(job, before)})
+    metrics = MetricRecord({keys.NUM_EXAMPLES: len(job.data.test), keys.PARTITION_ID: job.partition, **res, **_phases(job),
+                             **_traffic_delta(job, before)})
     return Message(content=RecordDict({keys.METRICS: metrics}), reply_to=msg)

@@ -30,6 +30,7 @@ PARTITION_ID = "partition-id"
 TRAIN_LOSS = "train-loss"
 ACCURACY = "accuracy"
 SECONDS = "seconds"
+PHASE_PREFIX = "seconds-"  # + start (a fresh process's age), build (NanoEdge, channel), data (load, check), work
 PEAK_GPU_BYTES = "peak-gpu-bytes"  # CUDA clients: peak memory allocated during the message's work
 PEAK_RSS_BYTES = "peak-rss-bytes"  # the client process's peak resident host memory so far
 # split-channel bytes this reply's work moved (client-side count)

@@ -89,6 +89,12 @@ class EvaluatePhase:
     server_seconds: float = 0.0
 
 
+def _phases(outcomes: list[ClientOutcome]) -> dict[str, dict[str, float]]:
+    """Where each client's message time went, as it reported (start, build, data, work; seconds)."""
+    n = len(keys.PHASE_PREFIX)
+    return {str(o.partition_id): {k[n:]: v for k, v in o.metrics.items() if k.startswith(keys.PHASE_PREFIX)} for o in outcomes if o.metrics}
+
+
 class ServerRun:
     """One federated run on the server: the phases of each round, and what they share."""
 
@@ -217,6 +223,7 @@ class ServerRun:
             seconds=round(time.time() - t0, 2),
             memory=self._memory(train.outcomes),
             client_global_accuracy={pid: r["accuracy"] for pid, r in ev.per_client.items()} or None,
+            client_phase_seconds={"train": _phases(train.outcomes), "evaluate": _phases(self.strategy.last_evaluate)},
             **self._generated(ev, evaluated),
         )
 

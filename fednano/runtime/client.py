@@ -63,6 +63,8 @@ class ClientJob:
     state_dir: Path | None = None  # where the client keeps what never leaves it (FedDPA-F's personal LoRA)
     # this client's sampling stream for this round (training, then the Fisher pass), from the seed
     generator: torch.Generator = field(init=False)
+    seconds: dict[str, float] = field(default_factory=dict)  # where the message's time went, by phase (the ClientApp's)
+    arrived: float = 0.0  # when the message reached the ClientApp (time.time())
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.cfg.federation.seed * 1_000_003 + self.round * 1009 + self.partition)

@@ -1,0 +1,109 @@
+"""Where a deployed round's time goes, against the same round in simulation.
+
+Runs `deploy/local-federation.sh` (a SuperLink and --nodes SuperNodes as separate processes on
+loopback, TLS and SuperNode auth, `flwr run`) on the tiny config for --rounds rounds, then `fednano run`
+(Flower's Ray simulation) on the same config, and prints from both results.json files:
+
+- seconds per round (the first round apart: it builds the simulation's actors);
+- each message kind (train, evaluate) split into what the ClientApp process reported (`start`: a fresh
+  process's age when the message reached FedNano's handler, i.e. interpreter, imports and Flower loading
+  the app; `build`: NanoEdge and split channel; `data`: loading and checking the node's data; `work`) and
+  what is left of the server's wait for the replies (Flower's delivery: the SuperNode's polling, starting
+  the ClientApp process, pushing the reply);
+- the ratio deployed / simulation.
+
+    python benchmarks/deployed_round.py [--rounds 4] [--nodes 2] [--output DIR]
+
+Set FLWR_SUPEREXEC_TASK_POLL_INTERVAL=1 to measure Flower's default polling instead of the script's 0.1 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from common import machine
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = ("start", "build", "data", "work")
+
+
+def config(rounds: int, out: Path) -> Path:
+    text = (ROOT / "configs" / "tiny.toml").read_text().replace("rounds = 2", f"rounds = {rounds}")
+    path = out / "tiny.toml"
+    path.write_text(text)
+    return path
+
+
+def deployed(cfg: Path, nodes: int, out: Path) -> dict:
+    proc = subprocess.run(["bash", str(ROOT / "deploy" / "local-federation.sh"), str(out / "deployed"), str(cfg), str(nodes)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"deployment failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return json.loads((out / "deployed" / "out" / "results.json").read_text())
+
+
+def simulated(cfg: Path, nodes: int, out: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "fednano", "run", "--config", str(cfg), "--output", str(out / "simulated"),
+                           "--set", f"data.num_clients={nodes}"], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "FEDNANO_PROGRESS": "off"})
+    if proc.returncode != 0:
+        raise SystemExit(f"simulation failed:\n{proc.stderr[-3000:]}")
+    return json.loads((out / "simulated" / "results.json").read_text())
+
+
+def breakdown(res: dict) -> dict[str, dict[str, float]]:
+    """Per message kind, the median over rounds after the first of: each client phase (the slowest client's),
+    and the server's wait minus the slowest client's whole time (Flower's delivery)."""
+    rows: dict[str, dict[str, list[float]]] = {}
+    for r in res["rounds"][1:]:
+        for kind, wait in (("train", r["phase_seconds"]["train"]), ("evaluate", r["phase_seconds"]["client_evaluation"])):
+            clients = r.get("client_phase_seconds", {}).get(kind, {})
+            if not clients:
+                continue
+            slowest = max(clients.values(), key=lambda p: sum(p.values()))
+            row = rows.setdefault(kind, {})
+            for k in PHASES:
+                row.setdefault(k, []).append(slowest.get(k, 0.0))
+            row.setdefault("delivery", []).append(wait - sum(slowest.values()))
+            row.setdefault("total", []).append(wait)
+    return {kind: {k: statistics.median(v) for k, v in row.items()} for kind, row in rows.items()}
+
+
+def per_round(res: dict) -> float:
+    return statistics.median(r["seconds"] for r in res["rounds"][1:])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--nodes", type=int, default=2)
+    ap.add_argument("--output", type=Path, default=None)
+    a = ap.parse_args()
+    out = a.output or Path(tempfile.mkdtemp(prefix="fednano-deployed-"))
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = config(a.rounds, out)
+    dep, sim = deployed(cfg, a.nodes, out), simulated(cfg, a.nodes, out)
+    print(f"# deployed vs simulated round, tiny config, {a.nodes} clients, {a.rounds} rounds; {machine(torch.device('cpu'))}")
+    print(f"poll interval FLWR_SUPEREXEC_TASK_POLL_INTERVAL={os.environ.get('FLWR_SUPEREXEC_TASK_POLL_INTERVAL', '0.1 (script)')}\n")
+    print("| | first round s | later rounds s (median) |\n|---|---:|---:|")
+    for name, res in (("deployed", dep), ("simulation", sim)):
+        print(f"| {name} | {res['rounds'][0]['seconds']:.2f} | {per_round(res):.2f} |")
+    print(f"\nratio deployed / simulation, later rounds: {per_round(dep) / per_round(sim):.1f}x; "
+          f"deployed later rounds / simulation's first: {per_round(dep) / sim['rounds'][0]['seconds']:.1f}x\n")
+    print("deployed, per message (slowest client, median of later rounds, seconds):\n")
+    print("| message | " + " | ".join(PHASES) + " | Flower delivery | server waited |\n|---|" + "---:|" * (len(PHASES) + 2))
+    for kind, row in breakdown(dep).items():
+        print(f"| {kind} | " + " | ".join(f"{row[k]:.2f}" for k in (*PHASES, "delivery", "total")) + " |")
+    print(f"\nresults: {out}")
+
+
+if __name__ == "__main__":
+    main()
