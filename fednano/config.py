@@ -188,6 +188,11 @@ class DataConfig:
         "all of it, keeping its own test split; this config's data is then only the server's global test set, nothing is "
         "partitioned, and partition.json holds what the nodes report (sample counts and label histograms, no samples)."
     )
+    server_test: bool = _f(
+        True, "The server scores the zero-shot model and each round's global state on its own global test set (this section's "
+        "data). false (with on_nodes): the server holds no data at all, and the global accuracy is the example-weighted mean "
+        "of the clients' evaluations on their own test splits."
+    )
 
     def __post_init__(self) -> None:
         _check(self.dataset in DATASETS, "data.dataset", f"unknown dataset {self.dataset!r}; choose one of {list(DATASETS)}")
@@ -205,7 +210,7 @@ class DataConfig:
 
     def to_key(self) -> str:
         """What the loaded data depends on (how answers are scored does not change it)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("scoring", "answer_tokens", "on_nodes")}
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("scoring", "answer_tokens", "on_nodes", "server_test")}
         return json.dumps(fields, sort_keys=True)
 
 
@@ -382,6 +387,12 @@ class RunConfig:
             not (self.data.on_nodes and self.federation.strategy == "centralized"),
             "data.on_nodes",
             "'centralized' trains on every client's data on the server, which nodes that keep their own data do not allow",
+        )
+        _check(
+            self.data.server_test or self.data.on_nodes,
+            "data.server_test",
+            "false means the server holds no data and scores with the clients' own test splits, which needs data.on_nodes "
+            "(in simulation the server holds the data it partitions: keep data.server_test = true)",
         )
         _check(
             self.split.protocol == "activations" or self.adapter.dropout == 0,

@@ -170,3 +170,7 @@ def test_nodes_with_their_own_data_cannot_run_centralized_and_name_their_data():
     assert (mine.data.dataset, mine.data.path, mine.data.test_path) == ("llava-json", "/srv/a/data.json", "/srv/a/held-out.json")
     with pytest.raises(ConfigError, match="node 3: node config: .*data.dataset: unknown dataset 'coco'"):
         with_node_settings(cfg, {"dataset": "coco", "data-path": "/srv/a"}, "node 3")
+    # a server without data of its own scores with the clients' test splits, which only nodes with their own data have
+    with pytest.raises(ConfigError, match="data.server_test: false means the server holds no data .* needs data.on_nodes"):
+        from_dict({"data": {"server_test": False}})
+    assert not from_dict({"data": {"on_nodes": True, "server_test": False}}).data.server_test

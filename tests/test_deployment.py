@@ -4,6 +4,8 @@ TLS and SuperNode authentication, the split channel over TLS with a token (~70 s
 import json
 import subprocess
 
+import pytest
+
 from tests.conftest import ROOT
 
 
@@ -38,7 +40,9 @@ def test_hung_client_is_dropped_after_the_round_timeout(tmp_path):
     from tests.conftest import TINY
 
     cfg = tmp_path / "one-round.toml"
-    cfg.write_text(TINY.read_text().replace("rounds = 2", "rounds = 1"))
+    nowhere = tmp_path / "the-server-has-no-data.json"
+    cfg.write_text(TINY.read_text().replace("rounds = 2", "rounds = 1").replace(
+        "[data]\n", f'[data]\ndataset = "llava-json"\npath = "{nowhere}"\non_nodes = true\nserver_test = false\n'))
     work = tmp_path / "federation"
     env = {**os.environ, "FEDNANO_TEST_FAULT": "hang:1:1", "ROUND_TIMEOUT": "30", "CLIENTAPP": "tests.faulty_client:app"}
     proc = subprocess.run(
@@ -56,14 +60,18 @@ def test_hung_client_is_dropped_after_the_round_timeout(tmp_path):
 def test_nodes_bring_their_own_data_and_a_malformed_one_is_named(tmp_path):
     """data.on_nodes over a real deployment: three SuperNodes, each with its own folder made here — LLaVA JSON,
     ScienceQA in its official layout, and a malformed LLaVA JSON. The round completes with the two good nodes;
-    the bad one's error names its node and file; the server records what the good ones hold, in numbers."""
+    the bad one's error names its node and file; the server records what the good ones hold, in numbers. The
+    server has no data of its own (data.server_test = false, its data section names a file that does not exist):
+    the zero-shot and round accuracies are the nodes' evaluations on their own test splits, example-weighted."""
     import os
 
     from tests.conftest import TINY
     from tests.datasets import make_llava_json, make_scienceqa_official
 
     cfg = tmp_path / "one-round.toml"
-    cfg.write_text(TINY.read_text().replace("rounds = 2", "rounds = 1"))
+    nowhere = tmp_path / "the-server-has-no-data.json"
+    cfg.write_text(TINY.read_text().replace("rounds = 2", "rounds = 1").replace(
+        "[data]\n", f'[data]\ndataset = "llava-json"\npath = "{nowhere}"\non_nodes = true\nserver_test = false\n'))
     llava, sqa = make_llava_json(tmp_path / "site-a", n=40), make_scienceqa_official(tmp_path / "site-b")
     bad = tmp_path / "site-c" / "data.json"
     bad.parent.mkdir()
@@ -85,4 +93,7 @@ def test_nodes_bring_their_own_data_and_a_malformed_one_is_named(tmp_path):
     assert res["node_data"]["1"]["labels"] and res["config"]["data"]["on_nodes"] is True
     part = json.loads((work / "out" / "partition.json").read_text())
     assert [c["client"] for c in part["clients"]] == [0, 1]
+    tests = {pid: d["test"] for pid, d in res["node_data"].items()}
+    assert res["data"]["global_test"] == "clients" and not nowhere.exists()
+    assert r["global_accuracy"] == pytest.approx(sum(r["client_accuracy"][p] * n for p, n in tests.items()) / sum(tests.values()))
     assert not subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True).stdout.split()

@@ -172,3 +172,22 @@ def test_fedadam_steps_from_the_merged_update_and_checkpoints_its_moments():
     restored = FedNanoStrategy(cfg)
     restored.load_state_dict(state)
     assert set(restored.memory.opt) == set(s.memory.opt)
+
+
+def test_a_server_without_test_data_reports_the_clients_scores_weighted_by_their_questions(caplog):
+    """data.server_test = false: the global accuracy is the clients' evaluations merged, each weighted by its
+    number of questions, overall and per category (hand-computed); a failed evaluation does not count."""
+    from fednano.federation.server_app import clients_report
+    from fednano.federation.strategy import ClientOutcome
+
+    a = ClientOutcome(1, 0, {keys.ACCURACY: 0.5, keys.NUM_EXAMPLES: 4.0, "acc/subject=NAT": 0.5, "n/subject=NAT": 2.0})
+    b = ClientOutcome(2, 1, {keys.ACCURACY: 1.0, keys.NUM_EXAMPLES: 2.0, "acc/subject=NAT": 1.0, "n/subject=NAT": 1.0,
+                             "acc/subject=SOC": 1.0, "n/subject=SOC": 1.0})
+    failed = ClientOutcome(3, 2, {}, rejected="ClientApp raised: DataError")
+    rep = clients_report([a, b, failed], 3)
+    assert rep["accuracy"] == pytest.approx((0.5 * 4 + 1.0 * 2) / 6)
+    assert rep["num_examples"] == 6
+    assert rep["acc/subject=NAT"] == pytest.approx((0.5 * 2 + 1.0 * 1) / 3) and rep["acc/subject=SOC"] == 1.0
+    with caplog.at_level(logging.WARNING):
+        assert math.isnan(clients_report([failed], 4)["accuracy"])
+    assert "round 4: no client evaluation came back" in caplog.text

@@ -27,7 +27,7 @@ from fednano.experiments.results import BYTES_FIELDS, RoundRecord, RunRecorder, 
 from fednano.federation import keys
 from fednano.federation.strategy import ClientOutcome, FedNanoStrategy
 from fednano.methods.registry import method_of
-from fednano.metrics import GENERATED, by_category
+from fednano.metrics import GENERATED, by_category, merge_reports
 from fednano.progress import progress_bar
 from fednano.runtime.server import ServerSide
 
@@ -89,6 +89,16 @@ class EvaluatePhase:
     server_seconds: float = 0.0
 
 
+def clients_report(outcomes: list[ClientOutcome], rnd: int) -> dict[str, float]:
+    """The clients' evaluations merged, each weighted by its number of questions (overall, per category,
+    generated answers); NaN accuracy when no client's evaluation came back."""
+    ok = [o for o in outcomes if not o.rejected and keys.ACCURACY in o.metrics]
+    if not ok:
+        log.warning("round %d: no client evaluation came back: the global accuracy is unknown (NaN)", rnd)
+        return {"accuracy": float("nan")}
+    return merge_reports([{**o.metrics, "num_examples": o.metrics[keys.NUM_EXAMPLES]} for o in ok])
+
+
 def _phases(outcomes: list[ClientOutcome]) -> dict[str, dict[str, float]]:
     """Where each client's message time went, as it reported (start, build, data, work; seconds)."""
     n = len(keys.PHASE_PREFIX)
@@ -120,23 +130,27 @@ class ServerRun:
             done, self.global_state, strategy_state = saved
             self.strategy.load_state_dict(strategy_state)
             log.info("resuming %s after round %d of %d", self.out_dir, done, self.cfg.federation.rounds)
-            first = done + 1
-        else:
-            zero, _ = self.method.topology.evaluate(self.part, self.side, self.global_state, self.strategy.memory)
-            log.info("zero-shot accuracy of the prepared MLLM on %d global test questions: %.4f", len(self.side.test), zero["accuracy"])
-            task = self.side.task
-            if GENERATED in zero:
-                log.info("zero-shot accuracy of its generated answers: %.4f", zero[GENERATED])
-                self.recorder.set(zero_shot_generated_accuracy=zero[GENERATED])
-            self.recorder.set(zero_shot_accuracy=zero["accuracy"], zero_shot_by_category=by_category(zero), bundle=str(self.side.bundle),
-                              devices={"server": self.side.devices()},
-                              data={"dataset": task.name, "train_pool": len(task.train), "global_test": len(self.side.test),
-                                    "skipped": len(task.skipped), "skipped_samples": task.skipped})
-            first = 1
+        elif self.cfg.data.server_test:  # scored while the nodes come up
+            self._zero_shot(self.method.topology.evaluate(self.part, self.side, self.global_state, self.strategy.memory)[0])
         wait_for_nodes(self.grid, self.cfg.data.num_clients, self.cfg.federation.round_timeout)
         self.strategy.node_partition.update(identify_partitions(self.grid, self.cfg.federation.round_timeout))
         self.strategy.summary()
-        return first
+        if saved is None and not self.cfg.data.server_test:  # the server holds no test set: the clients score it
+            self._zero_shot(self.evaluate(0).report)
+        return 1 if saved is None else saved[0] + 1
+
+    def _zero_shot(self, zero: dict[str, float]) -> None:
+        task = self.side.task
+        n = len(self.side.test) if task else zero.get("num_examples", 0)
+        where = f"{n:.0f} " + ("global test questions" if task else "questions of the clients' own test splits")
+        log.info("zero-shot accuracy of the prepared MLLM on %s: %.4f", where, zero["accuracy"])
+        if GENERATED in zero:
+            log.info("zero-shot accuracy of its generated answers: %.4f", zero[GENERATED])
+            self.recorder.set(zero_shot_generated_accuracy=zero[GENERATED])
+        data = ({"dataset": task.name, "train_pool": len(task.train), "global_test": len(self.side.test), "skipped": len(task.skipped),
+                 "skipped_samples": task.skipped} if task else {"dataset": self.cfg.data.dataset, "global_test": "clients"})
+        self.recorder.set(zero_shot_accuracy=zero["accuracy"], zero_shot_by_category=by_category(zero), bundle=str(self.side.bundle),
+                          devices={"server": self.side.devices()}, data=data)
 
     def _node_data(self, outcomes: list[ClientOutcome]) -> None:
         """What each client reports holding (sizes, label histogram) into results.json's `node_data`; with
@@ -184,12 +198,16 @@ class ServerRun:
 
     # --- evaluate --------------------------------------------------------------------------
     def evaluate(self, rnd: int) -> EvaluatePhase:
-        """Clients score the new state on their local test splits; the server on the global test set."""
+        """Clients score the new state on their local test splits; the server on the global test set (with
+        data.server_test = false, the global accuracy is the clients' scores, example-weighted)."""
         sent = list(self.strategy.configure_evaluate(rnd, ArrayRecord(self.global_state), ConfigRecord(dict(self.base_config)), self.grid))
         t1 = time.time()
         self.strategy.aggregate_evaluate(rnd, self.grid.send_and_receive(sent, timeout=self.cfg.federation.round_timeout))
         t2 = time.time()
-        report, per_client = self.method.topology.evaluate(self.part, self.side, self.global_state, self.strategy.memory)
+        if self.cfg.data.server_test:
+            report, per_client = self.method.topology.evaluate(self.part, self.side, self.global_state, self.strategy.memory)
+        else:  # the server holds no test set
+            report, per_client = clients_report(self.strategy.last_evaluate, rnd), {}
         return EvaluatePhase(sent, report, per_client, t2 - t1, time.time() - t2)
 
     # --- record ----------------------------------------------------------------------------

@@ -17,8 +17,8 @@ from fednano.backbones.prepare import bundle_dir, ensure_prepared
 from fednano.client.evaluation import Scoring, evaluate
 from fednano.client.features import ImageFeatures, Workload
 from fednano.config import RunConfig
-from fednano.data import load_task
-from fednano.data.samples import DataError
+from fednano.data import load_task, system_prompt
+from fednano.data.samples import DataError, Task
 from fednano.devices import describe, dtype_of, resolve_device
 from fednano.progress import progress_bar
 from fednano.split.endpoint import LLMEndpoint
@@ -32,7 +32,8 @@ def preflight(cfg: RunConfig) -> None:
     resolve_device(cfg.model.server_device, "model.server_device")
     d, m = cfg.data, cfg.model
     try:
-        load_task(cfg)  # cached: the run reuses it
+        if d.server_test:  # else the server reads no data at all
+            load_task(cfg)  # cached: the run reuses it
     except DataError as e:
         where = f"data.dataset={d.dataset!r}" + (f", data.path={d.path!r}" if d.path else "")
         raise DataError(f"{where}: {e}") from None
@@ -54,7 +55,8 @@ class ServerSide:
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         device = resolve_device(cfg.model.server_device, "model.server_device")
-        self.task = load_task(cfg)  # bad data fails here, before the backbone is prepared or loaded
+        # bad data fails here, before the backbone is prepared or loaded; with data.server_test = false the server reads none
+        self.task: Task | None = load_task(cfg) if cfg.data.server_test else None
         self.bundle = ensure_prepared(cfg)
         self.llm = load_server_llm(self.bundle, dtype_of(cfg.model.llm_dtype), device, cfg.model.server_device_map)
         sc = cfg.split
@@ -63,8 +65,9 @@ class ServerSide:
         self.split = SplitServer(self.llm, sc, secret=self.secret, tls=tls).start()
         self.address = sc.advertised_address or self.split.address
         owner = load_nanoedge(self.bundle / "client", cfg.adapter, self.llm.device)  # the server's own copy, next to its LLM
-        self.edge, self.test = owner.edge, self.task.test
-        self.work = Workload(owner.tokenizer, ImageFeatures(self.edge.vision), self.edge.num_visual_tokens, self.task.system)
+        self.edge, self.test = owner.edge, self.task.test if self.task else []
+        self.work = Workload(owner.tokenizer, ImageFeatures(self.edge.vision), self.edge.num_visual_tokens,
+                             self.task.system if self.task else system_prompt(cfg.data.dataset))
         self.endpoint: LLMEndpoint = self.split.service.worker.endpoint()  # the LLM, on its one thread
 
     def on_llm_thread(self, fn: Callable[[], Any]) -> Any:
@@ -77,6 +80,8 @@ class ServerSide:
 
     def evaluate(self, endpoint: LLMEndpoint, desc: str = "global evaluation") -> dict[str, float]:
         """Accuracy on the global test set of what the server's NanoEdge and `endpoint` hold now."""
+        if self.task is None:
+            raise RuntimeError("data.server_test = false: the server holds no test set; the clients evaluate")
         scoring = Scoring.of(self.cfg.data, self.task)
         with progress_bar(len(self.test) * scoring.passes, desc) as bar:
             return evaluate(self.edge, endpoint, self.test, self.work, self.task.candidate_sets, self.cfg.train.eval_batch_size,
