@@ -2,6 +2,8 @@
 
     fedavg:       theta = sum_k n_k theta_k / sum_k n_k
     fisher_merge: theta = sum_k n_k F_k theta_k / sum_k n_k F_k     (element-wise)
+    product_merge + low_rank_factors (fednano-product): the adapters' products P_k = B_k A_k merged
+                  with Kronecker-factored importance w_k = n_k (r_k c_k^T), then re-factorised to rank r
 
 FedAvg on the same NanoAdapters is exactly "FedNano without Fisher".
 `validate_update` is the gate every client reply passes before it is merged. Which of these a
@@ -59,6 +61,34 @@ def fisher_merge(
             den += w
         out[k] = (num / den).to(thetas[0][k].dtype)
     return out
+
+
+def product_merge(products: Sequence[torch.Tensor], rows: Sequence[torch.Tensor], cols: Sequence[torch.Tensor],
+                  n_examples: Sequence[float], floor: float = 1e-6) -> torch.Tensor:
+    """P = sum_k w_k * P_k / sum_k w_k (element-wise), w_k = n_k * max(r_k c_k^T, floor): each client's product
+    (d_out, d_in) weighted by a per-row (d_out,) times per-column (d_in,) importance, in float64."""
+    if not products or not (len(products) == len(rows) == len(cols) == len(n_examples)):
+        raise ValueError("product_merge needs one row and one column importance and one example count per client")
+    num = torch.zeros_like(products[0], dtype=torch.float64)
+    den = torch.zeros_like(num)
+    for p, r, c, n in zip(products, rows, cols, n_examples, strict=True):
+        w = float(n) * torch.outer(r.double(), c.double()).clamp(min=floor)
+        num += w * p.double()
+        den += w
+    return num / den
+
+
+def low_rank_factors(product: torch.Tensor, rank: int, fallback_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with B A the best rank-`rank` approximation of `product` (truncated SVD, sqrt of the singular
+    values on each side). A direction with no singular value left keeps `fallback_a`'s row in A and 0 in B:
+    B A is unchanged, and the direction can still learn (A = 0 there would freeze it for good)."""
+    u, sv, vh = torch.linalg.svd(product.double(), full_matrices=False)
+    u, sv, vh = u[:, :rank], sv[:rank], vh[:rank]
+    root = sv.sqrt()
+    a, b = root[:, None] * vh, u * root
+    dead = sv <= sv.max().clamp(min=torch.finfo(torch.float64).tiny) * 1e-10
+    a[dead], b[:, dead] = fallback_a.double()[dead], 0.0
+    return a, b
 
 
 def update_norm(reference: Tensors, theta: Tensors) -> float:

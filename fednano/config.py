@@ -35,7 +35,8 @@ def default_cache_dir() -> str:
 
 BACKBONES = ("smol", "tiny", "compose", "llava", "blip2")
 # The federated methods, in the registry's order (their behaviour: fednano/methods/registry.py).
-METHOD_NAMES = ("fednano", "fednano-ef", "fedavg", "fedprox", "fedadam", "fedyogi", "local", "centralized", "fedit-lora", "feddpa-f")
+METHOD_NAMES = ("fednano", "fednano-ef", "fednano-product", "fednano-ffa",
+                "fedavg", "fedprox", "fedadam", "fedyogi", "local", "centralized", "fedit-lora", "feddpa-f")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 DEVICE_MAPS = ("", "auto", "balanced", "balanced_low_0", "sequential")
 

@@ -3,7 +3,16 @@ import math
 import pytest
 import torch
 
-from fednano.aggregation import fedavg, fisher_merge, normalize_fisher, proximal_term, server_opt_step, validate_update
+from fednano.aggregation import (
+    fedavg,
+    fisher_merge,
+    low_rank_factors,
+    normalize_fisher,
+    product_merge,
+    proximal_term,
+    server_opt_step,
+    validate_update,
+)
 from fednano.methods.registry import METHODS
 
 
@@ -60,16 +69,18 @@ def test_normalized_merge_ignores_fisher_scale():
 
 def test_registry():
     assert {k: tuple(m.describe().values()) for k, m in METHODS.items()} == {
-        "fednano": ("pass", False, "", "federated", "nanoedge", False),
-        "fednano-ef": ("training", False, "", "federated", "nanoedge", False),
-        "fedavg": ("none", False, "", "federated", "nanoedge", False),
-        "fedprox": ("none", True, "", "federated", "nanoedge", False),
-        "fedadam": ("none", False, "adam", "federated", "nanoedge", False),
-        "fedyogi": ("none", False, "yogi", "federated", "nanoedge", False),
-        "local": ("none", False, "", "local", "nanoedge", False),
-        "centralized": ("none", False, "", "centralized", "nanoedge", False),
-        "fedit-lora": ("none", False, "", "federated", "full-mllm", False),
-        "feddpa-f": ("none", False, "", "federated", "full-mllm", True),
+        "fednano": ("fisher", "pass", False, "", "federated", "nanoedge", False),
+        "fednano-ef": ("fisher", "training", False, "", "federated", "nanoedge", False),
+        "fednano-product": ("fisher-product", "pass", False, "", "federated", "nanoedge", False),
+        "fednano-ffa": ("fisher", "pass", False, "", "federated", "nanoedge-ffa", False),
+        "fedavg": ("average", "none", False, "", "federated", "nanoedge", False),
+        "fedprox": ("average", "none", True, "", "federated", "nanoedge", False),
+        "fedadam": ("average", "none", False, "adam", "federated", "nanoedge", False),
+        "fedyogi": ("average", "none", False, "yogi", "federated", "nanoedge", False),
+        "local": ("average", "none", False, "", "local", "nanoedge", False),
+        "centralized": ("average", "none", False, "", "centralized", "nanoedge", False),
+        "fedit-lora": ("average", "none", False, "", "federated", "full-mllm", False),
+        "feddpa-f": ("average", "none", False, "", "federated", "full-mllm", True),
     }
 
 
@@ -177,3 +188,90 @@ def test_update_norm_bound():
     problems = validate_update(ref, {"w": torch.tensor([30.0, 40.0])}, None, 1, max_norm=5.0)
     assert problems == ["update norm 50 exceeds federation.max_update_norm=5"]
     assert validate_update(ref, {"w": torch.tensor([30.0, 40.0])}, None, 1) == []  # 0 = no bound
+
+
+# ------------------------------------------------------------------ fednano-product and fednano-ffa
+def test_product_merge_hand_computed():
+    """w_k = n_k r_k c_k^T: entry (0, 0) weighs client 0 by 1*1*1 and client 1 by 1*3*1; entry (1, 1) by 1*1*2 and 1*1*2."""
+    p0, p1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[5.0, 2.0], [4.0, 3.0]])
+    rows, cols = [torch.tensor([1.0, 1.0]), torch.tensor([3.0, 1.0])], [torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0])]
+    out = product_merge([p0, p1], rows, cols, [1, 1])
+    # (0,0): (1*1 + 3*5)/4 = 4; (0,1): (2*0 + 6*2)/8 = 1.5; (1,0): (1*0 + 1*4)/2 = 2; (1,1): (2*1 + 2*3)/4 = 2
+    assert torch.allclose(out, torch.tensor([[4.0, 1.5], [2.0, 2.0]], dtype=torch.float64))
+    # example counts scale a client's whole weight: n = (3, 1) with equal importance is the weighted average
+    ones = [torch.ones(2), torch.ones(2)]
+    assert torch.allclose(product_merge([p0, p1], ones, ones, [3, 1]), (3 * p0 + p1).double() / 4)
+
+
+def test_low_rank_factors_is_the_truncated_svd_and_keeps_dead_directions_trainable():
+    g = torch.Generator().manual_seed(0)
+    full = torch.randn(6, 5, generator=g, dtype=torch.float64)
+    a, b = low_rank_factors(full, 2, torch.zeros(2, 5))
+    u, s, vh = torch.linalg.svd(full, full_matrices=False)
+    assert torch.allclose(b @ a, u[:, :2] @ torch.diag(s[:2]) @ vh[:2], atol=1e-12)  # Eckart-Young: the best rank-2 product
+    assert torch.allclose(a @ a.T, torch.diag(s[:2]), atol=1e-12) and torch.allclose(b.T @ b, torch.diag(s[:2]), atol=1e-12)
+    # a rank-1 product at rank 2: the second direction keeps the fallback's A row and B = 0 there
+    fallback = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    rank1 = torch.outer(torch.randn(6, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64))
+    a, b = low_rank_factors(rank1, 2, fallback)
+    assert torch.allclose(b @ a, rank1, atol=1e-12) and torch.equal(a[1], fallback[1]) and not b[:, 1].any()
+    a, b = low_rank_factors(torch.zeros(6, 5, dtype=torch.float64), 2, fallback)  # nothing learnt yet: A as it was, B = 0
+    assert torch.equal(a, fallback) and not b.any()
+
+
+def _adapters(g, d=6, r=2):
+    return {"adapter_i.A.weight": torch.randn(r, d, generator=g), "adapter_i.B.weight": torch.randn(d, r, generator=g),
+            "adapter_t.A.weight": torch.randn(r, d, generator=g), "adapter_t.B.weight": torch.randn(d, r, generator=g)}
+
+
+def _product(state, name):
+    return state[f"{name}.B.weight"].double() @ state[f"{name}.A.weight"].double()
+
+
+def test_product_merging_with_equal_importance_is_the_rank_r_svd_of_the_average_product():
+    from fednano.config import FederationConfig
+    from fednano.methods.combiners import ProductMerge, ServerMemory
+
+    g = torch.Generator().manual_seed(1)
+    thetas = [_adapters(g) for _ in range(3)]
+    same = {k: torch.ones_like(v) for k, v in thetas[0].items()}
+    n = [4.0, 1.0, 3.0]
+    merged = ProductMerge()(thetas[0], thetas, [same] * 3, n, FederationConfig(), ServerMemory())
+    assert set(merged) == set(thetas[0]) and all(merged[k].shape == thetas[0][k].shape for k in merged)
+    for name in ("adapter_i", "adapter_t"):
+        average = sum(w * _product(t, name) for w, t in zip(n, thetas, strict=True)) / sum(n)
+        u, s, vh = torch.linalg.svd(average, full_matrices=False)
+        assert torch.allclose(_product(merged, name), u[:, :2] @ torch.diag(s[:2]) @ vh[:2], atol=1e-5)
+        # which is not what averaging the factors gives
+        factors = fedavg(thetas, n)
+        assert not torch.allclose(_product(factors, name), average, atol=1e-2)
+
+
+def test_product_merging_one_client_returns_its_product():
+    from fednano.config import FederationConfig
+    from fednano.methods.combiners import ProductMerge, ServerMemory
+
+    g = torch.Generator().manual_seed(2)
+    theta, reference = _adapters(g), _adapters(g)
+    fisher = {k: torch.rand(v.shape, generator=g) + 0.1 for k, v in theta.items()}
+    merged = ProductMerge()(reference, [theta], [fisher], [5.0], FederationConfig(), ServerMemory())
+    for name in ("adapter_i", "adapter_t"):
+        assert torch.allclose(_product(merged, name), _product(theta, name), atol=1e-5)
+
+
+def test_ffa_shares_only_b_and_the_global_a_never_moves():
+    """fednano-ffa: a client uploads (and the server validates and merges) B only; the next global state
+    keeps the shared A; with A shared, merging the B's merges the products exactly (for FedAvg weights)."""
+    from fednano.methods.registry import METHODS
+
+    ffa, fednano = METHODS["fednano-ffa"], METHODS["fednano"]
+    g = torch.Generator().manual_seed(3)
+    reference = _adapters(g)
+    assert sorted(ffa.trains.shared(reference)) == ["adapter_i.B.weight", "adapter_t.B.weight"]
+    assert fednano.trains.shared(reference) == reference
+    bs = [ffa.trains.shared(_adapters(g)) for _ in range(2)]
+    merged = ffa.complete(reference, fedavg(bs, [1, 3]))
+    for name in ("adapter_i", "adapter_t"):
+        assert torch.equal(merged[f"{name}.A.weight"], reference[f"{name}.A.weight"])
+        products = [b[f"{name}.B.weight"].double() @ reference[f"{name}.A.weight"].double() for b in bs]
+        assert torch.allclose(_product(merged, name), (products[0] + 3 * products[1]) / 4, atol=1e-5)

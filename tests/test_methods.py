@@ -152,7 +152,11 @@ def test_every_method_runs_end_to_end(tiny_bundle, tiny_cache, tmp_path, method)
     assert set(r["client_accuracy"]) == {"0", "1"}  # every client evaluates on its own test split
     sends_fisher = m["fisher"] != "none"
     assert (r["bytes"]["fisher_up"] > 0) == sends_fisher
-    assert final["uploaded_parameters_per_round"] == final["adapter_parameters"] * (2 if sends_fisher else 1)
+    shared = final["adapter_parameters"] // (2 if m["client"] == "nanoedge-ffa" else 1)  # FFA uploads B only
+    assert final["uploaded_parameters_per_round"] == shared * (2 if sends_fisher else 1)
+    assert r["bytes"]["adapters_up"] == 4 * shared * r["clients_accepted"]  # float32
+    if m["client"] == "nanoedge-ffa":  # A never leaves the shared seeded initialisation; B trained
+        _check_ffa_kept_a(tmp_path / "run", res["config"])
     if m["client"] == "full-mllm":  # no split channel: the client computes everything with its own LLM
         assert r["bytes"]["activations_up"] == 0 and r["split_steps"] == 0
         assert final["client_parameters"] > 3 * final["adapter_parameters"]
@@ -173,6 +177,20 @@ def test_every_method_runs_end_to_end(tiny_bundle, tiny_cache, tmp_path, method)
     if m["topology"] == "centralized":  # the one trainer holds every client's training data
         parts = json.loads((tmp_path / "run" / "partition.json").read_text())["clients"]
         assert r["train_examples"] == sum(c["train"] for c in parts)
+
+
+def _check_ffa_kept_a(run, config):
+    from safetensors.torch import load_file
+
+    from fednano.client.adapters import NanoAdapter
+
+    final = load_file(run / "adapters.safetensors")
+    gen = torch.Generator().manual_seed(config["federation"]["seed"])  # as the server's initial_state draws them
+    for name in ("adapter_i", "adapter_t"):
+        rank, dim = final[f"{name}.A.weight"].shape
+        start = NanoAdapter(dim, rank, config["adapter"]["alpha"])
+        start.reset_parameters(gen)
+        assert torch.equal(final[f"{name}.A.weight"], start.A.weight.detach()) and final[f"{name}.B.weight"].abs().sum() > 0
 
 
 def _check_client_export(run, tiny_cache, tmp_path):

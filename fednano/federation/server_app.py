@@ -258,7 +258,8 @@ class ServerRun:
         """Every byte of the round: the Flower messages' tensors, and each client's split-channel count."""
         out = dict.fromkeys(BYTES_FIELDS, 0)
         out["adapters_down"] = sum(_array_bytes(m.content.array_records[keys.ARRAYS]) for m in train.sent + ev.sent)
-        out["adapters_up"] = _array_bytes(ArrayRecord(self.global_state)) * len([o for o in train.outcomes if o.metrics])
+        uploaded = ArrayRecord(self.method.trains.shared(self.global_state))  # what one client sends (FFA: B only)
+        out["adapters_up"] = _array_bytes(uploaded) * len([o for o in train.outcomes if o.metrics])
         out["fisher_up"] = out["adapters_up"] if self.method.sends_fisher else 0
         for o in train.outcomes + self.strategy.last_evaluate:
             for k in keys.BYTES_KEYS:
@@ -306,7 +307,8 @@ class ServerRun:
             "adapter_parameters": n_trainable,
             "client_parameters": self.part.client_parameters(),
             # what one training client sends per round: its trainable state, plus its Fisher for FedNano
-            "uploaded_parameters_per_round": n_trainable * (2 if self.method.sends_fisher else 1),
+            "uploaded_parameters_per_round": sum(v.numel() for v in self.method.trains.shared(self.global_state).values())
+            * (2 if self.method.sends_fisher else 1),
             "seconds": round(time.time() - t_start, 1),
             "devices": data.get("devices", {}),
             # random weights (model.random_init) measure time, memory and bytes only: their accuracy means nothing

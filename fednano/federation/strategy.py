@@ -136,7 +136,7 @@ class FedNanoStrategy(Strategy):
         if out.partition_id is not None and out.partition_id >= 0:
             self.node_partition[out.node_id] = out.partition_id
         assert self._reference is not None
-        reference = self._sent.get(out.node_id, self._reference)
+        reference = self.method.trains.shared(self._sent.get(out.node_id, self._reference))  # what a client uploads
         problems = validate_update(
             reference,
             out.theta,
@@ -174,6 +174,7 @@ class FedNanoStrategy(Strategy):
             for o, c in zip(accepted, counts, strict=True)
         ]
         merged = self.method.topology.combine(self.method.combine, self._reference, updates, self.cfg, self.memory)
+        merged = None if merged is None else self.method.complete(self._reference, merged)
         return (ArrayRecord(merged) if merged is not None else None), MetricRecord({keys.TRAIN_LOSS: loss, keys.NUM_EXAMPLES: total})
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fednano.aggregation import fedavg, fisher_merge, server_opt_step
+from fednano.aggregation import fedavg, fisher_merge, low_rank_factors, product_merge, server_opt_step
 from fednano.config import FederationConfig
 
 Tensors = dict[str, torch.Tensor]
@@ -41,6 +41,7 @@ class ServerMemory:
 class Average:
     """FedAvg: theta = sum_k n_k theta_k / sum_k n_k."""
 
+    kind = "average"
     server_opt = ""
 
     def __call__(self, reference: Tensors, thetas: Sequence[Tensors], fishers: Sequence[Tensors | None], counts: Sequence[float],
@@ -51,6 +52,8 @@ class Average:
 @dataclass(frozen=True)
 class FisherMerge(Average):
     """Fisher merging: theta = sum_k n_k F_k theta_k / sum_k n_k F_k (element-wise)."""
+
+    kind = "fisher"
 
     def __call__(self, reference: Tensors, thetas: Sequence[Tensors], fishers: Sequence[Tensors | None], counts: Sequence[float],
                  cfg: FederationConfig, memory: ServerMemory) -> Tensors:
@@ -71,3 +74,29 @@ class ServerOptimiser(Average):
         merged, memory.opt = server_opt_step(self.server_opt, reference, merged, memory.opt, lr=cfg.server_lr, beta1=cfg.server_beta1,
                                              beta2=cfg.server_beta2, tau=cfg.server_tau)
         return merged
+
+
+@dataclass(frozen=True)
+class ProductMerge(Average):
+    """FedNano-product: Fisher merging in the space of each adapter's product B A (what the adapter applies;
+    the product of averaged factors is not the average of products). The importance of the product's entry
+    (i, j) is a Kronecker-factored diagonal: the Fisher of B summed over the rank (row i's) times the Fisher
+    of A summed over the rank (column j's), from the Fisher FedNano already sends. The merged product is
+    re-factorised to rank r by a truncated SVD (as FlexLoRA does for plain averaging)."""
+
+    kind = "fisher-product"
+
+    def __call__(self, reference: Tensors, thetas: Sequence[Tensors], fishers: Sequence[Tensors | None], counts: Sequence[float],
+                 cfg: FederationConfig, memory: ServerMemory) -> Tensors:
+        if any(f is None for f in fishers):
+            raise ValueError("product merging needs every client's Fisher")
+        out: Tensors = {}
+        for a in (k for k in reference if k.endswith(".A.weight")):
+            b = a[: -len("A.weight")] + "B.weight"
+            rows = [f[b].double().sum(1) for f in fishers if f is not None]  # (d_out,)
+            cols = [f[a].double().sum(0) for f in fishers if f is not None]  # (d_in,)
+            if cfg.fisher_normalize:  # each client's importance to mean 1
+                rows, cols = [r / r.mean().clamp(min=1e-30) for r in rows], [c / c.mean().clamp(min=1e-30) for c in cols]
+            merged = product_merge([t[b].double() @ t[a].double() for t in thetas], rows, cols, counts, floor=cfg.fisher_floor)
+            out[a], out[b] = (x.to(reference[a].dtype) for x in low_rank_factors(merged, reference[a].shape[0], reference[a]))
+        return out

@@ -3,8 +3,9 @@ split channel; the server keeps its own copy to start the federation and to eval
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
@@ -15,23 +16,36 @@ from fednano.runtime.client import ClientJob, ClientRuntime
 from fednano.runtime.server import ServerSide
 from fednano.split.endpoint import LLMEndpoint
 
+T = TypeVar("T")
+
 
 @dataclass(frozen=True)
 class NanoAdapters:
-    kind = "nanoedge"
+    """frozen_a (FedNano-FFA, after FFA-LoRA): each adapter's A stays at the shared seeded initialisation;
+    only B trains, is uploaded and is merged, so merging is exact in the product B A and the upload halves."""
+
+    frozen_a: bool = False
     personal = False
     in_llm = False  # what trains sits on the client's NanoEdge, outside the LLM
 
+    @property
+    def kind(self) -> str:
+        return "nanoedge-ffa" if self.frozen_a else "nanoedge"
+
+    def shared(self, state: Mapping[str, T]) -> dict[str, T]:
+        """What of a state a client trains and uploads (and the server merges)."""
+        return {k: v for k, v in state.items() if not (self.frozen_a and k.endswith(".A.weight"))}
+
     def client(self, rt: ClientRuntime) -> NanoAdapterClient:
-        return NanoAdapterClient(rt)
+        return NanoAdapterClient(rt, self)
 
     def server(self, side: ServerSide) -> NanoAdapterServer:
         return NanoAdapterServer(side)
 
 
 class NanoAdapterClient:
-    def __init__(self, rt: ClientRuntime) -> None:
-        self.rt = rt
+    def __init__(self, rt: ClientRuntime, trains: NanoAdapters) -> None:
+        self.rt, self.trains = rt, trains
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         self.rt.edge.load_adapter_state(state)
@@ -40,7 +54,8 @@ class NanoAdapterClient:
         self, job: ClientJob, samples: list[Sample], cfg: TrainConfig, hooks: Sequence[StepHook]
     ) -> tuple[float, dict[str, torch.Tensor], dict[str, float]]:
         rt = self.rt
-        loss = train_local(rt.edge, rt.split, samples, rt.work, cfg, job.generator, hooks=hooks)
+        params = self.trains.shared(rt.edge.adapter_parameters())  # FFA: the optimiser never sees A
+        loss = train_local(rt.edge, rt.split, samples, rt.work, cfg, job.generator, params=params, hooks=hooks)
         return loss, rt.edge.adapter_state(), {}
 
     def endpoint(self, job: ClientJob) -> LLMEndpoint:

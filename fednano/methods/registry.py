@@ -21,7 +21,7 @@ import torch
 from fednano.client.evaluation import Scoring, evaluate
 from fednano.client.training import Proximal, StepHook
 from fednano.config import METHOD_NAMES, ConfigError, RunConfig
-from fednano.methods.combiners import Average, FisherMerge, ServerOptimiser
+from fednano.methods.combiners import Average, FisherMerge, ProductMerge, ServerOptimiser
 from fednano.methods.fisher_sources import FisherOfTraining, FisherPass, NoFisher
 from fednano.methods.nanoadapters import NanoAdapters
 from fednano.methods.topologies import Centralized, Federated, Local
@@ -53,6 +53,10 @@ class Method:
     def sends_fisher(self) -> bool:
         return self.fisher.sends_fisher
 
+    def complete(self, reference: dict[str, torch.Tensor], merged: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The next global state from what was merged (the shared part) and what no client changes."""
+        return {**reference, **merged}
+
     def split_steps_per_client(self, cfg: RunConfig) -> int:
         """Training split steps each sampled client takes per round (for progress bars)."""
         return self.topology.local_steps(cfg) + self.fisher.split_steps(cfg.train)
@@ -74,7 +78,8 @@ class Method:
         if self.proximal and mu > 0:
             hooks.append(Proximal(start, mu))
         loss, state, extra = part.train(job, samples, tcfg, hooks)
-        return ClientUpdate(state, self.fisher.fisher(job, part, hooks), loss, len(samples), extra)
+        fisher = self.fisher.fisher(job, part, hooks)
+        return ClientUpdate(self.trains.shared(state), None if fisher is None else self.trains.shared(fisher), loss, len(samples), extra)
 
     def client_evaluate(self, job: ClientJob, state: dict[str, torch.Tensor]) -> dict[str, float]:
         """Accuracy of `state` (as this client answers with it) on the client's local test split."""
@@ -86,7 +91,7 @@ class Method:
 
     def describe(self) -> dict[str, Any]:
         """The method's parts, by name (for logs, docs and tests; nothing dispatches on these)."""
-        return {"fisher": self.fisher.kind, "proximal": self.proximal, "server_opt": self.combine.server_opt,
+        return {"combine": self.combine.kind, "fisher": self.fisher.kind, "proximal": self.proximal, "server_opt": self.combine.server_opt,
                 "topology": self.topology.kind, "client": self.trains.kind, "personal": self.trains.personal}
 
 
@@ -94,6 +99,8 @@ class Method:
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fednano", NanoAdapters(), FisherPass(), FisherMerge(), Federated()),
     Method("fednano-ef", NanoAdapters(), FisherOfTraining(), FisherMerge(), Federated()),
+    Method("fednano-product", NanoAdapters(), FisherPass(), ProductMerge(), Federated()),
+    Method("fednano-ffa", NanoAdapters(frozen_a=True), FisherPass(), FisherMerge(), Federated()),
     Method("fedavg", NanoAdapters(), NoFisher(), Average(), Federated()),
     Method("fedprox", NanoAdapters(), NoFisher(), Average(), Federated(), proximal=True),
     Method("fedadam", NanoAdapters(), NoFisher(), ServerOptimiser("adam"), Federated()),

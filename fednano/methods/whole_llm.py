@@ -15,9 +15,10 @@ the same training loop (`client.training.train_local`) drives it, in process.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from safetensors.torch import load_file
@@ -163,6 +164,9 @@ class LoRAEndpoint:
 
 
 # ------------------------------------------------------------------ the registry's component
+T = TypeVar("T")
+
+
 @dataclass(frozen=True)
 class WholeLLMLoRA:
     """FedIT / FedDPA-F: each client holds the whole MLLM and trains LoRA inside the LLM (`personal`:
@@ -171,6 +175,10 @@ class WholeLLMLoRA:
     personal: bool = False
     kind = "full-mllm"
     in_llm = True  # LoRA inside the LLM's layers
+
+    def shared(self, state: Mapping[str, T]) -> dict[str, T]:
+        """What of a state a client uploads: all of the global LoRA."""
+        return dict(state)
 
     def client(self, rt: ClientRuntime) -> WholeLLMClient:
         return WholeLLMClient(rt, self.personal)
