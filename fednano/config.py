@@ -238,7 +238,9 @@ class FederationConfig:
     strategy: str = _f(
         "fednano",
         "Method: 'fednano' (Fisher merging, Fisher from an extra pass), 'fednano-ef' (Fisher from the "
-        "training gradients, no extra pass), 'fedavg' (same adapters, weights n_k only: the no-Fisher "
+        "training gradients, no extra pass), 'fednano-product' (Fisher merging of each adapter's product B·A, "
+        "re-factorised by SVD), 'fednano-ffa' (A frozen at the shared seed; only B trains and is merged), "
+        "'fedavg' (same adapters, weights n_k only: the no-Fisher "
         "ablation), 'fedprox' (FedAvg + proximal term), 'fedadam' / 'fedyogi' (FedAvg then a server-side "
         "Adam / Yogi step), 'local' (each client trains alone, no aggregation), 'centralized' (one trainer "
         "on all clients' data: the upper bound), 'fedit-lora' (the client holds the whole MLLM; FedAvg of "
