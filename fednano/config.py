@@ -178,6 +178,12 @@ class DataConfig:
     local_test_fraction: float = _f(0.1, "Fraction of each client's partition held out as its local test split.")
     max_local_test: int = _f(64, "Cap on each client's local test split (evaluation cost).")
     global_test_samples: int = _f(500, "Questions sampled from the test split for the global test set (0 = all).")
+    validation_samples: int = _f(
+        0, "Questions held out of the training pool before it is partitioned (seeded; never trained on, so drawn from the "
+        "clients' training distribution) to choose rounds on: the server scores them every federation.eval_every rounds, and "
+        "the global test set only at the last round and at the best validation round. 0: no validation set; the global test "
+        "set is scored every round."
+    )
     seed: int = _f(0, "Seed for partitioning and test sampling.")
     scoring: str = _f(
         "candidates", "How answers are scored: 'candidates' (the most likely answer of the task's closed set) or 'generate' "
@@ -206,6 +212,7 @@ class DataConfig:
         _check(0.0 < self.local_test_fraction < 1.0, "data.local_test_fraction", "must be in (0, 1)")
         _check(self.max_local_test >= 1, "data.max_local_test", "must be >= 1")
         _check(self.global_test_samples >= 0, "data.global_test_samples", "must be >= 0")
+        _check(self.validation_samples >= 0, "data.validation_samples", "must be >= 0")
         _check(self.scoring in SCORING, "data.scoring", f"must be one of {list(SCORING)}")
         _check(self.answer_tokens >= 1, "data.answer_tokens", "must be >= 1")
 
@@ -263,6 +270,14 @@ class FederationConfig:
     server_beta2: float = _f(0.99, "fedadam/fedyogi: second-moment decay.")
     server_tau: float = _f(1e-3, "fedadam/fedyogi: adaptivity tau (added to sqrt(v)).")
     rounds: int = _f(3, "Federated rounds.")
+    eval_every: int = _f(
+        1, "With data.validation_samples > 0: score the global model on the validation set every this many rounds (and at the last "
+        "round). The round with the best validation accuracy is kept, and scored on the global test set at the end."
+    )
+    client_eval_every_round: bool = _f(
+        False, "With data.validation_samples > 0: the clients also score their local test splits at every validation round (by "
+        "default only at the last round and the best validation round)."
+    )
     fraction_train: float = _f(1.0, "Fraction of clients sampled per round.")
     fraction_evaluate: float = _f(
         1.0, "Fraction of clients that score each round's model on their local test split (a seeded sample per round; "
@@ -290,6 +305,7 @@ class FederationConfig:
             f"unknown strategy {self.strategy!r}; choose one of {sorted(METHOD_NAMES)}",
         )
         _check(self.rounds >= 1, "federation.rounds", "must be >= 1")
+        _check(self.eval_every >= 1, "federation.eval_every", "must be >= 1")
         _check(0.0 < self.fraction_train <= 1.0, "federation.fraction_train", "must be in (0, 1]")
         _check(0.0 < self.fraction_evaluate <= 1.0, "federation.fraction_evaluate", "must be in (0, 1]")
         _check(self.min_train_clients >= 1, "federation.min_train_clients", "must be >= 1")
@@ -398,6 +414,11 @@ class RunConfig:
             "(in simulation the server holds the data it partitions: keep data.server_test = true)",
         )
         _check(
+            self.data.server_test or self.data.validation_samples == 0,
+            "data.validation_samples",
+            "the server scores the validation set, and with data.server_test = false it holds no data: set it to 0",
+        )
+        _check(
             self.split.protocol == "activations" or self.adapter.dropout == 0,
             "split.protocol",
             f"{self.split.protocol!r} needs adapter.dropout = 0 (the server applies the adapters it caches for, without the "
@@ -444,7 +465,10 @@ def from_dict(data: dict[str, Any], source: str = "<dict>") -> RunConfig:
             kwargs[name] = cls(**value)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
-    return RunConfig(**kwargs)
+    try:
+        return RunConfig(**kwargs)
+    except ConfigError as e:  # a check across sections
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def same_config(recorded: Any, cfg: RunConfig) -> bool:

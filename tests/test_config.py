@@ -23,6 +23,9 @@ def _write(tmp_path, text):
         ("[train]\nlocal_steps = 0\n", "train.local_steps: must be >= 1"),
         ("[federation]\nstrategy = 'fedadgrad'\n", "unknown strategy 'fedadgrad'"),
         ("[data]\ndirichlet_alpha = -1\n", "data.dirichlet_alpha: must be > 0"),
+        ("[federation]\neval_every = 0\n", "federation.eval_every: must be >= 1"),
+        ("[data]\nvalidation_samples = -5\n", "data.validation_samples: must be >= 0"),
+        ("[data]\non_nodes = true\nserver_test = false\nvalidation_samples = 10\n", "data.validation_samples: the server scores"),
         ("[model\n", "not valid TOML"),
     ],
 )

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from fednano.config import DataConfig, RunConfig
-from fednano.data import load_task
+from fednano.data import hold_out, load_task
 from fednano.data.easyvqa import SYSTEM_PROMPT, DataError, captions, easyvqa_task, held_out_image_ids, load_image, load_split
-from fednano.data.partition import split_clients
+from fednano.data.partition import partitions, split_clients
 from fednano.data.prompts import IGNORE_INDEX, IMAGE_PLACEHOLDER, answer_ids, prompt_ids, training_batch
 
 
@@ -100,6 +100,21 @@ def test_global_test_set_sampling():
     assert len(_test_set(50)) == 50
     assert _test_set(50) == _test_set(50)
     assert len(_test_set(0)) == 9_673
+
+
+def test_validation_set_is_held_out_of_the_training_pool_before_partitioning():
+    base, held = RunConfig(), RunConfig()
+    held.data = DataConfig(validation_samples=300)
+    pool, task = load_task(base).train, load_task(held)
+    assert len(task.validation) == 300 and len(task.train) == len(pool) - 300
+    uids = {s.uid for s in task.validation}
+    assert uids.isdisjoint(s.uid for s in task.train) and uids <= {s.uid for s in pool}  # from the pool, never trained on
+    assert not uids & {s.uid for p in partitions(held) for s in p.train + p.test}
+    assert task.test == load_task(base).test  # the global test set is untouched
+    assert hold_out(pool, 300, "0-validation")[1] == task.validation  # seeded by data.seed
+    assert hold_out(pool, 300, "1-validation")[1] != task.validation
+    with pytest.raises(DataError, match="data.validation_samples=.*holds only"):
+        hold_out(pool[:10], 10, "s")
 
 
 def test_prompt_has_visual_slots_and_labels_only_the_answer(tiny_edge):

@@ -86,3 +86,27 @@ def test_tiny_run_two_clients_two_rounds(tiny_bundle, tiny_cache, tmp_path):
     cheap, full = res["rounds"][0]["bytes"], json.loads((paper / "results.json").read_text())["rounds"][0]["bytes"]
     assert cheap["features_up"] > 0 and full["features_up"] == 0
     assert cheap["activations_up"] + cheap["features_up"] < full["activations_up"]
+
+
+def test_a_run_with_a_validation_set_scores_the_test_sets_at_the_end_only(tiny_bundle, tiny_cache, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "FEDNANO_CACHE": str(tiny_cache), "FEDNANO_PROGRESS": "off"}
+    proc = subprocess.run([sys.executable, "-m", "fednano", "run", "--config", str(TINY), "--output", str(out),
+                           "--set", "federation.rounds=3", "--set", "federation.eval_every=2", "--set", "data.validation_samples=16"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    r1, r2, r3 = res["rounds"]
+    assert r1["global_accuracy"] is None and "validation_accuracy" not in r1 and r1["client_accuracy"] == {}
+    assert r1["bytes"]["eval_activations_up"] == 0  # no client evaluated
+    assert r2["global_accuracy"] is None and 0 <= r2["validation_accuracy"] <= 1 and r2["client_accuracy"] == {}
+    assert 0 <= r3["global_accuracy"] <= 1 and 0 <= r3["validation_accuracy"] <= 1 and set(r3["client_accuracy"]) == {"0", "1"}
+    assert 0 <= res["zero_shot_validation_accuracy"] <= 1
+    best = res["final"]["best_validation"]
+    scored = {r["round"]: r["validation_accuracy"] for r in (r2, r3)}
+    top = max(scored.values())
+    assert best["validation_accuracy"] == top and best["round"] == min(k for k, v in scored.items() if v == top)  # the first best
+    assert 0 <= best["global_accuracy"] <= 1 and set(best["client_accuracy"]) == {"0", "1"}
+    assert (out / res["best_validation"]["adapters"]).exists() and res["best_validation"]["round"] == best["round"]  # kept to score
+    assert res["final"]["global_accuracy"] == r3["global_accuracy"]
+    assert "Best validation round" in (out / "table.md").read_text()

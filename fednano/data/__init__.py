@@ -11,7 +11,7 @@ import random
 from functools import lru_cache
 
 from fednano import config
-from fednano.data.samples import Task
+from fednano.data.samples import DataError, Task
 
 # dataset name -> (its module, the function that builds its Task, its system prompt's name there). Modules
 # are imported when used: each pulls in its own dependencies (pyarrow for parquet, the easy-vqa package).
@@ -48,4 +48,14 @@ def _load_task(data_key: str, caption_images: int, prepare_seed: int) -> Task:
     task = getattr(importlib.import_module(module), builder)(d, caption_images, prepare_seed)
     if d.global_test_samples and d.global_test_samples < len(task.test):
         task.test = random.Random(f"{d.seed}-global-test").sample(task.test, d.global_test_samples)
+    if d.validation_samples:
+        task.train, task.validation = hold_out(task.train, d.validation_samples, f"{d.seed}-validation")
     return task
+
+
+def hold_out(pool: list, n: int, seed: str) -> tuple[list, list]:
+    """(the pool without n seeded random samples, those samples); both keep the pool's order."""
+    if n >= len(pool):
+        raise DataError(f"data.validation_samples={n}: the training pool holds only {len(pool)} samples; hold out fewer")
+    chosen = set(random.Random(seed).sample(range(len(pool)), n))
+    return [s for i, s in enumerate(pool) if i not in chosen], [s for i, s in enumerate(pool) if i in chosen]

@@ -69,6 +69,7 @@ class Task:
     skipped: dict[str, str] = field(default_factory=dict)  # uid -> reason (skip_invalid)
     # candidate set -> how a free-form answer to its samples is normalised (data.answers; default: VQA's)
     normalisers: dict[str, Callable[[str], str]] = field(default_factory=dict)
+    validation: list[Sample] = field(default_factory=list)  # held out of the train pool (data.validation_samples)
 
 
 def load_image(path: str) -> torch.Tensor:

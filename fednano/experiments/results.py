@@ -23,7 +23,7 @@ class RoundRecord:
     """One round's entry in results.json (README, "The results folder", says what each field means)."""
 
     round: int
-    global_accuracy: float
+    global_accuracy: float | None  # None: the global test set was not scored this round (federation.eval_every)
     global_accuracy_by_category: dict[str, float]
     client_accuracy: dict[str, float]  # partition -> accuracy on its local test split
     client_accuracy_by_category: dict[str, dict[str, float]]
@@ -42,6 +42,7 @@ class RoundRecord:
     phase_seconds: dict[str, float]
     seconds: float
     memory: dict  # peak host memory per side; peak GPU memory on CUDA
+    validation_accuracy: float | None = None  # data.validation_samples: the validation set, at validation rounds
     client_global_accuracy: dict[str, float] | None = None  # clients' own states on the global test set ('local')
     # per message kind (train, evaluate), per client: its time by phase (start, build, data, work)
     client_phase_seconds: dict[str, dict[str, dict[str, float]]] | None = None
@@ -61,7 +62,7 @@ def bytes_per_client(record: dict[str, Any]) -> int:
     return sum(record["bytes"].values()) // max(1, record["clients_accepted"])
 
 
-REQUIRED_NONE = ("train_loss",)  # None when no client trained, and still recorded
+REQUIRED_NONE = ("train_loss", "global_accuracy")  # None when no client trained / the test set was not scored, and still recorded
 
 
 class RunRecorder:
@@ -86,23 +87,39 @@ class RunRecorder:
         self.save()
 
     def complete_round(
-        self, record: RoundRecord, adapters: dict[str, torch.Tensor], strategy_state: dict[str, torch.Tensor] | None = None
+        self, record: RoundRecord, adapters: dict[str, torch.Tensor], strategy_state: dict[str, torch.Tensor] | None = None,
+        best: bool = False,
     ) -> None:
         """Record a finished round and checkpoint the global adapters it produced, with whatever
-        the strategy remembers across rounds (server optimiser moments, local clients' adapters)."""
+        the strategy remembers across rounds (server optimiser moments, local clients' adapters).
+        `best`: the round has the best validation accuracy so far; its state is kept as well (best-*)."""
         ckpt = self.out / "checkpoint"
         ckpt.mkdir(exist_ok=True)
         entry = record.as_dict()
         rnd = record.round
         files = {"adapters": f"adapters-round-{rnd}.safetensors", "strategy": f"strategy-round-{rnd}.safetensors"}
-        for what, tensors in (("adapters", adapters), ("strategy", strategy_state or {})):
-            atomic_save_tensors(tensors, ckpt / files[what])
+        if best:
+            files |= {"best_adapters": f"best-adapters-round-{rnd}.safetensors", "best_strategy": f"best-strategy-round-{rnd}.safetensors"}
+        for what, name in files.items():
+            atomic_save_tensors((adapters if what.endswith("adapters") else strategy_state) or {}, ckpt / name)
         self.data["rounds"].append(entry)
-        self.data["checkpoint"] = {"round": rnd, **{k: f"checkpoint/{v}" for k, v in files.items()}}
+        where = {k: f"checkpoint/{v}" for k, v in files.items()}
+        self.data["checkpoint"] = {"round": rnd, "adapters": where["adapters"], "strategy": where["strategy"]}
+        if best:
+            self.data["best_validation"] = {"round": rnd, "validation_accuracy": record.validation_accuracy,
+                                            "adapters": where["best_adapters"], "strategy": where["best_strategy"]}
         self.save()
+        keep = {Path(p).name for k in ("checkpoint", "best_validation") for p in self.data.get(k, {}).values() if isinstance(p, str)}
         for old in ckpt.glob("*-round-*.safetensors"):
-            if old.name not in files.values():
+            if old.name not in keep:
                 old.unlink()
+
+    def best_state(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The best validation round's global adapters and strategy state."""
+        from safetensors.torch import load_file
+
+        best = self.data["best_validation"]
+        return load_file(self.out / best["adapters"]), load_file(self.out / best["strategy"])
 
     def resume_state(self) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]] | None:
         """(last completed round, its global adapters, the strategy's state), if a checkpoint exists."""
@@ -135,14 +152,13 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     zs = results.get("zero_shot_accuracy")
     xs = [0] + [r["round"] for r in rounds]
-    ax.plot(
-        xs,
-        [zs if zs is not None else float("nan")] + [r["global_accuracy"] for r in rounds],
-        "o-",
-        lw=2,
-        color="black",
-        label="global test (server)",
-    )
+    for key, zero, style, label in (("global_accuracy", zs, "o-", "global test (server)"),
+                                    ("validation_accuracy", results.get("zero_shot_validation_accuracy"), "^-", "validation (server)")):
+        pts = [(0, zero)] + [(r["round"], r.get(key)) for r in rounds]  # only the rounds it was scored at
+        pts = [p for p in pts if p[1] is not None]
+        if len(pts) > (0 if key == "global_accuracy" else 1):
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, lw=2, color="black" if key == "global_accuracy" else "tab:blue",
+                    label=label)
     if any("global_generated_accuracy" in r for r in rounds):  # data.scoring = "generate"
         zg = results.get("zero_shot_generated_accuracy")
         ax.plot(xs, [zg if zg is not None else float("nan")] + [r.get("global_generated_accuracy", float("nan")) for r in rounds],
@@ -160,7 +176,7 @@ def plot_accuracy(results: dict[str, Any], path: Path) -> None:
         ylim=(0, 1),
         title=f"{cfg['federation']['strategy']} · {cfg['data']['num_clients']} clients · α={cfg['data']['dirichlet_alpha']}",
     )
-    ax.set_xticks(xs)
+    ax.set_xticks(xs if len(xs) <= 16 else xs[:: len(xs) // 10])
     ax.legend(fontsize=7, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -206,15 +222,24 @@ def round_table(results: dict[str, Any]) -> str:
     if results.get("zero_shot_accuracy") is not None:
         zero_gen = gen(results.get("zero_shot_generated_accuracy"))
         rows.append(["0 (zero-shot)", f"{results['zero_shot_accuracy']:.4f}", *zero_gen, "", "", "", ""])
+    validated = any(r.get("validation_accuracy") is not None for r in results["rounds"])
+    val = (lambda v: [f"{v:.4f}" if v is not None else ""]) if validated else (lambda v: [])
+    if rows:
+        rows[0][2 + generated:2 + generated] = val(results.get("zero_shot_validation_accuracy"))
     for r in results["rounds"]:
         ca = list(r["client_accuracy"].values())
         mean = f"{sum(ca) / len(ca):.4f}" if ca else ""
         loss = f"{r['train_loss']:.4f}" if r["train_loss"] is not None else ""
-        rows.append([str(r["round"]), f"{r['global_accuracy']:.4f}", *gen(r.get("global_generated_accuracy")), mean, loss,
+        acc = f"{r['global_accuracy']:.4f}" if r["global_accuracy"] is not None else ""
+        rows.append([str(r["round"]), acc, *gen(r.get("global_generated_accuracy")), *val(r.get("validation_accuracy")), mean, loss,
                      f"{sum(r['bytes'].values()) / 2**20:.2f}", f"{bytes_per_client(r) / 2**20:.2f}"])
-    head = ["round", "global acc.", *(["global acc. (generated)"] if generated else []), "mean client acc.", "train loss", "MiB moved",
-            "MiB per client"]
+    head = ["round", "global acc.", *(["global acc. (generated)"] if generated else []), *(["validation acc."] if validated else []),
+            "mean client acc.", "train loss", "MiB moved", "MiB per client"]
     out = markdown_table(head, rows, ["---:"] * len(head))
+    best = (results.get("final") or {}).get("best_validation")
+    if best:
+        out += (f"\n\nBest validation round: {best['round']} (validation {best['validation_accuracy']:.4f}); its global test accuracy "
+                f"{best['global_accuracy']:.4f}.")
     cats = results["rounds"][-1].get("global_accuracy_by_category") if results["rounds"] else None
     if cats:
         zs = results.get("zero_shot_by_category", {})

@@ -99,6 +99,27 @@ def clients_report(outcomes: list[ClientOutcome], rnd: int) -> dict[str, float]:
     return merge_reports([{**o.metrics, "num_examples": o.metrics[keys.NUM_EXAMPLES]} for o in ok])
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """What a round scores: the validation set (server), the global test set (server), the local test splits (clients)."""
+
+    validate: bool
+    test: bool
+    clients: bool
+
+
+def schedule(rnd: int, cfg: RunConfig) -> Schedule:
+    """Without a validation set every round is scored on the global test set and the clients' local tests. With one
+    (data.validation_samples), every federation.eval_every rounds and the last are validated; the global test set
+    and the clients' tests are scored at the last round only (and at the best validation round, at the end), the
+    clients also at validation rounds with federation.client_eval_every_round."""
+    if not cfg.data.validation_samples:
+        return Schedule(validate=False, test=True, clients=True)
+    last = rnd == cfg.federation.rounds
+    validate = last or rnd % cfg.federation.eval_every == 0
+    return Schedule(validate, test=last, clients=last or (validate and cfg.federation.client_eval_every_round))
+
+
 def _phases(outcomes: list[ClientOutcome]) -> dict[str, dict[str, float]]:
     """Where each client's message time went, as it reported (start, build, data, work; seconds)."""
     n = len(keys.PHASE_PREFIX)
@@ -132,6 +153,8 @@ class ServerRun:
             log.info("resuming %s after round %d of %d", self.out_dir, done, self.cfg.federation.rounds)
         elif self.cfg.data.server_test:  # scored while the nodes come up
             self._zero_shot(self.method.topology.evaluate(self.part, self.side, self.global_state, self.strategy.memory)[0])
+            if self.cfg.data.validation_samples:
+                self.recorder.set(zero_shot_validation_accuracy=self.validate())
         wait_for_nodes(self.grid, self.cfg.data.num_clients, self.cfg.federation.round_timeout)
         self.strategy.node_partition.update(identify_partitions(self.grid, self.cfg.federation.round_timeout))
         self.strategy.summary()
@@ -197,27 +220,62 @@ class ServerRun:
         return TrainPhase(sent, outcomes, metrics, merged is not None, dropped, time.time() - t0)
 
     # --- evaluate --------------------------------------------------------------------------
-    def evaluate(self, rnd: int) -> EvaluatePhase:
+    def evaluate(self, rnd: int, when: Schedule = Schedule(False, True, True)) -> EvaluatePhase:
         """Clients score the new state on their local test splits; the server on the global test set (with
-        data.server_test = false, the global accuracy is the clients' scores, example-weighted)."""
-        sent = list(self.strategy.configure_evaluate(rnd, ArrayRecord(self.global_state), ConfigRecord(dict(self.base_config)), self.grid))
-        t1 = time.time()
-        self.strategy.aggregate_evaluate(rnd, self.grid.send_and_receive(sent, timeout=self.cfg.federation.round_timeout))
+        data.server_test = false, the global accuracy is the clients' scores, example-weighted). `when` says
+        which of the two run (`schedule`); a report left unscored is empty."""
+        sent, t1 = [], time.time()
+        self.strategy.last_evaluate = []
+        if when.clients:
+            sent = list(self.strategy.configure_evaluate(rnd, ArrayRecord(self.global_state), ConfigRecord(dict(self.base_config)),
+                                                         self.grid))
+            self.strategy.aggregate_evaluate(rnd, self.grid.send_and_receive(sent, timeout=self.cfg.federation.round_timeout))
         t2 = time.time()
-        if self.cfg.data.server_test:
+        report: dict[str, float] = {}
+        per_client: dict[str, dict] = {}
+        if when.test and self.cfg.data.server_test:
             report, per_client = self.method.topology.evaluate(self.part, self.side, self.global_state, self.strategy.memory)
-        else:  # the server holds no test set
-            report, per_client = clients_report(self.strategy.last_evaluate, rnd), {}
+        elif when.test:  # the server holds no test set
+            report = clients_report(self.strategy.last_evaluate, rnd)
         return EvaluatePhase(sent, report, per_client, t2 - t1, time.time() - t2)
 
+    def validate(self) -> float:
+        """The global state's accuracy on the validation set (data.validation_samples), scored by the server."""
+        return self.method.topology.evaluate(self.part, self.side, self.global_state, self.strategy.memory, validation=True)[0]["accuracy"]
+
+    def best_round(self) -> dict | None:
+        """The best validation round's test scores: the global test set and the clients' local tests, scored at the end
+        with that round's checkpointed state (the last round's scores if it is the best)."""
+        best = self.recorder.data.get("best_validation")
+        if not best:
+            return None
+        last = self.recorder.data["rounds"][-1]
+        out = {"round": best["round"], "validation_accuracy": best["validation_accuracy"]}
+        if best["round"] == last["round"]:
+            return out | {k: last[k] for k in ("global_accuracy", "global_accuracy_by_category", "client_accuracy")}
+        log.info("scoring the best validation round (%d) on the global test set", best["round"])
+        current = self.global_state, self.strategy.state_dict()
+        self.global_state, strategy_state = self.recorder.best_state()
+        self.strategy.load_state_dict(strategy_state)
+        try:
+            ev = self.evaluate(best["round"], Schedule(validate=False, test=True, clients=True))
+        finally:
+            self.global_state = current[0]
+            self.strategy.load_state_dict(current[1])
+        return out | {"global_accuracy": ev.report["accuracy"], "global_accuracy_by_category": by_category(ev.report),
+                      "client_accuracy": {str(o.partition_id): o.metrics[keys.ACCURACY] for o in self.strategy.last_evaluate
+                                          if not o.rejected}}
+
     # --- record ----------------------------------------------------------------------------
-    def record(self, rnd: int, train: TrainPhase, ev: EvaluatePhase, t0: float, llm0: float, steps0: int) -> RoundRecord:
+    def record(self, rnd: int, train: TrainPhase, ev: EvaluatePhase, t0: float, llm0: float, steps0: int,
+               validation: float | None = None) -> RoundRecord:
         ok = [o for o in train.outcomes if not o.rejected]
         evaluated = [o for o in self.strategy.last_evaluate if not o.rejected]
         m = train.metrics
         return RoundRecord(
             round=rnd,
-            global_accuracy=ev.report["accuracy"],
+            global_accuracy=ev.report.get("accuracy"),
+            validation_accuracy=validation,
             global_accuracy_by_category=by_category(ev.report),
             client_accuracy={str(o.partition_id): o.metrics[keys.ACCURACY] for o in evaluated},
             client_accuracy_by_category={str(o.partition_id): by_category(o.metrics) for o in evaluated},
@@ -284,13 +342,18 @@ class ServerRun:
         t0, llm0, steps0 = time.time(), self.side.llm_seconds(), self.side.split_steps()
         reset_peak_memory(self.side.llm.device)
         train = self.train(rnd)
-        ev = self.evaluate(rnd)
-        rec = self.record(rnd, train, ev, t0, llm0, steps0)
+        when = schedule(rnd, self.cfg)
+        ev = self.evaluate(rnd, when)
+        t_val = time.time()
+        validation = self.validate() if when.validate else None
+        rec = self.record(rnd, train, ev, t0, llm0, steps0, validation)
+        rec.phase_seconds["validation"] = round(time.time() - t_val, 2)
         self.recorder.data.setdefault("devices", {}).setdefault("clients", {}).update(
             {str(o.partition_id): o.info for o in train.outcomes if o.info}
         )
         self._node_data(train.outcomes)
-        self.recorder.complete_round(rec, self.global_state, self.strategy.state_dict())
+        best = self.recorder.data.get("best_validation", {}).get("validation_accuracy", float("-inf"))
+        self.recorder.complete_round(rec, self.global_state, self.strategy.state_dict(), best=validation is not None and validation > best)
         return rec
 
     def finish(self, t_start: float) -> dict:
@@ -309,6 +372,8 @@ class ServerRun:
             # what one training client sends per round: its trainable state, plus its Fisher for FedNano
             "uploaded_parameters_per_round": sum(v.numel() for v in self.method.trains.shared(self.global_state).values())
             * (2 if self.method.sends_fisher else 1),
+            **({"validation_accuracy": last["validation_accuracy"], "best_validation": self.best_round()}
+               if self.cfg.data.validation_samples else {}),
             "seconds": round(time.time() - t_start, 1),
             "devices": data.get("devices", {}),
             # random weights (model.random_init) measure time, memory and bytes only: their accuracy means nothing
@@ -332,12 +397,13 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) 
         with progress_bar(cfg.federation.rounds - first + 1, "rounds", position=0) as rounds_bar:
             for rnd in range(first, cfg.federation.rounds + 1):
                 rec = run.round(rnd)
-                rounds_bar.update(1, acc=rec.global_accuracy)
+                shown = rec.global_accuracy if rec.global_accuracy is not None else rec.validation_accuracy
+                rounds_bar.update(1, **({"acc": shown} if shown is not None else {}))
                 log.info(
-                    "round %d/%d: global acc %.4f (zero-shot %.4f) | train loss %s | %d/%d clients merged | %.2f MiB moved | %.0f s",
+                    "round %d/%d: %s (zero-shot %.4f) | train loss %s | %d/%d clients merged | %.2f MiB moved | %.0f s",
                     rnd,
                     cfg.federation.rounds,
-                    rec.global_accuracy,
+                    _scores(rec),
                     zero_shot,
                     f"{rec.train_loss:.4f}" if rec.train_loss is not None else "n/a",
                     rec.clients_accepted,
@@ -350,6 +416,13 @@ def run_server(grid: Grid, cfg: RunConfig, out_dir: Path, resume: bool = False) 
         return run.finish(t_start)
     finally:
         run.side.stop()
+
+
+def _scores(rec: RoundRecord) -> str:
+    """The round's accuracies for the log line (only those scored this round)."""
+    scored = (("global", rec.global_accuracy), ("validation", rec.validation_accuracy))
+    parts = [f"{name} acc {v:.4f}" for name, v in scored if v is not None]
+    return " | ".join(parts) or "not scored (federation.eval_every)"
 
 
 def build_server_app(cfg: RunConfig | None = None, out_dir: Path | None = None, resume: bool = False) -> ServerApp:

@@ -65,11 +65,12 @@ class Federated:
         return combiner(reference, [u.theta for u in updates], [u.fisher for u in updates], [u.examples for u in updates], cfg, memory)
 
     def evaluate(
-        self, part: Any, side: ServerSide, global_state: Tensors, memory: ServerMemory
+        self, part: Any, side: ServerSide, global_state: Tensors, memory: ServerMemory, validation: bool = False
     ) -> tuple[dict[str, float], dict[str, dict]]:
-        """(global-test report, per-client global-test reports where clients keep their own state)."""
+        """(global-test report, per-client global-test reports where clients keep their own state); on the
+        validation set instead of the global test set when `validation`."""
         part.load(global_state)
-        return side.evaluate(part.endpoint()), {}
+        return side.evaluate(part.endpoint(), validation=validation), {}
 
     # --- the client ------------------------------------------------------------------
     def client_work(self, job: ClientJob) -> tuple[list[Sample], TrainConfig]:
@@ -102,15 +103,15 @@ class Local(Federated):
         return None
 
     def evaluate(
-        self, part: Any, side: ServerSide, global_state: Tensors, memory: ServerMemory
+        self, part: Any, side: ServerSide, global_state: Tensors, memory: ServerMemory, validation: bool = False
     ) -> tuple[dict[str, float], dict[str, dict]]:
-        """No global model: each client's own adapters on the global test set, and their mean."""
+        """No global model: each client's own adapters on the global test (or validation) set, and their mean."""
         per_client = {}
         for pid, state in sorted(memory.clients.items()):
             part.load(state)
-            per_client[str(pid)] = side.evaluate(part.endpoint(), f"global evaluation, client {pid}")
+            per_client[str(pid)] = side.evaluate(part.endpoint(), f"global evaluation, client {pid}", validation)
         if not per_client:
-            return super().evaluate(part, side, global_state, memory)
+            return super().evaluate(part, side, global_state, memory, validation)
         return merge_reports(list(per_client.values())), per_client
 
 

@@ -78,13 +78,17 @@ class ServerSide:
         """The split-channel token of one node ("" when the run needs none)."""
         return self.split.client_token(f"node-{node}") if self.secret else ""
 
-    def evaluate(self, endpoint: LLMEndpoint, desc: str = "global evaluation") -> dict[str, float]:
-        """Accuracy on the global test set of what the server's NanoEdge and `endpoint` hold now."""
+    def evaluate(self, endpoint: LLMEndpoint, desc: str = "global evaluation", validation: bool = False) -> dict[str, float]:
+        """Accuracy of what the server's NanoEdge and `endpoint` hold now, on the global test set (or on the
+        validation set held out of the training pool, data.validation_samples)."""
         if self.task is None:
             raise RuntimeError("data.server_test = false: the server holds no test set; the clients evaluate")
+        samples = self.task.validation if validation else self.test
+        if validation:
+            desc = desc.replace("global evaluation", "validation")
         scoring = Scoring.of(self.cfg.data, self.task)
-        with progress_bar(len(self.test) * scoring.passes, desc) as bar:
-            return evaluate(self.edge, endpoint, self.test, self.work, self.task.candidate_sets, self.cfg.train.eval_batch_size,
+        with progress_bar(len(samples) * scoring.passes, desc) as bar:
+            return evaluate(self.edge, endpoint, samples, self.work, self.task.candidate_sets, self.cfg.train.eval_batch_size,
                             self.task.categories, on_batch=bar.update, scoring=scoring)
 
     def edge_parameters(self) -> int:
