@@ -335,10 +335,14 @@ RunDirsArg = Annotated[list[Path], typer.Argument(
     metavar="RUN_DIR...", help="Run folders, or folders containing run folders (searched recursively for results.json).",
     show_default=False)]
 ReportOutOpt = Annotated[Path | None, typer.Option(
-    "--output", "-o", help="Where to write table.md/.csv, paired.csv, cost.md/.csv, curves.png, accuracy_vs_bytes.png "
-    "(default: <first RUN_DIR>/report).")]
+    "--output", "-o", help="Where to write table.md/.csv, paired.csv, convergence.md/.csv/.png, cost.md/.csv, curves.png, "
+    "accuracy_vs_bytes.png (default: <first RUN_DIR>/report).")]
 BaselineOpt = Annotated[str, typer.Option(
-    "--baseline", help="Method every other method is compared with, seed by seed (paired table: mean ± std of the difference, seeds won).")]
+    "--baseline", help="Method every other method is compared with, seed by seed (paired tables: the mean difference, its 95 % "
+    "interval, seeds won).")]
+TargetOpt = Annotated[float, typer.Option(
+    "--target", min=0.0, max=1.0, help="Convergence: count the rounds and bytes each run needs to reach this fraction of "
+    "centralized's best score (validation accuracy where the runs have a validation set).")]
 
 
 @app.command()
@@ -371,8 +375,9 @@ def sweep(config: SweepFileOpt, dry_run: DryRunOpt = False, jobs: JobsOpt = 1) -
 
 @app.command()
 @_one_line_errors
-def report(run_dirs: RunDirsArg, output: ReportOutOpt = None, baseline: BaselineOpt = "fednano") -> None:
-    """Tables (mean ± std over seeds, best in bold), accuracy curves and costs from finished results folders.
+def report(run_dirs: RunDirsArg, output: ReportOutOpt = None, baseline: BaselineOpt = "fednano", target: TargetOpt = 0.9) -> None:
+    """Tables (mean ± std over seeds, best in bold), paired differences, convergence (rounds and bytes to a target),
+    accuracy curves and costs from finished results folders.
 
     Each RUN_DIR is a run folder or any folder holding run folders (searched recursively for results.json,
     e.g. a sweep's output). Only finished runs count; unfinished ones are listed in a note.
@@ -381,17 +386,19 @@ def report(run_dirs: RunDirsArg, output: ReportOutOpt = None, baseline: Baseline
     if missing:
         typer.echo(f"error: not a folder: {', '.join(map(str, missing))}", err=True)
         raise typer.Exit(2)
-    from fednano.experiments.report import build_report
+    from fednano.experiments.publish import build_report
 
     try:
-        rep = build_report(run_dirs, output if output is not None else run_dirs[0] / "report", baseline=baseline)
+        rep = build_report(run_dirs, output if output is not None else run_dirs[0] / "report", baseline=baseline, target=target)
     except ValueError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
     sections = [("Final global accuracy (%), mean ± std over seeds", rep.global_table),
+                ("Global test accuracy (%) at the best validation round, mean ± std over seeds", rep.best_table),
                 ("Mean local-test (personalised) accuracy (%), mean ± std over seeds", rep.local_table),
-                (f"Paired differences in final global accuracy (points), {baseline} minus each method "
+                (f"Paired differences (points), {baseline} minus each method: mean [95 % interval] "
                  f"(seeds {baseline} was higher / compared)", rep.paired_table),
+                (f"Rounds and MiB to {target:g} of the reference's best score", rep.convergence_table),
                 ("Cost per method", rep.cost_table)]
     for title, table in sections:
         if table:

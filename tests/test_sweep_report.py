@@ -16,6 +16,8 @@ from typer.testing import CliRunner
 
 from fednano.cli import app
 from fednano.config import ConfigError, load_config
+from fednano.experiments import convergence as cv
+from fednano.experiments import publish
 from fednano.experiments import report as rp
 from fednano.experiments import sweep as sw
 
@@ -156,8 +158,11 @@ def test_tables_from_synthetic_runs(tmp_path: Path) -> None:
     pl = rp.paired_difference(cells[0], cells[1], "local")
     assert (pl.mean, pl.std, pl.wins, pl.n) == (pytest.approx(0.1), pytest.approx(0.1414213562), 1, 2)
     ptab = rp.paired_table(cells, "fednano").splitlines()
-    assert ptab[2] == "| fednano − fedavg | +10.0 ± 0.0 (2/2) | -10.0 (0/1) |"
-    assert rp.paired_table(cells, "fedavg").splitlines()[2] == "| fedavg − fednano | -10.0 ± 0.0 (0/2) | +10.0 (1/1) |"
+    assert ptab[2] == "| fednano − fedavg | +10.0 [+10.0, +10.0] (2/2) | -10.0 (0/1) |"
+    # the 95 % t-interval of the local differences 0 and +20 points: 10 ± t(0.975, 1) · 14.142 / √2 = 10 ± 12.706 · 10
+    assert pl.interval == (pytest.approx(0.1 - 1.270620), pytest.approx(0.1 + 1.270620))
+    assert rp.format_paired(pl) == "+10.0 [-117.1, +137.1] (1/2)" and p1.interval is None
+    assert rp.paired_table(cells, "fedavg").splitlines()[2] == "| fedavg − fednano | -10.0 [-10.0, -10.0] (0/2) | +10.0 (1/1) |"
     prow = [r for r in csv.DictReader(io.StringIO(rp.paired_csv(cells, "fednano"))) if r["alpha"] == "0.1" and r["metric"] == "local"]
     assert (
         len(prow) == 1
@@ -167,9 +172,9 @@ def test_tables_from_synthetic_runs(tmp_path: Path) -> None:
     )
 
     out = tmp_path / "rep"
-    rep = rp.build_report([root], out)
-    assert "| fednano − fedavg | +10.0 ± 0.0 (2/2) | -10.0 (0/1) |" in (out / "table.md").read_text()
-    assert rp.build_report([root], tmp_path / "rep2", baseline="fedprox").paired_table == ""  # fedprox never finished
+    rep = publish.build_report([root], out)
+    assert "| fednano − fedavg | +10.0 [+10.0, +10.0] (2/2) | -10.0 (0/1) |" in (out / "table.md").read_text()
+    assert publish.build_report([root], tmp_path / "rep2", baseline="fedprox").paired_table == ""  # fedprox never finished
     for name in ("table.md", "table.csv", "paired.csv", "cost.md", "cost.csv", "curves.png", "accuracy_vs_bytes.png"):
         assert (out / name).stat().st_size > 0
     assert any("unfinished" in n and str(unfinished) in n for n in rep.notes)
@@ -362,3 +367,57 @@ def test_micro_sweep_resumable_and_report(tmp_path: Path, tiny_bundle: Path, tin
     cost = {row["method"]: row for row in csv.DictReader((rep / "cost.csv").open())}
     wall = [sum(r["seconds"] for r in results[d]["rounds"]) / len(results[d]["rounds"]) for d in dirs[:2]]
     assert float(cost["fednano"]["wall_seconds_per_round"]) == pytest.approx(sum(wall) / 2)
+
+
+def _validated(method: str, seed: int, val: list[float | None], best_test: float) -> dict:
+    """A finished run with a validation set: `val` = [zero-shot, round 1, ...] validation accuracy (None: not
+    validated that round); the global test set scored at the last round only, and at the best validation round."""
+    res = fake_results(method, 0.1, 5, seed, [0.3] * len(val))
+    res["zero_shot_validation_accuracy"] = val[0]
+    for r, v in zip(res["rounds"], val[1:]):
+        r["global_accuracy"] = None
+        if v is not None:
+            r["validation_accuracy"] = v
+    res["rounds"][-1]["global_accuracy"] = 0.5
+    best = max(range(1, len(val)), key=lambda i: (val[i] or -1, -i))
+    res["final"]["best_validation"] = {"round": best, "validation_accuracy": val[best], "global_accuracy": best_test}
+    return res
+
+
+def test_convergence_rounds_and_bytes_to_target_from_validation_curves(tmp_path) -> None:
+    root = tmp_path / "runs"
+    # centralized's best validation scores 0.8 and 0.9: the target is 0.9 × 0.85 = 0.765
+    write_run(root, _validated("centralized", 0, [0.3, 0.6, 0.8, 0.8], 0.80))
+    write_run(root, _validated("centralized", 1, [0.3, 0.7, 0.8, 0.9], 0.85))
+    write_run(root, _validated("fednano", 0, [0.3, 0.5, 0.7, 0.77], 0.70))  # reaches it at round 3
+    write_run(root, _validated("fednano", 1, [0.3, 0.8, 0.6, 0.7], 0.75))  # at round 1
+    write_run(root, _validated("fedavg", 0, [0.3, None, 0.5, 0.6], 0.60))  # never; round 1 not validated
+    write_run(root, _validated("fedavg", 1, [0.3, None, 0.7, 0.6], 0.65))
+    rep = publish.build_report([root], tmp_path / "report")
+    runs = rp.load_runs([root])[0]
+    assert rp.progress_curve(next(r for r in runs if r.method == "fedavg").results)[:2] == [0.3, None]  # validation, not test
+    conv = {c.method: c for c in cv.convergence(runs)}
+    assert conv["fednano"].target == pytest.approx(0.765) and "centralized's best (85.0)" in conv["fednano"].reference
+    assert conv["fednano"].rounds == [3, 1] and conv["fednano"].mib == [24.0, 8.0]  # 8 MiB a round
+    assert conv["fedavg"].rounds == [None, None] and conv["centralized"].rounds == [2, 2]
+    assert conv["fednano"].best_rounds == [3, 1] and conv["fedavg"].best_rounds == [3, 2]
+    rows = {r["method"]: r for r in csv.DictReader((tmp_path / "report" / "convergence.csv").open())}
+    assert (rows["fednano"]["reached"], float(rows["fednano"]["rounds_mean"]), float(rows["fednano"]["mib_mean"])) == ("2", 2.0, 16.0)
+    assert rows["fedavg"]["reached"] == "0" and rows["fedavg"]["rounds_mean"] == ""
+    assert "| fednano | α=0.1 (5 clients) | 76.5 | 2.0 ± 1.4 (2/2) | 16.0 | 2.0 ± 1.4 |" in rep.convergence_table
+    assert "| fedavg | α=0.1 (5 clients) | 76.5 | never (0/2) | — |" in rep.convergence_table
+    # the test accuracy at the best validation round: its own table, and paired (fednano − fedavg: +10, +10)
+    assert "| fednano | 72.5 ± 3.5 |" in rep.best_table and "| centralized | **82.5 ± 3.5** |" in rep.best_table
+    assert "| fednano − fedavg | +10.0 [+10.0, +10.0] (2/2) |" in rep.paired_table.split("best validation round")[1]
+    best = [r for r in csv.DictReader((tmp_path / "report" / "paired.csv").open()) if r["metric"] == "best" and r["method"] == "fedavg"]
+    assert float(best[0]["mean_difference"]) == pytest.approx(0.1)
+    for name in ("convergence.png", "curves.png", "accuracy_vs_bytes.png", "convergence.md"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+
+
+def test_convergence_without_a_centralized_run_aims_at_the_best_method() -> None:
+    runs = [rp.Run(Path("a"), _validated("fednano", 0, [0.2, 0.4, 0.6], 0.5)),
+            rp.Run(Path("b"), _validated("fedavg", 0, [0.2, 0.5, 0.5], 0.5))]
+    (c_nano, c_avg) = cv.convergence(runs, fraction=0.8)
+    assert c_nano.target == pytest.approx(0.48) and "fednano, 60.0; no centralized run" in c_nano.reference
+    assert c_nano.rounds == [2] and c_avg.rounds == [1]

@@ -1,30 +1,17 @@
-"""`fednano report`: paper-style tables and plots from results folders alone.
+"""The pieces of `fednano report` (fednano/experiments/publish.py writes the files): runs read from results
+folders alone, grouped and summarised, as tables and plots.
 
 Every `results.json` under the given folders is read; only finished runs (non-empty
 `final`) count, unfinished ones are listed in a note. Runs are grouped by method
 (`federation.strategy`), Dirichlet α (`data.dirichlet_alpha`) and number of clients
-(`data.num_clients`); the seeds of a group are its samples.
+(`data.num_clients`); the seeds of a group are its samples. Three accuracies per run
+(`METRICS`): the final global test accuracy, the mean final local-test (personalised)
+accuracy, and, for runs with a validation set, the global test accuracy at the best
+validation round. Paired differences between methods are taken seed by seed (runs of one
+seed share the partition and the test questions), with a 95 % t-interval.
 
-Written to the output folder:
-
-- `table.md`: final global accuracy and mean local-test (personalised) accuracy, in
-  percent, mean ± sample std (ddof=1) over seeds; rows = methods, columns = α and
-  clients; the best mean of each column in bold.
-- `table.csv`: one row per method/α/clients group: `method, alpha, clients, seeds`
-  (the number of finished runs), `global_mean, global_std, local_mean, local_std`
-  as fractions in [0, 1], like results.json (std empty for a single seed).
-- `curves.png`: global accuracy per round (round 0 = zero-shot), mean ± std over seeds.
-- `accuracy_vs_bytes.png`: global accuracy against the cumulative MiB moved (log scale).
-- in `table.md` too, and `paired.csv`: each method against a baseline (default
-  `fednano`) seed by seed — mean ± std of the per-seed difference and on how many
-  seeds the baseline was higher; runs of one seed share the partition and the test
-  questions, so this is the comparison to judge "A beats B" by.
-- `cost.md` / `cost.csv`: per method, what a client holds, what it uploads, split
-  traffic per step, MiB per round and server / client / wall time per round; a value
-  the runs did not record is shown as "—" (empty in the CSV).
-
-The pure pieces (grouping, mean/std, bold-best, Markdown/CSV) work on results dicts
-and need no run.
+The pure pieces (grouping, mean/std, intervals, bold-best, Markdown/CSV) work on results
+dicts and need no run.
 """
 
 from __future__ import annotations
@@ -42,6 +29,7 @@ from fednano.config import METHOD_NAMES
 from fednano.experiments.results import markdown_table
 
 DASH = "—"
+METRICS = ("global", "local", "best")  # final global test, final mean local test, global test at the best validation round
 METHOD_ORDER = METHOD_NAMES  # rows in registry order
 # Config fields the grid varies (or that never change results); any other field that
 # differs between runs is reported in a note.
@@ -164,6 +152,12 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     return m, math.sqrt(sum((x - m) ** 2 for x in vs) / (len(vs) - 1))
 
 
+def best_round_accuracy(results: dict[str, Any]) -> float | None:
+    """Global test accuracy at the best validation round (None for a run without a validation set)."""
+    best = (results.get("final") or {}).get("best_validation")
+    return _num(best.get("global_accuracy")) if isinstance(best, dict) else None
+
+
 def local_accuracy(results: dict[str, Any]) -> float | None:
     """Mean over clients of the final local-test accuracy (None if not recorded)."""
     ca = (results.get("final") or {}).get("client_accuracy")
@@ -184,10 +178,20 @@ class Cell:
     seeds: list[Any] = field(default_factory=list)
     global_acc: list[float] = field(default_factory=list)
     local_by_run: list[float | None] = field(default_factory=list)  # aligned with `seeds`; None = not recorded
+    best_by_run: list[float | None] = field(default_factory=list)  # test accuracy at the best validation round, aligned with `seeds`
 
     @property
     def local_acc(self) -> list[float]:
         return [v for v in self.local_by_run if v is not None]
+
+    def by_run(self, metric: str) -> list[float | None]:
+        """Each run's value of one of METRICS (None: not recorded), aligned with `seeds`."""
+        runs: dict[str, list[float | None]] = {"global": list(self.global_acc), "local": self.local_by_run, "best": self.best_by_run}
+        return runs[metric]
+
+    def values(self, metric: str) -> list[float]:
+        """The runs' values of one of METRICS (those recorded)."""
+        return [v for v in self.by_run(metric) if v is not None]
 
     @property
     def n(self) -> int:
@@ -206,9 +210,8 @@ class Cell:
         return (self.clients, self.alpha)
 
     def by_seed(self, metric: str = "global") -> dict[str, float]:
-        """Seed -> final accuracy ('global' or 'local'); a seed run twice keeps its last run."""
-        values = self.global_acc if metric == "global" else self.local_by_run
-        return {str(s): v for s, v in zip(self.seeds, values) if v is not None}
+        """Seed -> accuracy (one of METRICS); a seed run twice keeps its last run."""
+        return {str(s): v for s, v in zip(self.seeds, self.by_run(metric)) if v is not None}
 
 
 def summarize(runs: Iterable[Run]) -> list[Cell]:
@@ -220,6 +223,7 @@ def summarize(runs: Iterable[Run]) -> list[Cell]:
         cell.seeds.append(run.seed)
         cell.global_acc.append(float(run.final["global_accuracy"]))
         cell.local_by_run.append(local_accuracy(run.results))
+        cell.best_by_run.append(best_round_accuracy(run.results))
     return sorted(cells.values(), key=lambda c: (c.clients, c.alpha, method_key(c.method)))
 
 
@@ -256,18 +260,19 @@ def best_keys(values: dict[Any, float | None], decimals: int = 1) -> set[Any]:
 def accuracy_table(cells: Sequence[Cell], metric: str = "global") -> str:
     """Markdown: rows = methods, columns = (α, clients) groups, best mean per column in bold.
 
-    `metric` is 'global' (final global accuracy) or 'local' (mean local-test accuracy)."""
-    if metric not in ("global", "local"):
-        raise ValueError(f"metric must be 'global' or 'local', not {metric!r}")
+    `metric` is 'global' (final global accuracy), 'local' (mean local-test accuracy) or 'best' (global test
+    accuracy at the best validation round)."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, not {metric!r}")
     groups = sorted({c.group for c in cells})
     methods = sorted({c.method for c in cells}, key=method_key)
     by = {(c.method, c.group): c for c in cells}
 
     def stats(c: Cell) -> tuple[float | None, float | None]:
-        return c.global_stats if metric == "global" else c.local_stats
+        return mean_std(c.values(metric))
 
     def count(c: Cell) -> int:
-        return c.n if metric == "global" else len(c.local_acc)
+        return len(c.values(metric))
 
     counts = {count(c) for c in cells if count(c) > 0}
     show_n = len(counts) > 1
@@ -296,6 +301,16 @@ class Paired:
     wins: int
     n: int
 
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """The 95 % confidence interval of the mean difference (Student's t, n − 1 degrees of freedom); None below 2 seeds."""
+        if self.mean is None or self.std is None or self.n < 2:
+            return None
+        from scipy.stats import t
+
+        half = float(t.ppf(0.975, self.n - 1)) * self.std / math.sqrt(self.n)
+        return self.mean - half, self.mean + half
+
 
 def paired_difference(base: Cell, other: Cell, metric: str = "global") -> Paired:
     """Seed-by-seed difference of two methods in one α / clients group.
@@ -311,10 +326,12 @@ def paired_difference(base: Cell, other: Cell, metric: str = "global") -> Paired
 
 
 def format_paired(p: Paired) -> str:
-    """'+3.5 ± 2.1 (2/3)': percentage points, sample std, seeds where base was higher / seeds compared."""
+    """'+3.5 [−1.7, +8.7] (2/3)': the mean difference in percentage points, its 95 % interval (from 2 seeds on),
+    seeds where base was higher / seeds compared."""
     if p.mean is None:
         return DASH
-    text = f"{100 * p.mean:+.1f}" + (f" ± {100 * p.std:.1f}" if p.std is not None else "")
+    ci = p.interval
+    text = f"{100 * p.mean:+.1f}" + (f" [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]" if ci is not None else "")
     return f"{text} ({p.wins}/{p.n})"
 
 
@@ -336,31 +353,33 @@ def paired_table(cells: Sequence[Cell], baseline: str, metric: str = "global") -
 def paired_csv(cells: Sequence[Cell], baseline: str) -> str:
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
-    w.writerow(["baseline", "method", "alpha", "clients", "metric", "seeds", "mean_difference", "std_difference", "baseline_higher"])
+    w.writerow(["baseline", "method", "alpha", "clients", "metric", "seeds", "mean_difference", "std_difference", "ci95_low", "ci95_high",
+                "baseline_higher"])
     by = {(c.method, c.group): c for c in cells}
     for c in cells:
         base = by.get((baseline, c.group))
         if c.method == baseline or base is None:
             continue
-        for metric in ("global", "local"):
+        for metric in METRICS:
             p = paired_difference(base, c, metric)
             if p.n:
-                w.writerow([baseline, c.method, _csv_num(c.alpha), c.clients, metric, p.n, _csv_num(p.mean), _csv_num(p.std), p.wins])
+                lo, hi = p.interval or (None, None)
+                w.writerow([baseline, c.method, csv_num(c.alpha), c.clients, metric, p.n, csv_num(p.mean), csv_num(p.std), csv_num(lo),
+                            csv_num(hi), p.wins])
     return out.getvalue()
 
 
-def _csv_num(v: Any) -> str:
+def csv_num(v: Any) -> str:
     return "" if v is None else repr(float(v)) if isinstance(v, float) else str(v)
 
 
 def table_csv(cells: Sequence[Cell]) -> str:
     out = io.StringIO()
     w = csv.writer(out, lineterminator="\n")
-    w.writerow(["method", "alpha", "clients", "seeds", "global_mean", "global_std", "local_mean", "local_std"])
+    w.writerow(["method", "alpha", "clients", "seeds"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "std")])
     for c in cells:
-        gm, gs = c.global_stats
-        lm, ls = c.local_stats
-        w.writerow([c.method, _csv_num(c.alpha), c.clients, c.n, _csv_num(gm), _csv_num(gs), _csv_num(lm), _csv_num(ls)])
+        stats = [csv_num(v) for m in METRICS for v in mean_std(c.values(m))]
+        w.writerow([c.method, csv_num(c.alpha), c.clients, c.n, *stats])
     return out.getvalue()
 
 
@@ -465,7 +484,7 @@ def cost_csv(rows: Sequence[dict[str, Any]]) -> str:
             v = vals[k]
             if isinstance(v, float) and v.is_integer():
                 vals[k] = int(v)
-        w.writerow([_csv_num(vals[k]) for k in keys])
+        w.writerow([csv_num(vals[k]) for k in keys])
     return out.getvalue()
 
 
@@ -490,6 +509,25 @@ def cumulative_mib(results: dict[str, Any]) -> list[float]:
     return out
 
 
+def validation_curve(results: dict[str, Any]) -> list[float | None] | None:
+    """[zero-shot, round 1, ...] validation accuracy (None at rounds not validated); None for a run without a validation set."""
+    rounds = [r for r in results.get("rounds") or [] if isinstance(r, dict)]
+    if not any(_num(r.get("validation_accuracy")) is not None for r in rounds):
+        return None
+    return [_num(results.get("zero_shot_validation_accuracy"))] + [_num(r.get("validation_accuracy")) for r in rounds]
+
+
+def progress_curve(results: dict[str, Any]) -> list[float | None]:
+    """What a run scored round by round: its validation accuracy where it has a validation set (its test sets are
+    then scored only at the end), else its global test accuracy."""
+    return validation_curve(results) or accuracy_curve(results)
+
+
+def first_round_at(curve: Sequence[float | None], target: float) -> int | None:
+    """The first round (0 = zero-shot) whose score reaches `target`; None if none does."""
+    return next((i for i, v in enumerate(curve) if v is not None and v >= target), None)
+
+
 def mean_std_curve(curves: Sequence[Sequence[float | None]]) -> tuple[list[float | None], list[float]]:
     """Point-wise mean and sample std (0 below two values) over curves of possibly different lengths."""
     length = max((len(c) for c in curves), default=0)
@@ -501,14 +539,14 @@ def mean_std_curve(curves: Sequence[Sequence[float | None]]) -> tuple[list[float
     return means, stds
 
 
-def _grouped(runs: Iterable[Run]) -> dict[tuple[int, float], dict[str, list[Run]]]:
+def grouped(runs: Iterable[Run]) -> dict[tuple[int, float], dict[str, list[Run]]]:
     out: dict[tuple[int, float], dict[str, list[Run]]] = {}
     for r in runs:
         out.setdefault((r.clients, r.alpha), {}).setdefault(r.method, []).append(r)
     return dict(sorted(out.items()))
 
 
-def _subplots(n: int):
+def subplots(n: int):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -523,14 +561,21 @@ def _subplots(n: int):
     return plt, fig, flat[:n]
 
 
+def score_label(runs: Sequence[Run]) -> str:
+    validated = {validation_curve(r.results) is not None for r in runs}
+    return {frozenset({True}): "validation accuracy", frozenset({False}): "global accuracy"}.get(
+        frozenset(validated), "validation (or global) accuracy")
+
+
 def plot_curves(runs: Sequence[Run], path: Path) -> None:
+    """Per α / clients group: each method's score per round (`progress_curve`), mean ± std over seeds."""
     from matplotlib.ticker import MaxNLocator
 
-    groups = _grouped(runs)
-    plt, fig, axes = _subplots(max(1, len(groups)))
+    groups = grouped(runs)
+    plt, fig, axes = subplots(max(1, len(groups)))
     for ax, ((clients, alpha), methods) in zip(axes, groups.items()):
         for method in sorted(methods, key=method_key):
-            m, s = mean_std_curve([accuracy_curve(r.results) for r in methods[method]])
+            m, s = mean_std_curve([progress_curve(r.results) for r in methods[method]])
             xs = [i for i, v in enumerate(m) if v is not None]
             ys = [m[i] for i in xs]
             lo = [m[i] - s[i] for i in xs]  # type: ignore[operator]
@@ -540,7 +585,7 @@ def plot_curves(runs: Sequence[Run], path: Path) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(column_label(alpha, clients))
         ax.set_xlabel("round (0 = zero-shot)")
-        ax.set_ylabel("global accuracy")
+        ax.set_ylabel(score_label(runs))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -551,12 +596,12 @@ def plot_curves(runs: Sequence[Run], path: Path) -> None:
 def plot_accuracy_vs_bytes(runs: Sequence[Run], path: Path) -> None:
     from matplotlib.ticker import FuncFormatter
 
-    groups = _grouped(runs)
-    plt, fig, axes = _subplots(max(1, len(groups)))
+    groups = grouped(runs)
+    plt, fig, axes = subplots(max(1, len(groups)))
     for ax, ((clients, alpha), methods) in zip(axes, groups.items()):
         for method in sorted(methods, key=method_key):
             xs, _ = mean_std_curve([cumulative_mib(r.results) for r in methods[method]])
-            ys, _ = mean_std_curve([accuracy_curve(r.results)[1:] for r in methods[method]])
+            ys, _ = mean_std_curve([progress_curve(r.results)[1:] for r in methods[method]])
             pts = [(x, y) for x, y in zip(xs, ys) if x is not None and y is not None and x > 0]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=method)
@@ -567,7 +612,7 @@ def plot_accuracy_vs_bytes(runs: Sequence[Run], path: Path) -> None:
         ax.tick_params(axis="x", which="both", labelsize=7, labelrotation=45)
         ax.set_title(column_label(alpha, clients))
         ax.set_xlabel("cumulative MiB moved (log)")
-        ax.set_ylabel("global accuracy")
+        ax.set_ylabel(score_label(runs))
         ax.grid(alpha=0.3, which="both")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
@@ -606,69 +651,3 @@ def duplicate_seed_notes(cells: Sequence[Cell]) -> list[str]:
         if dup:
             notes.append(f"{c.method}, {column_label(c.alpha, c.clients)}: seed(s) {', '.join(dup)} appear in several runs (all counted)")
     return notes
-
-
-@dataclass
-class Report:
-    global_table: str
-    local_table: str
-    cost_table: str
-    paired_table: str  # empty when the baseline method has no finished run
-    notes: list[str]
-    files: list[Path]
-
-
-def _table_md(gtab: str, ltab: str, ptab: str, baseline: str, n_runs: int, notes: list[str]) -> str:
-    """table.md: the accuracy tables, the paired table where there is one, and the notes."""
-    note_md = "".join(f"- {n}\n" for n in notes)
-    paired = (
-        f"\n## Paired differences in final global accuracy (points): {baseline} minus each method\n\n{ptab}\n\n"
-        f"Over the seeds both methods ran (same seed = same partition and test questions): "
-        f"mean ± sample std of the per-seed difference, and (seeds where {baseline} was higher / seeds compared).\n"
-    ) if ptab else ""
-    return (
-        f"## Final global accuracy (%), mean ± std over seeds\n\n{gtab}\n\n"
-        f"## Mean local-test (personalised) accuracy (%), mean ± std over seeds\n\n{ltab}\n\n"
-        f"{n_runs} finished runs; best mean per column in bold; std is the sample std (ddof=1).\n"
-        + paired + (f"\nNotes:\n\n{note_md}" if notes else "")
-    )
-
-
-def build_report(dirs: Sequence[Path], out: Path, baseline: str = "fednano") -> Report:
-    """Read every run under `dirs` and write the tables and plots to `out`. Raises ValueError without finished runs.
-
-    `baseline` is the method every other one is compared with seed by seed (paired table)."""
-    finished, unfinished, problems = load_runs(dirs)
-    if not finished:
-        raise ValueError(
-            f"no finished runs (results.json with a non-empty 'final') under {', '.join(map(str, dirs))}"
-            + "".join(f"; {p}" for p in problems)
-        )
-    cells = summarize(finished)
-    notes = list(problems)
-    if unfinished:
-        notes.append(f"{len(unfinished)} unfinished run(s) left out: " + ", ".join(str(r.path) for r in unfinished))
-    notes += config_notes(finished)
-    notes += duplicate_seed_notes(cells)
-
-    gtab = accuracy_table(cells, "global")
-    ltab = accuracy_table(cells, "local")
-    ctab = cost_markdown(cost_rows(finished))
-    has_base = any(c.method == baseline for c in cells)
-    ptab = paired_table(cells, baseline, "global") if has_base else ""
-    if not has_base:
-        notes.append(f"no finished run of the baseline method {baseline!r}: no paired table")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    md = _table_md(gtab, ltab, ptab, baseline, len(finished), notes)
-    files = [out / "table.md", out / "table.csv", out / "cost.md", out / "cost.csv", out / "curves.png", out / "accuracy_vs_bytes.png"]
-    if has_base:
-        files.append(out / "paired.csv")
-        files[-1].write_text(paired_csv(cells, baseline))
-    files[0].write_text(md)
-    files[1].write_text(table_csv(cells))
-    files[2].write_text(f'## Cost per method (mean over finished runs)\n\n{ctab}\n\n"—": not recorded by these runs.\n')
-    files[3].write_text(cost_csv(cost_rows(finished)))
-    plot_curves(finished, files[4])
-    plot_accuracy_vs_bytes(finished, files[5])
-    return Report(gtab, ltab, ctab, ptab, notes, files)
