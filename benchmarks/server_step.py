@@ -4,6 +4,7 @@ Real weights (default; the prepared smol bundle, `fednano prepare`):
   * this device's bf16 and fp32 matmul rate (the reference peak);
   * the server step (SmolLM2-135M, loss + d loss / d embeddings) in three variants:
       ours-bf16  : bf16, logits only at labelled positions (what FedNano runs)
+      ours-bf16-eager-attn : the same with model.attention = "eager" (plain matmul + softmax attention)
       full-head  : bf16, HF's own loss: full-vocabulary head over every position
       ours-fp32  : fp32, logits only at labelled positions
     FLOPs are counted by torch's FLOP formulas on the real step, so achieved
@@ -100,9 +101,12 @@ def smol_real(args: argparse.Namespace, device: torch.device) -> None:
     peak_bf16, peak_fp32 = matmul_gflops(torch.bfloat16, device), matmul_gflops(torch.float32, device)
     rows = []
     llm = load_server_llm(bundle, torch.bfloat16, device)
-    for name, dtype in (("ours-bf16", torch.bfloat16), ("full-head", torch.bfloat16), ("ours-fp32", torch.float32)):
+    variants = (("ours-bf16", torch.bfloat16, "sdpa"), ("ours-bf16-eager-attn", torch.bfloat16, "eager"),
+                ("full-head", torch.bfloat16, "sdpa"), ("ours-fp32", torch.float32, "sdpa"))
+    for name, dtype, attention in variants:
         if llm.dtype != dtype:
             llm = load_server_llm(bundle, dtype, device)
+        llm.set_attention(attention)
         if name == "full-head":
             step = lambda m=llm: full_head_step(m, embeds, batch.attention_mask.to(device), batch.labels.to(device))  # noqa: E731
         else:
@@ -162,7 +166,9 @@ def smol_real(args: argparse.Namespace, device: torch.device) -> None:
     print("|---|---:|---:|---:|---:|---:|")
     for name, sec, flops, rate, r_bf16, r_same in rows:
         print(f"| {name} | {sec:.3f} | {flops / 1e9:.1f} | {rate:.0f} | {r_bf16:.2f} | {r_same:.2f} |")
-    print(f"\nspeed-up of ours-bf16: {rows[1][1] / rows[0][1]:.2f}x over full-head, {rows[2][1] / rows[0][1]:.2f}x over ours-fp32\n")
+    sec = {r[0]: r[1] for r in rows}
+    print(f"\nspeed-up of ours-bf16: {sec['full-head'] / sec['ours-bf16']:.2f}x over full-head, {sec['ours-fp32'] / sec['ours-bf16']:.2f}x "
+          f"over ours-fp32; eager attention: {sec['ours-bf16'] / sec['ours-bf16-eager-attn']:.2f}x over the fused kernel\n")
     print("| client / channel | value |")
     print("|---|---:|")
     print(f"| client NanoEdge forward+backward (features cached) | {client_sec * 1000:.1f} ms |")

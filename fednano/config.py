@@ -39,6 +39,7 @@ METHOD_NAMES = ("fednano", "fednano-ef", "fednano-product", "fednano-ffa",
                 "fedavg", "fedprox", "fedadam", "fedyogi", "local", "centralized", "fedit-lora", "feddpa-f")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 DEVICE_MAPS = ("", "auto", "balanced", "balanced_low_0", "sequential")
+ATTENTION = ("sdpa", "eager")  # the LLM's attention kernels (transformers' attn_implementation)
 
 
 @dataclass
@@ -61,6 +62,9 @@ class ModelConfig:
                                     "'cpu', 'cuda' or 'cuda:N'.")
     server_device_map: str = _f("", "Shard the frozen LLM across the visible GPUs with accelerate's device_map ('auto', 'balanced', "
                                     "'balanced_low_0', 'sequential') when it does not fit one; '' keeps it whole on server_device.")
+    attention: str = _f("sdpa", "The LLM's attention kernel: 'sdpa' (PyTorch's fused scaled-dot-product attention) or 'eager' (plain "
+                                "matmul + softmax). At this project's short sequences on a CPU the fused kernel's backward is about a "
+                                "fifth of a split step (BENCHMARKS, 'The split step'); the two agree within bf16 rounding.")
     client_device: str = _f("auto", "Where each client's NanoEdge (vision encoder, connector, embedding table, adapters, "
                                     "image-feature cache) lives: 'auto' (the GPU the client process may use, else the CPU), 'cpu', "
                                     "'cuda' or 'cuda:N'. A simulated client sees a GPU only with federation.client_gpus > 0.")
@@ -90,6 +94,7 @@ class ModelConfig:
                 f"{getattr(self, name)!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'",
             )
         _check(self.server_device_map in DEVICE_MAPS, "model.server_device_map", f"must be one of {list(DEVICE_MAPS)}")
+        _check(self.attention in ATTENTION, "model.attention", f"must be one of {list(ATTENTION)}")
         _check(
             not self.random_init or self.backbone in ("llava", "blip2"),
             "model.random_init",

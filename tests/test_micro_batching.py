@@ -31,6 +31,20 @@ def test_batched_steps_equal_separate_steps(tiny_llm_on, device):
         torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-4)
 
 
+def test_eager_attention_gives_the_fused_kernels_loss_and_gradients(tiny_llm_on):
+    """model.attention: the plain kernel computes the same step as the fused one (fp32, padded batch)."""
+    req = _request(4, 3, 9, tiny_llm_on.hidden_size, "mean")
+    fused = tiny_llm_on.train_step(*req)
+    tiny_llm_on.set_attention("eager")
+    try:
+        assert tiny_llm_on.model.config._attn_implementation == "eager"
+        plain = tiny_llm_on.train_step(*req)
+    finally:
+        tiny_llm_on.set_attention("sdpa")
+    assert plain[0].item() == pytest.approx(fused[0].item(), rel=1e-5)
+    torch.testing.assert_close(plain[1], fused[1], atol=1e-6, rtol=1e-4)
+
+
 def test_concurrent_clients_are_batched_by_the_server(tiny_llm):
     d = tiny_llm.hidden_size
     n_clients, steps = 4, 6

@@ -194,6 +194,7 @@ class WholeLLMClient:
         cfg = rt.cfg
         self.rt, self.personal = rt, personal
         self.llm = load_server_llm(bundle_dir(cfg), dtype_of(cfg.model.llm_dtype), rt.device)
+        self.llm.set_attention(cfg.model.attention)
         add_lora(self.llm, cfg.adapter, (GLOBAL, LOCAL) if personal else (GLOBAL,), seed=cfg.federation.seed)
         self.local_init = lora_state(self.llm, LOCAL) if personal else {}  # where a client's personal LoRA starts
 

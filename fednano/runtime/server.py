@@ -59,6 +59,7 @@ class ServerSide:
         self.task: Task | None = load_task(cfg) if cfg.data.server_test else None
         self.bundle = ensure_prepared(cfg)
         self.llm = load_server_llm(self.bundle, dtype_of(cfg.model.llm_dtype), device, cfg.model.server_device_map)
+        self.llm.set_attention(cfg.model.attention)
         sc = cfg.split
         self.secret = secrets.token_urlsafe(32) if sc.require_token else None
         tls = (Path(sc.tls_cert).read_bytes(), Path(sc.tls_key).read_bytes()) if sc.tls_cert else None

@@ -52,6 +52,10 @@ class ServerLLM:
         self.hidden_size = text_cfg.hidden_size
         self.vocab_size = text_cfg.vocab_size
 
+    def set_attention(self, kind: str) -> None:
+        """The attention kernel ('sdpa' or 'eager', config.ATTENTION) every layer uses from now on."""
+        self.model.set_attn_implementation(kind)
+
     def train_step(
         self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", parts: object = None
     ) -> tuple[torch.Tensor, torch.Tensor, int]:
