@@ -136,9 +136,11 @@ def run(
             raise typer.Exit(2)
     cfg = _load(config, set_, backbone, checkpoint)
     from fednano.federation.simulation import check_devices, simulate
+    from fednano.methods.registry import method_of
     from fednano.runtime.server import preflight
 
     check_devices(cfg)
+    method_of(cfg).check(cfg)
     preflight(cfg)  # devices, data and the backbone's source, before anything is created
     _setup_logging(output / "run.log")
     t0 = time.time()

@@ -397,6 +397,22 @@ class SplitConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    audit: bool = _f(
+        False, "Measure, at round 0 and after every round, what an honest-but-curious server reads from the training frames the "
+        "global adapters would produce (`fednano leakage`'s attacks: text tokens by nearest embedding row, answer tokens in the "
+        "clear, images by top-1 retrieval) on audit_samples training samples of each client; results.json `leakage` per round, "
+        "leakage.png. Simulation only (the server needs the clients' samples); NanoEdge methods with a global model."
+    )
+    audit_samples: int = _f(8, "privacy.audit: training samples per client the attacks run on (the same ones every round).")
+    audit_pool: int = _f(200, "privacy.audit: candidate images the image attack retrieves among (the audited samples' own and others).")
+
+    def __post_init__(self) -> None:
+        _check(self.audit_samples >= 1, "privacy.audit_samples", "must be >= 1")
+        _check(self.audit_pool >= 1, "privacy.audit_pool", "must be >= 1")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -405,6 +421,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def __post_init__(self) -> None:
         _check(
@@ -417,6 +434,11 @@ class RunConfig:
             "data.server_test",
             "false means the server holds no data and scores with the clients' own test splits, which needs data.on_nodes "
             "(in simulation the server holds the data it partitions: keep data.server_test = true)",
+        )
+        _check(
+            not (self.privacy.audit and self.data.on_nodes),
+            "privacy.audit",
+            "the audit attacks the clients' own training samples, which a server whose nodes keep their data never has: simulation only",
         )
         _check(
             self.data.server_test or self.data.validation_samples == 0,
@@ -513,6 +535,7 @@ _SECTION_CLASSES: dict[str, type] = {
     "train": TrainConfig,
     "federation": FederationConfig,
     "split": SplitConfig,
+    "privacy": PrivacyConfig,
 }
 
 

@@ -131,6 +131,47 @@ def audit_run(run_dir: Path, per_client: int = 8, pool_size: int = 200, device: 
     return out
 
 
+class RoundAudit:
+    """privacy.audit: the attacks after every round on the same samples and image pool, with `edge` (the server's own
+    NanoEdge, into which the caller loads the global adapters: what every client starts its next round from) and the
+    LLM's input-embedding table."""
+
+    def __init__(self, cfg: RunConfig, edge: NanoEdge, work: Workload, table: torch.Tensor) -> None:
+        self.cfg, self.edge, self.work, self.table = cfg, edge, work, table
+        self.samples = [s for part in partitions(cfg) for s in part.train[: cfg.privacy.audit_samples]]
+        self.pool = _image_pool(cfg, self.samples, cfg.privacy.audit_pool)
+
+    def __call__(self) -> dict[str, float]:
+        found = audit(self.edge, self.work, self.table, self.samples, self.pool, self.cfg.split.wire_dtype, self.cfg.split.protocol)
+        return asdict(found)
+
+
+def plot_leakage(results: dict, path: Path) -> None:
+    """leakage.png: the share of text tokens, answer tokens and images the server recovers, per round (privacy.audit)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = [(0, results.get("zero_shot_leakage"))] + [(r["round"], r.get("leakage")) for r in results["rounds"]]
+    points = [(x, v) for x, v in points if v]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    from matplotlib.ticker import MaxNLocator
+
+    for key, style, label in (("text_tokens_recovered", "o-", "text tokens (nearest embedding row)"),
+                              ("answer_tokens_in_clear", "s--", "answer tokens"), ("image_top1", "^-", "images (top-1 retrieval)")):
+        ax.plot([x for x, _ in points], [v[key] for _, v in points], style, ms=7 if style == "o-" else 4, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    split = results["config"]["split"]
+    ax.set(xlabel="round (0 = adapters at initialisation)", ylabel="share the server recovers", ylim=(-0.02, 1.02),
+           title=f"what the server reads · protocol {split['protocol']} · wire {split['wire_dtype']}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def _image_pool(cfg: RunConfig, samples: list[Sample], size: int) -> list[str]:
     """The audited samples' images plus distinct others from the clients' data, `size` in all (seeded)."""
     own = list(dict.fromkeys(p for s in samples for p in s.images))

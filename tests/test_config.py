@@ -24,6 +24,8 @@ def _write(tmp_path, text):
         ("[federation]\nstrategy = 'fedadgrad'\n", "unknown strategy 'fedadgrad'"),
         ("[data]\ndirichlet_alpha = -1\n", "data.dirichlet_alpha: must be > 0"),
         ("[federation]\neval_every = 0\n", "federation.eval_every: must be >= 1"),
+        ("[privacy]\naudit_samples = 0\n", "privacy.audit_samples: must be >= 1"),
+        ("[privacy]\naudit = true\n[data]\non_nodes = true\n", "privacy.audit: the audit attacks the clients' own training samples"),
         ("[data]\nvalidation_samples = -5\n", "data.validation_samples: must be >= 0"),
         ("[data]\non_nodes = true\nserver_test = false\nvalidation_samples = 10\n", "data.validation_samples: the server scores"),
         ("[model\n", "not valid TOML"),
@@ -111,6 +113,8 @@ def test_a_run_recorded_before_a_field_existed_is_the_same_config():
         (["data.dataset='scienceqa'", "data.path='{tmp}/sqa'"], "ScienceQA directory not found: {tmp}/sqa"),
         (["model.backbone='llava'", "model.checkpoint='{tmp}/llava'"], "model.checkpoint: checkpoint directory not found: {tmp}/llava"),
         (["model.backbone='compose'", "model.llm_path='{tmp}/lm'"], "model.llm_path: checkpoint directory not found: {tmp}/lm"),
+        (["privacy.audit=true", "federation.strategy='fedit-lora'"], "privacy.audit: 'fedit-lora' has no global NanoEdge adapters"),
+        (["privacy.audit=true", "federation.strategy='local'"], "privacy.audit: 'local' has no global NanoEdge adapters"),
     ],
 )
 def test_run_refuses_bad_data_and_sources_in_one_line_before_anything_starts(tmp_path, sets, needle):

@@ -1,6 +1,9 @@
 """`fednano leakage`: the server-side attacks against hand-built cases, and on a tiny run's frames."""
 
 import json
+import os
+import subprocess
+import sys
 
 import torch
 from safetensors.torch import save_file
@@ -10,7 +13,7 @@ from fednano.backbones.bundle import load_nanoedge
 from fednano.backbones.prepare import ensure_prepared
 from fednano.cli import app
 from fednano.leakage import as_received, image_top1, nearest_rows, text_recovered
-from tests.conftest import randomize_adapters
+from tests.conftest import ROOT, TINY, randomize_adapters
 
 
 def test_nearest_rows_and_text_recovery_by_hand():
@@ -69,3 +72,24 @@ def test_the_cached_protocols_hand_the_server_the_ids_and_the_connector_outputs(
     `cached-features+ids`: the ids are the text, and each image's connector output (before NanoAdapter-I) is sent."""
     final = _audited_run(tiny_cfg, tmp_path, "cached-features+ids")["final (round 2)"]
     assert final["text_tokens_recovered"] == 1.0 and final["image_top1"] == 1.0
+
+
+def test_the_per_round_audit_records_what_the_server_reads_every_round(tiny_bundle, tiny_cache, tmp_path):
+    """privacy.audit in a real simulation: round 0 (identity adapters, fp32 wire, the paper's split) leaks every text
+    token, answer token and image; every round after has its own entry, and leakage.png is drawn."""
+    out = tmp_path / "run"
+    env = {**os.environ, "FEDNANO_CACHE": str(tiny_cache), "FEDNANO_PROGRESS": "off"}
+    sets = ["privacy.audit=true", "privacy.audit_samples=4", "privacy.audit_pool=20", 'split.protocol="activations"', "federation.rounds=2"]
+    args = ["--config", str(TINY), "--output", str(out), *[a for s in sets for a in ("--set", s)]]
+    proc = subprocess.run([sys.executable, "-m", "fednano", "run", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    zero = res["zero_shot_leakage"]
+    assert (zero["text_tokens_recovered"], zero["answer_tokens_in_clear"], zero["image_top1"]) == (1.0, 1.0, 1.0)
+    assert zero["images"] == 8 and zero["image_pool"] == 20 and zero["text_tokens"] > 0  # 4 samples of each of 2 clients
+    for r in res["rounds"]:
+        leak = r["leakage"]
+        assert 0 <= leak["text_tokens_recovered"] <= 1 and leak["answer_tokens_in_clear"] == 1.0
+        assert leak["text_tokens"] == zero["text_tokens"]  # the same samples every round
+        assert r["phase_seconds"]["audit"] >= 0
+    assert (out / "leakage.png").stat().st_size > 0

@@ -26,6 +26,7 @@ from fednano.devices import peak_host_memory, peak_memory, reset_peak_memory
 from fednano.experiments.results import BYTES_FIELDS, RoundRecord, RunRecorder, plot_partition
 from fednano.federation import keys
 from fednano.federation.strategy import ClientOutcome, FedNanoStrategy
+from fednano.leakage import RoundAudit, plot_leakage
 from fednano.methods.registry import method_of
 from fednano.metrics import GENERATED, by_category, merge_reports
 from fednano.progress import progress_bar
@@ -137,6 +138,7 @@ class ServerRun:
         # each node gets its own split-channel token inside its (TLS-protected) Flower message
         self.strategy = FedNanoStrategy(cfg.federation, per_node=lambda node: {keys.SPLIT_TOKEN: self.side.client_token(node)})
         self.global_state: Tensors = self.part.initial_state()
+        self.audit = self._auditor() if cfg.privacy.audit else None
         self.base_config = {keys.RUN_CONFIG: cfg.to_json(), keys.SPLIT_ADDRESS: self.side.address,
                             keys.SPLIT_CA: Path(cfg.split.tls_ca).read_text() if cfg.split.tls_ca else "",
                             keys.CLIENT_STATE_DIR: str(self.out_dir.resolve() / "client-state")}
@@ -160,7 +162,25 @@ class ServerRun:
         self.strategy.summary()
         if saved is None and not self.cfg.data.server_test:  # the server holds no test set: the clients score it
             self._zero_shot(self.evaluate(0).report)
+        if saved is None and self.audit is not None:
+            self.recorder.set(zero_shot_leakage=self.audited(0))
         return 1 if saved is None else saved[0] + 1
+
+    def _auditor(self) -> RoundAudit:
+        """privacy.audit's attacks, for methods whose clients send their NanoEdge's output through the split channel."""
+        self.method.check(self.cfg)
+        side = self.side
+        return RoundAudit(self.cfg, side.edge, side.work, side.llm.model.get_input_embeddings().weight.detach())
+
+    def audited(self, rnd: int) -> dict[str, float] | None:
+        """What the server reads from the frames of the global adapters now (privacy.audit; None without it)."""
+        if self.audit is None:
+            return None
+        self.part.load(self.global_state)
+        found = self.audit()
+        log.info("round %d: the server reads %.1f%% of text tokens, %.1f%% of answer tokens, %.1f%% of images (privacy.audit)", rnd,
+                 100 * found["text_tokens_recovered"], 100 * found["answer_tokens_in_clear"], 100 * found["image_top1"])
+        return found
 
     def _zero_shot(self, zero: dict[str, float]) -> None:
         task = self.side.task
@@ -348,6 +368,9 @@ class ServerRun:
         validation = self.validate() if when.validate else None
         rec = self.record(rnd, train, ev, t0, llm0, steps0, validation)
         rec.phase_seconds["validation"] = round(time.time() - t_val, 2)
+        t_audit = time.time()
+        rec.leakage = self.audited(rnd)
+        rec.phase_seconds["audit"] = round(time.time() - t_audit, 2)
         self.recorder.data.setdefault("devices", {}).setdefault("clients", {}).update(
             {str(o.partition_id): o.info for o in train.outcomes if o.info}
         )
@@ -380,6 +403,8 @@ class ServerRun:
             "random_weights": self.cfg.model.random_init,
         }
         self.recorder.finish(final, self.global_state)
+        if self.audit is not None:
+            plot_leakage(data, self.out_dir / "leakage.png")
         return data
 
 

@@ -57,6 +57,12 @@ class Method:
         """The next global state from what was merged (the shared part) and what no client changes."""
         return {**reference, **merged}
 
+    def check(self, cfg: RunConfig) -> None:
+        """Refuse settings this method cannot honour (ConfigError naming the field)."""
+        if cfg.privacy.audit and (self.trains.in_llm or self.topology.personal_models):
+            raise ConfigError(f"privacy.audit: {self.name!r} has no global NanoEdge adapters whose frames to audit "
+                              "(its clients hold the whole LLM, or keep adapters of their own)")
+
     def split_steps_per_client(self, cfg: RunConfig) -> int:
         """Training split steps each sampled client takes per round (for progress bars)."""
         return self.topology.local_steps(cfg) + self.fisher.split_steps(cfg.train)
