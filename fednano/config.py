@@ -406,8 +406,14 @@ class PrivacyConfig:
     )
     audit_samples: int = _f(8, "privacy.audit: training samples per client the attacks run on (the same ones every round).")
     audit_pool: int = _f(200, "privacy.audit: candidate images the image attack retrieves among (the audited samples' own and others).")
+    embedding_noise: float = _f(
+        0.0, "Metric local DP for the text embeddings a client sends (split.protocol = 'activations'): noise with density "
+        "∝ exp(-ε‖z‖) on every text position of every frame, its expected norm this multiple of the embedding table's median "
+        "row norm (0: none). results.json `privacy` reports ε per unit distance and for a typical pair of tokens."
+    )
 
     def __post_init__(self) -> None:
+        _check(self.embedding_noise >= 0, "privacy.embedding_noise", "must be >= 0")
         _check(self.audit_samples >= 1, "privacy.audit_samples", "must be >= 1")
         _check(self.audit_pool >= 1, "privacy.audit_pool", "must be >= 1")
 
@@ -439,6 +445,12 @@ class RunConfig:
             not (self.privacy.audit and self.data.on_nodes),
             "privacy.audit",
             "the audit attacks the clients' own training samples, which a server whose nodes keep their data never has: simulation only",
+        )
+        _check(
+            self.privacy.embedding_noise == 0 or self.split.protocol == "activations",
+            "privacy.embedding_noise",
+            f"noise on the text embeddings needs split.protocol = 'activations' ({self.split.protocol!r} sends the text as token "
+            "ids or as rows the noise does not reach)",
         )
         _check(
             self.data.server_test or self.data.validation_samples == 0,

@@ -20,8 +20,10 @@ every client's training split; the pure functions are tested against hand-built 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -39,6 +41,7 @@ from fednano.data.samples import Sample
 from fednano.devices import DTYPES, dtype_of
 from fednano.experiments.results import markdown_table
 from fednano.export import ExportError, read_run
+from fednano.privacy import TextNoise, metric_epsilon
 from fednano.split.frames import SCALED, Frame, decode, encode
 from fednano.split.parts import PROTOCOLS
 
@@ -125,9 +128,10 @@ def audit_run(run_dir: Path, per_client: int = 8, pool_size: int = 200, device: 
     samples = [s for part in partitions(cfg) for s in part.train[:per_client]]
     pool = _image_pool(cfg, samples, pool_size)
     how = (cfg.split.wire_dtype, cfg.split.protocol)
-    out = {"round 0 (adapters at init)": audit(side.edge, work, table, samples, pool, *how)}
-    side.edge.load_adapter_state(run.adapters)
-    out[f"final (round {cfg.federation.rounds})"] = audit(side.edge, work, table, samples, pool, *how)
+    with client_noise(side.edge, cfg):
+        out = {"round 0 (adapters at init)": audit(side.edge, work, table, samples, pool, *how)}
+        side.edge.load_adapter_state(run.adapters)
+        out[f"final (round {cfg.federation.rounds})"] = audit(side.edge, work, table, samples, pool, *how)
     return out
 
 
@@ -142,8 +146,20 @@ class RoundAudit:
         self.pool = _image_pool(cfg, self.samples, cfg.privacy.audit_pool)
 
     def __call__(self) -> dict[str, float]:
-        found = audit(self.edge, self.work, self.table, self.samples, self.pool, self.cfg.split.wire_dtype, self.cfg.split.protocol)
+        with client_noise(self.edge, self.cfg):
+            found = audit(self.edge, self.work, self.table, self.samples, self.pool, self.cfg.split.wire_dtype, self.cfg.split.protocol)
         return asdict(found)
+
+
+@contextlib.contextmanager
+def client_noise(edge: NanoEdge, cfg: RunConfig) -> Iterator[None]:
+    """While inside, `edge` adds the noise a client adds to what it sends (privacy.embedding_noise; a fixed seed)."""
+    noise = cfg.privacy.embedding_noise
+    edge.text_noise = TextNoise(metric_epsilon(noise, edge.embed_tokens.weight), seed=cfg.data.seed) if noise else None
+    try:
+        yield
+    finally:
+        edge.text_noise = None
 
 
 def plot_leakage(results: dict, path: Path) -> None:

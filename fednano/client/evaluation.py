@@ -38,7 +38,7 @@ def candidate_scores(
     for name in sorted({s.candidates for s in samples}):
         cands = candidate_sets[name]
         cand = candidate_batch(work.tokenizer, cands)
-        cand_embeds = edge.embed(cand.input_ids, None)  # (K, L, d): candidates pass NanoAdapter-T too
+        cand_embeds = edge.embed(cand.input_ids, None, noised=False)  # (K, L, d): public candidates pass NanoAdapter-T, not the noise
         group = [i for i, s in enumerate(samples) if s.candidates == name]
         for j in range(0, len(group), batch_size):
             idx = group[j : j + batch_size]

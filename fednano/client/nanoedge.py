@@ -9,6 +9,8 @@ client never holds an LLM transformer block: only the embedding table.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -37,6 +39,8 @@ class NanoEdge(nn.Module):
             frozen.eval()
         self.adapter_i = NanoAdapter(dim, adapter.rank, adapter.alpha, adapter.dropout)
         self.adapter_t = NanoAdapter(dim, adapter.rank, adapter.alpha, adapter.dropout)
+        # privacy.embedding_noise: what a client adds to the text embeddings it sends (fednano.privacy.TextNoise); None: nothing
+        self.text_noise: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def _frozen(self) -> tuple[nn.Module, ...]:
         return (self.vision, self.connector, self.embed_tokens)
@@ -78,15 +82,18 @@ class NanoEdge(nn.Module):
         return self.adapter_i(self.connector(features))
 
     def _sequence(
-        self, input_ids: torch.Tensor, features: torch.Tensor | None, adapted: bool
+        self, input_ids: torch.Tensor, features: torch.Tensor | None, adapted: bool, noised: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(text embeddings (B, T, d), visual tokens (M*N, d) in slot order or None, image-slot mask (B, T)),
-        through the adapters or (adapted=False) as the adapters receive them."""
+        through the adapters or (adapted=False) as the adapters receive them; `noised`: with `text_noise` added
+        to the adapted text embeddings."""
         input_ids = input_ids.to(self.device)
         is_image = input_ids == IMAGE_PLACEHOLDER  # (B, T)
         text = self.embed_tokens(input_ids.clamp(min=0))  # (B, T, d)
         if adapted:
             text = self.adapter_t(text)
+        if noised and self.text_noise is not None:
+            text = self.text_noise(text)
         n_slots = int(is_image.sum())
         if n_slots == 0:
             return text, None, is_image
@@ -98,14 +105,15 @@ class NanoEdge(nn.Module):
             raise ValueError(f"{n_slots} image placeholders but {vis.shape[0]} visual tokens")
         return text, vis.to(text.dtype), is_image
 
-    def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
-        """Adapted input embeddings (B, T, d).
+    def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None, noised: bool = True) -> torch.Tensor:
+        """Adapted input embeddings (B, T, d), as the client sends them (with `text_noise` on the text positions,
+        when set, unless `noised` is False: e.g. the public answer candidates).
 
         input_ids: (B, T), visual positions marked IMAGE_PLACEHOLDER, each run of
         N placeholders filled, in row-major order, by one image's N tokens from
         `features` (M, N, C) (M = images in the batch; None if there are none).
         """
-        text, vis, is_image = self._sequence(input_ids, features, adapted=True)
+        text, vis, is_image = self._sequence(input_ids, features, adapted=True, noised=noised)
         return text if vis is None else text.masked_scatter(is_image.unsqueeze(-1), vis)
 
     def parts(self, input_ids: torch.Tensor, features: torch.Tensor | None) -> EdgeParts:

@@ -29,6 +29,7 @@ from fednano.federation.strategy import ClientOutcome, FedNanoStrategy
 from fednano.leakage import RoundAudit, plot_leakage
 from fednano.methods.registry import method_of
 from fednano.metrics import GENERATED, by_category, merge_reports
+from fednano.privacy import embedding_privacy
 from fednano.progress import progress_bar
 from fednano.runtime.server import ServerSide
 
@@ -162,6 +163,11 @@ class ServerRun:
         self.strategy.summary()
         if saved is None and not self.cfg.data.server_test:  # the server holds no test set: the clients score it
             self._zero_shot(self.evaluate(0).report)
+        if saved is None and self.cfg.privacy.embedding_noise:
+            noise = embedding_privacy(self.cfg.privacy.embedding_noise, self.side.edge.embed_tokens.weight.detach())
+            log.info("privacy.embedding_noise=%g: metric LDP with epsilon %.4g per unit distance, %.3g for a typical pair of tokens",
+                     noise["embedding_noise"], noise["epsilon_per_unit_distance"], noise["epsilon_typical_token_pair"])
+            self.recorder.set(privacy=noise)
         if saved is None and self.audit is not None:
             self.recorder.set(zero_shot_leakage=self.audited(0))
         return 1 if saved is None else saved[0] + 1

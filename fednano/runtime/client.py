@@ -24,6 +24,7 @@ from fednano.data import load_task
 from fednano.data.partition import ClientData
 from fednano.data.samples import Task
 from fednano.devices import resolve_device
+from fednano.privacy import TextNoise, metric_epsilon
 from fednano.split.client import SplitClient
 
 
@@ -46,6 +47,8 @@ class ClientRuntime:
         work = Workload(bundle.tokenizer, ImageFeatures(bundle.edge.vision), bundle.edge.num_visual_tokens, task.system)
         split = SplitClient(address, cfg.split.wire_dtype, cfg.split.max_frame_mb, cfg.federation.round_timeout,
                             token=token or None, root_certificates=ca.encode() if ca else None, protocol=cfg.split.protocol)
+        if cfg.privacy.embedding_noise:
+            bundle.edge.text_noise = TextNoise(metric_epsilon(cfg.privacy.embedding_noise, bundle.edge.embed_tokens.weight))
         return cls(cfg, bundle.edge, work, split, device, task)
 
     def traffic(self) -> dict[str, int]:
@@ -67,7 +70,10 @@ class ClientJob:
     arrived: float = 0.0  # when the message reached the ClientApp (time.time())
 
     def __post_init__(self) -> None:
-        self.generator = torch.Generator().manual_seed(self.cfg.federation.seed * 1_000_003 + self.round * 1009 + self.partition)
+        seed = self.cfg.federation.seed * 1_000_003 + self.round * 1009 + self.partition
+        self.generator = torch.Generator().manual_seed(seed)
+        if isinstance(self.rt.edge.text_noise, TextNoise):  # privacy.embedding_noise: this message's own noise stream
+            self.rt.edge.text_noise.reseed(seed)
 
     @property
     def cfg(self) -> RunConfig:

@@ -1,0 +1,84 @@
+"""Metric local DP on the text embeddings a client sends (privacy.embedding_noise): the noise's law, its ε, where
+it lands in a NanoEdge's embeddings, and what it hides from the server in a real run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fednano.client.features import ImageFeatures
+from fednano.config import ConfigError, load_config
+from fednano.data.easyvqa import load_split
+from fednano.data.prompts import IMAGE_PLACEHOLDER
+from fednano.privacy import TextNoise, embedding_privacy, metric_dp_noise, metric_epsilon, typical_distance
+from tests.conftest import ROOT, TINY
+
+
+def test_the_noise_has_the_multivariate_laplace_law(device):
+    """Norm ~ Gamma(d, 1/ε): mean d/ε and variance d/ε²; direction uniform: mean vector ≈ 0; seeded."""
+    n, d, eps = 40_000, 16, 2.0
+    z = metric_dp_noise(n, d, eps, torch.Generator(device=device).manual_seed(0))
+    assert z.shape == (n, d) and z.device.type == device.type
+    norm = z.norm(dim=1)
+    assert float(norm.mean()) == pytest.approx(d / eps, rel=0.01)
+    assert float(norm.var()) == pytest.approx(d / eps**2, rel=0.04)
+    assert float(z.mean(0).abs().max()) < 0.05
+    again = metric_dp_noise(n, d, eps, torch.Generator(device=device).manual_seed(0))
+    assert torch.equal(z, again)
+
+
+def test_epsilon_from_the_noise_level_by_hand():
+    table = torch.tensor([[3.0, 4.0], [0.0, 5.0], [6.0, 8.0]])  # row norms 5, 5, 10: median 5
+    assert metric_epsilon(2.0, table) == pytest.approx(2 / (2.0 * 5))  # d / E‖z‖, E‖z‖ = 2 × 5
+    two = torch.tensor([[3.0, 4.0], [6.0, 8.0]])  # norms 5 and 10: torch's (lower) median is 5
+    assert typical_distance(two) == pytest.approx(5.0)  # the only pair of distinct rows
+    got = embedding_privacy(0.5, two)
+    assert got["epsilon_per_unit_distance"] == pytest.approx(2 / (0.5 * 5))  # 0.8
+    assert got["epsilon_typical_token_pair"] == pytest.approx(5.0 * 0.8) and got["expected_noise_norm"] == pytest.approx(2.5)
+
+
+def test_the_noise_lands_on_the_text_positions_only_and_repeats_per_seed(tiny_edge_on, device):
+    edge = tiny_edge_on.edge
+    sample = load_split("train")[0]
+    ids = torch.tensor([[5] + [IMAGE_PLACEHOLDER] * edge.num_visual_tokens + [7, 8, 9]])
+    feats = ImageFeatures(edge.vision)([sample.image_path])
+    with torch.no_grad():
+        clean = edge.embed(ids, feats)
+        edge.text_noise = TextNoise(epsilon=metric_epsilon(1.0, edge.embed_tokens.weight), seed=3)
+        try:
+            noisy = edge.embed(ids, feats)
+            edge.text_noise.reseed(3)
+            again = edge.embed(ids, feats)
+            unnoised = edge.embed(ids, feats, noised=False)
+        finally:
+            edge.text_noise = None
+    is_image = (ids == IMAGE_PLACEHOLDER).to(device)
+    torch.testing.assert_close(noisy[is_image], clean[is_image])  # the visual tokens are untouched
+    assert bool(((noisy - clean)[~is_image].norm(dim=-1) > 0).all())  # every text position moved
+    assert torch.equal(noisy, again) and torch.equal(unnoised, clean)
+
+
+def test_noise_needs_the_activations_protocol():
+    with pytest.raises(ConfigError, match="privacy.embedding_noise: noise on the text embeddings needs split.protocol = 'activations'"):
+        load_config(TINY, {"privacy.embedding_noise": 0.5})  # the default protocol sends token ids
+    with pytest.raises(ConfigError, match="privacy.embedding_noise: must be >= 0"):
+        load_config(TINY, {"privacy.embedding_noise": -1.0, "split.protocol": "activations"})
+
+
+def test_a_noised_run_reports_its_epsilon_and_the_server_recovers_fewer_tokens(tiny_bundle, tiny_cache, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "FEDNANO_CACHE": str(tiny_cache), "FEDNANO_PROGRESS": "off"}
+    sets = ["privacy.audit=true", "privacy.audit_samples=4", "privacy.audit_pool=20", 'split.protocol="activations"',
+            "privacy.embedding_noise=5.0", "federation.rounds=1"]
+    args = ["--config", str(TINY), "--output", str(out), *[a for s in sets for a in ("--set", s)]]
+    proc = subprocess.run([sys.executable, "-m", "fednano", "run", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert res["privacy"]["embedding_noise"] == 5.0 and res["privacy"]["epsilon_per_unit_distance"] > 0
+    # without noise the identity adapters hand the server every text token (test_leakage); with it, far fewer
+    assert res["zero_shot_leakage"]["text_tokens_recovered"] < 0.4
+    assert res["zero_shot_leakage"]["image_top1"] == 1.0  # the noise is on the text only
+    assert 0 <= res["final"]["global_accuracy"] <= 1
