@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -314,6 +315,38 @@ def test_failed_runs_do_not_stop_the_sweep(tmp_path: Path, monkeypatch: pytest.M
     assert "boom" in (failed_dir / "sweep.log").read_text()
     assert (failed_dir / "sweep-config.toml").exists()
     assert load_config(failed_dir / "sweep-config.toml").to_dict() == sw.load_sweep(path).points[2].cfg.to_dict()
+
+
+def test_finished_runs_are_archived_and_restored_into_a_fresh_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """sweep.archive: each finished run's small files are kept there (no tensors); a fresh checkout's sweep copies them
+    back and skips those runs, and runs the one that had failed."""
+    out, keep = tmp_path / "out", tmp_path / "archive"
+    path = sweep_file(tmp_path, out, GRID)
+    path.write_text(path.read_text().replace(f'output = "{out}"', f'output = "{out}"\narchive = "{keep}"'))
+    script = (
+        "import json, os, sys, tomllib; d = sys.argv[1]\n"
+        "if 'fedavg' in d and d.endswith('s0'): sys.exit(3)\n"
+        "cfg = tomllib.loads(open(os.path.join(d, 'sweep-config.toml')).read())\n"
+        "open(os.path.join(d, 'adapters.safetensors'), 'wb').write(b'0' * 100)\n"
+        "json.dump({'config': cfg, 'rounds': [], 'final': {'global_accuracy': 0.25}}, open(os.path.join(d, 'results.json'), 'w'))\n"
+    )
+    monkeypatch.setattr(sw, "command", lambda p: [sys.executable, "-c", script, str(p.run_dir)])
+    r = CliRunner().invoke(app, ["sweep", "--config", str(path)])
+    assert r.exit_code == 1 and "3 done" in r.output, r.output
+    kept = sorted(p.relative_to(keep).as_posix() for p in keep.rglob("*") if p.is_file())
+    assert kept == [f"{m}/a1.0-c2-s{s}/{f}" for m, s in (("fedavg", 1), ("fednano", 0), ("fednano", 1))
+                    for f in ("results.json", "sweep-config.toml")]  # what the runs left, without their tensors
+
+    shutil.rmtree(out)  # a fresh checkout: the archive is all there is
+    r = CliRunner().invoke(app, ["sweep", "--config", str(path), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    actions = {line.split()[1]: line.split()[0] for line in r.output.splitlines() if line.startswith("  ") and "/" in line.split()[1]}
+    assert actions == {"fednano/a1.0-c2-s0": "skip", "fednano/a1.0-c2-s1": "skip", "fedavg/a1.0-c2-s0": "run", "fedavg/a1.0-c2-s1": "skip"}
+    assert (out / "fednano" / "a1.0-c2-s0" / "results.json").exists()
+    bad = tmp_path / "bad.toml"
+    bad.write_text(path.read_text().replace(f'archive = "{keep}"', "archive = 3"))
+    with pytest.raises(ConfigError, match="sweep.archive must be a non-empty string path"):
+        sw.load_sweep(bad)
 
 
 # --------------------------------------------------------------------------- a real micro-sweep

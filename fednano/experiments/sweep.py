@@ -6,6 +6,8 @@ SWEEP.toml::
     [sweep]
     base_config = "../configs/default.toml"   # a run config, relative to this file; optional (defaults apply)
     output = "results/sweep"                  # where run folders go, relative to the current directory
+    archive = "benchmarks/runs/sweep"         # optional: finished runs' results.json, configs and table are copied here,
+                                              # and copied back into `output` when missing there (a fresh checkout)
     [sweep.set]                               # overrides for every run, like `fednano run --set`
     "train.local_steps" = 15                  # (quoted dotted keys, or nested tables: [sweep.set.train])
     "data.global_test_samples" = 200
@@ -35,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -46,7 +49,8 @@ from fednano.config import ConfigError, RunConfig, load_config, read_toml, same_
 from fednano.io import atomic_write_text
 
 GRID_KEYS = {"methods": "federation.strategy", "alphas": "data.dirichlet_alpha", "num_clients": "data.num_clients", "seeds": "data.seed"}
-SWEEP_KEYS = ("base_config", "output", "set")
+SWEEP_KEYS = ("base_config", "output", "set", "archive")
+ARCHIVED = ("results.json", "config.toml", "sweep-config.toml", "table.md")  # what a finished run leaves in the archive: no tensors
 
 
 @dataclass
@@ -93,6 +97,7 @@ class Sweep:
     output: Path
     overrides: dict[str, Any]
     points: list[Point] = field(default_factory=list)
+    archive: Path | None = None  # where finished runs' small files are kept (e.g. in the repository), and restored from
 
 
 def run_dir_name(alpha: float, clients: int, seed: int) -> str:
@@ -161,7 +166,42 @@ def _sweep_table(path: Path, table: Any) -> Sweep:
     for key in overrides:
         if key.count(".") != 1:
             raise ConfigError(f"{path}: sweep.set key {key!r}: expected \"section.field\"")
-    return Sweep(source=path, base_config=base_path, output=Path(output), overrides=overrides)
+    archive = table.get("archive")
+    if archive is not None and (not isinstance(archive, str) or not archive):
+        raise ConfigError(f"{path}: sweep.archive must be a non-empty string path")
+    return Sweep(source=path, base_config=base_path, output=Path(output), overrides=overrides, archive=Path(archive) if archive else None)
+
+
+def archived(sweep: Sweep, p: Point) -> Path | None:
+    """Where a point's finished run is kept in the sweep's archive (None without an archive)."""
+    return sweep.archive / p.run_dir.relative_to(sweep.output) if sweep.archive else None
+
+
+def restore(sweep: Sweep) -> list[Point]:
+    """Copy back, into the sweep's output, every archived finished run whose folder is not there (a fresh checkout
+    keeps the archive, not the output): those points are then skipped. Returns them."""
+    back = []
+    for p in sweep.points:
+        src = archived(sweep, p)
+        if src is None or (p.run_dir / "results.json").exists() or not (src / "results.json").exists():
+            continue
+        p.run_dir.mkdir(parents=True, exist_ok=True)
+        for name in ARCHIVED:
+            if (src / name).exists():
+                shutil.copy2(src / name, p.run_dir / name)
+        back.append(p)
+    return back
+
+
+def archive_run(sweep: Sweep, p: Point) -> None:
+    """Keep a finished run's small files (results, configs, table; no tensors) in the sweep's archive."""
+    dst = archived(sweep, p)
+    if dst is None:
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ARCHIVED:
+        if (p.run_dir / name).exists():
+            shutil.copy2(p.run_dir / name, dst / name)
 
 
 def _grid_defaults(sweep: Sweep) -> dict[str, Any]:
@@ -216,6 +256,7 @@ def plan(sweep: Sweep) -> None:
     """Decide, per point, run / resume / skip from what its folder holds.
 
     Raises ConfigError when a folder holds a run made with a different config."""
+    restore(sweep)
     for p in sweep.points:
         results = p.run_dir / "results.json"
         p.action = "run"
@@ -365,6 +406,7 @@ def _loop(sweep: Sweep, queue: list[Point], running: list, jobs: int, env: dict[
             _finish(p, rc, time.time() - t0)
             progress.advance(task)
             if p.status == "done":
+                archive_run(sweep, p)
                 acc = f"{p.accuracy:.4f}" if p.accuracy is not None else "?"
                 progress.console.print(f"[green]done[/]     {escape(p.name)}  global accuracy {acc}  {p.seconds:.0f} s")
             else:
