@@ -106,7 +106,16 @@ def random_request(llm: ServerLLM, batch: int, tokens: int, answer_tokens: int =
     return embeds, torch.ones(batch, tokens, dtype=torch.long), labels, "mean"
 
 
+def cpu_flags(wanted: tuple[str, ...] = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")) -> list[str]:
+    """Which of the matmul-relevant instruction sets this CPU reports (lscpu's flags, from /proc/cpuinfo)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [f for f in wanted if f in flags]
+
+
 def machine(device: torch.device) -> str:
     d = describe(device)
-    extra = f", {d['memory_gib']} GiB" if "memory_gib" in d else f", {d['threads']} torch threads"
+    extra = f", {d['memory_gib']} GiB" if "memory_gib" in d else f", {d['threads']} torch threads, flags {' '.join(cpu_flags())}"
     return f"{d['device']} ({d['name']}{extra}), torch {torch.__version__}"

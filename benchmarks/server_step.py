@@ -55,6 +55,21 @@ def full_head_step(llm, embeds, mask, labels):
     return loss, g
 
 
+def where_time_goes(step, top: int = 8) -> str:
+    """torch's profiler over 3 steps: the operators that take the most time (self time), as a Markdown table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])]) as prof:
+        for _ in range(3):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    lines = ["| operator | share of the step's CPU time | calls per step |", "|---|---:|---:|"]
+    lines += [f"| {e.key[:70]} | {100 * e.self_cpu_time_total / total:.1f} % | {e.count // 3} |" for e in events[:top]]
+    return "\n".join(lines)
+
+
 def paper_scale(args: argparse.Namespace, device: torch.device) -> None:
     """One server step of a random-weight LLM at a named MLLM's shape (throughput only)."""
     peak = matmul_gflops(torch.bfloat16, device)
@@ -99,7 +114,7 @@ def smol_real(args: argparse.Namespace, device: torch.device) -> None:
         embeds = edge.embed(batch.input_ids, feats)
 
     peak_bf16, peak_fp32 = matmul_gflops(torch.bfloat16, device), matmul_gflops(torch.float32, device)
-    rows = []
+    rows, profiles = [], {}
     llm = load_server_llm(bundle, torch.bfloat16, device)
     variants = (("ours-bf16", torch.bfloat16, "sdpa"), ("ours-bf16-eager-attn", torch.bfloat16, "eager"),
                 ("full-head", torch.bfloat16, "sdpa"), ("ours-fp32", torch.float32, "sdpa"))
@@ -115,6 +130,8 @@ def smol_real(args: argparse.Namespace, device: torch.device) -> None:
         sec = timeit(step, args.repeats, device)
         peak = peak_bf16 if dtype == torch.bfloat16 else peak_fp32
         rows.append((name, sec, flops, flops / sec / 1e9, flops / sec / 1e9 / peak_bf16, flops / sec / 1e9 / peak))
+        if args.profile and name.startswith("ours-bf16"):
+            profiles[name] = where_time_goes(step)
 
     # client side and the real channel (bf16 wire, as in training)
     llm = load_server_llm(bundle, torch.bfloat16, device)
@@ -169,6 +186,8 @@ def smol_real(args: argparse.Namespace, device: torch.device) -> None:
     sec = {r[0]: r[1] for r in rows}
     print(f"\nspeed-up of ours-bf16: {sec['full-head'] / sec['ours-bf16']:.2f}x over full-head, {sec['ours-fp32'] / sec['ours-bf16']:.2f}x "
           f"over ours-fp32; eager attention: {sec['ours-bf16'] / sec['ours-bf16-eager-attn']:.2f}x over the fused kernel\n")
+    for name, table in profiles.items():
+        print(f"where a {name} step's time goes (torch profiler, 3 steps):\n\n{table}\n")
     print("| client / channel | value |")
     print("|---|---:|")
     print(f"| client NanoEdge forward+backward (features cached) | {client_sec * 1000:.1f} ms |")
@@ -192,6 +211,7 @@ def main() -> None:
     ap.add_argument("--text-tokens", type=int, default=64, help="random weights: text tokens per sample besides the visual ones")
     ap.add_argument("--answer-tokens", type=int, default=4, help="random weights: labelled tokens per sample")
     ap.add_argument("--repeats", type=int, default=5, help="timed repetitions per variant (median reported)")
+    ap.add_argument("--profile", action="store_true", help="also print where a bf16 step's time goes (torch's profiler), per attention")
     args = ap.parse_args()
     device = resolve_device(args.device, "--device")
     if args.random_weights:
