@@ -6,6 +6,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -109,9 +110,10 @@ def random_request(llm: ServerLLM, batch: int, tokens: int, answer_tokens: int =
 def cpu_flags(wanted: tuple[str, ...] = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")) -> list[str]:
     """Which of the matmul-relevant instruction sets this CPU reports (lscpu's flags, from /proc/cpuinfo)."""
     try:
-        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return []
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
     return [f for f in wanted if f in flags]
 
 
