@@ -5,6 +5,9 @@
     product_merge + low_rank_factors (fednano-product): the adapters' products P_k = B_k A_k merged
                   with Kronecker-factored importance w_k = n_k (r_k c_k^T), then re-factorised to rank r
 
+    dp_fedavg:    client-level DP (DP-FedAvg, McMahan et al. 2018): theta = theta_g + (sum_k clip_C(theta_k - theta_g)
+                  + N(0, (sigma C)^2 I)) / m, every client weighing the same and m the expected clients per round
+
 FedAvg on the same NanoAdapters is exactly "FedNano without Fisher".
 `validate_update` is the gate every client reply passes before it is merged. Which of these a
 method uses is the method registry's business (fednano/methods/).
@@ -32,6 +35,33 @@ def fedavg(thetas: Sequence[Tensors], n_examples: Sequence[float]) -> Tensors:
         for t, n in zip(thetas, n_examples, strict=True):
             acc += float(n) * t[k].double()
         out[k] = acc.div(total).to(thetas[0][k].dtype)
+    return out
+
+
+def clip_to_norm(update: Tensors, bound: float) -> tuple[Tensors, float]:
+    """(the update scaled to L2 norm at most `bound` over all its tensors together, its norm before)."""
+    norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in update.values()))
+    scale = min(1.0, bound / norm) if norm > 0 else 1.0
+    return {k: v * scale for k, v in update.items()}, norm
+
+
+def dp_fedavg(reference: Tensors, thetas: Sequence[Tensors], clip: float, noise_multiplier: float, expected_clients: float,
+              generator: torch.Generator | None) -> Tensors:
+    """Client-level DP FedAvg: each client's update clipped to L2 norm `clip`, their sum plus Gaussian noise of std
+    noise_multiplier * clip per entry, divided by the expected number of clients per round (a fixed denominator, so
+    that one client's presence moves the result by at most clip / expected_clients). Noise is drawn on each tensor's
+    device from `generator` (one per device: None draws from torch's default one)."""
+    if not thetas or expected_clients <= 0:
+        raise ValueError("dp_fedavg needs at least one client and expected_clients > 0")
+    total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in reference.items()}
+    for t in thetas:
+        clipped, _ = clip_to_norm({k: t[k].double() - reference[k].double() for k in reference}, clip)
+        for k in total:
+            total[k] += clipped[k]
+    out = {}
+    for k, v in reference.items():
+        noise = torch.randn(v.shape, generator=generator, device=v.device, dtype=torch.float64) * (noise_multiplier * clip)
+        out[k] = (v.double() + (total[k] + noise) / expected_clients).to(v.dtype)
     return out
 
 

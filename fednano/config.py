@@ -412,8 +412,22 @@ class PrivacyConfig:
         "row norm (0: none). results.json `privacy` reports ε per unit distance and for a typical pair of tokens."
     )
 
+    client_dp: bool = _f(
+        False, "Client-level differential privacy on what is aggregated (DP-FedAvg): each client's update is clipped to L2 norm "
+        "clip_norm, the server adds Gaussian noise of std noise_multiplier × clip_norm to their sum and divides by the expected "
+        "number of clients per round; every client weighs the same. (ε, δ) per round from Opacus's RDP accountant, in results.json. "
+        "Central DP: it protects the clients from whoever sees the global model, not from the server. The FedAvg family only "
+        "(fedavg, fedprox, fedadam, fedyogi, fedit-lora): Fisher merging under DP is not built yet."
+    )
+    clip_norm: float = _f(1.0, "privacy.client_dp: the L2 bound on one client's update (all its adapters together).")
+    noise_multiplier: float = _f(1.0, "privacy.client_dp: the noise's std over clip_norm (sigma).")
+    delta: float = _f(1e-5, "privacy.client_dp: the delta of the reported (epsilon, delta).")
+
     def __post_init__(self) -> None:
         _check(self.embedding_noise >= 0, "privacy.embedding_noise", "must be >= 0")
+        _check(self.clip_norm > 0, "privacy.clip_norm", "must be > 0")
+        _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
+        _check(0 < self.delta < 1, "privacy.delta", "must be in (0, 1)")
         _check(self.audit_samples >= 1, "privacy.audit_samples", "must be >= 1")
         _check(self.audit_pool >= 1, "privacy.audit_pool", "must be >= 1")
 

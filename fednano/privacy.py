@@ -14,6 +14,8 @@ applies to its text positions (training, Fisher and evaluation frames alike).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -67,3 +69,17 @@ class TextNoise:
         b, t, d = text.shape
         z = metric_dp_noise(b * t, d, self.epsilon, self._generators[text.device])
         return text + z.reshape(b, t, d).to(text.dtype)
+
+
+def client_dp_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
+    """The ε of `rounds` rounds of DP-FedAvg at (noise_multiplier, sample_rate), at δ: Opacus's RDP accountant, one step
+    a round (it assumes Poisson sampling of clients; FedNano samples a fixed number, the usual approximation).
+    Infinite without noise."""
+    if noise_multiplier == 0:
+        return math.inf
+    from opacus.accountants import RDPAccountant
+
+    acc = RDPAccountant()
+    for _ in range(rounds):
+        acc.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+    return float(acc.get_epsilon(delta))

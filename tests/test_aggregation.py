@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from fednano.aggregation import (
+    clip_to_norm,
+    dp_fedavg,
     fedavg,
     fisher_merge,
     low_rank_factors,
@@ -275,3 +277,42 @@ def test_ffa_shares_only_b_and_the_global_a_never_moves():
         assert torch.equal(merged[f"{name}.A.weight"], reference[f"{name}.A.weight"])
         products = [b[f"{name}.B.weight"].double() @ reference[f"{name}.A.weight"].double() for b in bs]
         assert torch.allclose(_product(merged, name), (products[0] + 3 * products[1]) / 4, atol=1e-5)
+
+
+def test_clipping_by_hand():
+    up = {"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([[4.0]])}  # norm 5 over both tensors
+    clipped, norm = clip_to_norm(up, 1.0)
+    assert norm == pytest.approx(5.0)
+    torch.testing.assert_close(clipped["a"], torch.tensor([0.6, 0.0])) and torch.testing.assert_close(clipped["b"], torch.tensor([[0.8]]))
+    same, _ = clip_to_norm(up, 10.0)  # within the bound: unchanged
+    assert torch.equal(same["a"], up["a"]) and torch.equal(same["b"], up["b"])
+
+
+def test_dp_fedavg_by_hand_and_its_noise():
+    ref = {"w": torch.tensor([1.0, 1.0])}
+    thetas = [{"w": torch.tensor([4.0, 5.0])}, {"w": torch.tensor([1.0, 1.5])}]  # updates (3, 4): norm 5 -> (0.6, 0.8); (0, 0.5) kept
+    out = dp_fedavg(ref, thetas, clip=1.0, noise_multiplier=0.0, expected_clients=4, generator=None)
+    torch.testing.assert_close(out["w"], torch.tensor([1.0 + 0.6 / 4, 1.0 + 1.3 / 4]))  # a fixed denominator: 4, not the 2 that came
+    big = {"w": torch.zeros(20_000)}
+    noisy = dp_fedavg(big, [big], clip=0.5, noise_multiplier=2.0, expected_clients=4, generator=torch.Generator().manual_seed(1))
+    assert float(noisy["w"].std()) == pytest.approx(2.0 * 0.5 / 4, rel=0.03)  # std sigma * C / m per entry
+    again = dp_fedavg(big, [big], clip=0.5, noise_multiplier=2.0, expected_clients=4, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(noisy["w"], again["w"])
+
+
+def test_the_dp_combiner_is_seeded_by_the_state_it_starts_from_and_keeps_the_server_optimiser():
+    from fednano.config import FederationConfig
+    from fednano.methods.combiners import ClientDP, ServerMemory, ServerOptimiser
+
+    ref = {"w": torch.zeros(8)}
+    thetas = [{"w": torch.ones(8)}]
+    dp = ClientDP(clip=1.0, noise_multiplier=1.0, expected_clients=2)
+    a = dp(ref, thetas, [None], [1.0], FederationConfig(), ServerMemory())
+    b = dp(ref, thetas, [None], [1.0], FederationConfig(), ServerMemory())
+    assert torch.equal(a["w"], b["w"])  # a resumed round draws the same noise
+    c = dp({"w": torch.full((8,), 0.5)}, thetas, [None], [1.0], FederationConfig(), ServerMemory())
+    assert not torch.equal(a["w"] - 0.0, c["w"] - 0.5)  # another state, other noise
+    memory = ServerMemory()
+    ClientDP(inner=ServerOptimiser("adam"), clip=1.0, noise_multiplier=1.0, expected_clients=2)(ref, thetas, [None], [1.0],
+                                                                                                FederationConfig(), memory)
+    assert set(memory.opt) == {"m.w", "v.w", "step"}  # the server's Adam stepped on the noised average

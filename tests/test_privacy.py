@@ -13,7 +13,7 @@ from fednano.client.features import ImageFeatures
 from fednano.config import ConfigError, load_config
 from fednano.data.easyvqa import load_split
 from fednano.data.prompts import IMAGE_PLACEHOLDER
-from fednano.privacy import TextNoise, embedding_privacy, metric_dp_noise, metric_epsilon, typical_distance
+from fednano.privacy import TextNoise, client_dp_epsilon, embedding_privacy, metric_dp_noise, metric_epsilon, typical_distance
 from tests.conftest import ROOT, TINY
 
 
@@ -82,3 +82,39 @@ def test_a_noised_run_reports_its_epsilon_and_the_server_recovers_fewer_tokens(t
     assert res["zero_shot_leakage"]["text_tokens_recovered"] < 0.4
     assert res["zero_shot_leakage"]["image_top1"] == 1.0  # the noise is on the text only
     assert 0 <= res["final"]["global_accuracy"] <= 1
+
+
+def test_the_dp_accountant_is_opacus_rdp_and_inverts_to_its_noise():
+    from opacus.accountants.utils import get_noise_multiplier
+
+    eps = client_dp_epsilon(1.1, 0.1, 20, 1e-5)
+    assert 0 < eps < client_dp_epsilon(1.1, 0.1, 40, 1e-5) and client_dp_epsilon(2.2, 0.1, 20, 1e-5) < eps  # more rounds spend more
+    # Opacus's own search for the noise that gives this epsilon over the same rounds finds the noise we used
+    assert get_noise_multiplier(target_epsilon=eps, target_delta=1e-5, sample_rate=0.1, steps=20, accountant="rdp") == pytest.approx(
+        1.1, abs=0.02)
+    assert client_dp_epsilon(0.0, 0.1, 5, 1e-5) == float("inf")
+
+
+def test_client_dp_is_refused_where_there_is_no_plain_average():
+    from fednano.methods.registry import METHODS
+
+    for name in ("fednano", "fednano-product", "local", "centralized"):
+        with pytest.raises(ConfigError, match=f"privacy.client_dp: '{name}' is not a FedAvg-family federated method"):
+            METHODS[name].check(load_config(TINY, {"privacy.client_dp": True, "federation.strategy": name}))
+    METHODS["fedprox"].check(load_config(TINY, {"privacy.client_dp": True, "federation.strategy": "fedprox"}))
+
+
+def test_a_client_dp_run_reports_the_epsilon_it_spent_each_round(tiny_bundle, tiny_cache, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "FEDNANO_CACHE": str(tiny_cache), "FEDNANO_PROGRESS": "off"}
+    sets = ['federation.strategy="fedavg"', "privacy.client_dp=true", "privacy.noise_multiplier=1.5", "privacy.clip_norm=0.5",
+            "federation.rounds=2"]
+    args = ["--config", str(TINY), "--output", str(out), *[a for s in sets for a in ("--set", s)]]
+    proc = subprocess.run([sys.executable, "-m", "fednano", "run", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    eps = [r["dp_epsilon"] for r in res["rounds"]]
+    assert eps == [pytest.approx(client_dp_epsilon(1.5, 1.0, r, 1e-5)) for r in (1, 2)] and eps[0] < eps[1]  # 2 of 2 clients a round
+    assert res["final"]["client_dp"] == {"epsilon": eps[1], "delta": 1e-5, "noise_multiplier": 1.5, "clip_norm": 0.5, "sample_rate": 1.0,
+                                         "accountant": "opacus RDP"}
+    assert all(r["aggregated"] for r in res["rounds"])

@@ -27,9 +27,9 @@ from fednano.experiments.results import BYTES_FIELDS, RoundRecord, RunRecorder, 
 from fednano.federation import keys
 from fednano.federation.strategy import ClientOutcome, FedNanoStrategy
 from fednano.leakage import RoundAudit, plot_leakage
-from fednano.methods.registry import method_of
+from fednano.methods.registry import expected_clients, method_of
 from fednano.metrics import GENERATED, by_category, merge_reports
-from fednano.privacy import embedding_privacy
+from fednano.privacy import client_dp_epsilon, embedding_privacy
 from fednano.progress import progress_bar
 from fednano.runtime.server import ServerSide
 
@@ -137,7 +137,8 @@ class ServerRun:
         self.side = ServerSide(cfg)
         self.part = self.method.trains.server(self.side)  # what the federation trains, on the server
         # each node gets its own split-channel token inside its (TLS-protected) Flower message
-        self.strategy = FedNanoStrategy(cfg.federation, per_node=lambda node: {keys.SPLIT_TOKEN: self.side.client_token(node)})
+        self.strategy = FedNanoStrategy(cfg.federation, per_node=lambda node: {keys.SPLIT_TOKEN: self.side.client_token(node)},
+                                        combine=self.method.combiner(cfg))
         self.global_state: Tensors = self.part.initial_state()
         self.audit = self._auditor() if cfg.privacy.audit else None
         self.base_config = {keys.RUN_CONFIG: cfg.to_json(), keys.SPLIT_ADDRESS: self.side.address,
@@ -326,8 +327,25 @@ class ServerRun:
             memory=self._memory(train.outcomes),
             client_global_accuracy={pid: r["accuracy"] for pid, r in ev.per_client.items()} or None,
             client_phase_seconds={"train": _phases(train.outcomes), "evaluate": _phases(self.strategy.last_evaluate)},
+            dp_epsilon=self._epsilon(rnd),
             **self._generated(ev, evaluated),
         )
+
+    def _client_dp(self, last: dict) -> dict:
+        """final's `client_dp` entry: the (epsilon, delta) the run spent and the settings it was spent at ({} without it)."""
+        p = self.cfg.privacy
+        if not p.client_dp:
+            return {}
+        rate = expected_clients(self.cfg) / self.cfg.data.num_clients
+        return {"client_dp": {"epsilon": last["dp_epsilon"], "delta": p.delta, "noise_multiplier": p.noise_multiplier,
+                              "clip_norm": p.clip_norm, "sample_rate": rate, "accountant": "opacus RDP"}}
+
+    def _epsilon(self, rnd: int) -> float | None:
+        """privacy.client_dp: the (epsilon, delta=privacy.delta) spent after `rnd` rounds (Opacus's RDP accountant)."""
+        p = self.cfg.privacy
+        if not p.client_dp:
+            return None
+        return client_dp_epsilon(p.noise_multiplier, expected_clients(self.cfg) / self.cfg.data.num_clients, rnd, p.delta)
 
     @staticmethod
     def _generated(ev: EvaluatePhase, evaluated: list[ClientOutcome]) -> dict:
@@ -403,6 +421,7 @@ class ServerRun:
             * (2 if self.method.sends_fisher else 1),
             **({"validation_accuracy": last["validation_accuracy"], "best_validation": self.best_round()}
                if self.cfg.data.validation_samples else {}),
+            **self._client_dp(last),
             "seconds": round(time.time() - t_start, 1),
             "devices": data.get("devices", {}),
             # random weights (model.random_init) measure time, memory and bytes only: their accuracy means nothing

@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import Strategy
 from fednano.aggregation import validate_update
 from fednano.config import FederationConfig
 from fednano.federation import keys
-from fednano.methods.combiners import ServerMemory
+from fednano.methods.combiners import Average, ServerMemory
 from fednano.methods.registry import METHODS
 from fednano.methods.topologies import Update
 
@@ -79,11 +79,13 @@ def parse_replies(replies: Iterable[Message], arrays: bool = False, fisher: bool
 
 
 class FedNanoStrategy(Strategy):
-    def __init__(self, cfg: FederationConfig, per_node: Callable[[int], dict] | None = None) -> None:
-        """per_node(node_id) -> extra config entries for that node's messages (e.g. its token)."""
+    def __init__(self, cfg: FederationConfig, per_node: Callable[[int], dict] | None = None, combine: Average | None = None) -> None:
+        """per_node(node_id) -> extra config entries for that node's messages (e.g. its token); combine: what merges the
+        replies, when not the method's own combiner (Method.combiner: privacy.client_dp)."""
         self.cfg = cfg
         self.per_node = per_node
         self.method = METHODS[cfg.strategy]
+        self.combine = combine or self.method.combine
         self.memory = ServerMemory()
         self.last_train: list[ClientOutcome] = []
         self.last_evaluate: list[ClientOutcome] = []
@@ -173,7 +175,7 @@ class FedNanoStrategy(Strategy):
             Update(int(o.partition_id if o.partition_id is not None else -1), o.theta, o.fisher, c)  # type: ignore[arg-type]
             for o, c in zip(accepted, counts, strict=True)
         ]
-        merged = self.method.topology.combine(self.method.combine, self._reference, updates, self.cfg, self.memory)
+        merged = self.method.topology.combine(self.combine, self._reference, updates, self.cfg, self.memory)
         merged = None if merged is None else self.method.complete(self._reference, merged)
         return (ArrayRecord(merged) if merged is not None else None), MetricRecord({keys.TRAIN_LOSS: loss, keys.NUM_EXAMPLES: total})
 

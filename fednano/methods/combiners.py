@@ -3,12 +3,13 @@ aggregation.py), and what it remembers across rounds for that (checkpointed with
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from fednano.aggregation import fedavg, fisher_merge, low_rank_factors, product_merge, server_opt_step
+from fednano.aggregation import dp_fedavg, fedavg, fisher_merge, low_rank_factors, product_merge, server_opt_step
 from fednano.config import FederationConfig
 
 Tensors = dict[str, torch.Tensor]
@@ -100,3 +101,27 @@ class ProductMerge(Average):
             merged = product_merge([t[b].double() @ t[a].double() for t in thetas], rows, cols, counts, floor=cfg.fisher_floor)
             out[a], out[b] = (x.to(reference[a].dtype) for x in low_rank_factors(merged, reference[a].shape[0], reference[a]))
         return out
+
+
+@dataclass(frozen=True)
+class ClientDP(Average):
+    """privacy.client_dp around a FedAvg-family combiner: DP-FedAvg (clipped updates, Gaussian noise on their sum, a
+    fixed denominator), then the inner combiner's server optimiser, if any, on the noised average (post-processing).
+    The noise is seeded by the global state it starts from, so a resumed run draws what the uninterrupted one did."""
+
+    kind = "dp-average"
+    inner: Average = Average()
+    clip: float = 1.0
+    noise_multiplier: float = 1.0
+    expected_clients: float = 1.0
+
+    def __call__(self, reference: Tensors, thetas: Sequence[Tensors], fishers: Sequence[Tensors | None], counts: Sequence[float],
+                 cfg: FederationConfig, memory: ServerMemory) -> Tensors:
+        device = next(iter(reference.values())).device
+        digest = hashlib.sha256(b"".join(reference[k].detach().cpu().contiguous().numpy().tobytes() for k in sorted(reference)))
+        generator = torch.Generator(device=device).manual_seed(int(digest.hexdigest()[:15], 16))
+        merged = dp_fedavg(reference, thetas, self.clip, self.noise_multiplier, self.expected_clients, generator)
+        if self.inner.server_opt:
+            merged, memory.opt = server_opt_step(self.inner.server_opt, reference, merged, memory.opt, lr=cfg.server_lr,
+                                                 beta1=cfg.server_beta1, beta2=cfg.server_beta2, tau=cfg.server_tau)
+        return merged

@@ -21,7 +21,7 @@ import torch
 from fednano.client.evaluation import Scoring, evaluate
 from fednano.client.training import Proximal, StepHook
 from fednano.config import METHOD_NAMES, ConfigError, RunConfig
-from fednano.methods.combiners import Average, FisherMerge, ProductMerge, ServerOptimiser
+from fednano.methods.combiners import Average, ClientDP, FisherMerge, ProductMerge, ServerOptimiser
 from fednano.methods.fisher_sources import FisherOfTraining, FisherPass, NoFisher
 from fednano.methods.nanoadapters import NanoAdapters
 from fednano.methods.topologies import Centralized, Federated, Local
@@ -62,6 +62,18 @@ class Method:
         if cfg.privacy.audit and (self.trains.in_llm or self.topology.personal_models):
             raise ConfigError(f"privacy.audit: {self.name!r} has no global NanoEdge adapters whose frames to audit "
                               "(its clients hold the whole LLM, or keep adapters of their own)")
+        if cfg.privacy.client_dp and (self.combine.kind != "average" or self.topology.kind != "federated"):
+            raise ConfigError(f"privacy.client_dp: {self.name!r} is not a FedAvg-family federated method (DP-FedAvg needs one global "
+                              "average of client updates; Fisher merging under DP is not built yet): use fedavg, fedprox, fedadam, "
+                              "fedyogi or fedit-lora")
+
+    def combiner(self, cfg: RunConfig) -> Average:
+        """What the server combines with for this run: the method's own combiner, inside DP-FedAvg with privacy.client_dp."""
+        if not cfg.privacy.client_dp:
+            return self.combine
+        p = cfg.privacy
+        return ClientDP(inner=self.combine, clip=p.clip_norm, noise_multiplier=p.noise_multiplier,
+                        expected_clients=expected_clients(cfg))
 
     def split_steps_per_client(self, cfg: RunConfig) -> int:
         """Training split steps each sampled client takes per round (for progress bars)."""
@@ -118,6 +130,11 @@ METHODS: dict[str, Method] = {m.name: m for m in (
 )}
 if tuple(METHODS) != METHOD_NAMES:
     raise RuntimeError(f"config.METHOD_NAMES {METHOD_NAMES} and the method registry {tuple(METHODS)} disagree")
+
+
+def expected_clients(cfg: RunConfig) -> int:
+    """Clients sampled per round (as Federated.sample does): the fixed denominator of DP-FedAvg."""
+    return max(1, min(cfg.data.num_clients, round(cfg.data.num_clients * cfg.federation.fraction_train)))
 
 
 def method_of(cfg: RunConfig) -> Method:
