@@ -351,6 +351,12 @@ class SplitConfig:
         "down; the fewest bytes, as fast as 'activations' on the default run). Same gradients in all three; the cached "
         "ones need adapter.dropout = 0.",
     )
+    label_private: bool = _f(
+        False, "The U-shaped split (with protocol = 'activations'): the answers never leave the client. The server returns the "
+        "final hidden states at the positions that predict an answer token, the client applies the output head (its "
+        "embedding table, for LLMs whose head is tied to it) and sends back d loss / d hidden states; two frames a step, the "
+        "same gradients. A server that runs the known-head gradient attack still reads the labels (BENCHMARKS, README)."
+    )
     feature_cache_mb: float = _f(
         4096.0, "Most image features (MiB) the split server keeps for the cached protocols; least recently used go first."
     )
@@ -459,6 +465,11 @@ class RunConfig:
             not (self.privacy.audit and self.data.on_nodes),
             "privacy.audit",
             "the audit attacks the clients' own training samples, which a server whose nodes keep their data never has: simulation only",
+        )
+        _check(
+            not self.split.label_private or self.split.protocol == "activations",
+            "split.label_private",
+            f"the U-shaped split needs split.protocol = 'activations' (not {self.split.protocol!r})",
         )
         _check(
             self.privacy.embedding_noise == 0 or self.split.protocol == "activations",

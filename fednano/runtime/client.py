@@ -26,6 +26,7 @@ from fednano.data.samples import Task
 from fednano.devices import resolve_device
 from fednano.privacy import TextNoise, metric_epsilon
 from fednano.split.client import SplitClient
+from fednano.split.label_private import LabelPrivateClient
 
 
 @dataclass
@@ -45,8 +46,10 @@ class ClientRuntime:
         bundle = load_nanoedge(bundle_dir(cfg) / "client", cfg.adapter, device)  # client/ only: no LLM weights
         task = load_task(cfg)
         work = Workload(bundle.tokenizer, ImageFeatures(bundle.edge.vision), bundle.edge.num_visual_tokens, task.system)
-        split = SplitClient(address, cfg.split.wire_dtype, cfg.split.max_frame_mb, cfg.federation.round_timeout,
-                            token=token or None, root_certificates=ca.encode() if ca else None, protocol=cfg.split.protocol)
+        args = (address, cfg.split.wire_dtype, cfg.split.max_frame_mb, cfg.federation.round_timeout)
+        channel = {"token": token or None, "root_certificates": ca.encode() if ca else None, "protocol": cfg.split.protocol}
+        split = (LabelPrivateClient(*args, head=bundle.edge.embed_tokens.weight.detach(), **channel)  # the head: tied to its table
+                 if cfg.split.label_private else SplitClient(*args, **channel))  # type: ignore[arg-type]
         if cfg.privacy.embedding_noise:
             bundle.edge.text_noise = TextNoise(metric_epsilon(cfg.privacy.embedding_noise, bundle.edge.embed_tokens.weight))
         return cls(cfg, bundle.edge, work, split, device, task)

@@ -16,7 +16,7 @@ from fednano.backbones.bundle import HF_MLLM_TYPES, BundleError, check_checkpoin
 from fednano.backbones.prepare import bundle_dir, ensure_prepared
 from fednano.client.evaluation import Scoring, evaluate
 from fednano.client.features import ImageFeatures, Workload
-from fednano.config import RunConfig
+from fednano.config import ConfigError, RunConfig
 from fednano.data import load_task, system_prompt
 from fednano.data.samples import DataError, Task
 from fednano.devices import describe, dtype_of, resolve_device
@@ -60,6 +60,9 @@ class ServerSide:
         self.bundle = ensure_prepared(cfg)
         self.llm = load_server_llm(self.bundle, dtype_of(cfg.model.llm_dtype), device, cfg.model.server_device_map)
         self.llm.set_attention(cfg.model.attention)
+        if cfg.split.label_private and not getattr(self.llm.model.config.get_text_config(), "tie_word_embeddings", False):
+            raise ConfigError("split.label_private: this backbone's output head is not its input-embedding table, which is all a "
+                              "client holds of it; the U-shaped split would need the head in the client bundle (not built)")
         sc = cfg.split
         self.secret = secrets.token_urlsafe(32) if sc.require_token else None
         tls = (Path(sc.tls_cert).read_bytes(), Path(sc.tls_key).read_bytes()) if sc.tls_cert else None

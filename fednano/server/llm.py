@@ -56,6 +56,26 @@ class ServerLLM:
         """The attention kernel ('sdpa' or 'eager', config.ATTENTION) every layer uses from now on."""
         self.model.set_attn_implementation(kind)
 
+    def hidden_states(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The final hidden states (after the last norm) at `positions` (B, T) bool, as (N, d) in embeds' dtype, no graph:
+        what the server returns in the label-private (U-shaped) split, where the client applies the output head itself."""
+        with torch.no_grad():
+            return self._hidden_at(embeds, mask, positions, grad=False)[0].to(embeds.dtype)
+
+    def hidden_backward(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, grad_hidden: torch.Tensor) -> torch.Tensor:
+        """d <hidden[positions], grad_hidden> / d embeds, (B, T, d) in embeds' dtype: the client's loss gradient w.r.t. the
+        hidden states it was sent, back through the LLM. The forward is recomputed: the server keeps nothing between frames."""
+        hidden, x = self._hidden_at(embeds, mask, positions, grad=True)
+        (grad,) = torch.autograd.grad(hidden, x, grad_outputs=grad_hidden.to(hidden.device, hidden.dtype))
+        return grad.to(embeds.dtype)
+
+    def _hidden_at(
+        self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, grad: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = embeds.detach().to(self.device, self.dtype).requires_grad_(grad)
+        hidden = self.decoder(inputs_embeds=x, attention_mask=mask.to(self.device)).last_hidden_state
+        return hidden[positions.to(hidden.device)], x
+
     def train_step(
         self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", parts: object = None
     ) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -139,6 +139,19 @@ class SplitClient:
             grad[~parts.is_image] = reply.tensors["grad_text"].to(embeds.device, embeds.dtype)
         return loss, grad, n_tokens
 
+    def hidden(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """split.label_private: the LLM's final hidden states at `positions` (B, T) bool, (N, d) float32 on embeds' device."""
+        tensors = {"embeds": embeds.detach().to(self.wire), "mask": mask.to(torch.uint8), "positions": positions.to(torch.uint8)}
+        frame = Frame("hidden", tensors, {}, self._scaled("embeds"))
+        return self.request(frame).tensors["hidden"].to(embeds.device, torch.float32)
+
+    def hidden_backward(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, grad_hidden: torch.Tensor) -> torch.Tensor:
+        """split.label_private: d loss / d embeds from the client's d loss / d hidden states (N, d)."""
+        frame = Frame("hidden_grad", {"embeds": embeds.detach().to(self.wire), "mask": mask.to(torch.uint8),
+                                      "positions": positions.to(torch.uint8), "grad_hidden": grad_hidden.detach().to(self.wire)},
+                      {}, self._scaled("embeds", "grad_hidden"))
+        return self.request(frame).tensors["grad"].to(embeds.device, embeds.dtype)
+
     def score(
         self, embeds: torch.Tensor, mask: torch.Tensor, cand_embeds: torch.Tensor, cand_ids: torch.Tensor, cand_mask: torch.Tensor,
         *, parts: EdgeParts | None = None,
@@ -223,9 +236,10 @@ class SplitClient:
         return dict.fromkeys(names, self.scaled) if self.scaled else {}
 
     def traffic(self) -> dict[str, int]:
+        train = ("train", "hidden", "hidden_grad")  # a training step's frames (two in the label-private split)
         return {
-            "activations_up": self.bytes_up["train"],
-            "gradients_down": self.bytes_down["train"],
+            "activations_up": sum(self.bytes_up[op] for op in train),
+            "gradients_down": sum(self.bytes_down[op] for op in train),
             "eval_activations_up": self.bytes_up["score"],
             "eval_scores_down": self.bytes_down["score"],
             "eval_generate_up": self.bytes_up["generate"],

@@ -238,7 +238,8 @@ class SplitService:
             )
         if frame.op == "features":
             return Frame("features", meta=store_features(frame, client, self.features, self.llm.hidden_size, self.table.weight.device))
-        ops = {"train": self._train, "score": self._score, "generate": self._generate}
+        ops = {"train": self._train, "score": self._score, "generate": self._generate, "hidden": self._hidden,
+               "hidden_grad": self._hidden_grad}
         if frame.op not in ops:
             raise FrameError(f"unknown op {frame.op!r} (known: info, features, {', '.join(ops)})")
         return ops[frame.op](frame, client)
@@ -287,6 +288,37 @@ class SplitService:
             out = {"grad_text": parts.grads(grad)["grad_text"].to(frame.tensors["text"].dtype)} if "text" in parts.leaves else {}
             out |= parts.fisher(grad, weights)
         return Frame("train", head | out, {"n_tokens": n_tokens}, {"grad_text": sent} if sent else {})
+
+    def _positions(self, frame: Frame, shape: tuple[int, ...]) -> torch.Tensor:
+        """The label-private split's positions (B, T): where the client wants the hidden states (those that predict a label)."""
+        pos = tensor(frame, "positions", (torch.uint8, torch.bool), 2).bool()
+        if tuple(pos.shape) != shape:
+            raise FrameError(f"tensor positions: shape {tuple(pos.shape)} != mask's {shape}")
+        if not pos.any():
+            raise FrameError("tensor positions: no position asked for")
+        return pos
+
+    def _hidden(self, frame: Frame, client: str) -> Frame:
+        """split.label_private, step 1: the hidden states at the positions asked for (the client holds the head)."""
+        emb, mask = _check_embeds(frame, "", self.llm.hidden_size)
+        pos = self._positions(frame, tuple(mask.shape))
+        hidden = self.worker.call(lambda: self.llm.hidden_states(emb, mask, pos))
+        sent = frame.scaled.get("embeds", "")
+        return Frame("hidden", {"hidden": hidden}, {}, {"hidden": sent} if sent else {})
+
+    def _hidden_grad(self, frame: Frame, client: str) -> Frame:
+        """split.label_private, step 2: the client's d loss / d hidden states, back through the LLM to its embeddings."""
+        emb, mask = _check_embeds(frame, "", self.llm.hidden_size)
+        pos = self._positions(frame, tuple(mask.shape))
+        g = tensor(frame, "grad_hidden", _FLOAT, 2)
+        want = (int(pos.sum()), self.llm.hidden_size)
+        if tuple(g.shape) != want:
+            raise FrameError(f"tensor grad_hidden: shape {tuple(g.shape)} != {want} (positions x hidden)")
+        if not torch.isfinite(g).all():
+            raise FrameError("tensor grad_hidden: NaN or Inf")
+        grad = self.worker.call(lambda: self.llm.hidden_backward(emb, mask, pos, g))
+        sent = frame.scaled.get("embeds", "")
+        return Frame("hidden_grad", {"grad": grad}, {}, {"grad": sent} if sent else {})
 
     def _score(self, frame: Frame, client: str) -> Frame:
         with torch.no_grad():
