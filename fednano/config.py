@@ -418,6 +418,10 @@ class PrivacyConfig:
         "row norm (0: none). results.json `privacy` reports ε per unit distance and for a typical pair of tokens."
     )
 
+    gradient_noise: float = _f(
+        0.0, "With split.label_private: Gaussian noise on the d loss / d hidden states a client sends, each position's noise "
+        "about this multiple of its gradient's norm (0: none), against the known-head label attack; measured in BENCHMARKS."
+    )
     client_dp: bool = _f(
         False, "Client-level differential privacy on what is aggregated (DP-FedAvg): each client's update is clipped to L2 norm "
         "clip_norm, the server adds Gaussian noise of std noise_multiplier × clip_norm to their sum and divides by the expected "
@@ -431,6 +435,7 @@ class PrivacyConfig:
 
     def __post_init__(self) -> None:
         _check(self.embedding_noise >= 0, "privacy.embedding_noise", "must be >= 0")
+        _check(self.gradient_noise >= 0, "privacy.gradient_noise", "must be >= 0")
         _check(self.clip_norm > 0, "privacy.clip_norm", "must be > 0")
         _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
         _check(0 < self.delta < 1, "privacy.delta", "must be in (0, 1)")
@@ -465,6 +470,11 @@ class RunConfig:
             not (self.privacy.audit and self.data.on_nodes),
             "privacy.audit",
             "the audit attacks the clients' own training samples, which a server whose nodes keep their data never has: simulation only",
+        )
+        _check(
+            self.privacy.gradient_noise == 0 or self.split.label_private,
+            "privacy.gradient_noise",
+            "noise on the hidden states' gradient needs split.label_private = true (only that split sends it)",
         )
         _check(
             not self.split.label_private or self.split.protocol == "activations",

@@ -95,3 +95,14 @@ def test_a_label_private_run_completes(tiny_bundle, tiny_cache, tmp_path):
     res = json.loads((out / "results.json").read_text())
     r = res["rounds"][0]
     assert r["aggregated"] and r["bytes"]["activations_up"] > 0 and r["bytes"]["fisher_up"] > 0 and r["train_loss"] > 0
+
+
+def test_gradient_noise_is_scaled_to_each_position_and_needs_the_label_private_split():
+    from fednano.split.label_private import noised_gradient
+
+    g = torch.cat([torch.full((1, 400), 1.0), torch.full((1, 400), 0.01)])  # two positions, norms 20 and 0.2
+    z = noised_gradient(g, 0.5, torch.Generator().manual_seed(0)) - g
+    assert z.norm(dim=1).tolist() == pytest.approx([0.5 * 20, 0.5 * 0.2], rel=0.1)  # about level x each row's norm
+    assert torch.equal(noised_gradient(g, 0.5, torch.Generator().manual_seed(0)), g + z)  # seeded
+    with pytest.raises(ConfigError, match="privacy.gradient_noise: noise on the hidden states' gradient needs split.label_private"):
+        load_config(TINY, {"privacy.gradient_noise": 1.0})

@@ -48,7 +48,8 @@ class ClientRuntime:
         work = Workload(bundle.tokenizer, ImageFeatures(bundle.edge.vision), bundle.edge.num_visual_tokens, task.system)
         args = (address, cfg.split.wire_dtype, cfg.split.max_frame_mb, cfg.federation.round_timeout)
         channel = {"token": token or None, "root_certificates": ca.encode() if ca else None, "protocol": cfg.split.protocol}
-        split = (LabelPrivateClient(*args, head=bundle.edge.embed_tokens.weight.detach(), **channel)  # the head: tied to its table
+        head = bundle.edge.embed_tokens.weight.detach()  # the LLM's output head, tied to the embedding table the client holds
+        split = (LabelPrivateClient(*args, head=head, gradient_noise=cfg.privacy.gradient_noise, **channel)
                  if cfg.split.label_private else SplitClient(*args, **channel))  # type: ignore[arg-type]
         if cfg.privacy.embedding_noise:
             bundle.edge.text_noise = TextNoise(metric_epsilon(cfg.privacy.embedding_noise, bundle.edge.embed_tokens.weight))
@@ -77,6 +78,8 @@ class ClientJob:
         self.generator = torch.Generator().manual_seed(seed)
         if isinstance(self.rt.edge.text_noise, TextNoise):  # privacy.embedding_noise: this message's own noise stream
             self.rt.edge.text_noise.reseed(seed)
+        if isinstance(self.rt.split, LabelPrivateClient):  # privacy.gradient_noise: likewise
+            self.rt.split.reseed(seed)
 
     @property
     def cfg(self) -> RunConfig:

@@ -42,13 +42,26 @@ def labels_from_gradients(hidden: torch.Tensor, grad_hidden: torch.Tensor, head:
     return torch.cdist(row, w).argmin(dim=1)
 
 
+def noised_gradient(grad_hidden: torch.Tensor, level: float, generator: torch.Generator) -> torch.Tensor:
+    """The gradient plus Gaussian noise scaled to each position's own gradient: N(0, (level ‖g_i‖ / √d)² I) on row i, so
+    that the noise's expected norm is about `level` times the row's (privacy.gradient_noise)."""
+    d = grad_hidden.shape[-1]
+    std = level * grad_hidden.norm(dim=-1, keepdim=True) / d**0.5
+    return grad_hidden + std * torch.randn(grad_hidden.shape, generator=generator, device=grad_hidden.device, dtype=grad_hidden.dtype)
+
+
 class LabelPrivateClient(SplitClient):
     """A SplitClient whose training steps keep the labels on the client (evaluation and generation are unchanged:
-    they send no labels). `head`: the output head's weight (V, d), on the client's device."""
+    they send no labels). `head`: the output head's weight (V, d), on the client's device; `gradient_noise`: the
+    noise on d loss / d hidden states it sends (privacy.gradient_noise; 0: none), reseeded per message."""
 
-    def __init__(self, *args: object, head: torch.Tensor, **kwargs: object) -> None:
+    def __init__(self, *args: object, head: torch.Tensor, gradient_noise: float = 0.0, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.head = head
+        self.head, self.gradient_noise = head, gradient_noise
+        self.reseed(0)
+
+    def reseed(self, seed: int) -> None:
+        self._generator = torch.Generator(device=self.head.device).manual_seed(seed)
 
     def train_step(
         self, embeds: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, reduction: str = "mean", *, parts: EdgeParts | None = None
@@ -62,4 +75,6 @@ class LabelPrivateClient(SplitClient):
         positions = F.pad(sel, (0, 1), value=False)
         hidden = self.hidden(embeds, mask, positions)
         loss, grad_hidden = head_loss(hidden, targets[sel], self.head, reduction)
+        if self.gradient_noise:
+            grad_hidden = noised_gradient(grad_hidden, self.gradient_noise, self._generator)
         return loss, self.hidden_backward(embeds, mask, positions, grad_hidden), int(sel.sum())
