@@ -42,7 +42,9 @@ from fednano.devices import DTYPES, dtype_of
 from fednano.experiments.results import markdown_table
 from fednano.export import ExportError, read_run
 from fednano.privacy import TextNoise, metric_epsilon
+from fednano.server.llm import ServerLLM
 from fednano.split.frames import SCALED, Frame, decode, encode
+from fednano.split.label_private import head_loss, labels_from_gradients, noised_gradient
 from fednano.split.parts import PROTOCOLS
 
 
@@ -140,15 +142,37 @@ class RoundAudit:
     NanoEdge, into which the caller loads the global adapters: what every client starts its next round from) and the
     LLM's input-embedding table."""
 
-    def __init__(self, cfg: RunConfig, edge: NanoEdge, work: Workload, table: torch.Tensor) -> None:
-        self.cfg, self.edge, self.work, self.table = cfg, edge, work, table
+    def __init__(self, cfg: RunConfig, edge: NanoEdge, work: Workload, table: torch.Tensor, llm: ServerLLM | None = None) -> None:
+        """`llm`: the server's LLM, for the label-private split's gradient attack (split.label_private)."""
+        self.cfg, self.edge, self.work, self.table, self.llm = cfg, edge, work, table, llm
         self.samples = [s for part in partitions(cfg) for s in part.train[: cfg.privacy.audit_samples]]
         self.pool = _image_pool(cfg, self.samples, cfg.privacy.audit_pool)
 
     def __call__(self) -> dict[str, float]:
         with client_noise(self.edge, self.cfg):
             found = audit(self.edge, self.work, self.table, self.samples, self.pool, self.cfg.split.wire_dtype, self.cfg.split.protocol)
+            if self.cfg.split.label_private and self.llm is not None:  # no labels in the clear: what the gradients give away
+                found.answer_tokens_in_clear = self.labels_read()
         return asdict(found)
+
+    @torch.no_grad()
+    def labels_read(self) -> float:
+        """The share of answer tokens the known-head attack reads from the label-private split's gradients (with the
+        clients' privacy.gradient_noise, a fixed seed)."""
+        batch, feats = self.work.train_batch(self.samples)
+        embeds = as_received(self.edge.embed(batch.input_ids, feats), self.cfg.split.wire_dtype)
+        targets = batch.labels[:, 1:].to(embeds.device)
+        sel = targets != IGNORE_INDEX
+        positions = torch.nn.functional.pad(sel, (0, 1), value=False)
+        assert self.llm is not None
+        hidden = self.llm.hidden_states(embeds, batch.attention_mask, positions).float()
+        with torch.enable_grad():
+            _, grad = head_loss(hidden, targets[sel], self.edge.embed_tokens.weight.detach(), "mean")
+        level = self.cfg.privacy.gradient_noise
+        if level:
+            grad = noised_gradient(grad, level, torch.Generator(device=grad.device).manual_seed(self.cfg.data.seed))
+        read = labels_from_gradients(hidden, grad, self.llm.head.weight.detach(), scale=1 / int(sel.sum()))
+        return float((read == targets[sel]).float().mean())
 
 
 @contextlib.contextmanager
@@ -175,7 +199,7 @@ def plot_leakage(results: dict, path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     for key, style, label in (("text_tokens_recovered", "o-", "text tokens (nearest embedding row)"),
-                              ("answer_tokens_in_clear", "s--", "answer tokens"), ("image_top1", "^-", "images (top-1 retrieval)")):
+                              ("answer_tokens_in_clear", "s--", "answer tokens (label-private: by the gradient attack)"), ("image_top1", "^-", "images (top-1 retrieval)")):
         ax.plot([x for x, _ in points], [v[key] for _, v in points], style, ms=7 if style == "o-" else 4, label=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     split = results["config"]["split"]

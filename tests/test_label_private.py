@@ -85,16 +85,19 @@ def test_label_private_needs_the_activations_protocol():
         load_config(TINY, {"split.label_private": True})
 
 
-def test_a_label_private_run_completes(tiny_bundle, tiny_cache, tmp_path):
+def test_a_label_private_run_completes_and_its_audit_runs_the_gradient_attack(tiny_bundle, tiny_cache, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "FEDNANO_CACHE": str(tiny_cache), "FEDNANO_PROGRESS": "off"}
-    sets = ["split.label_private=true", 'split.protocol="activations"', "federation.rounds=1"]
+    sets = ["split.label_private=true", 'split.protocol="activations"', "federation.rounds=1", "privacy.audit=true",
+            "privacy.audit_samples=4", "privacy.audit_pool=20"]
     args = ["--config", str(TINY), "--output", str(out), *[a for s in sets for a in ("--set", s)]]
     proc = subprocess.run([sys.executable, "-m", "fednano", "run", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     r = res["rounds"][0]
     assert r["aggregated"] and r["bytes"]["activations_up"] > 0 and r["bytes"]["fisher_up"] > 0 and r["train_loss"] > 0
+    # no label crossed in the clear, and the server read them all from the gradients (the audit's attack)
+    assert res["zero_shot_leakage"]["answer_tokens_in_clear"] == 1.0 and r["leakage"]["answer_tokens_in_clear"] == 1.0
 
 
 def test_gradient_noise_is_scaled_to_each_position_and_needs_the_label_private_split():

@@ -177,7 +177,7 @@ class ServerRun:
         """privacy.audit's attacks, for methods whose clients send their NanoEdge's output through the split channel."""
         self.method.check(self.cfg)
         side = self.side
-        return RoundAudit(self.cfg, side.edge, side.work, side.llm.model.get_input_embeddings().weight.detach())
+        return RoundAudit(self.cfg, side.edge, side.work, side.llm.model.get_input_embeddings().weight.detach(), side.llm)
 
     def audited(self, rnd: int) -> dict[str, float] | None:
         """What the server reads from the frames of the global adapters now (privacy.audit; None without it)."""
