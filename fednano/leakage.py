@@ -199,7 +199,8 @@ def plot_leakage(results: dict, path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     for key, style, label in (("text_tokens_recovered", "o-", "text tokens (nearest embedding row)"),
-                              ("answer_tokens_in_clear", "s--", "answer tokens (label-private: by the gradient attack)"), ("image_top1", "^-", "images (top-1 retrieval)")):
+                              ("answer_tokens_in_clear", "s--", "answer tokens (label-private: by the gradient attack)"),
+                              ("image_top1", "^-", "images (top-1 retrieval)")):
         ax.plot([x for x, _ in points], [v[key] for _, v in points], style, ms=7 if style == "o-" else 4, label=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     split = results["config"]["split"]
