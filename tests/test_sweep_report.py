@@ -454,3 +454,13 @@ def test_convergence_without_a_centralized_run_aims_at_the_best_method() -> None
     (c_nano, c_avg) = cv.convergence(runs, fraction=0.8)
     assert c_nano.target == pytest.approx(0.48) and "fednano, 60.0; no centralized run" in c_nano.reference
     assert c_nano.rounds == [2] and c_avg.rounds == [1]
+
+
+def test_the_rule_for_when_a_validation_curve_has_flattened() -> None:
+    curve = [(2, 0.70), (4, 0.75), (6, 0.80), (8, 0.80), (10, 0.79), (12, 0.82), (14, 0.80), (16, 0.80), (18, 0.80), (20, 0.80),
+             (22, 0.81), (24, 0.80)]
+    # r=2: 0.75 comes (> 0.70 + 0.01); r=4: 0.80; r=6, 8, 10: 0.82 at round 12; r=12: best 0.82, rounds 13..22 stay below
+    assert cv.flattened_round(curve) == 12
+    assert cv.flattened_round(curve, tolerance=0.03) == 6  # 0.82 is within 0.03 of 0.80
+    assert cv.flattened_round(curve[:6]) is None  # r=2 fails, and no later round has 10 rounds scored after it
+    assert cv.flattened_round([]) is None

@@ -153,3 +153,17 @@ def plot_convergence(runs: Sequence[Run], rows: Sequence[Convergence], path: Pat
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def flattened_round(points: Sequence[tuple[int, float]], window: int = 10, tolerance: float = 0.01) -> int | None:
+    """When a validation curve has flattened: the first validated round r such that no score in rounds r+1 … r+window
+    is more than `tolerance` above the best score up to r (configs/sweeps/convergence.toml's rule for its rounds).
+    `points`: (round, score) in round order. None if no r passes with `window` rounds scored after it."""
+    last = points[-1][0] if points else 0
+    for r, _ in points:
+        if r + window > last:
+            return None
+        best = max(v for q, v in points if q <= r)
+        if all(v <= best + tolerance for q, v in points if r < q <= r + window):
+            return r
+    return None
