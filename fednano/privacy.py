@@ -36,11 +36,12 @@ def metric_epsilon(noise: float, table: torch.Tensor) -> float:
 
 def typical_distance(table: torch.Tensor, pairs: int = 4096, seed: int = 0) -> float:
     """The median L2 distance between two distinct rows of `table`, over `pairs` seeded random pairs."""
-    g = torch.Generator().manual_seed(seed)
+    dev = table.device
+    g = torch.Generator(device=dev).manual_seed(seed)
     v = table.shape[0]
-    i = torch.randint(0, v, (pairs,), generator=g)
-    j = (i + torch.randint(1, v, (pairs,), generator=g)) % v  # never i itself
-    return float((table[i.to(table.device)].float() - table[j.to(table.device)].float()).norm(dim=1).median())
+    i = torch.randint(0, v, (pairs,), generator=g, device=dev)
+    j = (i + torch.randint(1, v, (pairs,), generator=g, device=dev)) % v  # never i itself
+    return float((table[i].float() - table[j].float()).norm(dim=1).median())
 
 
 def embedding_privacy(noise: float, table: torch.Tensor) -> dict[str, float]:

@@ -29,6 +29,17 @@ def device(request) -> torch.device:
     return torch.device(request.param)
 
 
+def run_tiny(tiny_cache: Path, out: Path, *sets: str, timeout: float = 300):
+    """`fednano run` on the tiny config into `out` with `--set` overrides, as a user would; returns the finished process."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FEDNANO_CACHE": str(tiny_cache), "FEDNANO_PROGRESS": "off"}
+    args = ["--config", str(TINY), "--output", str(out), *[a for s in sets for a in ("--set", s)]]
+    return subprocess.run([sys.executable, "-m", "fednano", "run", *args], capture_output=True, text=True, cwd=ROOT, env=env,
+                          timeout=timeout)
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("fednano-cache")

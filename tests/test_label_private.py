@@ -2,9 +2,6 @@
 a server that knows the head still reads the labels from the gradients it gets back."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -18,7 +15,7 @@ from fednano.split.client import SplitChannelError, SplitClient
 from fednano.split.frames import Frame
 from fednano.split.label_private import LabelPrivateClient, head_loss, labels_from_gradients
 from fednano.split.server import SplitServer
-from tests.conftest import ROOT, TINY, randomize_adapters
+from tests.conftest import TINY, randomize_adapters, run_tiny
 
 
 def _batch(bundle, n=3):
@@ -87,11 +84,9 @@ def test_label_private_needs_the_activations_protocol():
 
 def test_a_label_private_run_completes_and_its_audit_runs_the_gradient_attack(tiny_bundle, tiny_cache, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "FEDNANO_CACHE": str(tiny_cache), "FEDNANO_PROGRESS": "off"}
     sets = ["split.label_private=true", 'split.protocol="activations"', "federation.rounds=1", "privacy.audit=true",
             "privacy.audit_samples=4", "privacy.audit_pool=20"]
-    args = ["--config", str(TINY), "--output", str(out), *[a for s in sets for a in ("--set", s)]]
-    proc = subprocess.run([sys.executable, "-m", "fednano", "run", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    proc = run_tiny(tiny_cache, out, *sets)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     r = res["rounds"][0]

@@ -1,9 +1,6 @@
 """`fednano leakage`: the server-side attacks against hand-built cases, and on a tiny run's frames."""
 
 import json
-import os
-import subprocess
-import sys
 
 import torch
 from safetensors.torch import save_file
@@ -13,7 +10,7 @@ from fednano.backbones.bundle import load_nanoedge
 from fednano.backbones.prepare import ensure_prepared
 from fednano.cli import app
 from fednano.leakage import as_received, image_top1, nearest_rows, text_recovered
-from tests.conftest import ROOT, TINY, randomize_adapters
+from tests.conftest import randomize_adapters, run_tiny
 
 
 def test_nearest_rows_and_text_recovery_by_hand():
@@ -78,10 +75,8 @@ def test_the_per_round_audit_records_what_the_server_reads_every_round(tiny_bund
     """privacy.audit in a real simulation: round 0 (identity adapters, fp32 wire, the paper's split) leaks every text
     token, answer token and image; every round after has its own entry, and leakage.png is drawn."""
     out = tmp_path / "run"
-    env = {**os.environ, "FEDNANO_CACHE": str(tiny_cache), "FEDNANO_PROGRESS": "off"}
     sets = ["privacy.audit=true", "privacy.audit_samples=4", "privacy.audit_pool=20", 'split.protocol="activations"', "federation.rounds=2"]
-    args = ["--config", str(TINY), "--output", str(out), *[a for s in sets for a in ("--set", s)]]
-    proc = subprocess.run([sys.executable, "-m", "fednano", "run", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    proc = run_tiny(tiny_cache, out, *sets)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     zero = res["zero_shot_leakage"]

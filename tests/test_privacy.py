@@ -2,9 +2,6 @@
 it lands in a NanoEdge's embeddings, and what it hides from the server in a real run."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ from fednano.config import ConfigError, load_config
 from fednano.data.easyvqa import load_split
 from fednano.data.prompts import IMAGE_PLACEHOLDER
 from fednano.privacy import TextNoise, client_dp_epsilon, embedding_privacy, metric_dp_noise, metric_epsilon, typical_distance
-from tests.conftest import ROOT, TINY
+from tests.conftest import TINY, run_tiny
 
 
 def test_the_noise_has_the_multivariate_laplace_law(device):
@@ -70,11 +67,9 @@ def test_noise_needs_the_activations_protocol():
 
 def test_a_noised_run_reports_its_epsilon_and_the_server_recovers_fewer_tokens(tiny_bundle, tiny_cache, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "FEDNANO_CACHE": str(tiny_cache), "FEDNANO_PROGRESS": "off"}
     sets = ["privacy.audit=true", "privacy.audit_samples=4", "privacy.audit_pool=20", 'split.protocol="activations"',
             "privacy.embedding_noise=5.0", "federation.rounds=1"]
-    args = ["--config", str(TINY), "--output", str(out), *[a for s in sets for a in ("--set", s)]]
-    proc = subprocess.run([sys.executable, "-m", "fednano", "run", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    proc = run_tiny(tiny_cache, out, *sets)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["privacy"]["embedding_noise"] == 5.0 and res["privacy"]["epsilon_per_unit_distance"] > 0
@@ -106,11 +101,9 @@ def test_client_dp_is_refused_where_there_is_no_plain_average():
 
 def test_a_client_dp_run_reports_the_epsilon_it_spent_each_round(tiny_bundle, tiny_cache, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "FEDNANO_CACHE": str(tiny_cache), "FEDNANO_PROGRESS": "off"}
     sets = ['federation.strategy="fedavg"', "privacy.client_dp=true", "privacy.noise_multiplier=1.5", "privacy.clip_norm=0.5",
             "federation.rounds=2"]
-    args = ["--config", str(TINY), "--output", str(out), *[a for s in sets for a in ("--set", s)]]
-    proc = subprocess.run([sys.executable, "-m", "fednano", "run", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    proc = run_tiny(tiny_cache, out, *sets)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     eps = [r["dp_epsilon"] for r in res["rounds"]]
