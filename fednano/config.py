@@ -429,9 +429,22 @@ class PrivacyConfig:
         "Central DP: it protects the clients from whoever sees the global model, not from the server. The FedAvg family only "
         "(fedavg, fedprox, fedadam, fedyogi, fedit-lora): Fisher merging under DP is not built yet."
     )
-    clip_norm: float = _f(1.0, "privacy.client_dp: the L2 bound on one client's update (all its adapters together).")
-    noise_multiplier: float = _f(1.0, "privacy.client_dp: the noise's std over clip_norm (sigma).")
-    delta: float = _f(1e-5, "privacy.client_dp: the delta of the reported (epsilon, delta).")
+    dp_sgd: bool = _f(
+        False, "Sample-level differential privacy for the NanoAdapters (DP-SGD): every local step takes a Poisson sample of the "
+        "client's data (expected size train.batch_size), clips each sample's adapter gradient to L2 norm clip_norm and adds "
+        "Gaussian noise of std noise_multiplier × clip_norm to their sum. Each client's (ε, δ), from Opacus's RDP accountant over "
+        "the steps it took, is in results.json. FedNano's Fisher then comes from these noised gradients (no extra privacy cost). "
+        "NanoEdge methods; split.protocol = 'activations', adapter.dropout = 0."
+    )
+    clip_norm: float = _f(1.0, "privacy.client_dp: the L2 bound on one client's update (all its adapters together); privacy.dp_sgd: "
+                          "on one sample's adapter gradient.")
+    noise_multiplier: float = _f(1.0, "privacy.client_dp / dp_sgd: the noise's std over clip_norm (sigma); see target_epsilon.")
+    target_epsilon: float = _f(
+        0.0, "privacy.client_dp / dp_sgd: choose the noise multiplier (Opacus's search) so that federation.rounds rounds spend this "
+        "epsilon at delta (0: use noise_multiplier). DP-SGD calibrates each client as if it trained every round, so the bound "
+        "holds whichever rounds it is sampled in."
+    )
+    delta: float = _f(1e-5, "privacy.client_dp / dp_sgd: the delta of the reported (epsilon, delta).")
 
     def __post_init__(self) -> None:
         _check(self.embedding_noise >= 0, "privacy.embedding_noise", "must be >= 0")
@@ -439,6 +452,11 @@ class PrivacyConfig:
         _check(self.clip_norm > 0, "privacy.clip_norm", "must be > 0")
         _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
         _check(0 < self.delta < 1, "privacy.delta", "must be in (0, 1)")
+        _check(self.target_epsilon >= 0, "privacy.target_epsilon", "must be >= 0 (0: use privacy.noise_multiplier)")
+        _check(not (self.dp_sgd and self.client_dp), "privacy.dp_sgd",
+               "sample-level DP-SGD and client-level DP-FedAvg together are not supported; choose one (privacy.client_dp = false)")
+        _check(self.target_epsilon == 0 or self.dp_sgd or self.client_dp, "privacy.target_epsilon",
+               "sets the noise of privacy.client_dp or privacy.dp_sgd; turn one of them on")
         _check(self.audit_samples >= 1, "privacy.audit_samples", "must be >= 1")
         _check(self.audit_pool >= 1, "privacy.audit_pool", "must be >= 1")
 
@@ -497,6 +515,12 @@ class RunConfig:
             "split.protocol",
             f"{self.split.protocol!r} needs adapter.dropout = 0 (the server applies the adapters it caches for, without the "
             "client's dropout mask); use 'activations' or set adapter.dropout = 0",
+        )
+        _check(
+            not self.privacy.dp_sgd or (self.split.protocol == "activations" and self.adapter.dropout == 0),
+            "privacy.dp_sgd",
+            f"per-sample gradients need split.protocol = 'activations' and adapter.dropout = 0 (this config: "
+            f"{self.split.protocol!r}, {self.adapter.dropout})",
         )
 
     def to_dict(self) -> dict[str, Any]:

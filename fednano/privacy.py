@@ -72,15 +72,51 @@ class TextNoise:
         return text + z.reshape(b, t, d).to(text.dtype)
 
 
-def client_dp_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
-    """The ε of `rounds` rounds of DP-FedAvg at (noise_multiplier, sample_rate), at δ: Opacus's RDP accountant, one step
-    a round (it assumes Poisson sampling of clients; FedNano samples a fixed number, the usual approximation).
-    Infinite without noise."""
+def rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """The ε, at δ, of `steps` Poisson-subsampled Gaussian steps at (noise_multiplier, sample_rate): Opacus's RDP
+    accountant. Infinite without noise; 0 before any step."""
+    if steps == 0:
+        return 0.0
     if noise_multiplier == 0:
         return math.inf
     from opacus.accountants import RDPAccountant
 
     acc = RDPAccountant()
-    for _ in range(rounds):
-        acc.step(noise_multiplier=noise_multiplier, sample_rate=sample_rate)
+    acc.history = [(noise_multiplier, sample_rate, steps)]  # what `steps` calls of acc.step(...) leave
     return float(acc.get_epsilon(delta))
+
+
+def client_dp_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
+    """The ε of `rounds` rounds of DP-FedAvg at (noise_multiplier, sample_rate), at δ: one accountant step a round
+    (it assumes Poisson sampling of clients; FedNano samples a fixed number, the usual approximation). Infinite
+    without noise."""
+    return math.inf if noise_multiplier == 0 else rdp_epsilon(noise_multiplier, sample_rate, rounds, delta)
+
+
+def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The noise multiplier whose `steps` steps at `sample_rate` spend `target_epsilon` at `delta` (Opacus's search over
+    its RDP accountant, to 0.01 in ε)."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
+                                      accountant="rdp"))
+
+
+def dp_sgd_ledger(previous: list[dict[str, dict]], replies: dict[str, tuple[float, float, int]], delta: float) -> dict[str, dict]:
+    """privacy.dp_sgd's accounts after a round: for each client that trained in it (replies: partition -> (noise
+    multiplier, sample rate, steps this round)), its steps so far (its latest entry in `previous`, the earlier rounds'
+    ledgers, plus this round's) and the ε its data has spent at δ."""
+    out = {}
+    for pid, (sigma, rate, steps) in replies.items():
+        before = next((led[pid]["steps"] for led in reversed(previous) if pid in led), 0)
+        total = int(before) + int(steps)
+        out[pid] = {"steps": total, "noise_multiplier": sigma, "sample_rate": rate, "epsilon": rdp_epsilon(sigma, rate, total, delta)}
+    return out
+
+
+def worst_epsilon(ledgers: list[dict[str, dict]]) -> float:
+    """The largest ε any client's data has spent, over every client's latest entry in `ledgers` (0 if none)."""
+    latest: dict[str, float] = {}
+    for led in ledgers:
+        latest.update({pid: e["epsilon"] for pid, e in led.items()})
+    return max(latest.values(), default=0.0)

@@ -65,6 +65,22 @@ def adapter_sample_grads(adapter: NanoAdapter, x: torch.Tensor, g: torch.Tensor)
     return {"A.weight": gA, "B.weight": gB}
 
 
+def edge_sample_grads(
+    edge: NanoEdge, text: torch.Tensor, vis: torch.Tensor, is_image: torch.Tensor, grad: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """Per-sample gradients of both NanoAdapters {"adapter_t.A.weight": (B, r, d), ...} from what they received
+    (NanoEdge.adapter_inputs: text (B, T, d), visual tokens at the image slots (B, T, d), the slot mask (B, T)) and
+    grad (B, T, d), row i sample i's own d loss / d embeddings: text positions feed NanoAdapter-T, image slots -I."""
+    slot = is_image.unsqueeze(-1)
+    out = {}
+    for name, adapter, x, g in (
+        ("adapter_t", edge.adapter_t, text, grad.masked_fill(slot, 0)),
+        ("adapter_i", edge.adapter_i, vis, grad.masked_fill(~slot, 0)),
+    ):
+        out.update({f"{name}.{p}": gs for p, gs in adapter_sample_grads(adapter, x, g).items()})
+    return out
+
+
 def empirical_fisher(
     edge: NanoEdge,
     endpoint: LLMEndpoint,
@@ -91,13 +107,8 @@ def empirical_fisher(
         _, grad, _ = endpoint.train_step(embeds, batch.attention_mask, batch.labels, reduction="sum", parts=parts)
         with torch.no_grad():
             grad = grad.to(embeds.device, embeds.dtype)  # row i: d (sample i's NLL) / d its embeddings
-            slot = is_image.unsqueeze(-1)
-            for name, adapter, x, g in (
-                ("adapter_t", edge.adapter_t, text, grad.masked_fill(slot, 0)),
-                ("adapter_i", edge.adapter_i, vis, grad.masked_fill(~slot, 0)),
-            ):
-                for p, gs in adapter_sample_grads(adapter, x, g).items():
-                    acc[f"{name}.{p}"] += weighted_squares(gs, weights)
+            for k, gs in edge_sample_grads(edge, text, vis, is_image, grad).items():
+                acc[k] += weighted_squares(gs, weights)
             for k, f in parts.fisher.items():  # the server's share (a cached protocol), where the gradient above is zero
                 acc[k] += f.to(acc[k])
             n += float(weights.sum())

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fednano.aggregation import proximal_term
+from fednano.client.dp_sgd import DPSGD, poisson_batches
 from fednano.client.features import Workload
 from fednano.client.nanoedge import NanoEdge
 from fednano.config import TrainConfig
@@ -70,29 +71,35 @@ def batches(samples: list[Sample], batch_size: int, generator: torch.Generator) 
 def train_local(
     edge: NanoEdge, endpoint: LLMEndpoint, samples: list[Sample], work: Workload, cfg: TrainConfig, generator: torch.Generator, *,
     params: dict[str, nn.Parameter] | None = None, hooks: Sequence[StepHook] = (), on_step: Callable[[int, float], None] | None = None,
+    dp: DPSGD | None = None,
 ) -> float:
     """`cfg.local_steps` AdamW steps; returns the mean training loss.
 
     params: what trains (default: the NanoAdapters; the whole-LLM baselines pass their LoRA).
     hooks: run in order after each step's backward (a Fisher from the training gradients must
-    come before a proximal term, which changes the gradients).
+    come before a proximal term, which changes the gradients; under DP-SGD they see the noised gradient).
+    dp: DP-SGD (privacy.dp_sgd): Poisson-sampled batches, per-sample clipping and noise (client/dp_sgd.py).
     """
     named = params if params is not None else edge.adapter_parameters()
     opt = torch.optim.AdamW(list(named.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     edge.train()
     losses = []
-    stream = batches(samples, cfg.batch_size, generator)
+    stream = poisson_batches(samples, dp.rate, generator) if dp else batches(samples, cfg.batch_size, generator)
     for step in range(cfg.local_steps):
-        batch, feats = work.train_batch(next(stream))
+        chosen = next(stream)
         opt.zero_grad(set_to_none=True)
-        loss = split_step(edge, endpoint, batch, feats)
-        if not math.isfinite(loss):
+        if dp is None:
+            loss: float | None = split_step(edge, endpoint, *work.train_batch(chosen))
+        else:
+            loss = dp.step(edge, endpoint, work.train_batch(chosen) if chosen else None, named)
+        if loss is not None and not math.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss at local step {step}")
         for hook in hooks:
             hook.after_backward(named)
         opt.step()
-        losses.append(loss)
-        if on_step:
-            on_step(step, loss)
+        if loss is not None:  # (an empty Poisson batch has none)
+            losses.append(loss)
+            if on_step:
+                on_step(step, loss)
     edge.eval()
-    return sum(losses) / len(losses)
+    return sum(losses) / len(losses) if losses else math.nan

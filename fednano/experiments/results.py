@@ -44,7 +44,8 @@ class RoundRecord:
     memory: dict  # peak host memory per side; peak GPU memory on CUDA
     validation_accuracy: float | None = None  # data.validation_samples: the validation set, at validation rounds
     leakage: dict[str, float] | None = None  # privacy.audit: what the server reads from the global adapters' frames
-    dp_epsilon: float | None = None  # privacy.client_dp: epsilon spent after this round (at privacy.delta)
+    dp_epsilon: float | None = None  # privacy.client_dp / dp_sgd: epsilon spent after this round (at privacy.delta; dp_sgd: worst client)
+    dp_sgd: dict[str, dict] | None = None  # privacy.dp_sgd: per client that trained, its steps so far, sigma, rate and epsilon
     client_global_accuracy: dict[str, float] | None = None  # clients' own states on the global test set ('local')
     # per message kind (train, evaluate), per client: its time by phase (start, build, data, work)
     client_phase_seconds: dict[str, dict[str, dict[str, float]]] | None = None

@@ -27,9 +27,9 @@ from fednano.experiments.results import BYTES_FIELDS, RoundRecord, RunRecorder, 
 from fednano.federation import keys
 from fednano.federation.strategy import ClientOutcome, FedNanoStrategy
 from fednano.leakage import RoundAudit, plot_leakage
-from fednano.methods.registry import expected_clients, method_of
+from fednano.methods.registry import client_dp_noise, expected_clients, method_of
 from fednano.metrics import GENERATED, by_category, merge_reports
-from fednano.privacy import client_dp_epsilon, embedding_privacy
+from fednano.privacy import client_dp_epsilon, dp_sgd_ledger, embedding_privacy, worst_epsilon
 from fednano.progress import progress_bar
 from fednano.runtime.server import ServerSide
 
@@ -327,17 +327,31 @@ class ServerRun:
             memory=self._memory(train.outcomes),
             client_global_accuracy={pid: r["accuracy"] for pid, r in ev.per_client.items()} or None,
             client_phase_seconds={"train": _phases(train.outcomes), "evaluate": _phases(self.strategy.last_evaluate)},
-            dp_epsilon=self._epsilon(rnd),
+            **self._dp(rnd, ok),
             **self._generated(ev, evaluated),
         )
 
+    def _dp(self, rnd: int, ok: list) -> dict:
+        """The round's privacy accounts: `dp_epsilon`, the ε spent so far (privacy.client_dp: by the federation; privacy.dp_sgd:
+        the most any client's data has spent), and with DP-SGD `dp_sgd`, each client's ledger (privacy.dp_sgd_ledger)."""
+        if not self.cfg.privacy.dp_sgd:
+            return {"dp_epsilon": self._epsilon(rnd)}
+        replies = {str(o.partition_id): (keys.number(o.metrics["dp-sgd-sigma"]), keys.number(o.metrics["dp-sgd-rate"]),
+                                         int(keys.number(o.metrics["dp-sgd-steps"]))) for o in ok}
+        earlier = [r.get("dp_sgd") or {} for r in self.recorder.data.get("rounds", []) if r["round"] < rnd]
+        ledger = dp_sgd_ledger(earlier, replies, self.cfg.privacy.delta)
+        return {"dp_epsilon": worst_epsilon([*earlier, ledger]), "dp_sgd": ledger}
+
     def _client_dp(self, last: dict) -> dict:
-        """final's `client_dp` entry: the (epsilon, delta) the run spent and the settings it was spent at ({} without it)."""
+        """final's `client_dp` / `dp_sgd` entry: the (epsilon, delta) the run spent and the settings it was spent at ({} without)."""
         p = self.cfg.privacy
+        if p.dp_sgd:
+            return {"dp_sgd": {"epsilon": last["dp_epsilon"], "delta": p.delta, "clip_norm": p.clip_norm,
+                               "target_epsilon": p.target_epsilon, "accountant": "opacus RDP", "epsilon_of": "the most-spent client"}}
         if not p.client_dp:
             return {}
         rate = expected_clients(self.cfg) / self.cfg.data.num_clients
-        return {"client_dp": {"epsilon": last["dp_epsilon"], "delta": p.delta, "noise_multiplier": p.noise_multiplier,
+        return {"client_dp": {"epsilon": last["dp_epsilon"], "delta": p.delta, "noise_multiplier": client_dp_noise(self.cfg),
                               "clip_norm": p.clip_norm, "sample_rate": rate, "accountant": "opacus RDP"}}
 
     def _epsilon(self, rnd: int) -> float | None:
@@ -345,7 +359,7 @@ class ServerRun:
         p = self.cfg.privacy
         if not p.client_dp:
             return None
-        return client_dp_epsilon(p.noise_multiplier, expected_clients(self.cfg) / self.cfg.data.num_clients, rnd, p.delta)
+        return client_dp_epsilon(client_dp_noise(self.cfg), expected_clients(self.cfg) / self.cfg.data.num_clients, rnd, p.delta)
 
     @staticmethod
     def _generated(ev: EvaluatePhase, evaluated: list[ClientOutcome]) -> dict:

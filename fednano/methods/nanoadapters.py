@@ -9,6 +9,7 @@ from typing import TypeVar
 
 import torch
 
+from fednano.client.dp_sgd import DPSGD
 from fednano.client.training import StepHook, train_local
 from fednano.config import TrainConfig
 from fednano.data.samples import Sample
@@ -55,8 +56,9 @@ class NanoAdapterClient:
     ) -> tuple[float, dict[str, torch.Tensor], dict[str, float]]:
         rt = self.rt
         params = self.trains.shared(rt.edge.adapter_parameters())  # FFA: the optimiser never sees A
-        loss = train_local(rt.edge, rt.split, samples, rt.work, cfg, job.generator, params=params, hooks=hooks)
-        return loss, rt.edge.adapter_state(), {}
+        dp = DPSGD.of(job.cfg, len(samples), cfg, rt.edge.device, job.generator) if job.cfg.privacy.dp_sgd else None
+        loss = train_local(rt.edge, rt.split, samples, rt.work, cfg, job.generator, params=params, hooks=hooks, dp=dp)
+        return loss, rt.edge.adapter_state(), dp.report(cfg.local_steps) if dp else {}
 
     def endpoint(self, job: ClientJob) -> LLMEndpoint:
         return self.rt.split

@@ -26,6 +26,7 @@ from fednano.methods.fisher_sources import FisherOfTraining, FisherPass, NoFishe
 from fednano.methods.nanoadapters import NanoAdapters
 from fednano.methods.topologies import Centralized, Federated, Local
 from fednano.methods.whole_llm import WholeLLMLoRA
+from fednano.privacy import noise_for_epsilon
 from fednano.runtime.client import ClientJob, ClientRuntime
 
 
@@ -66,18 +67,25 @@ class Method:
             raise ConfigError(f"privacy.client_dp: {self.name!r} is not a FedAvg-family federated method (DP-FedAvg needs one global "
                               "average of client updates; Fisher merging under DP is not built yet): use fedavg, fedprox, fedadam, "
                               "fedyogi or fedit-lora")
+        if cfg.privacy.dp_sgd and (self.trains.in_llm or self.trains.personal):
+            raise ConfigError(f"privacy.dp_sgd: {self.name!r} trains LoRA inside a whole LLM; DP-SGD is built for the NanoAdapters "
+                              "(per-sample gradients in closed form): use a NanoEdge method")
 
     def combiner(self, cfg: RunConfig) -> Average:
         """What the server combines with for this run: the method's own combiner, inside DP-FedAvg with privacy.client_dp."""
         if not cfg.privacy.client_dp:
             return self.combine
-        p = cfg.privacy
-        return ClientDP(inner=self.combine, clip=p.clip_norm, noise_multiplier=p.noise_multiplier,
+        return ClientDP(inner=self.combine, clip=cfg.privacy.clip_norm, noise_multiplier=client_dp_noise(cfg),
                         expected_clients=expected_clients(cfg))
+
+    def fisher_source(self, cfg: RunConfig) -> NoFisher:
+        """Where this run's Fisher comes from: the method's own, except under privacy.dp_sgd, where a Fisher-merging
+        method takes it from the noised training gradients (post-processing: no privacy spent beyond DP-SGD's)."""
+        return FisherOfTraining() if cfg.privacy.dp_sgd and self.sends_fisher else self.fisher
 
     def split_steps_per_client(self, cfg: RunConfig) -> int:
         """Training split steps each sampled client takes per round (for progress bars)."""
-        return self.topology.local_steps(cfg) + self.fisher.split_steps(cfg.train)
+        return self.topology.local_steps(cfg) + self.fisher_source(cfg).split_steps(cfg.train)
 
     # --- the client --------------------------------------------------------------------
     def client_part(self, rt: ClientRuntime) -> Any:
@@ -91,12 +99,13 @@ class Method:
         part = self.client_part(job.rt)
         part.load(start)
         samples, tcfg = self.topology.client_work(job)
-        hooks: list[StepHook] = self.fisher.hooks()  # a Fisher of the training gradients comes first
+        source = self.fisher_source(job.cfg)
+        hooks: list[StepHook] = source.hooks()  # a Fisher of the training gradients comes first
         mu = job.cfg.federation.proximal_mu
         if self.proximal and mu > 0:
             hooks.append(Proximal(start, mu))
         loss, state, extra = part.train(job, samples, tcfg, hooks)
-        fisher = self.fisher.fisher(job, part, hooks)
+        fisher = source.fisher(job, part, hooks)
         return ClientUpdate(self.trains.shared(state), None if fisher is None else self.trains.shared(fisher), loss, len(samples), extra)
 
     def client_evaluate(self, job: ClientJob, state: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -135,6 +144,15 @@ if tuple(METHODS) != METHOD_NAMES:
 def expected_clients(cfg: RunConfig) -> int:
     """Clients sampled per round (as Federated.sample does): the fixed denominator of DP-FedAvg."""
     return max(1, min(cfg.data.num_clients, round(cfg.data.num_clients * cfg.federation.fraction_train)))
+
+
+def client_dp_noise(cfg: RunConfig) -> float:
+    """privacy.client_dp's noise multiplier: privacy.noise_multiplier, or the one that spends privacy.target_epsilon in
+    federation.rounds rounds at the client sampling rate."""
+    p = cfg.privacy
+    if not p.target_epsilon:
+        return p.noise_multiplier
+    return noise_for_epsilon(p.target_epsilon, p.delta, expected_clients(cfg) / cfg.data.num_clients, cfg.federation.rounds)
 
 
 def method_of(cfg: RunConfig) -> Method:
