@@ -65,6 +65,53 @@ def dp_fedavg(reference: Tensors, thetas: Sequence[Tensors], clip: float, noise_
     return out
 
 
+def group_importance(fisher: Tensors, by_rank: bool) -> Tensors:
+    """A client's Fisher summed within groups: per tensor (a scalar each), or, `by_rank`, per rank component (A (r, d):
+    each row's sum; B (d, r): each column's) -> {k: () or (r,)}. Few numbers, so that they can be noised (dp_fisher_merge)."""
+    if not by_rank:
+        return {k: f.double().sum() for k, f in fisher.items()}
+    return {k: f.double().sum(0 if k.endswith("B.weight") else 1) for k, f in fisher.items()}
+
+
+def _spread(weight: torch.Tensor, key: str, like: torch.Tensor) -> torch.Tensor:
+    """A group weight (() or (r,)) laid over its tensor's entries (A: along rows; B: along columns)."""
+    if weight.dim() == 0:
+        return weight.expand_as(like)
+    return (weight.unsqueeze(0) if key.endswith("B.weight") else weight.unsqueeze(1)).expand_as(like)
+
+
+def dp_fisher_merge(reference: Tensors, thetas: Sequence[Tensors], fishers: Sequence[Tensors], clip: float, noise_multiplier: float,
+                    expected_clients: float, generator: torch.Generator | None, by_rank: bool = False) -> Tensors:
+    """Client-level DP Fisher merging of updates, theta = ref + (sum_k w_k Δ_k + noise) / (sum_k w_k + noise), with
+    group weights (group_importance) instead of per-entry ones. Client k's weights w_k (g groups) are scaled to
+    L2 norm sqrt(g) (mean about 1), its weighted update w_k Δ_k clipped to L2 norm `clip`; Gaussian noise of std
+    noise_multiplier × clip goes on the numerator's sum, noise_multiplier × sqrt(g) on the weights' sum. Each client then
+    moves (numerator / clip, weights / sqrt(g)) by at most sqrt(2): one Gaussian mechanism of noise multiplier
+    noise_multiplier / sqrt(2) a round. The weights' noisy sum is floored at expected_clients / 2 (a data-independent
+    bound on how much a draw of noise can amplify the update)."""
+    if not thetas or len(thetas) != len(fishers) or expected_clients <= 0:
+        raise ValueError("dp_fisher_merge needs one Fisher per client, at least one client and expected_clients > 0")
+    num = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in reference.items()}
+    den = {k: torch.zeros_like(w) for k, w in group_importance({k: fishers[0][k] for k in reference}, by_rank).items()}
+    groups = sum(w.numel() for w in den.values())
+    sd_num, sd_den = noise_multiplier * clip, noise_multiplier * math.sqrt(groups)
+    for t, f in zip(thetas, fishers, strict=True):
+        imp = group_importance({k: f[k] for k in reference}, by_rank)
+        norm = math.sqrt(sum(float(w.pow(2).sum()) for w in imp.values()))
+        w = {k: v * (math.sqrt(groups) / norm) if norm > 0 else torch.ones_like(v) for k, v in imp.items()}
+        weighted, _ = clip_to_norm({k: _spread(w[k], k, num[k]) * (t[k].double() - reference[k].double()) for k in reference}, clip)
+        for k in reference:
+            num[k] += weighted[k]
+            den[k] += w[k]
+    out = {}
+    for k, v in reference.items():
+        noise = torch.randn(v.shape, generator=generator, device=v.device, dtype=torch.float64) * sd_num
+        d_noise = torch.randn(den[k].shape, generator=generator, device=v.device, dtype=torch.float64) * sd_den
+        total = (den[k].to(v.device) + d_noise).clamp(min=expected_clients / 2)
+        out[k] = (v.double() + (num[k] + noise) / _spread(total, k, num[k])).to(v.dtype)
+    return out
+
+
 def normalize_fisher(fisher: Tensors) -> Tensors:
     """Scale a client's Fisher to mean 1 over all its entries (so no client dominates by scale)."""
     total = sum(float(v.double().sum()) for v in fisher.values())

@@ -426,8 +426,9 @@ class PrivacyConfig:
         False, "Client-level differential privacy on what is aggregated (DP-FedAvg): each client's update is clipped to L2 norm "
         "clip_norm, the server adds Gaussian noise of std noise_multiplier × clip_norm to their sum and divides by the expected "
         "number of clients per round; every client weighs the same. (ε, δ) per round from Opacus's RDP accountant, in results.json. "
-        "Central DP: it protects the clients from whoever sees the global model, not from the server. The FedAvg family only "
-        "(fedavg, fedprox, fedadam, fedyogi, fedit-lora): Fisher merging under DP is not built yet."
+        "Central DP: it protects the clients from whoever sees the global model, not from the server. For the FedAvg family "
+        "(fedavg, fedprox, fedadam, fedyogi, fedit-lora) and, with noise on both of its sums, Fisher merging (fednano, "
+        "fednano-ef, fednano-ffa: see fisher_groups; the accountant sees noise_multiplier / sqrt(2))."
     )
     dp_sgd: bool = _f(
         False, "Sample-level differential privacy for the NanoAdapters (DP-SGD): every local step takes a Poisson sample of the "
@@ -445,6 +446,11 @@ class PrivacyConfig:
         "holds whichever rounds it is sampled in."
     )
     delta: float = _f(1e-5, "privacy.client_dp / dp_sgd: the delta of the reported (epsilon, delta).")
+    fisher_groups: str = _f(
+        "tensor", "privacy.client_dp with Fisher merging (fednano, fednano-ef, fednano-ffa): the groups each client's Fisher is "
+        "summed over before it is noised: 'tensor' (one weight per adapter factor) or 'rank' (one per rank component: finer, "
+        "noisier). Per-entry weights would drown in the noise."
+    )
 
     def __post_init__(self) -> None:
         _check(self.embedding_noise >= 0, "privacy.embedding_noise", "must be >= 0")
@@ -452,6 +458,7 @@ class PrivacyConfig:
         _check(self.clip_norm > 0, "privacy.clip_norm", "must be > 0")
         _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
         _check(0 < self.delta < 1, "privacy.delta", "must be in (0, 1)")
+        _check(self.fisher_groups in ("tensor", "rank"), "privacy.fisher_groups", f"must be 'tensor' or 'rank', not {self.fisher_groups!r}")
         _check(self.target_epsilon >= 0, "privacy.target_epsilon", "must be >= 0 (0: use privacy.noise_multiplier)")
         _check(not (self.dp_sgd and self.client_dp), "privacy.dp_sgd",
                "sample-level DP-SGD and client-level DP-FedAvg together are not supported; choose one (privacy.client_dp = false)")

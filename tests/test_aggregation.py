@@ -6,6 +6,7 @@ import torch
 from fednano.aggregation import (
     clip_to_norm,
     dp_fedavg,
+    dp_fisher_merge,
     fedavg,
     fisher_merge,
     low_rank_factors,
@@ -316,3 +317,43 @@ def test_the_dp_combiner_is_seeded_by_the_state_it_starts_from_and_keeps_the_ser
     ClientDP(inner=ServerOptimiser("adam"), clip=1.0, noise_multiplier=1.0, expected_clients=2)(ref, thetas, [None], [1.0],
                                                                                                 FederationConfig(), memory)
     assert set(memory.opt) == {"m.w", "v.w", "step"}  # the server's Adam stepped on the noised average
+
+
+def _pair(a: list[list[float]], b: list[list[float]]) -> dict[str, torch.Tensor]:
+    return {"x.A.weight": torch.tensor(a), "x.B.weight": torch.tensor(b)}  # A (r=2, d=1), B (d=1, r=2)
+
+
+def test_dp_fisher_merge_by_hand_with_one_weight_per_tensor():
+    """Client 1's tensor sums (3, 4) scale to (0.6, 0.8)·sqrt(2), client 2's (1, 0) to (1, 0)·sqrt(2); no noise, no clipping:
+    A = (0.6·Δ1 + 1·Δ2) / 1.6, B = Δ1 (client 2's weight on B is 0)."""
+    ref = _pair([[0.0], [0.0]], [[0.0, 0.0]])
+    thetas = [_pair([[1.0], [2.0]], [[1.0, 1.0]]), _pair([[3.0], [0.0]], [[5.0, 5.0]])]
+    fishers = [_pair([[1.0], [2.0]], [[1.0, 3.0]]), _pair([[0.5], [0.5]], [[0.0, 0.0]])]
+    out = dp_fisher_merge(ref, thetas, fishers, clip=1e9, noise_multiplier=0.0, expected_clients=1, generator=None)
+    torch.testing.assert_close(out["x.A.weight"], torch.tensor([[2.25], [0.75]]))
+    torch.testing.assert_close(out["x.B.weight"], torch.tensor([[1.0, 1.0]]))
+
+
+def test_dp_fisher_merge_by_hand_with_one_weight_per_rank_component():
+    """Row sums of A and column sums of B: client 1 (1, 3 | 2, 2), client 2 (3, 1 | 2, 2), the same norm: A's row 0 is
+    (1·1 + 3·3) / 4, row 1 (3·2 + 1·0) / 4; B's columns weigh both clients equally."""
+    ref = _pair([[0.0], [0.0]], [[0.0, 0.0]])
+    thetas = [_pair([[1.0], [2.0]], [[1.0, 1.0]]), _pair([[3.0], [0.0]], [[5.0, 5.0]])]
+    fishers = [_pair([[1.0], [3.0]], [[2.0, 2.0]]), _pair([[3.0], [1.0]], [[2.0, 2.0]])]
+    out = dp_fisher_merge(ref, thetas, fishers, clip=1e9, noise_multiplier=0.0, expected_clients=1, generator=None, by_rank=True)
+    torch.testing.assert_close(out["x.A.weight"], torch.tensor([[2.5], [1.5]]))
+    torch.testing.assert_close(out["x.B.weight"], torch.tensor([[3.0, 3.0]]))
+
+
+def test_dp_fisher_merge_clips_the_weighted_update_floors_the_weights_and_repeats_its_noise():
+    ref = {"w.A.weight": torch.zeros(1, 2)}
+    one = [{"w.A.weight": torch.tensor([[3.0, 4.0]])}]
+    fisher = [{"w.A.weight": torch.ones(1, 2)}]  # one group: weight 1
+    clipped = dp_fisher_merge(ref, one, fisher, clip=1.0, noise_multiplier=0.0, expected_clients=1, generator=None)
+    torch.testing.assert_close(clipped["w.A.weight"], torch.tensor([[0.6, 0.8]]))  # norm 5 -> 1; weights' sum 1 > floor 0.5
+    floored = dp_fisher_merge(ref, one, fisher, clip=1e9, noise_multiplier=0.0, expected_clients=10, generator=None)
+    torch.testing.assert_close(floored["w.A.weight"], torch.tensor([[0.6, 0.8]]))  # sum of weights 1 floored to 10 / 2
+    big = {"w.A.weight": torch.zeros(1, 20_000)}
+    draws = [dp_fisher_merge(big, [big], [{"w.A.weight": torch.ones(1, 20_000)}], clip=0.5, noise_multiplier=2.0, expected_clients=4,
+                             generator=torch.Generator().manual_seed(1)) for _ in range(2)]
+    assert torch.equal(draws[0]["w.A.weight"], draws[1]["w.A.weight"]) and float(draws[0]["w.A.weight"].abs().sum()) > 0

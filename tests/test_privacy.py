@@ -90,13 +90,33 @@ def test_the_dp_accountant_is_opacus_rdp_and_inverts_to_its_noise():
     assert client_dp_epsilon(0.0, 0.1, 5, 1e-5) == float("inf")
 
 
-def test_client_dp_is_refused_where_there_is_no_plain_average():
+def test_client_dp_is_refused_where_there_is_no_single_merge():
     from fednano.methods.registry import METHODS
 
-    for name in ("fednano", "fednano-product", "local", "centralized"):
-        with pytest.raises(ConfigError, match=f"privacy.client_dp: '{name}' is not a FedAvg-family federated method"):
+    for name in ("fednano-product", "local", "centralized"):
+        with pytest.raises(ConfigError, match=f"privacy.client_dp: '{name}' is neither a FedAvg-family nor a Fisher-merging"):
             METHODS[name].check(load_config(TINY, {"privacy.client_dp": True, "federation.strategy": name}))
-    METHODS["fedprox"].check(load_config(TINY, {"privacy.client_dp": True, "federation.strategy": "fedprox"}))
+    for name in ("fedprox", "fednano", "fednano-ffa"):
+        METHODS[name].check(load_config(TINY, {"privacy.client_dp": True, "federation.strategy": name}))
+    with pytest.raises(ConfigError, match="privacy.fisher_groups"):
+        load_config(TINY, {"privacy.fisher_groups": "entry"})
+
+
+def test_fisher_merging_under_client_dp_accounts_for_its_two_noised_sums():
+    from fednano.methods.combiners import ClientDP, ClientDPFisher
+    from fednano.methods.registry import METHODS, client_dp_noise
+    from fednano.privacy import noise_for_epsilon
+
+    cfg = load_config(TINY, {"privacy.client_dp": True, "federation.strategy": "fednano", "privacy.noise_multiplier": 1.5,
+                             "privacy.fisher_groups": "rank"})
+    assert client_dp_noise(cfg) == (1.5, pytest.approx(1.5 / 2**0.5))
+    combiner = METHODS["fednano"].combiner(cfg)
+    assert isinstance(combiner, ClientDPFisher) and combiner.by_rank and combiner.noise_multiplier == 1.5
+    avg = load_config(TINY, {"privacy.client_dp": True, "federation.strategy": "fedavg", "privacy.target_epsilon": 4.0})
+    seen = noise_for_epsilon(4.0, 1e-5, 1.0, avg.federation.rounds)
+    assert client_dp_noise(avg) == (pytest.approx(seen), pytest.approx(seen)) and isinstance(METHODS["fedavg"].combiner(avg), ClientDP)
+    fis = load_config(TINY, {"privacy.client_dp": True, "federation.strategy": "fednano", "privacy.target_epsilon": 4.0})
+    assert client_dp_noise(fis) == (pytest.approx(seen * 2**0.5), pytest.approx(seen))
 
 
 def test_a_client_dp_run_reports_the_epsilon_it_spent_each_round(tiny_bundle, tiny_cache, tmp_path):
@@ -111,3 +131,13 @@ def test_a_client_dp_run_reports_the_epsilon_it_spent_each_round(tiny_bundle, ti
     assert res["final"]["client_dp"] == {"epsilon": eps[1], "delta": 1e-5, "noise_multiplier": 1.5, "clip_norm": 0.5, "sample_rate": 1.0,
                                          "accountant": "opacus RDP"}
     assert all(r["aggregated"] for r in res["rounds"])
+
+
+def test_a_fednano_run_under_client_dp_merges_with_noised_fisher_weights(tiny_bundle, tiny_cache, tmp_path):
+    out = tmp_path / "run"
+    proc = run_tiny(tiny_cache, out, 'federation.strategy="fednano"', "privacy.client_dp=true", "privacy.noise_multiplier=2.0",
+                    'privacy.fisher_groups="rank"', "federation.rounds=2")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    assert [r["dp_epsilon"] for r in res["rounds"]] == [pytest.approx(client_dp_epsilon(2.0 / 2**0.5, 1.0, r, 1e-5)) for r in (1, 2)]
+    assert res["final"]["client_dp"]["noise_multiplier"] == 2.0 and all(r["aggregated"] for r in res["rounds"])

@@ -351,7 +351,7 @@ class ServerRun:
         if not p.client_dp:
             return {}
         rate = expected_clients(self.cfg) / self.cfg.data.num_clients
-        return {"client_dp": {"epsilon": last["dp_epsilon"], "delta": p.delta, "noise_multiplier": client_dp_noise(self.cfg),
+        return {"client_dp": {"epsilon": last["dp_epsilon"], "delta": p.delta, "noise_multiplier": client_dp_noise(self.cfg)[0],
                               "clip_norm": p.clip_norm, "sample_rate": rate, "accountant": "opacus RDP"}}
 
     def _epsilon(self, rnd: int) -> float | None:
@@ -359,7 +359,7 @@ class ServerRun:
         p = self.cfg.privacy
         if not p.client_dp:
             return None
-        return client_dp_epsilon(client_dp_noise(self.cfg), expected_clients(self.cfg) / self.cfg.data.num_clients, rnd, p.delta)
+        return client_dp_epsilon(client_dp_noise(self.cfg)[1], expected_clients(self.cfg) / self.cfg.data.num_clients, rnd, p.delta)
 
     @staticmethod
     def _generated(ev: EvaluatePhase, evaluated: list[ClientOutcome]) -> dict:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from fednano.aggregation import dp_fedavg, fedavg, fisher_merge, low_rank_factors, product_merge, server_opt_step
+from fednano.aggregation import dp_fedavg, dp_fisher_merge, fedavg, fisher_merge, low_rank_factors, product_merge, server_opt_step
 from fednano.config import FederationConfig
 
 Tensors = dict[str, torch.Tensor]
@@ -103,6 +103,13 @@ class ProductMerge(Average):
         return out
 
 
+def state_seeded(reference: Tensors) -> torch.Generator:
+    """A noise generator on the state's device, seeded by the state's bytes (a resumed round redraws the same noise)."""
+    device = next(iter(reference.values())).device
+    digest = hashlib.sha256(b"".join(reference[k].detach().cpu().contiguous().numpy().tobytes() for k in sorted(reference)))
+    return torch.Generator(device=device).manual_seed(int(digest.hexdigest()[:15], 16))
+
+
 @dataclass(frozen=True)
 class ClientDP(Average):
     """privacy.client_dp around a FedAvg-family combiner: DP-FedAvg (clipped updates, Gaussian noise on their sum, a
@@ -117,11 +124,28 @@ class ClientDP(Average):
 
     def __call__(self, reference: Tensors, thetas: Sequence[Tensors], fishers: Sequence[Tensors | None], counts: Sequence[float],
                  cfg: FederationConfig, memory: ServerMemory) -> Tensors:
-        device = next(iter(reference.values())).device
-        digest = hashlib.sha256(b"".join(reference[k].detach().cpu().contiguous().numpy().tobytes() for k in sorted(reference)))
-        generator = torch.Generator(device=device).manual_seed(int(digest.hexdigest()[:15], 16))
-        merged = dp_fedavg(reference, thetas, self.clip, self.noise_multiplier, self.expected_clients, generator)
+        merged = dp_fedavg(reference, thetas, self.clip, self.noise_multiplier, self.expected_clients, state_seeded(reference))
         if self.inner.server_opt:
             merged, memory.opt = server_opt_step(self.inner.server_opt, reference, merged, memory.opt, lr=cfg.server_lr,
                                                  beta1=cfg.server_beta1, beta2=cfg.server_beta2, tau=cfg.server_tau)
         return merged
+
+
+@dataclass(frozen=True)
+class ClientDPFisher(Average):
+    """privacy.client_dp for Fisher merging: each client's Fisher reduced to a few group weights (per tensor, or per
+    rank component with privacy.fisher_groups = "rank"), the weighted updates and the weights summed with Gaussian noise
+    on both (aggregation.dp_fisher_merge; its accountant sees noise_multiplier / sqrt(2)). Seeded as ClientDP is."""
+
+    kind = "dp-fisher"
+    clip: float = 1.0
+    noise_multiplier: float = 1.0
+    expected_clients: float = 1.0
+    by_rank: bool = False
+
+    def __call__(self, reference: Tensors, thetas: Sequence[Tensors], fishers: Sequence[Tensors | None], counts: Sequence[float],
+                 cfg: FederationConfig, memory: ServerMemory) -> Tensors:
+        if any(f is None for f in fishers):
+            raise ValueError("Fisher merging needs every client's Fisher")
+        return dp_fisher_merge(reference, thetas, [f for f in fishers if f is not None], self.clip, self.noise_multiplier,
+                               self.expected_clients, state_seeded(reference), by_rank=self.by_rank)

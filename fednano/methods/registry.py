@@ -13,6 +13,7 @@ name in config.METHOD_NAMES, which validates configs) and its tests.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from fednano.client.evaluation import Scoring, evaluate
 from fednano.client.training import Proximal, StepHook
 from fednano.config import METHOD_NAMES, ConfigError, RunConfig
-from fednano.methods.combiners import Average, ClientDP, FisherMerge, ProductMerge, ServerOptimiser
+from fednano.methods.combiners import Average, ClientDP, ClientDPFisher, FisherMerge, ProductMerge, ServerOptimiser
 from fednano.methods.fisher_sources import FisherOfTraining, FisherPass, NoFisher
 from fednano.methods.nanoadapters import NanoAdapters
 from fednano.methods.topologies import Centralized, Federated, Local
@@ -63,10 +64,10 @@ class Method:
         if cfg.privacy.audit and (self.trains.in_llm or self.topology.personal_models):
             raise ConfigError(f"privacy.audit: {self.name!r} has no global NanoEdge adapters whose frames to audit "
                               "(its clients hold the whole LLM, or keep adapters of their own)")
-        if cfg.privacy.client_dp and (self.combine.kind != "average" or self.topology.kind != "federated"):
-            raise ConfigError(f"privacy.client_dp: {self.name!r} is not a FedAvg-family federated method (DP-FedAvg needs one global "
-                              "average of client updates; Fisher merging under DP is not built yet): use fedavg, fedprox, fedadam, "
-                              "fedyogi or fedit-lora")
+        if cfg.privacy.client_dp and (self.combine.kind not in ("average", "fisher") or self.topology.kind != "federated"):
+            raise ConfigError(f"privacy.client_dp: {self.name!r} is neither a FedAvg-family nor a Fisher-merging federated method "
+                              "(client-level DP needs one global merge of client updates; merging products under DP is not built): "
+                              "use fednano, fednano-ef, fednano-ffa, fedavg, fedprox, fedadam, fedyogi or fedit-lora")
         if cfg.privacy.dp_sgd and (self.trains.in_llm or self.trains.personal):
             raise ConfigError(f"privacy.dp_sgd: {self.name!r} trains LoRA inside a whole LLM; DP-SGD is built for the NanoAdapters "
                               "(per-sample gradients in closed form): use a NanoEdge method")
@@ -75,8 +76,11 @@ class Method:
         """What the server combines with for this run: the method's own combiner, inside DP-FedAvg with privacy.client_dp."""
         if not cfg.privacy.client_dp:
             return self.combine
-        return ClientDP(inner=self.combine, clip=cfg.privacy.clip_norm, noise_multiplier=client_dp_noise(cfg),
-                        expected_clients=expected_clients(cfg))
+        noise, _ = client_dp_noise(cfg)
+        if self.combine.kind == "fisher":
+            return ClientDPFisher(clip=cfg.privacy.clip_norm, noise_multiplier=noise, expected_clients=expected_clients(cfg),
+                                  by_rank=cfg.privacy.fisher_groups == "rank")
+        return ClientDP(inner=self.combine, clip=cfg.privacy.clip_norm, noise_multiplier=noise, expected_clients=expected_clients(cfg))
 
     def fisher_source(self, cfg: RunConfig) -> NoFisher:
         """Where this run's Fisher comes from: the method's own, except under privacy.dp_sgd, where a Fisher-merging
@@ -146,13 +150,16 @@ def expected_clients(cfg: RunConfig) -> int:
     return max(1, min(cfg.data.num_clients, round(cfg.data.num_clients * cfg.federation.fraction_train)))
 
 
-def client_dp_noise(cfg: RunConfig) -> float:
-    """privacy.client_dp's noise multiplier: privacy.noise_multiplier, or the one that spends privacy.target_epsilon in
-    federation.rounds rounds at the client sampling rate."""
+def client_dp_noise(cfg: RunConfig) -> tuple[float, float]:
+    """privacy.client_dp's (noise multiplier the server adds, the one its accountant sees): privacy.noise_multiplier, or
+    the one that spends privacy.target_epsilon in federation.rounds rounds at the client sampling rate. Fisher merging
+    releases two noised sums per round (aggregation.dp_fisher_merge): its accountant sees the multiplier over sqrt(2)."""
     p = cfg.privacy
+    releases = 2 if method_of(cfg).combine.kind == "fisher" else 1
     if not p.target_epsilon:
-        return p.noise_multiplier
-    return noise_for_epsilon(p.target_epsilon, p.delta, expected_clients(cfg) / cfg.data.num_clients, cfg.federation.rounds)
+        return p.noise_multiplier, p.noise_multiplier / math.sqrt(releases)
+    seen = noise_for_epsilon(p.target_epsilon, p.delta, expected_clients(cfg) / cfg.data.num_clients, cfg.federation.rounds)
+    return seen * math.sqrt(releases), seen
 
 
 def method_of(cfg: RunConfig) -> Method:
