@@ -7,5 +7,6 @@ nanoedge.py              NanoEdge: encoder + connector + embedding table + adapt
 features.py              the image-feature cache and token batches
 training.py              the split step and local training (gradients come back through the split)
 evaluation.py            closed-set answer scoring
-fisher.py                the diagonal Fisher that the server merges with
+fisher.py                the diagonal Fisher that the server merges with (and per-sample adapter gradients)
+dp_sgd.py                sample-level DP-SGD: Poisson batches, per-sample clipping, Gaussian noise
 """
