@@ -14,7 +14,10 @@ applies to its text positions (training, Fisher and evaluation frames alike).
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
+from collections.abc import Iterator
 
 import torch
 
@@ -83,7 +86,16 @@ def rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: 
 
     acc = RDPAccountant()
     acc.history = [(noise_multiplier, sample_rate, steps)]  # what `steps` calls of acc.step(...) leave
-    return float(acc.get_epsilon(delta))
+    with quiet_orders():
+        return float(acc.get_epsilon(delta))
+
+
+@contextlib.contextmanager
+def quiet_orders() -> Iterator[None]:
+    """Silences Opacus's "Optimal order is the largest alpha" (its ε is then still a valid upper bound, only looser)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        yield
 
 
 def client_dp_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
@@ -98,8 +110,9 @@ def noise_for_epsilon(target_epsilon: float, delta: float, sample_rate: float, s
     its RDP accountant, to 0.01 in ε)."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
-                                      accountant="rdp"))
+    with quiet_orders():
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate, steps=steps,
+                                          accountant="rdp"))
 
 
 def dp_sgd_ledger(previous: list[dict[str, dict]], replies: dict[str, tuple[float, float, int]], delta: float) -> dict[str, dict]:
