@@ -418,6 +418,12 @@ class PrivacyConfig:
         "row norm (0: none). results.json `privacy` reports ε per unit distance and for a typical pair of tokens."
     )
 
+    label_epsilon: float = _f(
+        0.0, "Label DP by randomized response (0: off): each client trains on answers drawn once per sample (the same in "
+        "every round): the true one with probability e^ε / (e^ε + K − 1), else one of its other K − 1 candidate answers. "
+        "Whatever the server reads from labels or gradients, each answer is ε-label-DP. Needs a closed answer set; not for "
+        "centralized (it pools the data on the server)."
+    )
     gradient_noise: float = _f(
         0.0, "With split.label_private: Gaussian noise on the d loss / d hidden states a client sends, each position's noise "
         "about this multiple of its gradient's norm (0: none), against the known-head label attack; measured in BENCHMARKS."
@@ -455,6 +461,7 @@ class PrivacyConfig:
     def __post_init__(self) -> None:
         _check(self.embedding_noise >= 0, "privacy.embedding_noise", "must be >= 0")
         _check(self.gradient_noise >= 0, "privacy.gradient_noise", "must be >= 0")
+        _check(self.label_epsilon >= 0, "privacy.label_epsilon", "must be >= 0 (0: off)")
         _check(self.clip_norm > 0, "privacy.clip_norm", "must be > 0")
         _check(self.noise_multiplier >= 0, "privacy.noise_multiplier", "must be >= 0")
         _check(0 < self.delta < 1, "privacy.delta", "must be in (0, 1)")

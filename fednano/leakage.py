@@ -34,14 +34,14 @@ from fednano.backbones.prepare import ensure_prepared
 from fednano.client.features import ImageFeatures, Workload
 from fednano.client.nanoedge import NanoEdge
 from fednano.config import RunConfig
-from fednano.data import system_prompt
+from fednano.data import load_task, system_prompt
 from fednano.data.partition import partitions
 from fednano.data.prompts import IGNORE_INDEX, IMAGE_PLACEHOLDER
 from fednano.data.samples import Sample
 from fednano.devices import DTYPES, dtype_of
 from fednano.experiments.results import markdown_table
 from fednano.export import ExportError, read_run
-from fednano.privacy import TextNoise, metric_epsilon
+from fednano.privacy import TextNoise, metric_epsilon, randomized_answers
 from fednano.server.llm import ServerLLM
 from fednano.split.frames import SCALED, Frame, decode, encode
 from fednano.split.label_private import head_loss, labels_from_gradients, noised_gradient
@@ -92,10 +92,12 @@ def as_received(embeds: torch.Tensor, wire: str) -> torch.Tensor:
 
 @torch.no_grad()
 def audit(edge: NanoEdge, work: Workload, table: torch.Tensor, samples: list[Sample], pool: list[str], wire: str,
-          protocol: str = "activations") -> Leakage:
+          protocol: str = "activations", truth: list[Sample] | None = None) -> Leakage:
     """The three attacks on the training frames `samples` would produce under `protocol` (split.parts; pool:
     candidate image paths, holding every image of `samples`). The cached protocols send each image's connector
-    output (before NanoAdapter-I), and `cached-features+ids` the token ids themselves."""
+    output (before NanoAdapter-I), and `cached-features+ids` the token ids themselves. `truth`: the samples with
+    their true answers, where `samples` carry randomized ones (privacy.label_epsilon): the labels the server reads
+    are then right only for the answers randomized response kept."""
     edge.eval()
     batch, feats = work.train_batch(samples)
     received = as_received(edge.embed(batch.input_ids, feats), wire)
@@ -106,7 +108,10 @@ def audit(edge: NanoEdge, work: Workload, table: torch.Tensor, samples: list[Sam
     if sent.caches_features and feats is not None:
         received = received.masked_scatter((batch.input_ids == IMAGE_PLACEHOLDER).unsqueeze(-1).to(received.device),
                                            as_received(edge.connector(feats), wire).to(received.device))
-    n_answer = int((batch.labels != IGNORE_INDEX).sum())
+    per_row = (batch.labels != IGNORE_INDEX).sum(1)
+    n_answer = int(per_row.sum())
+    kept = [truth is None or t.answer == s.answer for s, t in zip(samples, truth or samples, strict=True)]
+    read = int(per_row[torch.tensor(kept, dtype=torch.bool)].sum())
     is_image = batch.input_ids == IMAGE_PLACEHOLDER
     images = [p for s in samples for p in s.images]
     hits = 0
@@ -114,7 +119,7 @@ def audit(edge: NanoEdge, work: Workload, table: torch.Tensor, samples: list[Sam
         visual = received[is_image].reshape(len(images), edge.num_visual_tokens, -1)
         candidates = torch.cat([edge.connector(work.features(pool[i:i + 64])) for i in range(0, len(pool), 64)])
         hits = image_top1(visual, candidates.to(visual.device), [pool.index(p) for p in images])
-    return Leakage(got / max(1, n_text), n_text, 1.0 if n_answer else 0.0, n_answer, hits / max(1, len(images)), len(images), len(pool))
+    return Leakage(got / max(1, n_text), n_text, read / max(1, n_answer), n_answer, hits / max(1, len(images)), len(images), len(pool))
 
 
 def audit_run(run_dir: Path, per_client: int = 8, pool_size: int = 200, device: str = "cpu") -> dict[str, Leakage]:
@@ -129,12 +134,20 @@ def audit_run(run_dir: Path, per_client: int = 8, pool_size: int = 200, device: 
     work = Workload(side.tokenizer, ImageFeatures(side.edge.vision), side.edge.num_visual_tokens, system_prompt(cfg.data.dataset))
     samples = [s for part in partitions(cfg) for s in part.train[:per_client]]
     pool = _image_pool(cfg, samples, pool_size)
-    how = (cfg.split.wire_dtype, cfg.split.protocol)
+    sent, truth = as_sent(cfg, samples)
     with client_noise(side.edge, cfg):
-        out = {"round 0 (adapters at init)": audit(side.edge, work, table, samples, pool, *how)}
+        out = {"round 0 (adapters at init)": audit(side.edge, work, table, sent, pool, cfg.split.wire_dtype, cfg.split.protocol, truth)}
         side.edge.load_adapter_state(run.adapters)
-        out[f"final (round {cfg.federation.rounds})"] = audit(side.edge, work, table, samples, pool, *how)
+        out[f"final (round {cfg.federation.rounds})"] = audit(side.edge, work, table, sent, pool, cfg.split.wire_dtype,
+                                                               cfg.split.protocol, truth)
     return out
+
+
+def as_sent(cfg: RunConfig, samples: list[Sample]) -> tuple[list[Sample], list[Sample] | None]:
+    """(the samples as a client trains on them, the true ones where these differ): privacy.label_epsilon's answers."""
+    if not cfg.privacy.label_epsilon:
+        return samples, None
+    return randomized_answers(samples, load_task(cfg).candidate_sets, cfg.privacy.label_epsilon, cfg.data.seed), samples
 
 
 class RoundAudit:
@@ -145,20 +158,22 @@ class RoundAudit:
     def __init__(self, cfg: RunConfig, edge: NanoEdge, work: Workload, table: torch.Tensor, llm: ServerLLM | None = None) -> None:
         """`llm`: the server's LLM, for the label-private split's gradient attack (split.label_private)."""
         self.cfg, self.edge, self.work, self.table, self.llm = cfg, edge, work, table, llm
-        self.samples = [s for part in partitions(cfg) for s in part.train[: cfg.privacy.audit_samples]]
-        self.pool = _image_pool(cfg, self.samples, cfg.privacy.audit_pool)
+        samples = [s for part in partitions(cfg) for s in part.train[: cfg.privacy.audit_samples]]
+        self.pool = _image_pool(cfg, samples, cfg.privacy.audit_pool)
+        self.samples, self.truth = as_sent(cfg, samples)
 
     def __call__(self) -> dict[str, float]:
         with client_noise(self.edge, self.cfg):
-            found = audit(self.edge, self.work, self.table, self.samples, self.pool, self.cfg.split.wire_dtype, self.cfg.split.protocol)
+            found = audit(self.edge, self.work, self.table, self.samples, self.pool, self.cfg.split.wire_dtype, self.cfg.split.protocol,
+                          self.truth)
             if self.cfg.split.label_private and self.llm is not None:  # no labels in the clear: what the gradients give away
                 found.answer_tokens_in_clear = self.labels_read()
         return asdict(found)
 
     @torch.no_grad()
     def labels_read(self) -> float:
-        """The share of answer tokens the known-head attack reads from the label-private split's gradients (with the
-        clients' privacy.gradient_noise, a fixed seed)."""
+        """The share of answer tokens the known-head attack reads, and rightly, from the label-private split's gradients (with
+        the clients' privacy.gradient_noise, a fixed seed; under privacy.label_epsilon, only kept answers are right)."""
         batch, feats = self.work.train_batch(self.samples)
         embeds = as_received(self.edge.embed(batch.input_ids, feats), self.cfg.split.wire_dtype)
         targets = batch.labels[:, 1:].to(embeds.device)
@@ -172,7 +187,9 @@ class RoundAudit:
         if level:
             grad = noised_gradient(grad, level, torch.Generator(device=grad.device).manual_seed(self.cfg.data.seed))
         read = labels_from_gradients(hidden, grad, self.llm.head.weight.detach(), scale=1 / int(sel.sum()))
-        return float((read == targets[sel]).float().mean())
+        kept = torch.tensor([t.answer == s.answer for s, t in zip(self.samples, self.truth or self.samples, strict=True)],
+                            device=targets.device).unsqueeze(1).expand_as(targets)  # privacy.label_epsilon: a read is true if kept
+        return float(((read == targets[sel]) & kept[sel]).float().mean())
 
 
 @contextlib.contextmanager

@@ -10,16 +10,23 @@ and per typical token pair (ε times the median distance between two distinct ro
 
 The pure maths here is tested against hand-computed values; `TextNoise` is what a client's NanoEdge
 applies to its text positions (training, Fisher and evaluation frames alike).
+
+Also here: the DP accounts (Opacus's RDP accountant: DP-FedAvg's ε per round, DP-SGD's per-client ledger, the noise
+for a target ε) and randomized response on the answers a client trains with (`privacy.label_epsilon`, label DP).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
+import random
 import warnings
 from collections.abc import Iterator
 
 import torch
+
+from fednano.data.samples import DataError, Sample
 
 
 def metric_dp_noise(n: int, d: int, epsilon: float, generator: torch.Generator) -> torch.Tensor:
@@ -133,3 +140,35 @@ def worst_epsilon(ledgers: list[dict[str, dict]]) -> float:
     for led in ledgers:
         latest.update({pid: e["epsilon"] for pid, e in led.items()})
     return max(latest.values(), default=0.0)
+
+
+def keep_probability(epsilon: float, k: int) -> float:
+    """K-ary randomized response at ε: the true answer is kept with probability e^ε / (e^ε + K − 1)."""
+    return 1.0 if k <= 1 else math.exp(epsilon) / (math.exp(epsilon) + k - 1)
+
+
+def randomized_response(true: int, k: int, epsilon: float, rng: random.Random) -> int:
+    """One draw of K-ary randomized response (Warner 1965; label DP as in Ghazi et al., NeurIPS 2021): `true` with
+    probability keep_probability(ε, K), else one of the K − 1 others, uniformly. ε-label-DP: any answer is at most e^ε
+    times likelier under one true label than under another."""
+    if rng.random() < keep_probability(epsilon, k):
+        return true
+    other = rng.randrange(k - 1)
+    return other if other < true else other + 1
+
+
+def randomized_answers(samples: list[Sample], candidate_sets: dict[str, list[str]], epsilon: float, seed: int) -> list[Sample]:
+    """privacy.label_epsilon: each sample with its answer replaced by one randomized-response draw over its candidate
+    answers (the first n_choices for multiple choice), seeded by (seed, sample): the same draw in every round and
+    process, so the answer is released once and ε holds for the whole run. DataError names a sample whose answer is
+    not among its candidates."""
+    out = []
+    for s in samples:
+        cands = candidate_sets.get(s.candidates, [])
+        cands = cands[: s.n_choices] if s.n_choices else cands
+        if s.answer not in cands:
+            raise DataError(f"privacy.label_epsilon: sample {s.uid}'s answer {s.answer!r} is not among its {len(cands)} candidate "
+                            "answers; randomized response needs a closed answer set")
+        pick = randomized_response(cands.index(s.answer), len(cands), epsilon, random.Random(f"{seed}-label-{s.uid}"))
+        out.append(dataclasses.replace(s, answer=cands[pick]))
+    return out

@@ -141,3 +141,92 @@ def test_a_fednano_run_under_client_dp_merges_with_noised_fisher_weights(tiny_bu
     res = json.loads((out / "results.json").read_text())
     assert [r["dp_epsilon"] for r in res["rounds"]] == [pytest.approx(client_dp_epsilon(2.0 / 2**0.5, 1.0, r, 1e-5)) for r in (1, 2)]
     assert res["final"]["client_dp"]["noise_multiplier"] == 2.0 and all(r["aggregated"] for r in res["rounds"])
+
+
+def test_randomized_response_keeps_the_answer_with_its_stated_probability():
+    import math
+    import random
+
+    from fednano.privacy import keep_probability, randomized_response
+
+    assert keep_probability(math.log(3), 3) == pytest.approx(3 / 5)  # e^ε / (e^ε + K − 1)
+    assert keep_probability(0.0, 4) == pytest.approx(1 / 4) and keep_probability(5.0, 1) == 1.0
+    rng = random.Random(0)
+    draws = [randomized_response(1, 3, math.log(3), rng) for _ in range(30_000)]
+    shares = [draws.count(i) / len(draws) for i in range(3)]
+    assert shares == [pytest.approx(0.2, abs=0.01), pytest.approx(0.6, abs=0.01), pytest.approx(0.2, abs=0.01)]
+
+
+def test_randomized_answers_are_drawn_once_per_sample_from_its_own_candidates():
+    from fednano.data.samples import DataError, Sample
+    from fednano.privacy import randomized_answers
+
+    sets = {"answers": ["red", "blue", "green", "circle"], "mc": ["A", "B", "C", "D"]}
+    samples = [Sample(f"s{i}", "q", "red") for i in range(200)]
+    samples += [Sample(f"m{i}", "q", "B", candidates="mc", n_choices=2) for i in range(50)]
+    once = randomized_answers(samples, sets, 0.5, seed=3)
+    assert once == randomized_answers(samples, sets, 0.5, seed=3)  # every round and process draws the same
+    assert once != randomized_answers(samples, sets, 0.5, seed=4)
+    kept = sum(s.answer == "red" for s in once[:200]) / 200
+    assert kept == pytest.approx(keep_probability_of(0.5, 4), abs=0.08) and {s.answer for s in once[:200]} <= set(sets["answers"])
+    assert {s.answer for s in once[200:]} <= {"A", "B"}  # multiple choice: only its own choices
+    assert [s.uid for s in once] == [s.uid for s in samples] and randomized_answers(samples[:5], sets, 50.0, 0) == samples[:5]
+    with pytest.raises(DataError, match="privacy.label_epsilon: sample x's answer 'square'"):
+        randomized_answers([Sample("x", "q", "square")], sets, 1.0, 0)
+
+
+def keep_probability_of(eps: float, k: int) -> float:
+    from fednano.privacy import keep_probability
+
+    return keep_probability(eps, k)
+
+
+def test_label_dp_is_refused_for_centralized_and_below_zero():
+    from fednano.methods.registry import METHODS
+
+    with pytest.raises(ConfigError, match="privacy.label_epsilon: 'centralized'"):
+        METHODS["centralized"].check(load_config(TINY, {"privacy.label_epsilon": 1.0, "federation.strategy": "centralized"}))
+    with pytest.raises(ConfigError, match="privacy.label_epsilon"):
+        load_config(TINY, {"privacy.label_epsilon": -1.0})
+
+
+def test_under_label_dp_the_audit_reads_only_the_answers_randomized_response_kept(tiny_bundle, tiny_cache, tmp_path):
+    """A real run: clients train on randomized answers; the audit's server reads the labels in the clear, and only the kept
+    ones are right (ε = 0.1 over easy-vqa's answer set keeps few)."""
+    out = tmp_path / "run"
+    sets = ["privacy.audit=true", "privacy.audit_samples=8", "privacy.audit_pool=20", 'split.protocol="activations"', "federation.rounds=1",
+            "privacy.label_epsilon=0.1"]
+    proc = run_tiny(tiny_cache, out, *sets)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    cfg = load_config(TINY, {"privacy.label_epsilon": 0.1})
+    from fednano.data import load_task
+    from fednano.data.partition import partitions
+    from fednano.privacy import randomized_answers
+
+    task = load_task(cfg)
+    truth = [s for part in partitions(cfg) for s in part.train[:8]]
+    sent = randomized_answers(truth, task.candidate_sets, 0.1, cfg.data.seed)
+    assert 0 < sum(s.answer == t.answer for s, t in zip(sent, truth, strict=True)) < len(truth)  # some kept, some not
+    read = res["zero_shot_leakage"]["answer_tokens_in_clear"]
+    assert 0 < read < 1 and res["rounds"][0]["leakage"]["answer_tokens_in_clear"] == read
+    k = max(len(c) for c in task.candidate_sets.values())
+    assert res["privacy"] == {"label_epsilon": 0.1, "largest_answer_set": k,
+                              "label_keep_probability": pytest.approx(keep_probability_of(0.1, k))}
+
+
+def test_a_clients_job_trains_on_the_randomized_answers_and_tests_on_the_true_ones():
+    from types import SimpleNamespace
+
+    from fednano.data import load_task
+    from fednano.data.partition import client_data
+    from fednano.privacy import randomized_answers
+    from fednano.runtime.client import ClientJob
+
+    cfg = load_config(TINY, {"privacy.label_epsilon": 0.5})
+    task, data = load_task(cfg), client_data(cfg, 0)
+    rt = SimpleNamespace(cfg=cfg, edge=SimpleNamespace(text_noise=None), split=None, task=task)
+    jobs = [ClientJob(rt, data, 0, rnd) for rnd in (1, 2)]  # type: ignore[arg-type]
+    want = randomized_answers(data.train, task.candidate_sets, 0.5, cfg.data.seed)
+    assert jobs[0].data.train == jobs[1].data.train == want and want != data.train  # the same draw in every round
+    assert jobs[0].data.test == data.test

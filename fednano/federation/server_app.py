@@ -29,7 +29,7 @@ from fednano.federation.strategy import ClientOutcome, FedNanoStrategy
 from fednano.leakage import RoundAudit, plot_leakage
 from fednano.methods.registry import client_dp_noise, expected_clients, method_of
 from fednano.metrics import GENERATED, by_category, merge_reports
-from fednano.privacy import client_dp_epsilon, dp_sgd_ledger, embedding_privacy, worst_epsilon
+from fednano.privacy import client_dp_epsilon, dp_sgd_ledger, embedding_privacy, keep_probability, worst_epsilon
 from fednano.progress import progress_bar
 from fednano.runtime.server import ServerSide
 
@@ -164,14 +164,25 @@ class ServerRun:
         self.strategy.summary()
         if saved is None and not self.cfg.data.server_test:  # the server holds no test set: the clients score it
             self._zero_shot(self.evaluate(0).report)
-        if saved is None and self.cfg.privacy.embedding_noise:
-            noise = embedding_privacy(self.cfg.privacy.embedding_noise, self.side.edge.embed_tokens.weight.detach())
-            log.info("privacy.embedding_noise=%g: metric LDP with epsilon %.4g per unit distance, %.3g for a typical pair of tokens",
-                     noise["embedding_noise"], noise["epsilon_per_unit_distance"], noise["epsilon_typical_token_pair"])
-            self.recorder.set(privacy=noise)
+        if saved is None and (self.cfg.privacy.embedding_noise or self.cfg.privacy.label_epsilon):
+            self.recorder.set(privacy=self._local_privacy())
         if saved is None and self.audit is not None:
             self.recorder.set(zero_shot_leakage=self.audited(0))
         return 1 if saved is None else saved[0] + 1
+
+    def _local_privacy(self) -> dict[str, float]:
+        """results.json `privacy`: what the clients' own noise guarantees (privacy.embedding_noise, privacy.label_epsilon)."""
+        p, out = self.cfg.privacy, {}
+        if p.embedding_noise:
+            out = embedding_privacy(p.embedding_noise, self.side.edge.embed_tokens.weight.detach())
+            log.info("privacy.embedding_noise=%g: metric LDP with epsilon %.4g per unit distance, %.3g for a typical pair of tokens",
+                     out["embedding_noise"], out["epsilon_per_unit_distance"], out["epsilon_typical_token_pair"])
+        if p.label_epsilon:
+            k = max((len(c) for c in self.side.task.candidate_sets.values()), default=0) if self.side.task else 0  # 0: unknown here
+            out |= {"label_epsilon": p.label_epsilon, "largest_answer_set": k} | (
+                {"label_keep_probability": keep_probability(p.label_epsilon, k)} if k else {})
+            log.info("privacy.label_epsilon=%g: randomized response on every client's answers (largest answer set: %d)", p.label_epsilon, k)
+        return out
 
     def _auditor(self) -> RoundAudit:
         """privacy.audit's attacks, for methods whose clients send their NanoEdge's output through the split channel."""

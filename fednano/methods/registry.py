@@ -68,6 +68,9 @@ class Method:
             raise ConfigError(f"privacy.client_dp: {self.name!r} is neither a FedAvg-family nor a Fisher-merging federated method "
                               "(client-level DP needs one global merge of client updates; merging products under DP is not built): "
                               "use fednano, fednano-ef, fednano-ffa, fedavg, fedprox, fedadam, fedyogi or fedit-lora")
+        if cfg.privacy.label_epsilon and self.topology.kind == "centralized":
+            raise ConfigError("privacy.label_epsilon: 'centralized' pools every client's data, answers included, on the server; "
+                              "randomized response protects what a client sends")
         if cfg.privacy.dp_sgd and (self.trains.in_llm or self.trains.personal):
             raise ConfigError(f"privacy.dp_sgd: {self.name!r} trains LoRA inside a whole LLM; DP-SGD is built for the NanoAdapters "
                               "(per-sample gradients in closed form): use a NanoEdge method")

@@ -24,7 +24,7 @@ from fednano.data import load_task
 from fednano.data.partition import ClientData
 from fednano.data.samples import Task
 from fednano.devices import resolve_device
-from fednano.privacy import TextNoise, metric_epsilon
+from fednano.privacy import TextNoise, metric_epsilon, randomized_answers
 from fednano.split.client import SplitClient
 from fednano.split.label_private import LabelPrivateClient
 
@@ -80,6 +80,9 @@ class ClientJob:
             self.rt.edge.text_noise.reseed(seed)
         if isinstance(self.rt.split, LabelPrivateClient):  # privacy.gradient_noise: likewise
             self.rt.split.reseed(seed)
+        if self.cfg.privacy.label_epsilon:  # label DP: the client trains (and takes its Fisher) on randomized answers only
+            train = randomized_answers(self.data.train, self.rt.task.candidate_sets, self.cfg.privacy.label_epsilon, self.cfg.data.seed)
+            self.data = ClientData(train, self.data.test)
 
     @property
     def cfg(self) -> RunConfig:
