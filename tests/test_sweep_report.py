@@ -464,3 +464,25 @@ def test_the_rule_for_when_a_validation_curve_has_flattened() -> None:
     assert cv.flattened_round(curve, tolerance=0.03) == 6  # 0.82 is within 0.03 of 0.80
     assert cv.flattened_round(curve[:6]) is None  # r=2 fails, and no later round has 10 rounds scored after it
     assert cv.flattened_round([]) is None
+
+
+def test_privacy_settings_name_their_own_rows_and_are_paired_against_the_plain_method(tmp_path):
+    """A DP table's sweeps land in one report: each privacy level is a row of its own (no mixing note), paired with the
+    non-private baseline seed by seed."""
+    assert rp.privacy_label({}) == "" and rp.privacy_label({"client_dp": False, "noise_multiplier": 1.0}) == ""
+    assert rp.privacy_label({"dp_sgd": True, "target_epsilon": 8.0}) == "DP-SGD ε=8"
+    assert rp.privacy_label({"client_dp": True, "target_epsilon": 0.0, "noise_multiplier": 1.5}) == "client DP σ=1.5"
+    assert rp.privacy_label({"label_epsilon": 2.0, "embedding_noise": 5.0}) == "label DP ε=2, text noise 5"
+    for seed in (0, 1):
+        for name, privacy, acc in (("plain", {}, 0.7), ("sgd8", {"dp_sgd": True, "target_epsilon": 8.0}, 0.5)):
+            res = fake_results("fednano", 1.0, 100, seed, [0.4, acc + 0.01 * seed])
+            res["config"]["privacy"].update(privacy)
+            d = tmp_path / name / f"s{seed}"
+            d.mkdir(parents=True)
+            (d / "results.json").write_text(json.dumps(res))
+    runs, _, _ = rp.load_runs([tmp_path])
+    cells = rp.summarize(runs)
+    assert [c.method for c in cells] == ["fednano", "fednano (DP-SGD ε=8)"]
+    assert not rp.config_notes(runs)  # the privacy settings are the rows, not a mixed cell
+    paired = rp.paired_difference(cells[0], cells[1])
+    assert paired.mean == pytest.approx(0.2) and paired.n == 2

@@ -41,7 +41,9 @@ GRID_FIELDS = {
     ("federation", "seed"),
     ("model", "cache_dir"),
 }
-
+# Privacy fields that name a run's row (privacy_label): runs that differ in them are different rows, not a mixed table.
+LABELLED = {("privacy", k) for k in ("client_dp", "dp_sgd", "target_epsilon", "noise_multiplier", "label_epsilon", "embedding_noise",
+                                     "gradient_noise")}
 
 # --------------------------------------------------------------------------- runs
 
@@ -61,7 +63,10 @@ class Run:
 
     @property
     def method(self) -> str:
-        return str(self._cfg("federation", "strategy", "?"))
+        """The method's name, with its privacy settings when it has any (so that each level is a row of its own)."""
+        base = str(self._cfg("federation", "strategy", "?"))
+        label = privacy_label(self.config.get("privacy") or {})
+        return f"{base} ({label})" if label else base
 
     @property
     def alpha(self) -> float:
@@ -89,6 +94,18 @@ class Run:
     def rounds(self) -> list[dict[str, Any]]:
         r = self.results.get("rounds")
         return [x for x in r if isinstance(x, dict)] if isinstance(r, list) else []
+
+
+def privacy_label(p: dict[str, Any]) -> str:
+    """A run's privacy settings in a few words ("" without any): DP kind and its ε target (or σ), label-DP ε, noise levels."""
+    def eps() -> str:
+        return f"ε={p['target_epsilon']:g}" if p.get("target_epsilon") else f"σ={p.get('noise_multiplier', 0):g}"
+
+    parts = [f"client DP {eps()}" if p.get("client_dp") else "", f"DP-SGD {eps()}" if p.get("dp_sgd") else "",
+             f"label DP ε={p['label_epsilon']:g}" if p.get("label_epsilon") else "",
+             f"text noise {p['embedding_noise']:g}" if p.get("embedding_noise") else "",
+             f"gradient noise {p['gradient_noise']:g}" if p.get("gradient_noise") else ""]
+    return ", ".join(x for x in parts if x)
 
 
 def find_results(dirs: Iterable[Path]) -> list[Path]:
@@ -165,7 +182,9 @@ def local_accuracy(results: dict[str, Any]) -> float | None:
 
 
 def method_key(method: str) -> tuple[int, str]:
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER), method)
+    """Rows in registry order; a method's privacy variants ("fednano (DP-SGD ε=8)") right after it."""
+    base = method.split(" (")[0]
+    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
 @dataclass
@@ -637,7 +656,7 @@ def config_notes(runs: Sequence[Run]) -> list[str]:
     notes = []
     for key, vs in sorted(values.items()):
         missing = any(key not in _flat_config(r.config) for r in runs)
-        if key not in GRID_FIELDS and (len(vs) > 1 or missing):
+        if key not in GRID_FIELDS and key not in LABELLED and (len(vs) > 1 or missing):
             notes.append(
                 f"runs differ in {key[0]}.{key[1]} ({', '.join(sorted(vs))}{', missing in some' if missing else ''}): the table mixes them"
             )
