@@ -82,7 +82,7 @@ def test_every_shipped_config_is_valid():
 def test_every_shipped_sweep_is_valid():
     from fednano.experiments.sweep import load_sweep
 
-    files = sorted((ROOT / "configs" / "sweeps").glob("*.toml"))
+    files = sorted((ROOT / "configs" / "sweeps").rglob("*.toml"))
     assert {f.name for f in files} >= {"example.toml", "bench.toml"}
     for f in files:
         assert load_sweep(f).points  # every grid point's run config validates

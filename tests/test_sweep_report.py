@@ -261,6 +261,40 @@ def test_load_sweep_points_and_validation(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "error:" in r.output and "alpha=-1.0" in r.output and not out.exists()
 
 
+VARIANTS = (
+    '[[grid]]\nmethods = ["fednano"]\nseeds = [0]\n'
+    '[[grid]]\nvariant = "noise-5"\nmethods = ["fednano"]\nseeds = [0]\n'
+    '[grid.set]\n"split.protocol" = "activations"\n"privacy.embedding_noise" = 5.0\n'
+    '[[grid]]\nvariant = "noise-5"\nmethods = ["fednano"]\nseeds = [1]\n'
+    '[grid.set]\n"split.protocol" = "activations"\n"privacy.embedding_noise" = 5.0\n'
+)
+
+
+def test_a_sweep_grid_may_be_a_named_variant_with_settings_of_its_own(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    s = sw.load_sweep(sweep_file(tmp_path, out, VARIANTS))
+    assert [p.name for p in s.points] == ["fednano/a1.0-c2-s0", "noise-5/fednano/a1.0-c2-s0", "noise-5/fednano/a1.0-c2-s1"]
+    plain, noisy, _ = s.points
+    assert plain.run_dir == out / "fednano" / "a1.0-c2-s0" and noisy.run_dir == out / "noise-5" / "fednano" / "a1.0-c2-s0"
+    assert (plain.cfg.privacy.embedding_noise, plain.cfg.split.protocol) == (0.0, load_config(TINY).split.protocol)
+    assert (noisy.cfg.privacy.embedding_noise, noisy.cfg.split.protocol, noisy.cfg.federation.rounds) == (5.0, "activations", 1)
+    assert sw.archived(sw.Sweep(s.source, None, out, {}, archive=tmp_path / "arch"), noisy) == tmp_path / "arch" / "noise-5" / "fednano" / "a1.0-c2-s0"
+
+    def refused(grids: str, match: str) -> None:
+        with pytest.raises(ConfigError, match=match):
+            sw.load_sweep(sweep_file(tmp_path, out, grids))
+
+    refused('[[grid]]\n[grid.set]\n"train.local_steps" = 3\n', r"grid #1: a grid with its own `set` needs a `variant`")
+    refused('[[grid]]\nvariant = "x"\n[grid.set]\n"data.seed" = 3\n', r"grid #1: set key 'data.seed' is a grid axis; use the grid's seeds")
+    refused('[[grid]]\nvariant = "x"\n[grid.set]\n"data.num_clients" = 3\n', r"grid's num_clients list")
+    refused('[[grid]]\nvariant = "x"\n[grid.set]\n"federation.strategy" = "fedavg"\n', r"grid's methods list")
+    refused('[[grid]]\nvariant = "../up"\n', r"grid #1: variant must be a folder name")
+    refused('[[grid]]\nvariant = "x"\n[grid.set]\n"train.nope" = 3\n', r"grid #1: base config with \[sweep.set\] and the grid's set.*train\.nope")
+    refused('[[grid]]\nvariant = "x"\n[grid.set]\n"privacy.embedding_noise" = 5.0\n', r"grid #1.*privacy\.embedding_noise")
+    refused('[[grid]]\nvariant = "x"\n[grid.set]\n"train.local_steps" = 3\n[[grid]]\nvariant = "x"\n[grid.set]\n"train.local_steps" = 4\n',
+            r"grid #2: variant 'x' is set differently by an earlier grid")
+
+
 def test_dry_run_plans_skip_resume_and_refuses_a_changed_config(tmp_path: Path) -> None:
     out = tmp_path / "out"
     path = sweep_file(tmp_path, out, GRID)
@@ -486,3 +520,47 @@ def test_privacy_settings_name_their_own_rows_and_are_paired_against_the_plain_m
     assert not rp.config_notes(runs)  # the privacy settings are the rows, not a mixed cell
     paired = rp.paired_difference(cells[0], cells[1])
     assert paired.mean == pytest.approx(0.2) and paired.n == 2
+
+
+def test_the_privacy_table_reads_leakage_epsilon_and_paired_cost_from_the_runs(tmp_path):
+    """privacy.md: each privacy setting a row with what the server read at the last audited round, the ε spent, the
+    accuracy and its paired cost against the plain method; written only when a run has a privacy setting or an audit."""
+    from fednano.experiments import privacy_report as pr
+
+    leak = {"text_tokens_recovered": 1.0, "text_tokens": 40, "answer_tokens_in_clear": 1.0, "answer_tokens": 10,
+            "image_top1": 1.0, "images": 8, "image_pool": 20}
+    settings = (("plain", {}, {}, 0.70, 1.0), ("noise", {"embedding_noise": 10.0}, {}, 0.60, 0.25),
+                ("sgd", {"dp_sgd": True, "target_epsilon": 8.0}, {"dp_epsilon": 7.9}, 0.50, 1.0))
+    for seed in (0, 1):
+        for name, privacy, extra, acc, text in settings:
+            res = fake_results("fednano", 1.0, 5, seed, [0.4, 0.5, acc - 0.02 * seed],
+                               extra_round={"leakage": {**leak, "text_tokens_recovered": text}, **extra})
+            res["rounds"][0]["leakage"] = leak  # round 1 leaked everything; the table reads the last audited round
+            res["config"]["privacy"].update(privacy)
+            d = tmp_path / name / f"s{seed}"
+            d.mkdir(parents=True)
+            (d / "results.json").write_text(json.dumps(res))
+    runs, _, _ = rp.load_runs([tmp_path])
+    rows = {r["method"]: r for r in pr.privacy_rows(runs)}
+    assert list(rows) == ["fednano", "fednano (DP-SGD ε=8)", "fednano (text noise 10)"]
+    noise, sgd, plain = rows["fednano (text noise 10)"], rows["fednano (DP-SGD ε=8)"], rows["fednano"]
+    assert noise["text_tokens_recovered"] == 0.25 and noise["answer_tokens_in_clear"] == 1.0 and noise["epsilon"] is None
+    assert sgd["epsilon"] == pytest.approx(7.9) and plain["paired"] is None
+    assert noise["paired"].mean == pytest.approx(0.10) and noise["paired"].n == 2 and noise["paired"].wins == 2
+    assert noise["accuracy"] == pytest.approx(0.59) and noise["mib_per_round"] == pytest.approx(8.0)
+    md = pr.privacy_markdown(list(rows.values()))
+    line = next(x for x in md.splitlines() if x.startswith("| fednano (text noise 10)"))
+    assert "| 0.250 | 1.000 | 1.000 | — | 59.0 ± 1.4 | +10.0 [+10.0, +10.0] (2/2) | 8.00 |" in line
+    assert "7.90" in next(x for x in md.splitlines() if x.startswith("| fednano (DP-SGD"))
+    table = list(csv.DictReader(io.StringIO(pr.privacy_csv(list(rows.values())))))
+    assert float(table[2]["plain_minus_this"]) == pytest.approx(0.10) and table[0]["plain_minus_this"] == ""
+
+    rep_dir = tmp_path / "report"
+    publish.build_report([tmp_path], rep_dir)
+    assert "text noise 10" in (rep_dir / "privacy.md").read_text() and (rep_dir / "privacy.csv").is_file()
+    plain_only = [r for r in runs if r.method == "fednano"]
+    for r in plain_only:
+        for rnd in r.results["rounds"]:
+            rnd.pop("leakage")
+    assert pr.privacy_rows(plain_only) == []  # no setting, no audit: no privacy table
+    assert rp.privacy_label({}, {"label_private": True}) == "label-private"

@@ -16,6 +16,9 @@
 - `accuracy_vs_bytes.png`: the same score against the cumulative MiB moved (log scale).
 - `cost.md` / `cost.csv`: per method, what a client holds, what it uploads, split traffic per step,
   MiB per round and server / client / wall time per round ("—" / empty: not recorded).
+- `privacy.md` / `privacy.csv` (when a run has a privacy setting or an audit): per method and privacy setting,
+  what the server read at the last audited round, the ε spent, the accuracy and its paired cost against the
+  plain method, MiB and seconds per round (fednano/experiments/privacy_report.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fednano.experiments.convergence import convergence, convergence_csv, convergence_markdown, plot_convergence
+from fednano.experiments.privacy_report import privacy_csv, privacy_markdown, privacy_rows
 from fednano.experiments.report import (
     accuracy_table,
     config_notes,
@@ -39,6 +43,14 @@ from fednano.experiments.report import (
     plot_curves,
     summarize,
     table_csv,
+)
+
+PRIVACY_LEGEND = (
+    "Leakage: shares the server recovered at the last audited round (privacy.audit; mean over runs; — without an audit): "
+    "text tokens by the nearest embedding row, answer tokens in the clear or by the gradient attack (label-private), "
+    "images by top-1 retrieval. ε spent: (ε, δ = privacy.delta) after the last round (DP-SGD: the client that spent "
+    "most). plain − this: the same method without privacy settings minus this row, seed by seed, mean [95 % interval] "
+    "(seeds where plain was higher / seeds compared)."
 )
 
 
@@ -113,6 +125,11 @@ def build_report(dirs: Sequence[Path], out: Path, baseline: str = "fednano", tar
              "convergence.csv": convergence_csv(conv)}
     if has_base:
         texts["paired.csv"] = paired_csv(cells, baseline)
+    private = privacy_rows(finished)
+    if private:
+        texts["privacy.md"] = (f"## What the server read, and what each privacy setting cost\n\n{privacy_markdown(private)}\n\n"
+                               f"{PRIVACY_LEGEND}\n")
+        texts["privacy.csv"] = privacy_csv(private)
     for name, text in texts.items():
         (out / name).write_text(text)
     plots = {"curves.png": plot_curves, "accuracy_vs_bytes.png": plot_accuracy_vs_bytes}

@@ -43,7 +43,7 @@ GRID_FIELDS = {
 }
 # Privacy fields that name a run's row (privacy_label): runs that differ in them are different rows, not a mixed table.
 LABELLED = {("privacy", k) for k in ("client_dp", "dp_sgd", "target_epsilon", "noise_multiplier", "label_epsilon", "embedding_noise",
-                                     "gradient_noise")}
+                                     "gradient_noise")} | {("split", "label_private")}
 
 # --------------------------------------------------------------------------- runs
 
@@ -65,7 +65,7 @@ class Run:
     def method(self) -> str:
         """The method's name, with its privacy settings when it has any (so that each level is a row of its own)."""
         base = str(self._cfg("federation", "strategy", "?"))
-        label = privacy_label(self.config.get("privacy") or {})
+        label = privacy_label(self.config.get("privacy") or {}, self.config.get("split") or {})
         return f"{base} ({label})" if label else base
 
     @property
@@ -96,12 +96,14 @@ class Run:
         return [x for x in r if isinstance(x, dict)] if isinstance(r, list) else []
 
 
-def privacy_label(p: dict[str, Any]) -> str:
-    """A run's privacy settings in a few words ("" without any): DP kind and its ε target (or σ), label-DP ε, noise levels."""
+def privacy_label(p: dict[str, Any], split: dict[str, Any] | None = None) -> str:
+    """A run's privacy settings in a few words ("" without any): the label-private split, DP kind and its ε target (or σ),
+    label-DP ε, noise levels."""
     def eps() -> str:
         return f"ε={p['target_epsilon']:g}" if p.get("target_epsilon") else f"σ={p.get('noise_multiplier', 0):g}"
 
-    parts = [f"client DP {eps()}" if p.get("client_dp") else "", f"DP-SGD {eps()}" if p.get("dp_sgd") else "",
+    parts = ["label-private" if (split or {}).get("label_private") else "",
+             f"client DP {eps()}" if p.get("client_dp") else "", f"DP-SGD {eps()}" if p.get("dp_sgd") else "",
              f"label DP ε={p['label_epsilon']:g}" if p.get("label_epsilon") else "",
              f"text noise {p['embedding_noise']:g}" if p.get("embedding_noise") else "",
              f"gradient noise {p['gradient_noise']:g}" if p.get("gradient_noise") else ""]

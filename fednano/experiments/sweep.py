@@ -16,11 +16,16 @@ SWEEP.toml::
     alphas = [0.1, 1.0, 5.0]                  # data.dirichlet_alpha
     num_clients = [5]                         # data.num_clients
     seeds = [0, 1, 2]                         # data.seed AND federation.seed
+    [[grid]]                                  # a variant: a grid with settings of its own
+    variant = "text-noise-5"                  # names its runs' folder: <output>/<variant>/<method>/...
+    methods = ["fednano"]
+    [grid.set]                                # overrides for this grid's runs only (after [sweep.set])
+    "privacy.embedding_noise" = 5.0
 
 A key left out of a grid takes its single value from the base config (after
-`[sweep.set]`); grid values override `[sweep.set]`. Each point runs in
-`<output>/<method>/a<alpha>-c<clients>-s<seed>` (e.g. `fednano/a0.1-c5-s0`); a point
-listed by several grids runs once.
+`[sweep.set]` and the grid's `set`); grid values override both. Each point runs in
+`<output>/<method>/a<alpha>-c<clients>-s<seed>` (e.g. `fednano/a0.1-c5-s0`), or
+`<output>/<variant>/<method>/...` in a variant; a point listed by several grids runs once.
 
 Every point's config is built and validated before anything runs. A folder whose
 `results.json` has a non-empty `final` is skipped; one with completed rounds but
@@ -49,6 +54,9 @@ from fednano.config import ConfigError, RunConfig, load_config, read_toml, same_
 from fednano.io import atomic_write_text
 
 GRID_KEYS = {"methods": "federation.strategy", "alphas": "data.dirichlet_alpha", "num_clients": "data.num_clients", "seeds": "data.seed"}
+GRID_EXTRA = ("variant", "set")  # a grid's own settings, named by its variant
+AXIS_FIELDS = {*GRID_KEYS.values(), "federation.seed"}  # set by the grid's axes, never by a `set`
+VARIANT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 SWEEP_KEYS = ("base_config", "output", "set", "archive")
 ARCHIVED = ("results.json", "config.toml", "sweep-config.toml", "table.md")  # what a finished run leaves in the archive: no tensors
 
@@ -63,6 +71,7 @@ class Point:
     seed: int
     cfg: RunConfig
     run_dir: Path
+    variant: str = ""  # the grid's variant ("" for a plain grid)
     action: str = "run"  # run | resume | skip
     status: str = "pending"  # pending | done | skipped | failed
     accuracy: float | None = None
@@ -72,11 +81,12 @@ class Point:
 
     @property
     def name(self) -> str:
-        return f"{self.method}/{run_dir_name(self.alpha, self.clients, self.seed)}"
+        return f"{self.variant + '/' if self.variant else ''}{self.method}/{run_dir_name(self.alpha, self.clients, self.seed)}"
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "method": self.method,
+            "variant": self.variant,
             "alpha": self.alpha,
             "clients": self.clients,
             "seed": self.seed,
@@ -132,15 +142,44 @@ def load_sweep(path: Path) -> Sweep:
     grids = data.get("grid")
     if not isinstance(grids, list) or not grids:
         raise ConfigError(f"{path}: needs at least one [[grid]] table")
-    defaults = _grid_defaults(sweep)
-    seen: set[tuple] = set()
+    seen: dict[tuple, dict[str, Any]] = {}
     for gi, grid in enumerate(grids, 1):
-        for method, alpha, clients, seed in _grid_points(f"{path}: grid #{gi}", grid, defaults):
-            key = (method, float(alpha), clients, seed)
-            if key not in seen:
-                seen.add(key)
-                sweep.points.append(_point(sweep, f"{path}: grid #{gi}", method, alpha, clients, seed))
+        where = f"{path}: grid #{gi}"
+        variant, sets = _grid_variant(where, grid)
+        defaults = _grid_defaults(sweep, sets, where if variant else None)
+        for method, alpha, clients, seed in _grid_points(where, grid, defaults):
+            key = (variant, method, float(alpha), clients, seed)
+            if key in seen:
+                if seen[key] != sets:
+                    raise ConfigError(f"{where}: variant {variant!r} is set differently by an earlier grid; one variant, one setting")
+                continue
+            seen[key] = sets
+            sweep.points.append(_point(sweep, where, method, alpha, clients, seed, variant, sets))
     return sweep
+
+
+def _grid_variant(where: str, grid: Any) -> tuple[str, dict[str, Any]]:
+    """A grid's variant name and its own overrides ("", {} for a plain grid); checked."""
+    if not isinstance(grid, dict):
+        raise ConfigError(f"{where}: must be a table")
+    variant, sets = grid.get("variant", ""), grid.get("set", {})
+    if not isinstance(variant, str) or not set(variant) <= VARIANT_CHARS or variant in (".", ".."):
+        raise ConfigError(f"{where}: variant must be a folder name (letters, digits, '.', '_', '-'), not {variant!r}")
+    if not isinstance(sets, dict):
+        raise ConfigError(f"{where}: [grid.set] must be a table")
+    sets = _flatten(sets)
+    if sets and not variant:
+        raise ConfigError(f"{where}: a grid with its own `set` needs a `variant` name (its runs' folder)")
+    for key in sets:
+        if key.count(".") != 1:
+            raise ConfigError(f"{where}: set key {key!r}: expected \"section.field\"")
+        if key in AXIS_FIELDS:
+            raise ConfigError(f"{where}: set key {key!r} is a grid axis; use the grid's {_axis_of(key)} list")
+    return variant, sets
+
+
+def _axis_of(field_name: str) -> str:
+    return next((k for k, v in GRID_KEYS.items() if v == field_name), "seeds")
 
 
 def _sweep_table(path: Path, table: Any) -> Sweep:
@@ -204,12 +243,13 @@ def archive_run(sweep: Sweep, p: Point) -> None:
             shutil.copy2(p.run_dir / name, dst / name)
 
 
-def _grid_defaults(sweep: Sweep) -> dict[str, Any]:
-    """A grid axis left out takes its one value from the base config (after [sweep.set])."""
+def _grid_defaults(sweep: Sweep, sets: dict[str, Any] | None = None, where: str | None = None) -> dict[str, Any]:
+    """A grid axis left out takes its one value from the base config (after [sweep.set] and the grid's own `set`)."""
     try:
-        base = load_config(sweep.base_config, dict(sweep.overrides))
+        base = load_config(sweep.base_config, {**sweep.overrides, **(sets or {})})
     except ConfigError as e:
-        raise ConfigError(f"{sweep.source}: base config with [sweep.set]: {e}") from None
+        what = f"{where}: base config with [sweep.set] and the grid's set" if where else f"{sweep.source}: base config with [sweep.set]"
+        raise ConfigError(f"{what}: {e}") from None
     if base.model.random_init:
         raise ConfigError(f"{sweep.source}: model.random_init: a sweep compares accuracies, which random weights do not have")
     return {"methods": base.federation.strategy, "alphas": base.data.dirichlet_alpha, "num_clients": base.data.num_clients,
@@ -220,9 +260,9 @@ def _grid_points(where: str, grid: Any, defaults: dict[str, Any]) -> list[tuple[
     """Every (method, alpha, clients, seed) of one [[grid]] table, each value checked."""
     if not isinstance(grid, dict):
         raise ConfigError(f"{where}: must be a table")
-    bad = set(grid) - set(GRID_KEYS)
+    bad = set(grid) - set(GRID_KEYS) - set(GRID_EXTRA)
     if bad:
-        raise ConfigError(f"{where}: unknown key(s) {sorted(bad)}; known: {list(GRID_KEYS)}")
+        raise ConfigError(f"{where}: unknown key(s) {sorted(bad)}; known: {[*GRID_KEYS, *GRID_EXTRA]}")
     axes = {k: _as_list(grid[k], f"{where}: {k}") if k in grid else [defaults[k]] for k in GRID_KEYS}
     points = [(m, a, c, s) for m in axes["methods"] for a in axes["alphas"] for c in axes["num_clients"] for s in axes["seeds"]]
     for method, alpha, clients, seed in points:
@@ -237,15 +277,17 @@ def _grid_points(where: str, grid: Any, defaults: dict[str, Any]) -> list[tuple[
     return points
 
 
-def _point(sweep: Sweep, where: str, method: str, alpha: float, clients: int, seed: int) -> Point:
+def _point(sweep: Sweep, where: str, method: str, alpha: float, clients: int, seed: int, variant: str = "",
+           sets: dict[str, Any] | None = None) -> Point:
     """One grid point's validated config and folder."""
-    overrides = {**sweep.overrides, "federation.strategy": method, "data.dirichlet_alpha": float(alpha), "data.num_clients": clients,
-                 "data.seed": seed, "federation.seed": seed}
+    overrides = {**sweep.overrides, **(sets or {}), "federation.strategy": method, "data.dirichlet_alpha": float(alpha),
+                 "data.num_clients": clients, "data.seed": seed, "federation.seed": seed}
     try:
         cfg = load_config(sweep.base_config, overrides)
     except ConfigError as e:
         raise ConfigError(f"{where}, point (method={method!r}, alpha={alpha!r}, num_clients={clients!r}, seed={seed!r}): {e}") from None
-    return Point(method, float(alpha), clients, seed, cfg, sweep.output / method / run_dir_name(alpha, clients, seed))
+    folder = sweep.output / variant if variant else sweep.output
+    return Point(method, float(alpha), clients, seed, cfg, folder / method / run_dir_name(alpha, clients, seed), variant)
 
 
 def _normalised(d: Any) -> Any:
