@@ -90,7 +90,7 @@ def _row(cell: Cell, members: Sequence[Run], plain: Cell | None) -> dict[str, An
     row: dict[str, Any] = {"method": cell.method, "alpha": cell.alpha, "clients": cell.clients, "runs": cell.n,
                            "audited": sum(v is not None for v in leaks)}
     for key, _ in LEAKS:
-        row[key] = mean(v[key] for v in leaks if v is not None)
+        row[key] = mean(v.get(key) for v in leaks if v is not None)
     row["epsilon"] = mean(spent_epsilon(r.results) for r in members)
     row["accuracy"], row["accuracy_std"] = acc, sd
     row["paired"] = paired_difference(plain, cell) if plain is not None and plain is not cell else None
