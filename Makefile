@@ -44,8 +44,11 @@ endif
 
 setup: $(STAMP)
 
-run: setup  ## the default federated experiment (smol MLLM, easy-vqa, 5 clients, alpha=1, fednano)
-	$(VENV)/bin/fednano run --config configs/default.toml --output results/default
+RESULTS ?= results/default
+ARGS ?=
+
+run: setup  ## the default federated experiment (smol MLLM, easy-vqa, 5 clients, alpha=1, fednano); a variant: RESULTS=DIR ARGS="--set section.field=value ..."
+	$(VENV)/bin/fednano run --config configs/default.toml --output $(RESULTS) $(ARGS)
 
 test: setup  ## the whole test suite
 	$(PY) -m pytest
