@@ -278,7 +278,8 @@ def test_a_sweep_grid_may_be_a_named_variant_with_settings_of_its_own(tmp_path: 
     assert plain.run_dir == out / "fednano" / "a1.0-c2-s0" and noisy.run_dir == out / "noise-5" / "fednano" / "a1.0-c2-s0"
     assert (plain.cfg.privacy.embedding_noise, plain.cfg.split.protocol) == (0.0, load_config(TINY).split.protocol)
     assert (noisy.cfg.privacy.embedding_noise, noisy.cfg.split.protocol, noisy.cfg.federation.rounds) == (5.0, "activations", 1)
-    assert sw.archived(sw.Sweep(s.source, None, out, {}, archive=tmp_path / "arch"), noisy) == tmp_path / "arch" / "noise-5" / "fednano" / "a1.0-c2-s0"
+    arch = sw.Sweep(s.source, None, out, {}, archive=tmp_path / "arch")
+    assert sw.archived(arch, noisy) == tmp_path / "arch" / "noise-5" / "fednano" / "a1.0-c2-s0"
 
     def refused(grids: str, match: str) -> None:
         with pytest.raises(ConfigError, match=match):
@@ -289,7 +290,8 @@ def test_a_sweep_grid_may_be_a_named_variant_with_settings_of_its_own(tmp_path: 
     refused('[[grid]]\nvariant = "x"\n[grid.set]\n"data.num_clients" = 3\n', r"grid's num_clients list")
     refused('[[grid]]\nvariant = "x"\n[grid.set]\n"federation.strategy" = "fedavg"\n', r"grid's methods list")
     refused('[[grid]]\nvariant = "../up"\n', r"grid #1: variant must be a folder name")
-    refused('[[grid]]\nvariant = "x"\n[grid.set]\n"train.nope" = 3\n', r"grid #1: base config with \[sweep.set\] and the grid's set.*train\.nope")
+    refused('[[grid]]\nvariant = "x"\n[grid.set]\n"train.nope" = 3\n',
+            r"grid #1: base config with \[sweep.set\] and the grid's set.*train\.nope")
     refused('[[grid]]\nvariant = "x"\n[grid.set]\n"privacy.embedding_noise" = 5.0\n', r"grid #1.*privacy\.embedding_noise")
     refused('[[grid]]\nvariant = "x"\n[grid.set]\n"train.local_steps" = 3\n[[grid]]\nvariant = "x"\n[grid.set]\n"train.local_steps" = 4\n',
             r"grid #2: variant 'x' is set differently by an earlier grid")
