@@ -566,3 +566,12 @@ def test_the_privacy_table_reads_leakage_epsilon_and_paired_cost_from_the_runs(t
             rnd.pop("leakage")
     assert pr.privacy_rows(plain_only) == []  # no setting, no audit: no privacy table
     assert rp.privacy_label({}, {"label_private": True}) == "label-private"
+
+
+def test_a_run_older_than_a_field_is_not_a_mixed_table_when_the_newer_runs_keep_its_default(tmp_path):
+    old, new = (fake_results("fednano", 0.1, 5, s, [0.4, 0.6]) for s in (0, 1))
+    del old["config"]["privacy"]["fisher_groups"]  # recorded before the field existed: it ran as its default
+    runs = [rp.Run(tmp_path / "a", old), rp.Run(tmp_path / "b", new)]
+    assert rp.config_notes(runs) == []
+    new["config"]["train"]["local_steps"] = 99  # a real difference is still named
+    assert rp.config_notes(runs) == ["runs differ in train.local_steps (25, 99): the table mixes them"]

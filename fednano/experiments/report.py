@@ -649,15 +649,26 @@ def _flat_config(cfg: dict[str, Any]) -> dict[tuple[str, str], Any]:
     return {(s, k): json.dumps(v, sort_keys=True) for s, sec in cfg.items() if isinstance(sec, dict) for k, v in sec.items()}
 
 
+def _completed(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A recorded config with the fields added to FedNano since it was recorded at their defaults (as config.same_config
+    counts them), so that a run older than a field does not differ from newer runs in it."""
+    from fednano.config import RunConfig
+
+    defaults = RunConfig().to_dict()
+    return {s: {**defaults[s], **sec} if isinstance(sec, dict) and isinstance(defaults.get(s), dict) else sec
+            for s, sec in cfg.items()}
+
+
 def config_notes(runs: Sequence[Run]) -> list[str]:
     """Config fields (other than method, α, clients, seeds) that differ between the runs compared."""
+    flats = [_flat_config(_completed(r.config)) for r in runs]
     values: dict[tuple[str, str], set[str]] = {}
-    for r in runs:
-        for key, v in _flat_config(r.config).items():
+    for flat in flats:
+        for key, v in flat.items():
             values.setdefault(key, set()).add(v)
     notes = []
     for key, vs in sorted(values.items()):
-        missing = any(key not in _flat_config(r.config) for r in runs)
+        missing = any(key not in flat for flat in flats)
         if key not in GRID_FIELDS and key not in LABELLED and (len(vs) > 1 or missing):
             notes.append(
                 f"runs differ in {key[0]}.{key[1]} ({', '.join(sorted(vs))}{', missing in some' if missing else ''}): the table mixes them"
