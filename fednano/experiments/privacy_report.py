@@ -26,6 +26,7 @@ from fednano.experiments.report import (
     DASH,
     Cell,
     Run,
+    base_method,
     column_label,
     csv_num,
     format_cell,
@@ -33,6 +34,7 @@ from fednano.experiments.report import (
     mean,
     mean_std,
     method_key,
+    number,
     paired_difference,
     run_cost,
     summarize,
@@ -51,7 +53,7 @@ def last_leakage(results: dict[str, Any]) -> dict[str, Any] | None:
 
 def spent_epsilon(results: dict[str, Any]) -> float | None:
     """The ε a run had spent by its last round under client-level DP or DP-SGD (None: neither)."""
-    eps = [mean([r.get("dp_epsilon")]) for r in results.get("rounds") or [] if isinstance(r, dict)]
+    eps = [number(r.get("dp_epsilon")) for r in results.get("rounds") or [] if isinstance(r, dict)]
     spent = [e for e in eps if e is not None]
     return spent[-1] if spent else None
 
@@ -59,11 +61,6 @@ def spent_epsilon(results: dict[str, Any]) -> float | None:
 def has_privacy(run: Run) -> bool:
     """A run with a privacy setting (its row is labelled) or an audit."""
     return " (" in run.method or last_leakage(run.results) is not None
-
-
-def base_method(method: str) -> str:
-    """"fednano (DP-SGD ε=8)" -> "fednano": the row a privacy variant is paired against."""
-    return method.split(" (")[0]
 
 
 def privacy_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:

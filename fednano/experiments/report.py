@@ -151,18 +151,18 @@ def load_runs(dirs: Iterable[Path]) -> tuple[list[Run], list[Run], list[str]]:
 # --------------------------------------------------------------------------- statistics
 
 
-def _num(v: Any) -> float | None:
+def number(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
 def mean(values: Iterable[Any]) -> float | None:
-    vs = [x for x in (_num(v) for v in values) if x is not None]
+    vs = [x for x in (number(v) for v in values) if x is not None]
     return sum(vs) / len(vs) if vs else None
 
 
 def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
     """Mean and sample standard deviation (ddof=1); std is None below two values."""
-    vs = [x for x in (_num(v) for v in values) if x is not None]
+    vs = [x for x in (number(v) for v in values) if x is not None]
     if not vs:
         return None, None
     m = sum(vs) / len(vs)
@@ -174,7 +174,7 @@ def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
 def best_round_accuracy(results: dict[str, Any]) -> float | None:
     """Global test accuracy at the best validation round (None for a run without a validation set)."""
     best = (results.get("final") or {}).get("best_validation")
-    return _num(best.get("global_accuracy")) if isinstance(best, dict) else None
+    return number(best.get("global_accuracy")) if isinstance(best, dict) else None
 
 
 def local_accuracy(results: dict[str, Any]) -> float | None:
@@ -183,9 +183,14 @@ def local_accuracy(results: dict[str, Any]) -> float | None:
     return mean(ca.values()) if isinstance(ca, dict) else None
 
 
+def base_method(method: str) -> str:
+    """"fednano (DP-SGD ε=8)" -> "fednano": the method a privacy variant's row belongs to."""
+    return method.split(" (")[0]
+
+
 def method_key(method: str) -> tuple[int, str]:
     """Rows in registry order; a method's privacy variants ("fednano (DP-SGD ε=8)") right after it."""
-    base = method.split(" (")[0]
+    base = base_method(method)
     return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), method)
 
 
@@ -425,21 +430,21 @@ def run_cost(results: dict[str, Any]) -> dict[str, float | None]:
     bytes_ = [r.get("bytes") if isinstance(r.get("bytes"), dict) else None for r in rounds]
 
     act = None
-    steps = [_num(r.get("split_steps")) for r in rounds]
+    steps = [number(r.get("split_steps")) for r in rounds]
     if rounds and all(s is not None for s in steps) and sum(steps) > 0:  # type: ignore[arg-type]
-        up = [_num(b.get("activations_up")) if b else None for b in bytes_]
+        up = [number(b.get("activations_up")) if b else None for b in bytes_]
         if all(u is not None for u in up):
             act = sum(up) / sum(steps)  # type: ignore[arg-type]
 
-    mib = mean(sum(x for x in (_num(v) for v in b.values()) if x is not None) / 2**20 for b in bytes_ if b) if any(bytes_) else None
+    mib = mean(sum(x for x in (number(v) for v in b.values()) if x is not None) / 2**20 for b in bytes_ if b) if any(bytes_) else None
     client_s = []
     for r in rounds:
         cs = r.get("client_seconds")
         if isinstance(cs, dict) and cs:
             client_s.append(mean(cs.values()))
     return {
-        "client_parameters": _num(final.get("client_parameters")),
-        "uploaded_parameters_per_round": _num(final.get("uploaded_parameters_per_round")),
+        "client_parameters": number(final.get("client_parameters")),
+        "uploaded_parameters_per_round": number(final.get("uploaded_parameters_per_round")),
         "activation_bytes_per_step": act,
         "mib_per_round": mib,
         "server_seconds_per_round": mean(r.get("server_llm_seconds") for r in rounds),
@@ -514,10 +519,10 @@ def cost_csv(rows: Sequence[dict[str, Any]]) -> str:
 
 def accuracy_curve(results: dict[str, Any]) -> list[float | None]:
     """[zero-shot, round 1, round 2, ...] global accuracy."""
-    zs = _num(results.get("zero_shot_accuracy"))
+    zs = number(results.get("zero_shot_accuracy"))
     if zs is None:
-        zs = _num((results.get("final") or {}).get("zero_shot_accuracy"))
-    return [zs] + [_num(r.get("global_accuracy")) for r in results.get("rounds") or [] if isinstance(r, dict)]
+        zs = number((results.get("final") or {}).get("zero_shot_accuracy"))
+    return [zs] + [number(r.get("global_accuracy")) for r in results.get("rounds") or [] if isinstance(r, dict)]
 
 
 def cumulative_mib(results: dict[str, Any]) -> list[float]:
@@ -525,7 +530,7 @@ def cumulative_mib(results: dict[str, Any]) -> list[float]:
     total, out = 0.0, []
     for r in results.get("rounds") or []:
         b = r.get("bytes") if isinstance(r, dict) else None
-        total += sum(x for x in (_num(v) for v in b.values()) if x is not None) if isinstance(b, dict) else 0.0
+        total += sum(x for x in (number(v) for v in b.values()) if x is not None) if isinstance(b, dict) else 0.0
         out.append(total / 2**20)
     return out
 
@@ -533,9 +538,9 @@ def cumulative_mib(results: dict[str, Any]) -> list[float]:
 def validation_curve(results: dict[str, Any]) -> list[float | None] | None:
     """[zero-shot, round 1, ...] validation accuracy (None at rounds not validated); None for a run without a validation set."""
     rounds = [r for r in results.get("rounds") or [] if isinstance(r, dict)]
-    if not any(_num(r.get("validation_accuracy")) is not None for r in rounds):
+    if not any(number(r.get("validation_accuracy")) is not None for r in rounds):
         return None
-    return [_num(results.get("zero_shot_validation_accuracy"))] + [_num(r.get("validation_accuracy")) for r in rounds]
+    return [number(results.get("zero_shot_validation_accuracy"))] + [number(r.get("validation_accuracy")) for r in rounds]
 
 
 def progress_curve(results: dict[str, Any]) -> list[float | None]:
@@ -650,13 +655,14 @@ def _flat_config(cfg: dict[str, Any]) -> dict[tuple[str, str], Any]:
 
 
 def _completed(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A recorded config with the fields added to FedNano since it was recorded at their defaults (as config.same_config
-    counts them), so that a run older than a field does not differ from newer runs in it."""
-    from fednano.config import RunConfig
+    """A recorded config with the fields added to FedNano since it was recorded at their defaults, as config.same_config
+    counts them, so that a run older than a field does not differ from newer runs in it (unreadable: as recorded)."""
+    from fednano.config import ConfigError, from_dict
 
-    defaults = RunConfig().to_dict()
-    return {s: {**defaults[s], **sec} if isinstance(sec, dict) and isinstance(defaults.get(s), dict) else sec
-            for s, sec in cfg.items()}
+    try:
+        return from_dict(json.loads(json.dumps(cfg)), "recorded config").to_dict()
+    except ConfigError:
+        return cfg
 
 
 def config_notes(runs: Sequence[Run]) -> list[str]:

@@ -125,6 +125,15 @@ def _flatten(table: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _dotted(where: str, table: dict[str, Any]) -> dict[str, Any]:
+    """A set table's overrides as {"section.field": value}; a key of another depth is refused, named."""
+    overrides = _flatten(table)
+    for key in overrides:
+        if key.count(".") != 1:
+            raise ConfigError(f"{where} key {key!r}: expected \"section.field\"")
+    return overrides
+
+
 def _as_list(value: Any, where: str) -> list:
     if not isinstance(value, list) or not value:
         raise ConfigError(f"{where}: must be a non-empty list")
@@ -167,12 +176,10 @@ def _grid_variant(where: str, grid: Any) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"{where}: variant must be a folder name (letters, digits, '.', '_', '-'), not {variant!r}")
     if not isinstance(sets, dict):
         raise ConfigError(f"{where}: [grid.set] must be a table")
-    sets = _flatten(sets)
+    sets = _dotted(f"{where}: set", sets)
     if sets and not variant:
         raise ConfigError(f"{where}: a grid with its own `set` needs a `variant` name (its runs' folder)")
     for key in sets:
-        if key.count(".") != 1:
-            raise ConfigError(f"{where}: set key {key!r}: expected \"section.field\"")
         if key in AXIS_FIELDS:
             raise ConfigError(f"{where}: set key {key!r} is a grid axis; use the grid's {_axis_of(key)} list")
     return variant, sets
@@ -201,10 +208,7 @@ def _sweep_table(path: Path, table: Any) -> Sweep:
     sets = table.get("set", {})
     if not isinstance(sets, dict):
         raise ConfigError(f"{path}: [sweep.set] must be a table")
-    overrides = _flatten(sets)
-    for key in overrides:
-        if key.count(".") != 1:
-            raise ConfigError(f"{path}: sweep.set key {key!r}: expected \"section.field\"")
+    overrides = _dotted(f"{path}: sweep.set", sets)
     archive = table.get("archive")
     if archive is not None and (not isinstance(archive, str) or not archive):
         raise ConfigError(f"{path}: sweep.archive must be a non-empty string path")
@@ -257,9 +261,7 @@ def _grid_defaults(sweep: Sweep, sets: dict[str, Any] | None = None, where: str 
 
 
 def _grid_points(where: str, grid: Any, defaults: dict[str, Any]) -> list[tuple[Any, Any, Any, Any]]:
-    """Every (method, alpha, clients, seed) of one [[grid]] table, each value checked."""
-    if not isinstance(grid, dict):
-        raise ConfigError(f"{where}: must be a table")
+    """Every (method, alpha, clients, seed) of one [[grid]] table (a table: _grid_variant checked it), each value checked."""
     bad = set(grid) - set(GRID_KEYS) - set(GRID_EXTRA)
     if bad:
         raise ConfigError(f"{where}: unknown key(s) {sorted(bad)}; known: {[*GRID_KEYS, *GRID_EXTRA]}")
