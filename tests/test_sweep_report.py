@@ -180,6 +180,11 @@ def test_tables_from_synthetic_runs(tmp_path: Path) -> None:
         assert (out / name).stat().st_size > 0
     assert any("unfinished" in n and str(unfinished) in n for n in rep.notes)
     assert "**60.0 ± 14.1** (n=2)" in (out / "table.md").read_text()
+    # the claims whose methods both ran: fednano vs fedavg, +10 points on both seeds at α=0.1, one seed at α=1 (no best round)
+    verdicts = list(csv.DictReader(io.StringIO((out / "verdicts.csv").read_text())))
+    assert [(v["method"], v["other"], v["alpha"], v["metric"], v["verdict"]) for v in verdicts] == [
+        ("fednano", "fedavg", "0.1", "global", "holds"), ("fednano", "fedavg", "1.0", "global", "too few seeds")] * 2
+    assert "**holds**" in (out / "verdicts.md").read_text()
 
 
 def test_cost_uses_new_fields_and_dashes_missing_ones(tmp_path: Path) -> None:
@@ -575,3 +580,49 @@ def test_a_run_older_than_a_field_is_not_a_mixed_table_when_the_newer_runs_keep_
     assert rp.config_notes(runs) == []
     new["config"]["train"]["local_steps"] = 99  # a real difference is still named
     assert rp.config_notes(runs) == ["runs differ in train.local_steps (25, 99): the table mixes them"]
+
+
+def _cell(method: str, best: list[float], last: list[float] | None = None) -> rp.Cell:
+    seeds = list(range(len(best)))
+    return rp.Cell(method, 0.1, 5, seeds, global_acc=list(last or best), local_by_run=[None] * len(best), best_by_run=list(best))
+
+
+def test_each_claim_is_decided_by_its_stated_rule_from_the_paired_interval() -> None:
+    from fednano.experiments import verdicts as vd
+
+    base = [0.60, 0.50, 0.70]
+    higher = vd.Claim("a > b", "a", "b")
+    at_least = vd.Claim("a ≥ b", "a", "b", vd.MARGIN)
+
+    def decided(claim: vd.Claim, diffs: list[float]) -> str:
+        a, b = _cell("a", [x + d for x, d in zip(base, diffs)]), _cell("b", base)
+        return claim.decide(rp.paired_difference(a, b, "best"))
+
+    # diffs +5, +7, +6: mean 6, sd 1, t(0.975, 2) = 4.303 -> [3.5, 8.5] points: above 0
+    assert decided(higher, [0.05, 0.07, 0.06]) == "holds" and decided(at_least, [0.05, 0.07, 0.06]) == "holds"
+    assert decided(higher, [-0.05, -0.07, -0.06]) == "refuted" and decided(at_least, [-0.05, -0.07, -0.06]) == "refuted"
+    # -0.5, 0, +0.5: [-1.24, +1.24] points: within the 2-point margin of "≥", not above 0 for ">"
+    assert decided(at_least, [-0.005, 0.0, 0.005]) == "holds"
+    assert decided(higher, [-0.005, 0.0, 0.005]) == "inconclusive"
+    # -1, 0, +1: [-2.48, +2.48]: the margin is not cleared
+    assert decided(at_least, [-0.01, 0.0, 0.01]) == "inconclusive"
+    assert decided(higher, [0.05]) == "too few seeds"
+
+
+def test_verdicts_give_the_share_of_the_gap_to_centralized_a_variant_closes(tmp_path: Path) -> None:
+    from fednano.experiments import verdicts as vd
+
+    cells = [_cell("fednano", [0.60, 0.60], last=[0.5, 0.5]), _cell("fednano-ffa", [0.70, 0.66], last=[0.5, 0.6]),
+             _cell("centralized", [0.80, 0.80], last=[0.9, 0.7])]
+    rows = {(r.claim.method, r.metric): r for r in vd.verdicts(cells)}
+    assert set(rows) == {("fednano-ffa", "best"), ("fednano-ffa", "global")}  # no other claim has both of its methods
+    assert rows["fednano-ffa", "best"].gap_closed == pytest.approx(0.08 / 0.20)  # gains 0.10, 0.06; gaps 0.20, 0.20
+    assert rows["fednano-ffa", "global"].gap_closed == pytest.approx(0.05 / 0.30)
+    assert rows["fednano-ffa", "best"].paired.mean == pytest.approx(0.08)
+    md = vd.verdicts_markdown(list(rows.values()))
+    assert "40 %" in md and "17 %" in md
+    csv_rows = list(csv.DictReader(io.StringIO(vd.verdicts_csv(list(rows.values())))))
+    assert [float(r["gap_closed"]) for r in csv_rows] == pytest.approx([0.4, 0.05 / 0.30])
+    # without centralized, or with centralized no better than fednano, there is no gap to close
+    assert vd.gap_closed(cells[1], cells[0], None, "best") is None
+    assert vd.gap_closed(cells[1], cells[0], _cell("centralized", [0.6, 0.55]), "best") is None

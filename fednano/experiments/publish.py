@@ -19,6 +19,9 @@
 - `privacy.md` / `privacy.csv` (when a run has a privacy setting or an audit): per method and privacy setting,
   what the server read at the last audited round, the ε spent, the accuracy and its paired cost against the
   plain method, MiB and seconds per round (fednano/experiments/privacy_report.py).
+- `verdicts.md` / `.csv` (when both methods of a claim ran): each claim of the comparison (FedNano ≥ FedAvg, the
+  variants closing the gap to centralized, ...) decided from the paired 95 % interval by a rule fixed in advance
+  (fednano/experiments/verdicts.py).
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from fednano.experiments.report import (
     summarize,
     table_csv,
 )
+from fednano.experiments.verdicts import VERDICT_LEGEND as LEGEND
+from fednano.experiments.verdicts import verdicts, verdicts_csv, verdicts_markdown
 
 PRIVACY_LEGEND = (
     "Leakage: shares the server recovered at the last audited round (privacy.audit; mean over runs; — without an audit): "
@@ -130,6 +135,10 @@ def build_report(dirs: Sequence[Path], out: Path, baseline: str = "fednano", tar
         texts["privacy.md"] = (f"## What the server read, and what each privacy setting cost\n\n{privacy_markdown(private)}\n\n"
                                f"{PRIVACY_LEGEND}\n")
         texts["privacy.csv"] = privacy_csv(private)
+    decided = verdicts(cells)  # the claims whose two methods both ran
+    if decided:
+        texts["verdicts.md"] = f"## The comparison's claims, decided from paired seeds\n\n{verdicts_markdown(decided)}\n\n{LEGEND}\n"
+        texts["verdicts.csv"] = verdicts_csv(decided)
     for name, text in texts.items():
         (out / name).write_text(text)
     plots = {"curves.png": plot_curves, "accuracy_vs_bytes.png": plot_accuracy_vs_bytes}
