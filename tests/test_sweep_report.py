@@ -390,6 +390,74 @@ def test_finished_runs_are_archived_and_restored_into_a_fresh_output(tmp_path: P
         sw.load_sweep(bad)
 
 
+def test_an_unfinished_run_is_archived_with_its_checkpoint_and_resumed_by_a_fresh_checkout(tmp_path: Path, monkeypatch) -> None:
+    """A sitting that ends mid-run keeps its last completed round in the archive (results, configs, the checkpoint files
+    results.json points at, the clients' state); a fresh checkout resumes it; when it finishes the tensors leave the archive."""
+    out, keep = tmp_path / "out", tmp_path / "archive"
+    path = sweep_file(tmp_path, out, GRID)
+    path.write_text(path.read_text().replace(f'output = "{out}"', f'output = "{out}"\narchive = "{keep}"'))
+    script = (
+        "import json, os, sys, time, tomllib; d = sys.argv[1]; j = lambda *p: os.path.join(d, *p)\n"
+        "cfg = tomllib.loads(open(j('sweep-config.toml')).read()) if os.path.exists(j('sweep-config.toml')) else {}\n"
+        "if 'fednano' in d and d.endswith('s0') and '--resume' not in sys.argv:\n"
+        "    os.makedirs(j('checkpoint')); os.makedirs(j('client-state'))\n"
+        "    for f in ('adapters-round-2', 'strategy-round-2', 'best-adapters-round-1', 'adapters-round-1'):\n"
+        "        open(j('checkpoint', f + '.safetensors'), 'wb').write(f.encode())\n"
+        "    open(j('client-state', 'lora-0.safetensors'), 'wb').write(b'personal')\n"
+        "    open(j('config.toml'), 'w').write('# the run config')\n"
+        "    ck = {'round': 2, 'adapters': 'checkpoint/adapters-round-2.safetensors',\n"
+        "          'strategy': 'checkpoint/strategy-round-2.safetensors'}\n"
+        "    best = {'round': 1, 'validation_accuracy': 0.5, 'adapters': 'checkpoint/best-adapters-round-1.safetensors'}\n"
+        "    json.dump({'config': cfg, 'rounds': [{'round': 1}, {'round': 2}], 'final': {}, 'checkpoint': ck, 'best_validation': best},\n"
+        "              open(j('results.json'), 'w'))\n"
+        "    time.sleep(3); sys.exit(9)  # the sitting ends in round 3\n"
+        "assert '--resume' not in sys.argv or open(j('checkpoint', 'adapters-round-2.safetensors')).read() == 'adapters-round-2'\n"
+        "json.dump({'config': cfg, 'rounds': [], 'final': {'global_accuracy': 0.25}}, open(j('results.json'), 'w'))\n"
+    )
+    resumed = out / "fednano" / "a1.0-c2-s0"
+    monkeypatch.setattr(sw, "command", lambda p: [sys.executable, "-c", script, str(p.run_dir)]
+                        + (["--resume"] if p.action == "resume" else []))
+    r = CliRunner().invoke(app, ["sweep", "--config", str(path)])
+    assert r.exit_code == 1 and "3 done" in r.output, r.output
+    kept = keep / "fednano" / "a1.0-c2-s0"
+    assert sorted(p.relative_to(kept).as_posix() for p in kept.rglob("*") if p.is_file()) == [
+        "checkpoint/adapters-round-2.safetensors", "checkpoint/best-adapters-round-1.safetensors",
+        "checkpoint/strategy-round-2.safetensors", "client-state/lora-0.safetensors", "config.toml", "results.json",
+        "sweep-config.toml"]  # not round 1's superseded adapters
+    assert json.loads((kept / "results.json").read_text())["checkpoint"]["round"] == 2
+
+    shutil.rmtree(out)  # the next sitting: a fresh checkout
+    r = CliRunner().invoke(app, ["sweep", "--config", str(path), "--dry-run"])
+    actions = {line.split()[1]: line.split()[0] for line in r.output.splitlines() if line.startswith("  ") and "/" in line.split()[1]}
+    others = ("fednano/a1.0-c2-s1", "fedavg/a1.0-c2-s0", "fedavg/a1.0-c2-s1")
+    assert actions == {"fednano/a1.0-c2-s0": "resume"} | {k: "skip" for k in others}
+    assert (resumed / "client-state" / "lora-0.safetensors").read_bytes() == b"personal"
+    r = CliRunner().invoke(app, ["sweep", "--config", str(path)])
+    assert r.exit_code == 0 and "resuming fednano/a1.0-c2-s0" in r.output, r.output
+    assert sorted(p.name for p in kept.iterdir()) == ["config.toml", "results.json", "sweep-config.toml"]  # finished: no tensors
+    assert json.loads((kept / "results.json").read_text())["final"] == {"global_accuracy": 0.25}
+
+
+def test_archiving_an_unfinished_run_keeps_the_last_consistent_round(tmp_path: Path) -> None:
+    """A round committed while its predecessor is being copied (a checkpoint file gone) leaves the archive as it was."""
+    out, keep = tmp_path / "out", tmp_path / "archive"
+    sweep = sw.Sweep(source=tmp_path / "s.toml", base_config=None, output=out, overrides={}, archive=keep)
+    p = sw.Point(method="fednano", alpha=1.0, clients=2, seed=0, cfg=None, run_dir=out / "fednano" / "a1.0-c2-s0")  # type: ignore[arg-type]
+    (p.run_dir / "checkpoint").mkdir(parents=True)
+    assert not sw.archive_unfinished(sweep, p)  # nothing yet
+    (p.run_dir / "checkpoint" / "adapters-round-1.safetensors").write_bytes(b"one")
+    ck = {"round": 1, "adapters": "checkpoint/adapters-round-1.safetensors"}
+    (p.run_dir / "results.json").write_text(json.dumps({"rounds": [{"round": 1}], "final": {}, "checkpoint": ck}))
+    assert sw.archive_unfinished(sweep, p)
+    ck2 = {"round": 2, "adapters": "checkpoint/adapters-round-2.safetensors"}
+    (p.run_dir / "results.json").write_text(json.dumps({"rounds": [{"round": 1}, {"round": 2}], "final": {}, "checkpoint": ck2}))
+    assert not sw.archive_unfinished(sweep, p)  # round 2's adapters are not on disk: round 1 stays archived, whole
+    kept = keep / "fednano" / "a1.0-c2-s0"
+    assert json.loads((kept / "results.json").read_text())["checkpoint"]["round"] == 1
+    assert (kept / "checkpoint" / "adapters-round-1.safetensors").read_bytes() == b"one"
+    assert not kept.with_name(kept.name + ".staging").exists()
+
+
 # --------------------------------------------------------------------------- a real micro-sweep
 
 

@@ -7,7 +7,9 @@ SWEEP.toml::
     base_config = "../configs/default.toml"   # a run config, relative to this file; optional (defaults apply)
     output = "results/sweep"                  # where run folders go, relative to the current directory
     archive = "benchmarks/runs/sweep"         # optional: finished runs' results.json, configs and table are copied here,
-                                              # and copied back into `output` when missing there (a fresh checkout)
+                                              # and copied back into `output` when missing there (a fresh checkout);
+                                              # a running run's last completed round too (with its checkpoint), so that
+                                              # a fresh checkout resumes it instead of starting it over
     [sweep.set]                               # overrides for every run, like `fednano run --set`
     "train.local_steps" = 15                  # (quoted dotted keys, or nested tables: [sweep.set.train])
     "data.global_test_samples" = 200
@@ -59,6 +61,9 @@ AXIS_FIELDS = {*GRID_KEYS.values(), "federation.seed"}  # set by the grid's axes
 VARIANT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 SWEEP_KEYS = ("base_config", "output", "set", "archive")
 ARCHIVED = ("results.json", "config.toml", "sweep-config.toml", "table.md")  # what a finished run leaves in the archive: no tensors
+# what an unfinished run also keeps there, to be resumed by a later sitting: the checkpoint of its last completed round (global
+# adapters and strategy state, a few hundred KB at the default) and the simulated clients' own state (feddpa-f's personal LoRAs)
+RESUMABLE = ("checkpoint", "client-state")
 
 
 @dataclass
@@ -232,19 +237,66 @@ def restore(sweep: Sweep) -> list[Point]:
         for name in ARCHIVED:
             if (src / name).exists():
                 shutil.copy2(src / name, p.run_dir / name)
+        for name in RESUMABLE:  # an unfinished run's: it is resumed after its last archived round
+            if (src / name).is_dir():
+                shutil.copytree(src / name, p.run_dir / name, dirs_exist_ok=True)
         back.append(p)
     return back
 
 
 def archive_run(sweep: Sweep, p: Point) -> None:
-    """Keep a finished run's small files (results, configs, table; no tensors) in the sweep's archive."""
+    """Keep a finished run's small files (results, configs, table; no tensors) in the sweep's archive, replacing what an
+    unfinished one had kept there."""
     dst = archived(sweep, p)
     if dst is None:
         return
     dst.mkdir(parents=True, exist_ok=True)
+    for stale in (*(dst / n for n in RESUMABLE), dst.with_name(dst.name + ".staging")):
+        shutil.rmtree(stale, ignore_errors=True)
     for name in ARCHIVED:
         if (p.run_dir / name).exists():
             shutil.copy2(p.run_dir / name, dst / name)
+
+
+def checkpoint_files(results: dict[str, Any]) -> list[str]:
+    """The files under checkpoint/ that a run's results.json points at (what `fednano run --resume` reads)."""
+    refs = [v for k in ("checkpoint", "best_validation") for v in (results.get(k) or {}).values()]
+    return sorted({v for v in refs if isinstance(v, str) and v.startswith("checkpoint/")})
+
+
+def archive_unfinished(sweep: Sweep, p: Point) -> bool:
+    """Keep an unfinished run's last completed round in the archive (its results.json, configs, the checkpoint files that
+    results.json points at, and the clients' state), so that a later sitting resumes it after that round instead of
+    starting over. Staged beside and swapped in, so the archive always holds one consistent round. False when there is
+    nothing to keep yet, or when the next round was committed while copying (the caller tries again)."""
+    dst, src = archived(sweep, p), p.run_dir / "results.json"
+    if dst is None or not src.exists():
+        return False
+    text = src.read_text()
+    try:
+        results = json.loads(text)
+    except json.JSONDecodeError:  # (results.json is written atomically; a foreign file)
+        return False
+    if results.get("final") or not results.get("checkpoint"):
+        return False
+    stage = dst.with_name(dst.name + ".staging")
+    shutil.rmtree(stage, ignore_errors=True)
+    (stage / "checkpoint").mkdir(parents=True)
+    try:
+        for rel in checkpoint_files(results):
+            shutil.copy2(p.run_dir / rel, stage / rel)
+        if (p.run_dir / "client-state").is_dir():
+            shutil.copytree(p.run_dir / "client-state", stage / "client-state")
+    except FileNotFoundError:  # a newer round replaced these files meanwhile
+        shutil.rmtree(stage)
+        return False
+    for name in ARCHIVED[1:]:
+        if (p.run_dir / name).exists():
+            shutil.copy2(p.run_dir / name, stage / name)
+    (stage / "results.json").write_text(text)
+    shutil.rmtree(dst, ignore_errors=True)
+    stage.rename(dst)
+    return True
 
 
 def _grid_defaults(sweep: Sweep, sets: dict[str, Any] | None = None, where: str | None = None) -> dict[str, Any]:
@@ -422,9 +474,20 @@ def execute(sweep: Sweep, jobs: int = 1) -> list[Point]:
     return [p for p in sweep.points if p.status == "failed"]
 
 
+def _keep_progress(sweep: Sweep, p: Point, committed: dict[Path, int]) -> None:
+    """Archive a running run's last completed round whenever its results.json changed (`committed`: the version kept)."""
+    try:
+        stamp = (p.run_dir / "results.json").stat().st_mtime_ns
+    except FileNotFoundError:
+        return
+    if committed.get(p.run_dir) != stamp and archive_unfinished(sweep, p):
+        committed[p.run_dir] = stamp
+
+
 def _loop(sweep: Sweep, queue: list[Point], running: list, jobs: int, env: dict[str, str], progress: Any, task: Any) -> None:
     from rich.markup import escape
 
+    committed: dict[Path, int] = {}  # results.json versions of running runs already archived
     while queue or running:
         while queue and len(running) < max(1, jobs):
             p = queue.pop(0)
@@ -444,6 +507,7 @@ def _loop(sweep: Sweep, queue: list[Point], running: list, jobs: int, env: dict[
         for p, proc, logf, t0 in running:
             rc = proc.poll()
             if rc is None:
+                _keep_progress(sweep, p, committed)
                 still.append((p, proc, logf, t0))
                 continue
             logf.close()
