@@ -183,8 +183,8 @@ def test_tables_from_synthetic_runs(tmp_path: Path) -> None:
     # the claims whose methods both ran: fednano vs fedavg, +10 points on both seeds at α=0.1, one seed at α=1 (no best round)
     verdicts = list(csv.DictReader(io.StringIO((out / "verdicts.csv").read_text())))
     assert [(v["method"], v["other"], v["alpha"], v["metric"], v["verdict"]) for v in verdicts] == [
-        ("fednano", "fedavg", "0.1", "global", "holds"), ("fednano", "fedavg", "1.0", "global", "too few seeds")] * 2
-    assert "**holds**" in (out / "verdicts.md").read_text()
+        ("fednano", "fedavg", "0.1", "global", "too few seeds"), ("fednano", "fedavg", "1.0", "global", "too few seeds")] * 2  # 2 seeds
+    assert "+10.0 [+10.0, +10.0] (2/2)" in (out / "verdicts.md").read_text()
 
 
 def test_cost_uses_new_fields_and_dashes_missing_ones(tmp_path: Path) -> None:
@@ -675,6 +675,9 @@ def test_each_claim_is_decided_by_its_stated_rule_from_the_paired_interval() -> 
     # -1, 0, +1: [-2.48, +2.48]: the margin is not cleared
     assert decided(at_least, [-0.01, 0.0, 0.01]) == "inconclusive"
     assert decided(higher, [0.05]) == "too few seeds"
+    # two seeds never decide, not even with a zero-width interval (both seeds 2.4 points lower)
+    b2 = _cell("b", [0.60, 0.50])
+    assert higher.decide(rp.paired_difference(_cell("a", [0.576, 0.476]), b2, "best")) == "too few seeds"
 
 
 def test_verdicts_give_the_share_of_the_gap_to_centralized_a_variant_closes(tmp_path: Path) -> None:
