@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -639,6 +640,46 @@ def test_the_privacy_table_reads_leakage_epsilon_and_paired_cost_from_the_runs(t
             rnd.pop("leakage")
     assert pr.privacy_rows(plain_only) == []  # no setting, no audit: no privacy table
     assert rp.privacy_label({}, {"label_private": True}) == "label-private"
+
+
+def test_the_dp_tables_put_the_methods_side_by_side_at_each_target_epsilon(tmp_path):
+    """dp.md: per DP kind, rows = target ε then ∞ (the same methods without privacy), columns = methods, the ε spent, and
+    fednano − fedavg seed by seed; runs with another privacy setting, or DP by σ alone, are not rows."""
+    from fednano.experiments import privacy_report as pr
+
+    settings = (("plain", {}, None, 0.70), ("c1", {"client_dp": True, "target_epsilon": 1.0}, 0.98, 0.40),
+                ("c8", {"client_dp": True, "target_epsilon": 8.0}, 7.9, 0.60),
+                ("s8", {"dp_sgd": True, "target_epsilon": 8.0}, 7.99, 0.55),
+                ("sigma", {"client_dp": True, "target_epsilon": 0.0, "noise_multiplier": 1.0}, 3.0, 0.5),
+                ("mixed", {"dp_sgd": True, "target_epsilon": 8.0, "embedding_noise": 5.0}, 8.0, 0.5))
+    for seed in (0, 1):
+        for method, lift in (("fednano", 0.0), ("fedavg", -0.05 - 0.01 * seed)):
+            for name, privacy, spent, acc in settings:
+                res = fake_results(method, 1.0, 100, seed, [0.4, acc + lift + 0.02 * seed],
+                                   extra_round={"dp_epsilon": spent} if spent else None)
+                res["config"]["privacy"].update(privacy)
+                d = tmp_path / name / method / f"s{seed}"
+                d.mkdir(parents=True)
+                (d / "results.json").write_text(json.dumps(res))
+    runs, _, _ = rp.load_runs([tmp_path])
+    assert {pr.dp_level(r) for r in runs} == {("", math.inf), ("client_dp", 1.0), ("client_dp", 8.0), ("dp_sgd", 8.0), None}
+    rows = pr.dp_rows(runs)
+    assert [(r["kind"], r["epsilon"], r["method"], r["cell"].n) for r in rows] == [
+        (k, e, m, 2) for k, eps in (("client_dp", (1.0, 8.0, math.inf)), ("dp_sgd", (8.0, math.inf)))
+        for e in eps for m in ("fednano", "fedavg")]
+    c1 = next(r for r in rows if r["kind"] == "client_dp" and r["epsilon"] == 1.0 and r["method"] == "fedavg")
+    assert c1["cell"].global_acc == pytest.approx([0.35, 0.36]) and c1["spent"] == pytest.approx(0.98)
+    md = pr.dp_markdown(rows)
+    client, sgd = md.split("**sample-level DP-SGD")
+    assert client.startswith("**client-level DP, α=1 (100 clients)**")
+    # fednano 0.40, 0.42 vs fedavg 0.35, 0.36: +5, +6 points -> +5.5, t(0.975, 1) · 0.707 / √2 = 6.35
+    assert "| 1 | 41.0 ± 1.4 (n=2), ε spent 0.98 | 35.5 ± 0.7 (n=2), ε spent 0.98 | +5.5 [-0.9, +11.9] (2/2) |" in client
+    assert "| ∞ (no DP) | 71.0 ± 1.4 (n=2) | 65.5 ± 0.7 (n=2) | +5.5 [-0.9, +11.9] (2/2) |" in sgd
+    table = list(csv.DictReader(io.StringIO(pr.dp_csv(rows))))
+    assert table[4]["target_epsilon"] == "inf" and float(table[0]["accuracy_mean"]) == pytest.approx(0.41)
+    publish.build_report([tmp_path], tmp_path / "rep")
+    assert "sample-level DP-SGD" in (tmp_path / "rep" / "dp.md").read_text()
+    assert pr.dp_rows([r for r in runs if pr.dp_level(r) == ("", math.inf)]) == []  # no DP run: no table
 
 
 def test_a_run_older_than_a_field_is_not_a_mixed_table_when_the_newer_runs_keep_its_default(tmp_path):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -36,6 +37,7 @@ from fednano.experiments.report import (
     method_key,
     number,
     paired_difference,
+    privacy_label,
     run_cost,
     summarize,
 )
@@ -129,4 +131,82 @@ def privacy_csv(rows: Sequence[dict[str, Any]]) -> str:
         w.writerow([csv_num(r[k]) for k in keys]
                    + [csv_num(p.mean if p else None), csv_num(ci[0] if ci else None), csv_num(ci[1] if ci else None),
                       p.n if p else "", csv_num(r["mib_per_round"]), csv_num(r["wall_seconds_per_round"])])
+    return out.getvalue()
+
+
+# --------------------------------------------------------------------------- accuracy against ε (the DP tables)
+
+DP_KINDS = (("client_dp", "client-level DP"), ("dp_sgd", "sample-level DP-SGD"))
+
+
+def dp_level(run: Run) -> tuple[str, float] | None:
+    """(DP kind, target ε) of a run whose only privacy setting is client-level DP or DP-SGD with a target ε; ("", ∞) for a
+    run without any privacy setting (the ε = ∞ row of every kind); None for anything else (other privacy settings, or
+    DP by a noise multiplier without a target ε: see privacy.md)."""
+    if " (" not in run.method:
+        return "", math.inf
+    p = run.config.get("privacy") or {}
+    for kind, _ in DP_KINDS:
+        eps = number(p.get("target_epsilon"))
+        alone = {kind: True, "target_epsilon": p.get("target_epsilon")}
+        if p.get(kind) and eps and run.method == f"{base_method(run.method)} ({privacy_label(alone)})":
+            return kind, eps
+    return None
+
+
+def dp_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """Per DP kind, α / clients group, ε level (∞: the same methods without privacy) and method: the runs' Cell (final global
+    accuracy by seed) and the mean ε they spent. Empty when no run has client-level DP or DP-SGD at a target ε."""
+    tagged = [(r, level[0], level[1]) for r in runs if (level := dp_level(r)) is not None]
+    private = {(kind, (r.clients, r.alpha)) for r, kind, _ in tagged if kind}
+    order = [k for k, _ in DP_KINDS]
+    rows = []
+    for kind, group in sorted(private, key=lambda k: (order.index(k[0]), k[1])):
+        here = [(r, eps) for r, k, eps in tagged if k in ("", kind) and (r.clients, r.alpha) == group]
+        methods = {base_method(r.method) for r, k, _ in tagged if k == kind and (r.clients, r.alpha) == group}
+        for eps in sorted({e for _, e in here}):
+            same = [r for r, e in here if e == eps and base_method(r.method) in methods]
+            for cell in summarize(same):
+                rows.append({"kind": kind, "clients": group[0], "alpha": group[1], "epsilon": eps, "method": base_method(cell.method),
+                             "cell": cell, "spent": mean(spent_epsilon(r.results) for r in same if r.method == cell.method)})
+    return rows
+
+
+def _dp_cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return DASH
+    cell = row["cell"]
+    text = format_cell(*mean_std(cell.global_acc), cell.n)
+    return text + (f", ε spent {row['spent']:.2f}" if row["spent"] is not None else "")
+
+
+def dp_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """One table per DP kind and α / clients group: rows = target ε (then ∞, no DP), columns = methods side by side (final
+    global accuracy %, mean ± std over seeds, n = seeds, the ε spent), then the first method minus each other, seed by seed."""
+    labels = dict(DP_KINDS)
+    out = []
+    for kind, clients, alpha in dict.fromkeys((r["kind"], r["clients"], r["alpha"]) for r in rows):
+        block = [r for r in rows if (r["kind"], r["clients"], r["alpha"]) == (kind, clients, alpha)]
+        methods = sorted({r["method"] for r in block}, key=method_key)
+        at = {(r["epsilon"], r["method"]): r for r in block}
+        body = []
+        for eps in sorted({r["epsilon"] for r in block}):
+            line = ["∞ (no DP)" if math.isinf(eps) else f"{eps:g}"] + [_dp_cell(at.get((eps, m))) for m in methods]
+            for m in methods[1:]:
+                a, b = at.get((eps, methods[0])), at.get((eps, m))
+                line.append(format_paired(paired_difference(a["cell"], b["cell"])) if a and b else DASH)
+            body.append(line)
+        header = ["target ε"] + [f"{m} (%)" for m in methods] + [f"{methods[0]} − {m} (points)" for m in methods[1:]]
+        out.append(f"**{labels[kind]}, {column_label(alpha, clients)}**\n\n{markdown_table(header, body)}")
+    return "\n\n".join(out)
+
+
+def dp_csv(rows: Sequence[dict[str, Any]]) -> str:
+    out = io.StringIO()
+    w = csv.writer(out, lineterminator="\n")
+    w.writerow(["kind", "alpha", "clients", "target_epsilon", "method", "seeds", "accuracy_mean", "accuracy_std", "epsilon_spent"])
+    for r in rows:
+        m, sd = mean_std(r["cell"].global_acc)
+        w.writerow([r["kind"], csv_num(r["alpha"]), r["clients"], "inf" if math.isinf(r["epsilon"]) else csv_num(r["epsilon"]),
+                    r["method"], r["cell"].n, csv_num(m), csv_num(sd), csv_num(r["spent"])])
     return out.getvalue()

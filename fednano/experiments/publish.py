@@ -19,6 +19,8 @@
 - `privacy.md` / `privacy.csv` (when a run has a privacy setting or an audit): per method and privacy setting,
   what the server read at the last audited round, the ε spent, the accuracy and its paired cost against the
   plain method, MiB and seconds per round (fednano/experiments/privacy_report.py).
+- `dp.md` / `dp.csv` (when runs have client-level DP or DP-SGD at a target ε): accuracy against ε, one table per DP kind,
+  the methods side by side with their paired difference, the runs without privacy as ε = ∞.
 - `verdicts.md` / `.csv` (when both methods of a claim ran): each claim of the comparison (FedNano ≥ FedAvg, the
   variants closing the gap to centralized, ...) decided from the paired 95 % interval by a rule fixed in advance
   (fednano/experiments/verdicts.py).
@@ -31,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fednano.experiments.convergence import convergence, convergence_csv, convergence_markdown, plot_convergence
-from fednano.experiments.privacy_report import privacy_csv, privacy_markdown, privacy_rows
+from fednano.experiments.privacy_report import dp_csv, dp_markdown, dp_rows, privacy_csv, privacy_markdown, privacy_rows
 from fednano.experiments.report import (
     accuracy_table,
     config_notes,
@@ -56,6 +58,12 @@ PRIVACY_LEGEND = (
     "images by top-1 retrieval. ε spent: (ε, δ = privacy.delta) after the last round (DP-SGD: the client that spent "
     "most). plain − this: the same method without privacy settings minus this row, seed by seed, mean [95 % interval] "
     "(seeds where plain was higher / seeds compared)."
+)
+
+DP_LEGEND = (
+    "Final global test accuracy, mean ± std over seeds (n = seeds), and the ε the runs spent at δ = privacy.delta (DP-SGD: the "
+    "client that spent most); ∞: the same methods without any privacy setting. The last columns: the first method minus "
+    "each other one, seed by seed, mean [95 % interval] (seeds where the first was higher / seeds compared)."
 )
 
 
@@ -135,6 +143,10 @@ def build_report(dirs: Sequence[Path], out: Path, baseline: str = "fednano", tar
         texts["privacy.md"] = (f"## What the server read, and what each privacy setting cost\n\n{privacy_markdown(private)}\n\n"
                                f"{PRIVACY_LEGEND}\n")
         texts["privacy.csv"] = privacy_csv(private)
+    dp = dp_rows(finished)
+    if dp:
+        texts["dp.md"] = f"## Accuracy against ε: the methods side by side\n\n{dp_markdown(dp)}\n\n{DP_LEGEND}\n"
+        texts["dp.csv"] = dp_csv(dp)
     decided = verdicts(cells)  # the claims whose two methods both ran
     if decided:
         texts["verdicts.md"] = f"## The comparison's claims, decided from paired seeds\n\n{verdicts_markdown(decided)}\n\n{LEGEND}\n"
