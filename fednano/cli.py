@@ -338,7 +338,8 @@ RunDirsArg = Annotated[list[Path], typer.Argument(
     show_default=False)]
 ReportOutOpt = Annotated[Path | None, typer.Option(
     "--output", "-o", help="Where to write table.md/.csv, paired.csv, convergence.md/.csv/.png, cost.md/.csv, curves.png, "
-    "accuracy_vs_bytes.png (default: <first RUN_DIR>/report).")]
+    "accuracy_vs_bytes.png, and where the runs call for them privacy.md/.csv, dp.md/.csv, verdicts.md/.csv "
+    "(default: <first RUN_DIR>/report).")]
 BaselineOpt = Annotated[str, typer.Option(
     "--baseline", help="Method every other method is compared with, seed by seed (paired tables: the mean difference, its 95 % "
     "interval, seeds won).")]
@@ -354,7 +355,9 @@ def sweep(config: SweepFileOpt, dry_run: DryRunOpt = False, jobs: JobsOpt = 1) -
 
     Each run is a `fednano run` subprocess in <output>/<method>/a<alpha>-c<clients>-s<seed>. Finished runs are
     skipped, interrupted ones resumed; a failed run does not stop the sweep (exit code 1 at the end).
-    <output>/sweep.json lists every run with its status and final global accuracy.
+    <output>/sweep.json lists every run with its status and final global accuracy. With `archive` in the sweep file,
+    finished runs (without tensors) and the running run's last completed round (with its checkpoint) are kept there,
+    and a fresh checkout's sweep skips or resumes them.
     """
     from fednano.experiments.sweep import describe_plan, execute, load_sweep, plan
 
