@@ -35,6 +35,8 @@ from pathlib import Path
 from fednano.experiments.convergence import convergence, convergence_csv, convergence_markdown, plot_convergence
 from fednano.experiments.privacy_report import dp_csv, dp_markdown, dp_rows, privacy_csv, privacy_markdown, privacy_rows
 from fednano.experiments.report import (
+    Cell,
+    Run,
     accuracy_table,
     config_notes,
     cost_csv,
@@ -107,6 +109,26 @@ def _paired_tables(cells, baseline: str) -> str:
     return "\n\n".join(out)
 
 
+def _where_they_apply(finished: Sequence[Run], cells: Sequence[Cell]) -> dict[str, str]:
+    """The files only some runs call for: privacy.md/.csv (a privacy setting or an audit), dp.md/.csv (DP at a target ε),
+    verdicts.md/.csv (both methods of a claim)."""
+    texts = {}
+    private = privacy_rows(finished)
+    if private:
+        texts["privacy.md"] = (f"## What the server read, and what each privacy setting cost\n\n{privacy_markdown(private)}\n\n"
+                               f"{PRIVACY_LEGEND}\n")
+        texts["privacy.csv"] = privacy_csv(private)
+    dp = dp_rows(finished)
+    if dp:
+        texts["dp.md"] = f"## Accuracy against ε: the methods side by side\n\n{dp_markdown(dp)}\n\n{DP_LEGEND}\n"
+        texts["dp.csv"] = dp_csv(dp)
+    decided = verdicts(cells)
+    if decided:
+        texts["verdicts.md"] = f"## The comparison's claims, decided from paired seeds\n\n{verdicts_markdown(decided)}\n\n{LEGEND}\n"
+        texts["verdicts.csv"] = verdicts_csv(decided)
+    return texts
+
+
 def build_report(dirs: Sequence[Path], out: Path, baseline: str = "fednano", target: float = 0.9) -> Report:
     """Read every run under `dirs` and write the tables and plots to `out`. Raises ValueError without finished runs.
 
@@ -138,19 +160,7 @@ def build_report(dirs: Sequence[Path], out: Path, baseline: str = "fednano", tar
              "convergence.csv": convergence_csv(conv)}
     if has_base:
         texts["paired.csv"] = paired_csv(cells, baseline)
-    private = privacy_rows(finished)
-    if private:
-        texts["privacy.md"] = (f"## What the server read, and what each privacy setting cost\n\n{privacy_markdown(private)}\n\n"
-                               f"{PRIVACY_LEGEND}\n")
-        texts["privacy.csv"] = privacy_csv(private)
-    dp = dp_rows(finished)
-    if dp:
-        texts["dp.md"] = f"## Accuracy against ε: the methods side by side\n\n{dp_markdown(dp)}\n\n{DP_LEGEND}\n"
-        texts["dp.csv"] = dp_csv(dp)
-    decided = verdicts(cells)  # the claims whose two methods both ran
-    if decided:
-        texts["verdicts.md"] = f"## The comparison's claims, decided from paired seeds\n\n{verdicts_markdown(decided)}\n\n{LEGEND}\n"
-        texts["verdicts.csv"] = verdicts_csv(decided)
+    texts |= _where_they_apply(finished, cells)
     for name, text in texts.items():
         (out / name).write_text(text)
     plots = {"curves.png": plot_curves, "accuracy_vs_bytes.png": plot_accuracy_vs_bytes}
