@@ -359,12 +359,23 @@ def test_failed_runs_do_not_stop_the_sweep(tmp_path: Path, monkeypatch: pytest.M
     assert load_config(failed_dir / "sweep-config.toml").to_dict() == sw.load_sweep(path).points[2].cfg.to_dict()
 
 
+def archived_sweep_file(tmp_path: Path, out: Path, keep: Path) -> Path:
+    """The GRID sweep with `archive = keep`."""
+    path = sweep_file(tmp_path, out, GRID)
+    path.write_text(path.read_text().replace(f'output = "{out}"', f'output = "{out}"\narchive = "{keep}"'))
+    return path
+
+
+def planned_actions(dry_run_output: str) -> dict[str, str]:
+    """run folder -> run / resume / skip, from `fednano sweep --dry-run`."""
+    return {line.split()[1]: line.split()[0] for line in dry_run_output.splitlines() if line.startswith("  ") and "/" in line.split()[1]}
+
+
 def test_finished_runs_are_archived_and_restored_into_a_fresh_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """sweep.archive: each finished run's small files are kept there (no tensors); a fresh checkout's sweep copies them
     back and skips those runs, and runs the one that had failed."""
     out, keep = tmp_path / "out", tmp_path / "archive"
-    path = sweep_file(tmp_path, out, GRID)
-    path.write_text(path.read_text().replace(f'output = "{out}"', f'output = "{out}"\narchive = "{keep}"'))
+    path = archived_sweep_file(tmp_path, out, keep)
     script = (
         "import json, os, sys, tomllib; d = sys.argv[1]\n"
         "if 'fedavg' in d and d.endswith('s0'): sys.exit(3)\n"
@@ -382,7 +393,7 @@ def test_finished_runs_are_archived_and_restored_into_a_fresh_output(tmp_path: P
     shutil.rmtree(out)  # a fresh checkout: the archive is all there is
     r = CliRunner().invoke(app, ["sweep", "--config", str(path), "--dry-run"])
     assert r.exit_code == 0, r.output
-    actions = {line.split()[1]: line.split()[0] for line in r.output.splitlines() if line.startswith("  ") and "/" in line.split()[1]}
+    actions = planned_actions(r.output)
     assert actions == {"fednano/a1.0-c2-s0": "skip", "fednano/a1.0-c2-s1": "skip", "fedavg/a1.0-c2-s0": "run", "fedavg/a1.0-c2-s1": "skip"}
     assert (out / "fednano" / "a1.0-c2-s0" / "results.json").exists()
     bad = tmp_path / "bad.toml"
@@ -395,8 +406,7 @@ def test_an_unfinished_run_is_archived_with_its_checkpoint_and_resumed_by_a_fres
     """A sitting that ends mid-run keeps its last completed round in the archive (results, configs, the checkpoint files
     results.json points at, the clients' state); a fresh checkout resumes it; when it finishes the tensors leave the archive."""
     out, keep = tmp_path / "out", tmp_path / "archive"
-    path = sweep_file(tmp_path, out, GRID)
-    path.write_text(path.read_text().replace(f'output = "{out}"', f'output = "{out}"\narchive = "{keep}"'))
+    path = archived_sweep_file(tmp_path, out, keep)
     script = (
         "import json, os, sys, time, tomllib; d = sys.argv[1]; j = lambda *p: os.path.join(d, *p)\n"
         "cfg = tomllib.loads(open(j('sweep-config.toml')).read()) if os.path.exists(j('sweep-config.toml')) else {}\n"
@@ -429,7 +439,7 @@ def test_an_unfinished_run_is_archived_with_its_checkpoint_and_resumed_by_a_fres
 
     shutil.rmtree(out)  # the next sitting: a fresh checkout
     r = CliRunner().invoke(app, ["sweep", "--config", str(path), "--dry-run"])
-    actions = {line.split()[1]: line.split()[0] for line in r.output.splitlines() if line.startswith("  ") and "/" in line.split()[1]}
+    actions = planned_actions(r.output)
     others = ("fednano/a1.0-c2-s1", "fedavg/a1.0-c2-s0", "fedavg/a1.0-c2-s1")
     assert actions == {"fednano/a1.0-c2-s0": "resume"} | {k: "skip" for k in others}
     assert (resumed / "client-state" / "lora-0.safetensors").read_bytes() == b"personal"
