@@ -32,15 +32,22 @@ mkdir -p "$ROOT"/{logs,app,flwr-home}
 cd "$ROOT"
 
 PGIDS=()
+# Every process below ours, detached ones included (flower-superlink starts its SuperExec in a new session).
+descendants() { local p kids; for p in "$@"; do kids=$(pgrep -P "$p" | tr '\n' ' '); [ -n "$kids" ] && { echo "$kids"; descendants $kids; }; done; }
 cleanup() {
+  local pids
+  pids=$(descendants $(for g in "${PGIDS[@]}"; do pgrep -g "$g"; done))
   for g in "${PGIDS[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
+  for p in $pids; do kill -TERM "$p" 2>/dev/null || true; done
   for _ in $(seq 20); do
     alive=0
     for g in "${PGIDS[@]}"; do kill -0 -- "-$g" 2>/dev/null && alive=1; done
+    for p in $pids; do kill -0 "$p" 2>/dev/null && alive=1; done
     [ $alive = 0 ] && return
     sleep 0.5
   done
   for g in "${PGIDS[@]}"; do kill -KILL -- "-$g" 2>/dev/null || true; done
+  for p in $pids; do kill -KILL "$p" 2>/dev/null || true; done
 }
 trap cleanup EXIT
 start() { local log=$1; shift; setsid "$@" >"$log" 2>&1 & PGIDS+=($!); }  # each daemon in its own process group
