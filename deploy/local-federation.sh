@@ -33,10 +33,10 @@ cd "$ROOT"
 
 PGIDS=()
 # Every process below ours, detached ones included (flower-superlink starts its SuperExec in a new session).
-descendants() { local p kids; for p in "$@"; do kids=$(pgrep -P "$p" | tr '\n' ' '); [ -n "$kids" ] && { echo "$kids"; descendants $kids; }; done; }
+descendants() { local p kids; for p in "$@"; do kids=$(pgrep -P "$p" | tr '\n' ' '); [ -n "$kids" ] && { echo "$kids"; descendants $kids; }; done; return 0; }
 cleanup() {
   local pids
-  pids=$(descendants $(for g in "${PGIDS[@]}"; do pgrep -g "$g"; done))
+  pids=$(descendants $(for g in "${PGIDS[@]}"; do pgrep -g "$g" || true; done)) || true
   for g in "${PGIDS[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
   for p in $pids; do kill -TERM "$p" 2>/dev/null || true; done
   for _ in $(seq 20); do
