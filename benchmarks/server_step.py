@@ -5,6 +5,9 @@ Real weights (default; the prepared smol bundle, `fednano prepare`):
   * the server step (SmolLM2-135M, loss + d loss / d embeddings) in three variants:
       ours-bf16  : bf16, logits only at labelled positions (what FedNano runs)
       ours-bf16-eager-attn : the same with model.attention = "eager" (plain matmul + softmax attention)
+      ours-bf16-compiled, ours-bf16-eager-attn-compiled : those two with the decoder under torch.compile
+                 (inductor), with --compile
+    The server-step variants are timed interleaved (one step of each in turn), each with its own copy of the LLM.
       full-head  : bf16, HF's own loss: full-vocabulary head over every position
       ours-fp32  : fp32, logits only at labelled positions
     FLOPs are counted by torch's FLOP formulas on the real step, so achieved
@@ -32,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
-from common import SHAPES, count_flops, machine, matmul_gflops, random_llm, random_request, timeit
+from common import SHAPES, count_flops, machine, matmul_gflops, random_llm, random_request, sync, timeit
 
 from fednano.backbones.bundle import load_nanoedge, load_server_llm
 from fednano.backbones.prepare import ensure_prepared
@@ -68,6 +71,39 @@ def where_time_goes(step, top: int = 8) -> str:
     lines = ["| operator | share of the step's CPU time | calls per step |", "|---|---:|---:|"]
     lines += [f"| {e.key[:70]} | {100 * e.self_cpu_time_total / total:.1f} % | {e.count // 3} |" for e in events[:top]]
     return "\n".join(lines)
+
+
+def interleaved(steps: dict, repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds of each step, timed in turn (one call of each, `repeats` times over) so that every variant sees
+    the same machine: a shared, noisy machine slows them alike instead of whichever ran during a busy minute."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            sync(device)
+            t = time.perf_counter()
+            step()
+            sync(device)
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def compile_decoder(llm, step, work, edge) -> str:
+    """Compile the LLM's decoder with torch.compile (inductor, dynamic shapes: a batch's length varies) in place, and
+    time what that costs: the first step (tracing and code generation) and the first step at a new sequence length."""
+    llm.decoder = torch.compile(llm.decoder, dynamic=True)
+    t0 = time.perf_counter()
+    step()
+    first = time.perf_counter() - t0
+    pool, length = list(load_split("train")), step()[1].shape[1]
+    batches = (work.train_batch(pool[i : i + 8]) for i in range(8, len(pool), 8))
+    batch2, feats2 = next(b for b in batches if b[0].input_ids.shape[1] != length)
+    with torch.no_grad():
+        embeds2 = edge.embed(batch2.input_ids, feats2)
+    t0 = time.perf_counter()
+    llm.train_step(embeds2, batch2.attention_mask, batch2.labels)
+    other = time.perf_counter() - t0
+    return (f"torch.compile (inductor, dynamic=True): the first step took {first:.1f} s (compilation); the first at another "
+            f"length ({embeds2.shape[1]} tokens against the benchmark's {length}) {other:.1f} s")
 
 
 def paper_scale(args: argparse.Namespace, device: torch.device) -> None:
@@ -114,24 +150,29 @@ def smol_real(args: argparse.Namespace, device: torch.device) -> None:
         embeds = edge.embed(batch.input_ids, feats)
 
     peak_bf16, peak_fp32 = matmul_gflops(torch.bfloat16, device), matmul_gflops(torch.float32, device)
-    rows, profiles = [], {}
-    llm = load_server_llm(bundle, torch.bfloat16, device)
-    variants = (("ours-bf16", torch.bfloat16, "sdpa"), ("ours-bf16-eager-attn", torch.bfloat16, "eager"),
-                ("full-head", torch.bfloat16, "sdpa"), ("ours-fp32", torch.float32, "sdpa"))
-    for name, dtype, attention in variants:
-        if llm.dtype != dtype:
-            llm = load_server_llm(bundle, dtype, device)
+    variants = [("ours-bf16", torch.bfloat16, "sdpa"), ("ours-bf16-eager-attn", torch.bfloat16, "eager"),
+                ("full-head", torch.bfloat16, "sdpa"), ("ours-fp32", torch.float32, "sdpa")]
+    if args.compile:
+        variants[2:2] = [("ours-bf16-compiled", torch.bfloat16, "sdpa"), ("ours-bf16-eager-attn-compiled", torch.bfloat16, "eager")]
+    steps, flops, grads, notes, profiles = {}, {}, {}, [], {}
+    for name, dtype, attention in variants:  # each variant its own copy of the LLM, so that all can be timed interleaved
+        llm = load_server_llm(bundle, dtype, device)
         llm.set_attention(attention)
         if name == "full-head":
             step = lambda m=llm: full_head_step(m, embeds, batch.attention_mask.to(device), batch.labels.to(device))  # noqa: E731
         else:
             step = lambda m=llm: m.train_step(embeds, batch.attention_mask, batch.labels)  # noqa: E731
-        flops = count_flops(step)
-        sec = timeit(step, args.repeats, device)
-        peak = peak_bf16 if dtype == torch.bfloat16 else peak_fp32
-        rows.append((name, sec, flops, flops / sec / 1e9, flops / sec / 1e9 / peak_bf16, flops / sec / 1e9 / peak))
+        flops[name] = count_flops(step)  # before compiling: torch's FLOP counter sees the eager ops (the same maths)
+        if name.endswith("-compiled"):
+            notes.append(f"{name}: " + compile_decoder(llm, step, work, edge))
+        grads[name], steps[name] = step()[1].float(), step
         if args.profile and name.startswith("ours-bf16"):
             profiles[name] = where_time_goes(step)
+    times = interleaved(steps, args.repeats, device)
+    rows = []
+    for name, dtype, _ in variants:
+        sec, peak = times[name], peak_bf16 if dtype == torch.bfloat16 else peak_fp32
+        rows.append((name, sec, flops[name], flops[name] / sec / 1e9, flops[name] / sec / 1e9 / peak_bf16, flops[name] / sec / 1e9 / peak))
 
     # client side and the real channel (bf16 wire, as in training)
     llm = load_server_llm(bundle, torch.bfloat16, device)
@@ -179,13 +220,19 @@ def smol_real(args: argparse.Namespace, device: torch.device) -> None:
 
     print(f"\nSplit step benchmark: SmolLM2-135M server, batch {B} x {T} tokens, on {machine(device)}\n")
     print(f"matmul: bf16 {peak_bf16:.0f} GFLOP/s, fp32 {peak_fp32:.0f} GFLOP/s (ratio {peak_bf16 / peak_fp32:.2f}x)\n")
-    print("| server step | seconds | GFLOP counted | achieved GFLOP/s | / bf16 matmul peak | / same-dtype peak |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print("| server step | seconds | GFLOP counted | achieved GFLOP/s | / bf16 matmul peak | / same-dtype peak | grad vs fp32 (rel. L2) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    ref = grads["ours-fp32"]
     for name, sec, flops, rate, r_bf16, r_same in rows:
-        print(f"| {name} | {sec:.3f} | {flops / 1e9:.1f} | {rate:.0f} | {r_bf16:.2f} | {r_same:.2f} |")
+        diff = float((grads[name] - ref).norm() / ref.norm())
+        print(f"| {name} | {sec:.3f} | {flops / 1e9:.1f} | {rate:.0f} | {r_bf16:.2f} | {r_same:.2f} | {diff:.4f} |")
     sec = {r[0]: r[1] for r in rows}
     print(f"\nspeed-up of ours-bf16: {sec['full-head'] / sec['ours-bf16']:.2f}x over full-head, {sec['ours-fp32'] / sec['ours-bf16']:.2f}x "
-          f"over ours-fp32; eager attention: {sec['ours-bf16'] / sec['ours-bf16-eager-attn']:.2f}x over the fused kernel\n")
+          f"over ours-fp32; eager attention: {sec['ours-bf16'] / sec['ours-bf16-eager-attn']:.2f}x over the fused kernel"
+          + (f"; torch.compile: {sec['ours-bf16'] / sec['ours-bf16-compiled']:.2f}x over eager (SDPA), "
+             f"{sec['ours-bf16-eager-attn'] / sec['ours-bf16-eager-attn-compiled']:.2f}x (eager attention)" if args.compile else "") + "\n")
+    for note in notes:
+        print(note + "\n")
     for name, table in profiles.items():
         print(f"where a {name} step's time goes (torch profiler, 3 steps):\n\n{table}\n")
     print("| client / channel | value |")
@@ -211,6 +258,8 @@ def main() -> None:
     ap.add_argument("--text-tokens", type=int, default=64, help="random weights: text tokens per sample besides the visual ones")
     ap.add_argument("--answer-tokens", type=int, default=4, help="random weights: labelled tokens per sample")
     ap.add_argument("--repeats", type=int, default=5, help="timed repetitions per variant (median reported)")
+    ap.add_argument("--compile", action="store_true", help="also time the bf16 step with the decoder under torch.compile (inductor; "
+                    "compiling takes minutes on a CPU)")
     ap.add_argument("--profile", action="store_true", help="also print where a bf16 step's time goes (torch's profiler), per attention")
     args = ap.parse_args()
     device = resolve_device(args.device, "--device")
