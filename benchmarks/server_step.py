@@ -88,9 +88,9 @@ def interleaved(steps: dict, repeats: int, device: torch.device) -> dict[str, fl
 
 
 def compile_decoder(llm, step, work, edge) -> str:
-    """Compile the LLM's decoder with torch.compile (inductor, dynamic shapes: a batch's length varies) in place, and
-    time what that costs: the first step (tracing and code generation) and the first step at a new sequence length."""
-    llm.decoder = torch.compile(llm.decoder, dynamic=True)
+    """Compile the LLM's training steps (ServerLLM.compile_training: inductor, dynamic shapes, as a batch's length varies)
+    in place, and time what that costs: the first step (tracing and code generation) and the first step at a new sequence length."""
+    llm.compile_training()  # what model.compile = true does: torch.compile(decoder, dynamic=True) for the training steps
     t0 = time.perf_counter()
     step()
     first = time.perf_counter() - t0

@@ -1,5 +1,6 @@
 """Cross-client micro-batching: steps that arrive together share one LLM pass, results stay per client."""
 
+import dataclasses
 import threading
 
 import pytest
@@ -43,6 +44,39 @@ def test_eager_attention_gives_the_fused_kernels_loss_and_gradients(tiny_llm_on)
         tiny_llm_on.set_attention("sdpa")
     assert plain[0].item() == pytest.approx(fused[0].item(), rel=1e-5)
     torch.testing.assert_close(plain[1], fused[1], atol=1e-6, rtol=1e-4)
+
+
+def test_compiled_training_steps_equal_eager_ones(tiny_llm_on):
+    """model.compile: micro-batched steps of several lengths and both reductions, and the label-private split's
+    hidden states and backward, give the eager decoder's losses and gradients (fp32) through torch.compile."""
+    d = tiny_llm_on.hidden_size
+    reqs = [_request(5, 2, 7, d, "mean"), _request(6, 3, 11, d, "sum")]
+    eager = tiny_llm_on.train_steps(reqs) + tiny_llm_on.train_steps(reqs[1:])
+    pos = reqs[0][2] != -100
+    h_eager = tiny_llm_on.hidden_states(reqs[0][0], reqs[0][1], pos)
+    g_eager = tiny_llm_on.hidden_backward(reqs[0][0], reqs[0][1], pos, torch.ones_like(h_eager))
+    tiny_llm_on.compile_training()
+    assert tiny_llm_on.train_decoder is not tiny_llm_on.decoder
+    compiled = tiny_llm_on.train_steps(reqs) + tiny_llm_on.train_steps(reqs[1:])  # a new batch size: dynamic shapes
+    for (loss, grad, n), (ref_loss, ref_grad, ref_n) in zip(compiled, eager, strict=True):
+        assert n == ref_n
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+        torch.testing.assert_close(grad, ref_grad, atol=1e-5, rtol=1e-4)
+    h = tiny_llm_on.hidden_states(reqs[0][0], reqs[0][1], pos)
+    torch.testing.assert_close(h, h_eager, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(tiny_llm_on.hidden_backward(reqs[0][0], reqs[0][1], pos, torch.ones_like(h)), g_eager, atol=1e-5, rtol=1e-4)
+
+
+def test_model_compile_compiles_the_server_llms_training_steps(tiny_cfg):
+    """model.compile = true reaches the server: its LLM trains through the compiled decoder; false leaves it eager."""
+    from fednano.runtime.server import ServerSide
+
+    for flag in (True, False):
+        side = ServerSide(dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, compile=flag)))
+        try:
+            assert (side.llm.train_decoder is not side.llm.decoder) is flag
+        finally:
+            side.stop()
 
 
 def test_concurrent_clients_are_batched_by_the_server(tiny_llm):

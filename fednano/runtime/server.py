@@ -60,6 +60,8 @@ class ServerSide:
         self.bundle = ensure_prepared(cfg)
         self.llm = load_server_llm(self.bundle, dtype_of(cfg.model.llm_dtype), device, cfg.model.server_device_map)
         self.llm.set_attention(cfg.model.attention)
+        if cfg.model.compile:
+            self.llm.compile_training()
         if cfg.split.label_private and not getattr(self.llm.model.config.get_text_config(), "tie_word_embeddings", False):
             raise ConfigError("split.label_private: this backbone's output head is not its input-embedding table, which is all a "
                               "client holds of it; the U-shaped split would need the head in the client bundle (not built)")

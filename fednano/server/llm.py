@@ -51,10 +51,18 @@ class ServerLLM:
         text_cfg = model.config.get_text_config()
         self.hidden_size = text_cfg.hidden_size
         self.vocab_size = text_cfg.vocab_size
+        self.train_decoder = self.decoder  # what the training steps run (compile_training: the decoder under torch.compile)
 
     def set_attention(self, kind: str) -> None:
         """The attention kernel ('sdpa' or 'eager', config.ATTENTION) every layer uses from now on."""
         self.model.set_attn_implementation(kind)
+
+    def compile_training(self) -> None:
+        """Run the training steps (train_steps, the label-private split's hidden states and their backward) through the
+        decoder under torch.compile (inductor, dynamic shapes, as a batch's length and the number of micro-batched
+        requests vary). The first step compiles (about a minute on a 2-core CPU); scoring and generation stay eager
+        (their KV cache changes shape every token). Call after set_attention: the compiled graph keeps the kernel."""
+        self.train_decoder = torch.compile(self.decoder, dynamic=True)
 
     def hidden_states(self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """The final hidden states (after the last norm) at `positions` (B, T) bool, as (N, d) in embeds' dtype, no graph:
@@ -73,7 +81,7 @@ class ServerLLM:
         self, embeds: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, grad: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x = embeds.detach().to(self.device, self.dtype).requires_grad_(grad)
-        hidden = self.decoder(inputs_embeds=x, attention_mask=mask.to(self.device)).last_hidden_state
+        hidden = self.train_decoder(inputs_embeds=x, attention_mask=mask.to(self.device)).last_hidden_state
         return hidden[positions.to(hidden.device)], x
 
     def train_step(
@@ -121,7 +129,7 @@ class ServerLLM:
         mask = torch.cat([pad(m, 0) for _, m, _, _ in requests])
         labels = torch.cat([pad(lab, IGNORE_INDEX) for _, _, lab, _ in requests])
         group = torch.cat([torch.full((e.shape[0],), i, device=dev) for i, (e, _, _, _) in enumerate(requests)])  # row -> request
-        hidden = self.decoder(inputs_embeds=x, attention_mask=mask).last_hidden_state  # (ΣB, T, d), on the last shard's device
+        hidden = self.train_decoder(inputs_embeds=x, attention_mask=mask).last_hidden_state  # (ΣB, T, d), on the last shard's device
         targets = labels[:, 1:].to(hidden.device)  # token t+1 is predicted at position t
         sel = targets != IGNORE_INDEX  # (ΣB, T-1)
         logits = self.head(hidden[:, :-1][sel]).float()  # (N, V): only labelled positions, on the head's device
