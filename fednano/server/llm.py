@@ -60,7 +60,7 @@ class ServerLLM:
     def compile_training(self) -> None:
         """Run the training steps (train_steps, the label-private split's hidden states and their backward) through the
         decoder under torch.compile (inductor, dynamic shapes, as a batch's length and the number of micro-batched
-        requests vary). The first step compiles (about a minute on a 2-core CPU); scoring and generation stay eager
+        requests vary). The first step compiles (1 to 3 minutes on a 2-core CPU); scoring and generation stay eager
         (their KV cache changes shape every token). Call after set_attention: the compiled graph keeps the kernel."""
         self.train_decoder = torch.compile(self.decoder, dynamic=True)
 
