@@ -2,14 +2,14 @@
 
 Real weights (default; the prepared smol bundle, `fednano prepare`):
   * this device's bf16 and fp32 matmul rate (the reference peak);
-  * the server step (SmolLM2-135M, loss + d loss / d embeddings) in three variants:
+  * the server step (SmolLM2-135M, loss + d loss / d embeddings) in several variants:
       ours-bf16  : bf16, logits only at labelled positions (what FedNano runs)
       ours-bf16-eager-attn : the same with model.attention = "eager" (plain matmul + softmax attention)
       ours-bf16-compiled, ours-bf16-eager-attn-compiled : those two with the decoder under torch.compile
                  (inductor), with --compile
-    The server-step variants are timed interleaved (one step of each in turn), each with its own copy of the LLM.
       full-head  : bf16, HF's own loss: full-vocabulary head over every position
       ours-fp32  : fp32, logits only at labelled positions
+    timed interleaved (one step of each in turn), each with its own copy of the LLM.
     FLOPs are counted by torch's FLOP formulas on the real step, so achieved
     GFLOP/s / matmul GFLOP/s is an honest utilisation ratio;
   * the client step (NanoEdge forward + backward into the adapters) and a full
@@ -223,9 +223,9 @@ def smol_real(args: argparse.Namespace, device: torch.device) -> None:
     print("| server step | seconds | GFLOP counted | achieved GFLOP/s | / bf16 matmul peak | / same-dtype peak | grad vs fp32 (rel. L2) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     ref = grads["ours-fp32"]
-    for name, sec, flops, rate, r_bf16, r_same in rows:
+    for name, sec, counted, rate, r_bf16, r_same in rows:
         diff = float((grads[name] - ref).norm() / ref.norm())
-        print(f"| {name} | {sec:.3f} | {flops / 1e9:.1f} | {rate:.0f} | {r_bf16:.2f} | {r_same:.2f} | {diff:.4f} |")
+        print(f"| {name} | {sec:.3f} | {counted / 1e9:.1f} | {rate:.0f} | {r_bf16:.2f} | {r_same:.2f} | {diff:.4f} |")
     sec = {r[0]: r[1] for r in rows}
     print(f"\nspeed-up of ours-bf16: {sec['full-head'] / sec['ours-bf16']:.2f}x over full-head, {sec['ours-fp32'] / sec['ours-bf16']:.2f}x "
           f"over ours-fp32; eager attention: {sec['ours-bf16'] / sec['ours-bf16-eager-attn']:.2f}x over the fused kernel"
