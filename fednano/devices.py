@@ -49,7 +49,7 @@ def resolve_device(spec: str, field: str = "device") -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise ConfigError(f"{field}: {spec!r} asked for, but this process sees no CUDA GPU (torch {torch.__version__}; "
-                          "is this the CUDA build of torch? see README, 'Running on GPUs')")
+                          "is this the CUDA build of torch? see docs/guides/gpus.md)")
     index = int(spec.partition(":")[2]) if ":" in spec else torch.cuda.current_device()
     if index >= torch.cuda.device_count():
         raise ConfigError(f"{field}: {spec!r} asked for, but this process sees {torch.cuda.device_count()} CUDA device(s)")

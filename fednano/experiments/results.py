@@ -20,7 +20,7 @@ BYTES_FIELDS = ("adapters_down", "adapters_up", "fisher_up", "activations_up", "
 
 @dataclass
 class RoundRecord:
-    """One round's entry in results.json (README, "The results folder", says what each field means)."""
+    """One round's entry in results.json (docs/quickstart.md, "The results folder", says what each field means)."""
 
     round: int
     global_accuracy: float | None  # None: the global test set was not scored this round (federation.eval_every)
@@ -44,6 +44,7 @@ class RoundRecord:
     memory: dict  # peak host memory per side; peak GPU memory on CUDA
     validation_accuracy: float | None = None  # data.validation_samples: the validation set, at validation rounds
     leakage: dict[str, float] | None = None  # privacy.audit: what the server reads from the global adapters' frames
+    merge_diagnostics: dict | None = None  # federation.merge_diagnostics: what the merge did (fednano.diagnostics)
     dp_epsilon: float | None = None  # privacy.client_dp / dp_sgd: epsilon spent after this round (at privacy.delta; dp_sgd: worst client)
     dp_sgd: dict[str, dict] | None = None  # privacy.dp_sgd: per client that trained, its steps so far, sigma, rate and epsilon
     client_global_accuracy: dict[str, float] | None = None  # clients' own states on the global test set ('local')

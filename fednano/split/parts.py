@@ -54,7 +54,7 @@ class Protocol:
     name: str
     caches_features: bool  # visual tokens cross once per image, as frozen connector outputs
     sends_ids: bool  # text crosses as token ids (the server embeds them), not as embeddings
-    reveals: str  # what the server learns beyond the activations protocol (README)
+    reveals: str  # what the server learns beyond the activations protocol (docs/architecture.md)
 
     def step_bytes(self, s: StepShape) -> tuple[int, int]:
         """Payload bytes (up, down) of one training step as SplitClient sends it (frame headers, a few hundred
