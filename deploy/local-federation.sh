@@ -2,8 +2,12 @@
 # A whole FedNano federation on this machine, the way it runs on several:
 # a Flower SuperLink and SuperNodes as separate processes over TLS with
 # SuperNode authentication, and the split channel over TLS with the same CA.
-# Runs one experiment with `flwr run`, checks that an unregistered SuperNode is
-# refused, and stops everything it started (by process group) on exit.
+# Runs one experiment with `fednano deploy-run` (`flwr run`, followed to its end:
+# the script fails when the ServerApp does), checks that an unregistered SuperNode
+# is refused, and stops everything it started (by process group) on exit.
+# Only the server prepares the backbone: it packs the client bundle (`fednano bundle
+# pack`), and each node gets its own cache (WORK_DIR/node<i>/cache) holding only that
+# bundle, unpacked and verified (`fednano bundle unpack`); nodes never fetch or prepare.
 #
 #   deploy/local-federation.sh WORK_DIR [RUN_CONFIG.toml] [NUM_NODES]
 #
@@ -16,7 +20,8 @@
 # added to SuperNode i's node config, e.g.
 #   ON_NODES=1 NODE_CONFIG_0="dataset='llava-json' data-path='/srv/a/data.json'" \
 #   NODE_CONFIG_1="dataset='scienceqa' data-path='/srv/b/ScienceQA'" deploy/local-federation.sh WORK
-# The run config's own data is then only the server's global test set.
+# The run config's own data is then only the server's global test set. PARTITION_ID_<i> gives SuperNode i
+# another partition-id than i (the tests make two nodes claim one).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 ROOT=$(mkdir -p "$1" && cd "$1" && pwd)
@@ -52,6 +57,7 @@ cleanup() {
 trap cleanup EXIT
 start() { local log=$1; shift; setsid "$@" >"$log" 2>&1 & PGIDS+=($!); }  # each daemon in its own process group
 node_config() { local v="NODE_CONFIG_$1"; echo "${!v:-}"; }  # what node $1 sets for itself (its own data, ...)
+partition() { local v="PARTITION_ID_$1"; echo "${!v:-$1}"; }  # node $1's partition-id ($1 unless PARTITION_ID_<i> says otherwise)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 
 bash "$REPO/deploy/make-certs.sh" "$ROOT" "$((NODES + 1))"   # the last key stays unregistered
@@ -89,7 +95,11 @@ with open(dst, "w") as f:
     for section, values in cfg.items():
         f.write(f"[{section}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in values.items()) + "\n")
 PY
-fednano prepare --config "$ROOT/run.toml" >logs/prepare.log 2>&1
+# the server prepares (it holds the LLM) and packs the client bundle; each node unpacks it into a cache of its own
+fednano bundle pack "$ROOT/nanoedge.tar" --config "$ROOT/run.toml" >logs/prepare.log 2>&1
+for ((i = 0; i < NODES; i++)); do
+  fednano bundle unpack "$ROOT/nanoedge.tar" --cache-dir "$ROOT/node$i/cache" >>logs/unpack.log 2>&1
+done
 
 start logs/superlink.log flower-superlink --ssl-ca-certfile "$ROOT/certs/ca.crt" --ssl-certfile "$ROOT/certs/server.pem" \
   --ssl-keyfile "$ROOT/certs/server.key" --enable-supernode-auth --disable-runtime-dependency-installation \
@@ -99,8 +109,9 @@ grep -q "Uvicorn running" logs/superlink.log || { echo "SuperLink did not start 
 
 for ((i = 0; i < NODES; i++)); do
   flwr supernode register "keys/node$i.pub" fednano >>logs/register.log 2>&1
-  start "logs/supernode$i.log" flower-supernode --root-certificates "$ROOT/certs/ca.crt" --superlink "127.0.0.1:$LINK_PORT" \
-    --auth-supernode-private-key "$ROOT/keys/node$i" --node-config "partition-id=$i num-partitions=$NODES $(node_config "$i")" \
+  start "logs/supernode$i.log" env FEDNANO_CACHE="$ROOT/node$i/cache" flower-supernode --root-certificates "$ROOT/certs/ca.crt" \
+    --superlink "127.0.0.1:$LINK_PORT" --auth-supernode-private-key "$ROOT/keys/node$i" \
+    --node-config "partition-id=$(partition "$i") num-partitions=$NODES cache-dir='$ROOT/node$i/cache' fetch-bundle=0 $(node_config "$i")" \
     --port "$(free_port)"
 done
 for _ in $(seq 120); do [ "$(flwr supernode list 2>/dev/null | grep -c online)" -ge "$NODES" ] && break; sleep 1; done
@@ -118,8 +129,9 @@ else
   echo "an unregistered SuperNode was NOT refused (exit $code; logs/unregistered.log)"; exit 1
 fi
 
-(cd app && flwr run . --stream --run-config "config-file=\"$ROOT/run.toml\" output-dir=\"$ROOT/out\"") >logs/flwr-run.log 2>&1
-# flwr run exits 0 even when the ServerApp fails: results.json is the verdict.
+# `flwr run` exits 0 even when the ServerApp fails: deploy-run follows the run and exits 1 unless it completed
+fednano deploy-run --app app --config "$ROOT/run.toml" --output "$ROOT/out" >logs/flwr-run.log 2>&1 || {
+  echo "the run failed: $(grep '^error:' logs/flwr-run.log | tail -1) (logs/flwr-run.log)"; exit 1; }
 python3 - "$ROOT/out/results.json" <<'PY'
 import json, sys
 try:

@@ -167,6 +167,76 @@ def prepare(config: ConfigOpt = None, backbone: BackboneOpt = None, checkpoint: 
     typer.echo(str(ensure_prepared(cfg)))
 
 
+@app.command("deploy-run")
+@_one_line_errors
+def deploy_run(
+    config: Annotated[Path, typer.Option("--config", "-c", help="The run config (TOML), as the SuperLink's machine sees it.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The results folder, on the SuperLink's machine.")],
+    app_dir: Annotated[Path, typer.Option("--app", help="The FedNano folder Flower packs as the app (pyproject.toml at its root).")]
+    = Path("."),
+    superlink: Annotated[str | None, typer.Option("--superlink", help="The connection in $FLWR_HOME/config.toml (default: its default).")]
+    = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output after its last completed round.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="Do not stream the run's log.")] = False,
+) -> None:
+    """Start a deployed run with `flwr run`, follow it (`flwr log`, `flwr ls`) and exit with its verdict: 0 when Flower
+    finished it as completed and results.json holds its final scores, 1 otherwise (`flwr run` itself exits 0 even
+    when the ServerApp fails)."""
+    from fednano.federation.deploy import deploy_run as follow
+
+    outcome = follow(app_dir, config, output, superlink, resume, stream=not quiet)
+    if not outcome.ok:
+        typer.echo(f"error: {outcome.problem}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"run {outcome.run_id} {outcome.status}; results in {outcome.results}")
+
+
+bundle_app = typer.Typer(no_args_is_help=True, help="Ship the client bundle (NanoEdge) from the server to nodes, by content digest.")
+app.add_typer(bundle_app, name="bundle")
+
+
+@bundle_app.command("pack", epilog=_OPTIONS_EPILOG)
+@_one_line_errors
+def bundle_pack(
+    output: Annotated[Path, typer.Argument(metavar="OUT.tar", help="The file to write (copy it to each node).", show_default=False)],
+    config: ConfigOpt = None, backbone: BackboneOpt = None, checkpoint: CheckpointOpt = None, set_: SetOpt = None,
+) -> None:
+    """On the server (it holds the LLM): prepare the run's backbone if needed and pack its client bundle, with its
+    manifest, into OUT.tar. Prints the bundle's digest, which every message of the run names."""
+    cfg = _load(config, set_, backbone, checkpoint)
+    _setup_logging()
+    from fednano.backbones.digest import pack
+    from fednano.backbones.prepare import ensure_prepared
+
+    d = pack(ensure_prepared(cfg) / "client", output)
+    typer.echo(f"packed NanoEdge bundle sha256:{d} into {output}")
+
+
+@bundle_app.command("unpack")
+@_one_line_errors
+def bundle_unpack(
+    file: Annotated[Path, typer.Argument(metavar="FILE.tar", help="A file `fednano bundle pack` wrote.", show_default=False)],
+    cache_dir: Annotated[Path | None, typer.Option(
+        "--cache-dir", help="The node's cache (default: $FEDNANO_CACHE or ~/.cache/fednano; its node config's cache-dir if set).")]
+    = None,
+    digest: Annotated[str | None, typer.Option("--digest", help="Refuse the file unless it is this bundle (the sha256 pack printed).")]
+    = None,
+) -> None:
+    """On a node: check every file of FILE.tar against its manifest (and --digest) and put the bundle in the node's
+    cache (<cache>/nanoedge/<digest>/), where the node's ClientApp finds it by the digest the run's messages name.
+    No LLM weight is needed, read or written."""
+    from fednano.backbones.digest import unpack
+    from fednano.config import default_cache_dir
+
+    want = digest.removeprefix("sha256:") if digest else None
+    if want is not None and (len(want) != 64 or any(c not in "0123456789abcdef" for c in want)):
+        from fednano.backbones.bundle import BundleError
+
+        raise BundleError(f"--digest {digest!r}: give the whole sha256 (64 hex digits) that `fednano bundle pack` printed")
+    d, folder = unpack(file, cache_dir or Path(default_cache_dir()).expanduser(), expected=want)
+    typer.echo(f"NanoEdge bundle sha256:{d} verified and held in {folder}")
+
+
 @app.command()
 @_one_line_errors
 def footprint(
@@ -219,8 +289,9 @@ def export(
     merged (PEFT's merge_and_unload): no cost at inference.
 
     llava / blip2 runs: a LlavaForConditionalGeneration / Blip2ForConditionalGeneration folder that plain
-    transformers loads. smol / compose / tiny: llm/ (a causal-LM folder) and vision/ (the NanoEdge with the
-    adapters folded, for fednano.backbones.bundle.load_nanoedge). --client ID: that client's own model, where
+    transformers loads. smol / compose / tiny: one folder with its own code that AutoModelForImageTextToText and
+    AutoProcessor load with trust_remote_code=True, without FedNano, and vision/ (the NanoEdge with the adapters
+    folded, for fednano.backbones.bundle.load_nanoedge). --client ID: that client's own model, where
     the method keeps one (local; feddpa-f: the global LoRA plus the client's personal LoRA).
     """
     _setup_logging()

@@ -161,7 +161,9 @@ SPLIT_PROTOCOLS = ("activations", "cached-features", "cached-features+ids")  # s
 @dataclass
 class DataConfig:
     dataset: str = _f("easy-vqa", "Dataset: 'easy-vqa' (ships inside its package), 'scienceqa', 'iconqa' or 'llava-json' (from `path`).")
-    path: str = _f("", "scienceqa / iconqa / llava-json: where the data lies (see README: official layouts, HF parquet, LLaVA JSON).")
+    path: str = _f(
+        "", "scienceqa / iconqa / llava-json: where the data lies (docs/guides/data.md: official layouts, HF parquet, LLaVA JSON)."
+    )
     test_path: str = _f(
         "", "llava-json: the test file (default: `<stem>_test.json` beside data.path, with data.path's `<stem>_train.json` "
         "as the training file, when both exist; else data.path split 90/10 by seed)."
@@ -292,9 +294,30 @@ class FederationConfig:
         1.0, "Fraction of clients that score each round's model on their local test split (a seeded sample per round; "
         "with many clients, evaluating all of them costs more than the training)."
     )
-    min_train_clients: int = _f(2, "Fewest valid replies a round needs; otherwise the previous global adapters are kept.")
+    min_train_clients: int = _f(2, "Fewest valid replies a round needs; otherwise the previous global adapters are kept (not under "
+                                "privacy.client_dp, where every round releases its noised sum).")
     fisher_floor: float = _f(1e-6, "Lower bound on each Fisher entry (keeps the merge defined where all Fishers vanish).")
     fisher_normalize: bool = _f(False, "Divide each client's Fisher by its mean before merging.")
+    fisher_power: float = _f(
+        1.0, "Fisher merging: weigh each client's entry by n_k F^p, a tempered Fisher (1: the paper's merge; 0: FedAvg's n_k; "
+        "between: a softer preference for the client whose Fisher is larger)."
+    )
+    fisher_at: str = _f(
+        "trained", "Where a Fisher pass (fednano, fednano-product, fednano-ffa) takes each client's Fisher: 'trained' (after local "
+        "training, the paper's) or 'global' (at the global adapters it received, before training: every client's curvature at one "
+        "point, so a client that fits its own data well does not lose weight for it)."
+    )
+    fisher_prior: float = _f(
+        0.0, "Fisher merging of updates with the server's running Fisher (the mean merge weight of earlier rounds) as a prior: "
+        "theta = theta_g + sum_k w_k Δ_k / (sum_k w_k + fisher_prior N F_prior); 0: none (the paper's merge)."
+    )
+    merge_diagnostics: bool = _f(
+        False, "Record per round what the merge did (results.json `merge_diagnostics`, merge_diagnostics.png): each client's Fisher "
+        "total and weight share, per tensor the entries one client dominates and the effective clients per entry, the A/B "
+        "factor mismatch, each update's cosine to the merged one, and (at validation rounds) the Fisher's relative error "
+        "against one from 4x the samples. Methods without a Fisher then compute one for the diagnostics (more client work and "
+        "split bytes); NanoEdge methods with a global merge only."
+    )
     max_update_norm: float = _f(0.0, "Reject a client update whose distance ||theta_k - theta_global|| exceeds this (0 = no bound).")
     client_cpus: float = _f(1.0, "CPUs Ray reserves per simulated client.")
     client_gpus: float = _f(
@@ -326,6 +349,9 @@ class FederationConfig:
             "federation.fisher_type",
             f"must be 'empirical' or 'exact', got {self.fisher_type!r}",
         )
+        _check(self.fisher_power >= 0, "federation.fisher_power", "must be >= 0")
+        _check(self.fisher_at in ("trained", "global"), "federation.fisher_at", f"must be 'trained' or 'global', got {self.fisher_at!r}")
+        _check(self.fisher_prior >= 0, "federation.fisher_prior", "must be >= 0")
         _check(self.server_lr > 0, "federation.server_lr", "must be > 0")
         _check(0 <= self.server_beta1 < 1 and 0 <= self.server_beta2 < 1, "federation.server_beta1/2", "must be in [0, 1)")
         _check(self.server_tau > 0, "federation.server_tau", "must be > 0")
@@ -359,7 +385,7 @@ class SplitConfig:
         False, "The U-shaped split (with protocol = 'activations'): the answers never leave the client. The server returns the "
         "final hidden states at the positions that predict an answer token, the client applies the output head (its "
         "embedding table, for LLMs whose head is tied to it) and sends back d loss / d hidden states; two frames a step, the "
-        "same gradients. A server that runs the known-head gradient attack still reads the labels (BENCHMARKS, README)."
+        "same gradients. A server that runs the known-head gradient attack still reads the labels (BENCHMARKS, docs/guides/privacy.md)."
     )
     feature_cache_mb: float = _f(
         4096.0, "Most image features (MiB) the split server keeps for the cached protocols; least recently used go first."
@@ -423,8 +449,9 @@ class PrivacyConfig:
     )
 
     label_epsilon: float = _f(
-        0.0, "Label DP by randomized response (0: off): each client trains on answers drawn once per sample (the same in "
-        "every round): the true one with probability e^ε / (e^ε + K − 1), else one of its other K − 1 candidate answers. "
+        0.0, "Label DP by randomized response (0: off): each client trains on answers drawn once per sample from OS entropy and "
+        "kept in its state folder (the same in every round, process and run on that node): the true one with probability "
+        "e^ε / (e^ε + K − 1), else one of its other K − 1 candidate answers. "
         "Whatever the server reads from labels or gradients, each answer is ε-label-DP. Needs a closed answer set; not for "
         "centralized (it pools the data on the server)."
     )
@@ -435,7 +462,10 @@ class PrivacyConfig:
     client_dp: bool = _f(
         False, "Client-level differential privacy on what is aggregated (DP-FedAvg): each client's update is clipped to L2 norm "
         "clip_norm, the server adds Gaussian noise of std noise_multiplier × clip_norm to their sum and divides by the expected "
-        "number of clients per round; every client weighs the same. (ε, δ) per round from Opacus's RDP accountant, in results.json. "
+        "number of clients per round, fraction_train × num_clients; every client weighs the same. Clients are Poisson-sampled "
+        "(each independently with probability federation.fraction_train, as the accountant assumes), and every round releases "
+        "its noised sum, even one with fewer than min_train_clients replies. (ε, δ) per round from Opacus's RDP accountant, in "
+        "results.json. "
         "Central DP: it protects the clients from whoever sees the global model, not from the server. For the FedAvg family "
         "(fedavg, fedprox, fedadam, fedyogi, fedit-lora) and, with noise on both of its sums, Fisher merging (fednano, "
         "fednano-ef, fednano-ffa: see fisher_groups; the accountant sees noise_multiplier / sqrt(2))."
@@ -461,6 +491,12 @@ class PrivacyConfig:
         "summed over before it is noised: 'tensor' (one weight per adapter factor) or 'rank' (one per rank component: finer, "
         "noisier). Per-entry weights would drown in the noise."
     )
+    reproducible_noise: bool = _f(
+        False, "For tests only: seed every privacy draw (DP-FedAvg's and DP-SGD's noise, embedding and gradient noise, randomized "
+        "answers, client sampling under client_dp) from federation.seed, data.seed, the round and the partition, so runs repeat. "
+        "Anyone who knows the config can then recompute the noise and subtract it: results.json `privacy` and the log mark the run "
+        "not private. false (the default): every draw comes from OS entropy, seeds kept only where they are drawn."
+    )
 
     def __post_init__(self) -> None:
         _check(self.embedding_noise >= 0, "privacy.embedding_noise", "must be >= 0")
@@ -477,6 +513,9 @@ class PrivacyConfig:
                "sets the noise of privacy.client_dp or privacy.dp_sgd; turn one of them on")
         _check(self.audit_samples >= 1, "privacy.audit_samples", "must be >= 1")
         _check(self.audit_pool >= 1, "privacy.audit_pool", "must be >= 1")
+        _check(not self.reproducible_noise or bool(self.client_dp or self.dp_sgd or self.embedding_noise or self.gradient_noise
+                                                    or self.label_epsilon), "privacy.reproducible_noise",
+               "seeds the privacy noise of client_dp, dp_sgd, embedding_noise, gradient_noise or label_epsilon; turn one of them on")
 
 
 @dataclass
@@ -667,6 +706,7 @@ NODE_SETTINGS: dict[str, tuple[str, str, type]] = {
     "device": ("model", "client_device", str),
     "threads": ("federation", "client_cpus", float),
     "image-folder": ("data", "image_folder", str),
+    "cache-dir": ("model", "cache_dir", str),  # where the node keeps the client bundles it received, and its partition
     # data.on_nodes: the node's own data
     "dataset": ("data", "dataset", str),
     "data-path": ("data", "path", str),

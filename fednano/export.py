@@ -9,9 +9,10 @@ they fold exactly into existing weights and cost nothing at inference:
                   W' = (I + s B A) W,  b' = (I + s B A) b
 
 `llava` and `blip2` runs export as the same HF class they were loaded from (plain transformers
-loads the folder). Composed backbones (`smol`, `compose`, `tiny`) export the LLM as a standard
-causal-LM folder (`llm/`) and the vision side as a NanoEdge client folder (`vision/`: encoder,
-folded connector, folded embedding table), which `fednano.backbones.bundle.load_nanoedge` loads.
+loads the folder). Composed backbones (`smol`, `compose`, `tiny`) export the whole MLLM as one transformers
+folder that carries its own code (export_remote: `AutoModelForImageTextToText` and `AutoProcessor` with
+`trust_remote_code=True` load it without FedNano), and the vision side again as a NanoEdge client folder
+(`vision/`: encoder, folded connector, folded embedding table), which `fednano.backbones.bundle.load_nanoedge` loads.
 
 Whose model: the run's global one, or with `client` one client's own where the method keeps one
 (`local`: its adapters from the last checkpoint). The LoRA family (`fedit-lora`, `feddpa-f`) trains
@@ -31,6 +32,8 @@ import torch
 from torch import nn
 
 from fednano.backbones.bundle import BundleError, load_hf_mllm, read_safetensors
+from fednano.backbones.digest import MANIFEST, held, short
+from fednano.backbones.digest import digest as bundle_digest
 from fednano.backbones.prepare import ensure_prepared
 from fednano.client.adapters import ADAPTER_PARAM_NAMES
 from fednano.config import AdapterConfig, RunConfig, load_config
@@ -95,6 +98,23 @@ class RunModel:
     adapters: dict[str, torch.Tensor] | None
     loras: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
     who: str = "the global model"
+    digest: str | None = None  # the client bundle the run trained with (results.json `bundle_digest`; None: a run made before digests)
+    results: Path | None = None
+
+
+def run_bundle(run: RunModel) -> Path:
+    """The prepared bundle a run's adapters belong to: the one in the cache whose client digest is the run's (prepared
+    again if none is). Another digest is another connector or embedding table: refused, both digests named."""
+    if run.digest:
+        found = held([run.cfg.model.resolved_cache_dir]).get(run.digest)
+        if found is not None and found.name == "client" and (found.parent / "server.json").exists():
+            return found.parent
+    bundle = ensure_prepared(run.cfg)
+    have = bundle_digest(bundle / "client")
+    if run.digest and have != run.digest:
+        raise ExportError(f"{run.results}: the run trained with NanoEdge bundle {short(run.digest)}, but the prepared {bundle} holds "
+                          f"{short(have)} (another connector or embedding table): use the run's bundle (its server's cache)")
+    return bundle
 
 
 def read_run(run_dir: Path, client: int | None = None, client_state: Path | None = None) -> RunModel:
@@ -108,7 +128,15 @@ def read_run(run_dir: Path, client: int | None = None, client_state: Path | None
     if not adapters.exists():
         raise ExportError(f"{adapters} not found: the run has not finished (`fednano run --resume {run_dir}` completes it)")
     cfg, state = load_config(cfg_path), read_safetensors(adapters)
-    method = method_of(cfg)
+    results = run_dir / "results.json"
+    digest = json.loads(results.read_text()).get("bundle_digest") if results.exists() else None
+    found = _read_run(run_dir, cfg, state, client, client_state)
+    found.digest, found.results = digest, results
+    return found
+
+
+def _read_run(run_dir: Path, cfg: RunConfig, state: dict[str, torch.Tensor], client: int | None, client_state: Path | None) -> RunModel:
+    method, adapters = method_of(cfg), run_dir / "adapters.safetensors"
     lora = method.trains.in_llm  # the method trains LoRA inside the LLM, not the NanoAdapters
     if lora and not (state and all(".lora_" in k for k in state)):
         raise ExportError(f"{adapters}: holds {sorted(state)[:3]}..., not the LoRA method {method.name!r} trains")
@@ -150,16 +178,18 @@ def _local_clients(run_dir: Path) -> dict[int, dict[str, torch.Tensor]]:
 def export_run(run_dir: Path, out: Path, client: int | None = None, client_state: Path | None = None) -> Path:
     """Write the run's tuned MLLM (the global model, or `client`'s own) to `out` (created; must not hold files)."""
     run = read_run(run_dir, client, client_state)
-    return export_model(run.cfg, run.adapters, out, run.loras, run.who)
+    return export_model(run.cfg, run.adapters, out, run.loras, run.who, bundle=run_bundle(run))
 
 
 def export_model(cfg: RunConfig, state: dict[str, torch.Tensor] | None, out: Path,
-                 loras: dict[str, dict[str, torch.Tensor]] | None = None, who: str = "the global model") -> Path:
-    """`cfg`'s backbone with the NanoAdapters `state` folded in (None: none) and `loras` merged, written to `out`."""
+                 loras: dict[str, dict[str, torch.Tensor]] | None = None, who: str = "the global model",
+                 bundle: Path | None = None) -> Path:
+    """`cfg`'s backbone with the NanoAdapters `state` folded in (None: none) and `loras` merged, written to `out`
+    (from `bundle`, default the one `cfg` prepares)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out}: not empty; choose a new folder")
-    bundle = ensure_prepared(cfg)
+    bundle = bundle or ensure_prepared(cfg)
     server = json.loads((bundle / "server.json").read_text())
     if server.get("random_init"):
         raise ExportError(f"{bundle}: the run used random weights (model.random_init); there is nothing to export")
@@ -169,13 +199,14 @@ def export_model(cfg: RunConfig, state: dict[str, torch.Tensor] | None, out: Pat
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if kind == "causal-lm":
-        _export_composed(bundle / "client", source, tuned, tmp)
+        _export_composed(bundle / "client", source, tuned, tmp, system_prompt(cfg.data.dataset))
     else:
         _export_hf_mllm(source, kind, tuned, tmp)
     (tmp / EXPORT_INFO).write_text(json.dumps({
         "backbone": cfg.model.backbone, "kind": kind, "method": cfg.federation.strategy, "model": who, "llm_dtype": cfg.model.llm_dtype,
         "adapter_scale": tuned.scale, "loras_merged": list(tuned.loras), "source": str(source), "system": system_prompt(cfg.data.dataset),
-        "layout": "causal-lm in llm/, NanoEdge in vision/" if kind == "causal-lm" else f"transformers {kind}",
+        "layout": "transformers remote code (FedNanoForConditionalGeneration), NanoEdge in vision/" if kind == "causal-lm"
+        else f"transformers {kind}",
     }, indent=2))
     if out.exists():
         out.rmdir()
@@ -227,19 +258,25 @@ def _export_hf_mllm(source: Path, kind: str, tuned: Tuning, out: Path) -> None:
     _copy_missing(source, out)
 
 
-def _export_composed(client_dir: Path, llm_dir: Path, tuned: Tuning, out: Path) -> None:
-    """The LLM as a causal-LM folder (embeddings folded, head untied) + the NanoEdge folder (connector
-    and embedding table folded)."""
-    from safetensors.torch import save_file
+def _export_composed(client_dir: Path, llm_dir: Path, tuned: Tuning, out: Path, system: str) -> None:
+    """The NanoEdge folder `vision/` (connector and embedding table folded), then the whole MLLM as one transformers
+    folder with its own code (export_remote: encoder, folded connector, the LLM with embeddings folded, head untied)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from fednano.export_remote import write_remote_model
 
     if not (llm_dir / "config.json").exists():
         raise BundleError(f"{llm_dir}: the run's LLM folder is gone (config.json missing)")
     model = tuned.into_llm(AutoModelForCausalLM.from_pretrained(llm_dir, dtype="auto"), str(llm_dir))
-    model.save_pretrained(out / "llm")
-    AutoTokenizer.from_pretrained(llm_dir).save_pretrained(out / "llm")
-    _copy_missing(llm_dir, out / "llm")
-    shutil.copytree(client_dir, out / "vision")
+    shutil.copytree(client_dir, out / "vision", ignore=shutil.ignore_patterns(MANIFEST))  # its files change: not the bundle's digest
+    _fold_nanoedge(client_dir, tuned, out / "vision")
+    write_remote_model(out, model, AutoTokenizer.from_pretrained(llm_dir), out / "vision", system)
+
+
+def _fold_nanoedge(client_dir: Path, tuned: Tuning, out: Path) -> None:
+    """NanoAdapter-I into the NanoEdge folder's connector, NanoAdapter-T into its embedding table."""
+    from safetensors.torch import save_file
+
     if tuned.adapters is None:
         return
     state, scale = tuned.adapters, tuned.scale
@@ -250,7 +287,7 @@ def _export_composed(client_dir: Path, llm_dir: Path, tuned: Tuning, out: Path) 
     conn[f"{last}.weight"] = w
     if b is not None:
         conn[f"{last}.bias"] = b
-    save_file({k: v.contiguous() for k, v in conn.items()}, out / "vision" / "connector.safetensors")
+    save_file({k: v.contiguous() for k, v in conn.items()}, out / "connector.safetensors")
     table = read_safetensors(client_dir / "embeddings.safetensors")["weight"]
     save_file({"weight": fold_text_adapter(table, state["adapter_t.A.weight"], state["adapter_t.B.weight"], scale)},
-              out / "vision" / "embeddings.safetensors")
+              out / "embeddings.safetensors")

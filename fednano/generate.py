@@ -30,7 +30,7 @@ from fednano.data.llava_json import load_llava_json
 from fednano.data.prompts import prompt_batch, stop_tokens
 from fednano.data.samples import IMAGE_MARK, DataError, Sample
 from fednano.devices import dtype_of, resolve_device
-from fednano.export import EXPORT_INFO, ExportError, read_run
+from fednano.export import EXPORT_INFO, ExportError, read_run, run_bundle
 from fednano.methods.whole_llm import add_lora, load_lora_state
 from fednano.server.llm import ServerLLM
 
@@ -56,7 +56,7 @@ def load_tuned(path: Path, device: str = "auto", client: int | None = None, clie
         return _load_export(path, dev)
     run = read_run(path, client, client_state)
     cfg = run.cfg
-    bundle = ensure_prepared(cfg)
+    bundle = run_bundle(run)  # the bundle whose digest is the run's: never another connector
     side = load_nanoedge(bundle / "client", cfg.adapter, dev)
     if run.adapters is not None:
         side.edge.load_adapter_state(run.adapters)
@@ -74,9 +74,12 @@ def _load_export(path: Path, dev: torch.device) -> Tuned:
     info = json.loads((path / EXPORT_INFO).read_text())
     dtype = dtype_of(info.get("llm_dtype", "bfloat16"))
     kind = info.get("kind", "causal-lm")
-    if kind == "causal-lm":  # llm/ + vision/
+    if kind == "causal-lm":  # the remote-code folder's LLM (its code not run) + vision/; before it: llm/ + vision/
+        from fednano.export_remote import load_exported_llm
+
         side = load_nanoedge(path / "vision", AdapterConfig(), dev)
-        llm = ServerLLM(load_llm(path / "llm", dtype, dev)[0], dtype)
+        old = (path / "llm" / "config.json").exists()
+        llm = ServerLLM(load_llm(path / "llm", dtype, dev)[0] if old else load_exported_llm(path, dtype, dev), dtype)
     else:  # a LLaVA / BLIP-2 folder: split into its client and server parts like any checkpoint
         bundle = ensure_prepared(from_dict({"model": {"backbone": kind, "checkpoint": str(path.resolve())}}, str(path / EXPORT_INFO)))
         side = load_nanoedge(bundle / "client", AdapterConfig(), dev)

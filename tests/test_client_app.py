@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
 import torch
+
+pytest.importorskip("flwr", reason="the federation layer needs Flower (absent on the GPU machine: benchmarks/gpu_checks.py)")
+
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fednano.federation import client_app, keys
@@ -13,8 +17,7 @@ def test_a_nodes_own_batch_size_and_threads_reach_its_work(tiny_cfg, tiny_bundle
 
     for attr in ("_task_id", "_run_id", "_node_id"):  # who makes the message, as in a ServerApp process
         monkeypatch.setattr(TaskIdentity, attr, 1)
-    conf = ConfigRecord({keys.RUN_CONFIG: tiny_cfg.to_json(), keys.SPLIT_ADDRESS: "127.0.0.1:1", keys.SERVER_ROUND: 1})
-    msg = Message(RecordDict({keys.CONFIG: conf}), dst_node_id=7, message_type="train")
+    msg = _message(tiny_cfg)
     threads = torch.get_num_threads()
     try:
         small = Context(0, 7, {keys.PARTITION_ID: 1, "num-partitions": 2, "batch-size": 1, "threads": 1, "device": "cpu"}, RecordDict(), {})
@@ -33,8 +36,14 @@ def test_a_nodes_own_batch_size_and_threads_reach_its_work(tiny_cfg, tiny_bundle
         client_app._RUNTIMES.clear()
 
 
-def _message(cfg):
-    conf = ConfigRecord({keys.RUN_CONFIG: cfg.to_json(), keys.SPLIT_ADDRESS: "127.0.0.1:1", keys.SERVER_ROUND: 1})
+def _message(cfg, digest=None):
+    """A train message as the ServerApp sends it: the run config, the split server's address, the client bundle's digest."""
+    from fednano.backbones.digest import digest as bundle_digest
+    from fednano.backbones.prepare import bundle_dir
+
+    digest = digest if digest is not None else bundle_digest(bundle_dir(cfg) / "client")
+    conf = ConfigRecord({keys.RUN_CONFIG: cfg.to_json(), keys.SPLIT_ADDRESS: "127.0.0.1:1", keys.SERVER_ROUND: 1,
+                         keys.BUNDLE_DIGEST: digest})
     return Message(RecordDict({keys.CONFIG: conf}), dst_node_id=7, message_type="train")
 
 

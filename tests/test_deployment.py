@@ -26,11 +26,36 @@ def test_tls_authenticated_federation(tmp_path):
     for r in res["rounds"]:
         for p in [*r["client_phase_seconds"]["train"].values(), *r["client_phase_seconds"]["evaluate"].values()]:
             assert p["start"] > 0 and p["work"] > 0
-    assert len(list((work / "cache" / "partitions").glob("*.json"))) == 1
+    # only the server prepared: each node's cache holds the client bundle it was sent (and its partition), no LLM file
+    digest = res["bundle_digest"]
+    for i in (0, 1):
+        cache = work / f"node{i}" / "cache"
+        assert sorted(p.name for p in cache.iterdir()) == ["nanoedge", "partitions"]
+        assert [p.name for p in (cache / "nanoedge").iterdir()] == [digest]
+        assert len(list((cache / "partitions").glob("*.json"))) == 1
+        assert not [p for p in cache.rglob("*") if p.name in ("server.json", "model.safetensors", "prepare.json") or p.suffix == ".gguf"]
+    assert f"sha256:{digest}" in (work / "logs" / "prepare.log").read_text()
     assert "(TLS), token required" in (work / "logs" / "flwr-run.log").read_text()
     assert "Failed to activate SuperNode" in (work / "logs" / "unregistered.log").read_text()
     left = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True).stdout.split()
     assert not left, f"processes left running: {left}"
+
+
+def test_a_failed_server_app_fails_the_deployed_run_and_two_nodes_on_one_partition_are_refused(tmp_path):
+    """`fednano deploy-run` follows the run and exits non-zero when the ServerApp fails (`flwr run` alone exits 0):
+    here it fails because both SuperNodes claim partition-id 0, and the error names both nodes."""
+    import os
+
+    work = tmp_path / "federation"
+    env = {**os.environ, "PARTITION_ID_1": "0", "ROUND_TIMEOUT": "60"}  # node 1 claims node 0's partition
+    proc = subprocess.run(["bash", str(ROOT / "deploy" / "local-federation.sh"), str(work)], capture_output=True, text=True,
+                          timeout=600, env=env)
+    log = (work / "logs" / "flwr-run.log").read_text()
+    assert proc.returncode != 0, proc.stdout[-2000:] + log[-2000:]
+    assert "the run failed" in proc.stdout and "ended 'finished:failed'" in log, proc.stdout[-2000:] + log[-2000:]
+    assert "both claim partition-id=0" in log, log[-3000:]
+    assert not (work / "out" / "results.json").exists() or not json.loads((work / "out" / "results.json").read_text())["final"]
+    assert not subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True).stdout.split()
 
 
 def test_hung_client_is_dropped_after_the_round_timeout(tmp_path):

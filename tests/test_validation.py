@@ -6,6 +6,8 @@ import json
 import pytest
 import torch
 
+pytest.importorskip("flwr", reason="the federation layer needs Flower (absent on the GPU machine: benchmarks/gpu_checks.py)")
+
 from fednano.config import load_config
 from fednano.experiments.results import RoundRecord, RunRecorder, round_table
 from fednano.federation.server_app import EvaluatePhase, Schedule, ServerRun, schedule

@@ -8,7 +8,9 @@
   from its package; `tiny` is `compose` with random tiny models.
 * llava / blip2: split an existing HF checkpoint (its connector is trained already).
 
-The result is cached under the cache dir, keyed by every setting that changes it.
+The result is cached under the cache dir, keyed by every setting that changes it; its client part is
+sealed with a content digest (backbones/digest.py), which is what nodes and results name. Only the side
+that holds the LLM prepares: nodes receive the client part (`fednano bundle`, or the split channel).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from fednano.backbones.bundle import (
     write_hf_mllm_bundle,
     write_random_hf_mllm_bundle,
 )
+from fednano.backbones.digest import MANIFEST, seal
 from fednano.backbones.tiny import build_tiny_llm
 from fednano.client.connector import Connector
 from fednano.client.features import ImageFeatures
@@ -79,6 +82,8 @@ def bundle_dir(cfg: RunConfig) -> Path:
 def ensure_prepared(cfg: RunConfig) -> Path:
     out = bundle_dir(cfg)
     if (out / "prepare.json").exists():
+        if not (out / "client" / MANIFEST).exists():  # prepared before bundles had digests
+            seal(out / "client")
         return out
     return prepare(cfg)
 
@@ -117,8 +122,9 @@ def prepare(cfg: RunConfig) -> Path:
         report = _prepare_compose(cfg, tmp / "client", llm_dir, vision_spec, vision_state)
         server = {"kind": "causal-lm", "path": server_path or str(llm_dir)}
     (tmp / "server.json").write_text(json.dumps(server))
+    # the client bundle's content digest: nodes receive exactly these files, and every message names it
     report = {"backbone": m.backbone, "config": {"model": m.__dict__, "prepare": cfg.prepare.__dict__}, **report,
-              "seconds": round(time.time() - t0, 1)}
+              "client_digest": seal(tmp / "client"), "seconds": round(time.time() - t0, 1)}
     (tmp / "prepare.json").write_text(json.dumps(report, indent=2))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

@@ -18,7 +18,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fednano.config import from_dict, with_node_settings
+from fednano.config import ConfigError, RunConfig, from_dict, with_node_settings
 from fednano.data.partition import client_data, node_data
 from fednano.data.samples import DataError
 from fednano.devices import describe, peak_host_memory, peak_memory, process_age, reset_peak_memory
@@ -27,16 +27,33 @@ from fednano.federation import keys
 from fednano.methods.registry import Method, method_of
 from fednano.runtime.client import ClientJob, ClientRuntime
 
-_RUNTIMES: dict[tuple[str, str, str, str], ClientRuntime] = {}  # what this process holds, per run and node
+_RUNTIMES: dict[tuple[str, str, str, str, str, bool], ClientRuntime] = {}  # what this process holds, per run and node
 
 
-def _runtime(config_json: str, address: str, token: str, ca: str) -> ClientRuntime:
-    key = (config_json, address, token, ca)
+def _runtime(config_json: str, address: str, token: str, ca: str, digest: str, fetch: bool) -> ClientRuntime:
+    key = (config_json, address, token, ca, digest, fetch)
     if key not in _RUNTIMES:
         while len(_RUNTIMES) >= 4:  # a simulation actor serves several nodes; keep the last few
             _RUNTIMES.pop(next(iter(_RUNTIMES))).split.close()
-        _RUNTIMES[key] = ClientRuntime.build(from_dict(json.loads(config_json), "run-config"), address, token, ca)
+        _RUNTIMES[key] = ClientRuntime.build(from_dict(json.loads(config_json), "run-config"), address, token, ca, digest, fetch)
     return _RUNTIMES[key]
+
+
+def _identity(node_config: dict, cfg: RunConfig, node: str) -> int:
+    """The node's partition-id, checked against the run: num-partitions (when the node sets it) must be
+    data.num_clients, and without data.on_nodes the partition must exist."""
+    if keys.PARTITION_ID not in node_config:
+        raise ConfigError(f"{node}: its node config has no partition-id (flower-supernode --node-config \"partition-id=0 ...\")")
+    try:
+        pid = keys.number(node_config[keys.PARTITION_ID])
+        total = keys.number(node_config.get(keys.NUM_PARTITIONS, cfg.data.num_clients))
+    except TypeError as e:
+        raise ConfigError(f"{node}: node config partition-id / num-partitions: {e}") from None
+    if total != cfg.data.num_clients:
+        raise ConfigError(f"{node}: node config num-partitions={total:g}, but the run has data.num_clients={cfg.data.num_clients}")
+    if pid != int(pid) or pid < 0 or (not cfg.data.on_nodes and pid >= cfg.data.num_clients):
+        raise ConfigError(f"{node}: node config partition-id={pid:g} is not one of 0..{cfg.data.num_clients - 1} (data.num_clients)")
+    return int(pid)
 
 
 def _job(msg: Message, context: Context) -> tuple[Method, ClientJob]:
@@ -45,15 +62,17 @@ def _job(msg: Message, context: Context) -> tuple[Method, ClientJob]:
     node, node_config = f"node {context.node_id}", dict(context.node_config)
     # the server's run config, with what this node sets for itself (batch size, device, threads, its own data)
     cfg = with_node_settings(from_dict(json.loads(str(conf[keys.RUN_CONFIG])), "run-config"), node_config, node)
-    if cfg.data.on_nodes and "data-path" not in node_config and cfg.data.dataset != "easy-vqa":
+    if cfg.data.on_nodes and "data-path" not in node_config:  # never the packaged data (nor the run's) in its place
         raise DataError(f"{node}: data.on_nodes is set, but its node config names no data-path (the node's own data)")
+    pid = _identity(node_config, cfg, node)
     # where this message's time goes: a fresh process's start (interpreter, imports, Flower loading the app)
     seconds = {"start": process_age() or 0.0} if not _RUNTIMES else {}
     try:  # the node's data (its own, or its partition of the simulation's) is read and checked here
         t = time.time()
-        rt = _runtime(cfg.to_json(), str(conf[keys.SPLIT_ADDRESS]), str(conf.get(keys.SPLIT_TOKEN, "")), str(conf.get(keys.SPLIT_CA, "")))
+        fetch = str(node_config.get(keys.FETCH_BUNDLE, 1)).lower() not in ("0", "false", "no")
+        rt = _runtime(cfg.to_json(), str(conf[keys.SPLIT_ADDRESS]), str(conf.get(keys.SPLIT_TOKEN, "")), str(conf.get(keys.SPLIT_CA, "")),
+                      str(conf.get(keys.BUNDLE_DIGEST, "")), fetch)
         seconds["build"], t = time.time() - t, time.time()
-        pid = int(keys.number(node_config[keys.PARTITION_ID]))
         data = node_data(rt.cfg) if cfg.data.on_nodes else client_data(rt.cfg, pid)
         seconds["data"] = time.time() - t
     except UserError as e:
@@ -132,10 +151,13 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
-    """Which data partition this node holds (the server asks once, to address clients that keep their own state)."""
-    return Message(
-        content=RecordDict({keys.METRICS: MetricRecord({keys.PARTITION_ID: int(context.node_config[keys.PARTITION_ID])})}), reply_to=msg
-    )
+    """Which data partition this node holds, and of how many (the server asks once: to address clients that keep
+    their own state, and to refuse nodes that claim one partition or another federation size)."""
+    nc = context.node_config
+    if keys.PARTITION_ID not in nc:
+        raise ConfigError(f"node {context.node_id}: its node config has no partition-id")
+    ident: dict = {k: int(keys.number(nc[k])) for k in (keys.PARTITION_ID, keys.NUM_PARTITIONS) if k in nc}
+    return Message(content=RecordDict({keys.METRICS: MetricRecord(ident)}), reply_to=msg)
 
 
 @app.evaluate()

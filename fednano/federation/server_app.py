@@ -20,16 +20,19 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fednano.config import RunConfig, load_config
+from fednano.backbones.bundle import BundleError
+from fednano.backbones.digest import short
+from fednano.config import ConfigError, RunConfig, load_config
 from fednano.data.partition import partitions, summary
 from fednano.devices import peak_host_memory, peak_memory, reset_peak_memory
+from fednano.experiments.diagnostics_plot import plot_merge_diagnostics
 from fednano.experiments.results import BYTES_FIELDS, RoundRecord, RunRecorder, plot_partition
 from fednano.federation import keys
 from fednano.federation.strategy import ClientOutcome, FedNanoStrategy
 from fednano.leakage import RoundAudit, plot_leakage
 from fednano.methods.registry import client_dp_noise, expected_clients, method_of
 from fednano.metrics import GENERATED, by_category, merge_reports
-from fednano.privacy import client_dp_epsilon, dp_sgd_ledger, embedding_privacy, keep_probability, worst_epsilon
+from fednano.privacy import client_dp_epsilon, dp_sgd_ledger, embedding_privacy, keep_probability, not_private, worst_epsilon
 from fednano.progress import progress_bar
 from fednano.runtime.server import ServerSide
 
@@ -52,13 +55,27 @@ def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> int:
     return n
 
 
-def identify_partitions(grid: Grid, timeout: float) -> dict[int, int]:
-    """Ask every node which data partition it holds (one small query message each)."""
+def identify_partitions(grid: Grid, timeout: float, num_clients: int | None = None) -> dict[int, int]:
+    """Ask every node which data partition it holds (one small query message each). Two nodes claiming one
+    partition-id, or a node whose num-partitions is not `num_clients` (data.num_clients), stop the run with a
+    ConfigError naming the nodes."""
     msgs = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in sorted(grid.get_node_ids())]
-    out = {}
-    for reply in grid.send_and_receive(msgs, timeout=timeout):
-        if not reply.has_error():
-            out[reply.metadata.src_node_id] = int(keys.number(reply.content.metric_records[keys.METRICS][keys.PARTITION_ID]))
+    out: dict[int, int] = {}
+    for reply in sorted(grid.send_and_receive(msgs, timeout=timeout), key=lambda r: r.metadata.src_node_id):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            log.warning("node %d did not say which partition it holds: %s", node, reply.error.reason)
+            continue
+        ident = reply.content.metric_records[keys.METRICS]
+        pid = int(keys.number(ident[keys.PARTITION_ID]))
+        if num_clients is not None and keys.NUM_PARTITIONS in ident and int(keys.number(ident[keys.NUM_PARTITIONS])) != num_clients:
+            raise ConfigError(f"node {node}: node config num-partitions={int(keys.number(ident[keys.NUM_PARTITIONS]))}, but the run "
+                              f"has data.num_clients={num_clients}: refused")
+        twin = next((n for n, p in out.items() if p == pid), None)
+        if twin is not None:
+            raise ConfigError(f"nodes {twin} and {node} both claim partition-id={pid} (node config): refused; give each SuperNode "
+                              "its own partition-id")
+        out[node] = pid
     return out
 
 
@@ -141,7 +158,7 @@ class ServerRun:
                                         combine=self.method.combiner(cfg))
         self.global_state: Tensors = self.part.initial_state()
         self.audit = self._auditor() if cfg.privacy.audit else None
-        self.base_config = {keys.RUN_CONFIG: cfg.to_json(), keys.SPLIT_ADDRESS: self.side.address,
+        self.base_config = {keys.RUN_CONFIG: cfg.to_json(), keys.SPLIT_ADDRESS: self.side.address, keys.BUNDLE_DIGEST: self.side.digest,
                             keys.SPLIT_CA: Path(cfg.split.tls_ca).read_text() if cfg.split.tls_ca else "",
                             keys.CLIENT_STATE_DIR: str(self.out_dir.resolve() / "client-state")}
 
@@ -150,6 +167,11 @@ class ServerRun:
         """Resume after the last completed round, or score the starting state (zero-shot).
         Returns the first round to run."""
         self._write_partition()
+        recorded = self.recorder.data.get("bundle_digest")
+        if recorded and recorded != self.side.digest:  # resuming with another NanoEdge would mix two models' adapters
+            raise BundleError(f"{self.out_dir}/results.json: the run used NanoEdge bundle {short(recorded)}; the server's "
+                              f"{self.side.bundle / 'client'} is {short(self.side.digest)}: resume with the run's bundle")
+        self.recorder.set(bundle_digest=self.side.digest)  # the client bundle every node held (backbones/digest.py)
         saved = self.recorder.resume_state()
         if saved is not None:
             done, self.global_state, strategy_state = saved
@@ -160,21 +182,25 @@ class ServerRun:
             if self.cfg.data.validation_samples:
                 self.recorder.set(zero_shot_validation_accuracy=self.validate())
         wait_for_nodes(self.grid, self.cfg.data.num_clients, self.cfg.federation.round_timeout)
-        self.strategy.node_partition.update(identify_partitions(self.grid, self.cfg.federation.round_timeout))
+        self.strategy.node_partition.update(identify_partitions(self.grid, self.cfg.federation.round_timeout, self.cfg.data.num_clients))
         self.strategy.summary()
         if saved is None and not self.cfg.data.server_test:  # the server holds no test set: the clients score it
             self._zero_shot(self.evaluate(0).report)
-        if saved is None and (self.cfg.privacy.embedding_noise or self.cfg.privacy.label_epsilon):
+        if self.cfg.privacy.reproducible_noise:
+            log.warning("privacy.reproducible_noise = true: every privacy noise draw is seeded by the config, which anyone who knows "
+                        "it can recompute and subtract: this run is NOT private (results.json privacy.private = false); for tests only")
+        if saved is None and (self.cfg.privacy.embedding_noise or self.cfg.privacy.label_epsilon or self.cfg.privacy.reproducible_noise):
             self.recorder.set(privacy=self._local_privacy())
         if saved is None and self.audit is not None:
             self.recorder.set(zero_shot_leakage=self.audited(0))
         return 1 if saved is None else saved[0] + 1
 
-    def _local_privacy(self) -> dict[str, float]:
-        """results.json `privacy`: what the clients' own noise guarantees (privacy.embedding_noise, privacy.label_epsilon)."""
-        p, out = self.cfg.privacy, {}
+    def _local_privacy(self) -> dict[str, object]:
+        """results.json `privacy`: what the clients' own noise guarantees (privacy.embedding_noise, privacy.label_epsilon), and
+        `private` = false with its reason under privacy.reproducible_noise."""
+        p, out = self.cfg.privacy, dict(not_private(self.cfg.privacy))
         if p.embedding_noise:
-            out = embedding_privacy(p.embedding_noise, self.side.edge.embed_tokens.weight.detach())
+            out |= embedding_privacy(p.embedding_noise, self.side.edge.embed_tokens.weight.detach())
             log.info("privacy.embedding_noise=%g: metric LDP with epsilon %.4g per unit distance, %.3g for a typical pair of tokens",
                      out["embedding_noise"], out["epsilon_per_unit_distance"], out["epsilon_typical_token_pair"])
         if p.label_epsilon:
@@ -338,6 +364,7 @@ class ServerRun:
             memory=self._memory(train.outcomes),
             client_global_accuracy={pid: r["accuracy"] for pid, r in ev.per_client.items()} or None,
             client_phase_seconds={"train": _phases(train.outcomes), "evaluate": _phases(self.strategy.last_evaluate)},
+            merge_diagnostics=self.strategy.last_diagnostics,
             **self._dp(rnd, ok),
             **self._generated(ev, evaluated),
         )
@@ -455,6 +482,8 @@ class ServerRun:
         self.recorder.finish(final, self.global_state)
         if self.audit is not None:
             plot_leakage(data, self.out_dir / "leakage.png")
+        if self.cfg.federation.merge_diagnostics:
+            plot_merge_diagnostics(data, self.out_dir / "merge_diagnostics.png")
         return data
 
 

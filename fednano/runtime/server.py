@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fednano.backbones.bundle import HF_MLLM_TYPES, BundleError, check_checkpoint, load_nanoedge, load_server_llm, smollm2_gguf_path
+from fednano.backbones.digest import digest as bundle_digest
 from fednano.backbones.prepare import bundle_dir, ensure_prepared
 from fednano.client.evaluation import Scoring, evaluate
 from fednano.client.features import ImageFeatures, Workload
@@ -58,6 +59,7 @@ class ServerSide:
         # bad data fails here, before the backbone is prepared or loaded; with data.server_test = false the server reads none
         self.task: Task | None = load_task(cfg) if cfg.data.server_test else None
         self.bundle = ensure_prepared(cfg)
+        self.digest = bundle_digest(self.bundle / "client")  # what every node must hold; the split server hands it out
         self.llm = load_server_llm(self.bundle, dtype_of(cfg.model.llm_dtype), device, cfg.model.server_device_map)
         self.llm.set_attention(cfg.model.attention)
         if cfg.model.compile:
@@ -68,7 +70,7 @@ class ServerSide:
         sc = cfg.split
         self.secret = secrets.token_urlsafe(32) if sc.require_token else None
         tls = (Path(sc.tls_cert).read_bytes(), Path(sc.tls_key).read_bytes()) if sc.tls_cert else None
-        self.split = SplitServer(self.llm, sc, secret=self.secret, tls=tls).start()
+        self.split = SplitServer(self.llm, sc, secret=self.secret, tls=tls, bundle=self.bundle / "client").start()
         self.address = sc.advertised_address or self.split.address
         owner = load_nanoedge(self.bundle / "client", cfg.adapter, self.llm.device)  # the server's own copy, next to its LLM
         self.edge, self.test = owner.edge, self.task.test if self.task else []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import queue
 from collections import defaultdict
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import torch
@@ -234,6 +235,20 @@ class SplitClient:
     def _scaled(self, *names: str) -> dict[str, str]:
         """Which tensors of a request go as one-byte codes (split.wire_dtype float8_* / int8)."""
         return dict.fromkeys(names, self.scaled) if self.scaled else {}
+
+    def fetch_bundle(self, digest: str, out: Path) -> int:
+        """The server's packed client bundle `digest`, a frame at a time (within split.max_frame_mb), into the file
+        `out`; returns its size. The caller verifies it (backbones.digest.unpack) before using it."""
+        offset, total = 0, -1
+        with open(out, "wb") as f:
+            while offset != total:
+                reply = self.request(Frame("bundle", meta={"digest": digest, "offset": offset}))
+                data, total = reply.tensors["data"], int(reply.meta["total"])
+                if reply.meta.get("digest") != digest or (data.numel() == 0 and offset < total) or offset + data.numel() > total:
+                    raise SplitChannelError("DATA_LOSS", f"bad bundle chunk at offset {offset} of {total}")
+                f.write(data.numpy().tobytes())
+                offset += data.numel()
+        return total
 
     def traffic(self) -> dict[str, int]:
         train = ("train", "hidden", "hidden_grad")  # a training step's frames (two in the label-private split)

@@ -9,6 +9,8 @@ server answers each with one frame. Ops:
     train     embeds (B,T,d), mask (B,T), labels (B,T)    -> loss (), grad (B,T,d)
     score     embeds, mask, cand_embeds (K,L,d), cand_ids, cand_mask -> logprobs (B,K)
     generate  embeds, mask, adapter_t_A/B, meta           -> tokens (B,L), -1 padded
+    bundle    meta {digest, offset}                       -> data (n,) uint8, meta {digest, offset, total}
+              (a chunk of the packed client bundle: nodes fetch the NanoEdge from the server, never prepare it)
 
 In the parts protocols (split.parts) `embeds` is replaced by its parts (assembly.py), and a training
 step replies with the parts' gradients (`grad_text`, `grad_adapter_i_A`, ...).
@@ -31,11 +33,14 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import grpc
 import torch
 
+from fednano.backbones.digest import digest as bundle_digest
+from fednano.backbones.digest import pack, short
 from fednano.config import SplitConfig
 from fednano.data.prompts import IGNORE_INDEX
 from fednano.server.llm import ServerLLM
@@ -184,6 +189,26 @@ class OnWorker:
         return self.worker.call(lambda: llm.generate(embeds, mask, text_adapter, stop, max_new_tokens, temperature, top_p, seed))
 
 
+class BundleFile:
+    """The client bundle a split server hands out, packed once (beside the bundle) and read a chunk at a time."""
+
+    def __init__(self, client_dir: Path) -> None:
+        self.client_dir = Path(client_dir)
+        self.digest = bundle_digest(self.client_dir)
+        self.path = self.client_dir.parent / f"client-{self.digest[:16]}.tar"
+        self._lock = threading.Lock()
+
+    def chunk(self, offset: int, size: int) -> tuple[bytes, int]:
+        """(bytes at `offset`, at most `size` of them; the packed file's total size)."""
+        with self._lock:
+            if not self.path.exists():
+                pack(self.client_dir, self.path)
+        total = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            f.seek(min(offset, total))
+            return f.read(size), total
+
+
 class SplitService:
     """Validates frames (on the gRPC threads) and hands the LLM work to one LLMWorker.
 
@@ -201,8 +226,11 @@ class SplitService:
         active: Callable[[], int] | None = None,
         score_cache_bytes: int | None = None,
         feature_cache_bytes: int = 4 * 2**30,
+        bundle: Path | None = None,
     ) -> None:
+        """bundle: the client bundle's folder, served to nodes (the `bundle` op)."""
         self.llm, self.max_frame_bytes = llm, max_frame_bytes
+        self.bundle = BundleFile(bundle) if bundle is not None else None
         self.worker = LLMWorker(llm, max_tokens, batching, window_s, active, score_cache_bytes)
         self.features = FeatureCache(feature_cache_bytes)
         self.table = llm.model.get_input_embeddings()
@@ -239,7 +267,7 @@ class SplitService:
         if frame.op == "features":
             return Frame("features", meta=store_features(frame, client, self.features, self.llm.hidden_size, self.table.weight.device))
         ops = {"train": self._train, "score": self._score, "generate": self._generate, "hidden": self._hidden,
-               "hidden_grad": self._hidden_grad}
+               "hidden_grad": self._hidden_grad, "bundle": self._bundle}
         if frame.op not in ops:
             raise FrameError(f"unknown op {frame.op!r} (known: info, features, {', '.join(ops)})")
         return ops[frame.op](frame, client)
@@ -288,6 +316,21 @@ class SplitService:
             out = {"grad_text": parts.grads(grad)["grad_text"].to(frame.tensors["text"].dtype)} if "text" in parts.leaves else {}
             out |= parts.fisher(grad, weights)
         return Frame("train", head | out, {"n_tokens": n_tokens}, {"grad_text": sent} if sent else {})
+
+    def _bundle(self, frame: Frame, client: str) -> Frame:
+        """A chunk of the packed client bundle named by its digest (a node fetching the run's NanoEdge)."""
+        if self.bundle is None:
+            raise FrameError("this split server hands out no NanoEdge bundle")
+        want, offset = frame.meta.get("digest"), frame.meta.get("offset", 0)
+        if want != self.bundle.digest:
+            raise FrameError(f"meta.digest: the server holds NanoEdge bundle {short(self.bundle.digest)}, not {str(want)[:40]!r}")
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise FrameError(f"meta.offset must be a non-negative integer, got {offset!r}")
+        data, total = self.bundle.chunk(offset, max(1, self.max_frame_bytes - 64 * 1024))  # room for the header
+        if offset > total:
+            raise FrameError(f"meta.offset {offset} is past the bundle's end ({total} bytes)")
+        payload = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+        return Frame("bundle", {"data": payload}, {"digest": self.bundle.digest, "offset": offset, "total": total})
 
     def _positions(self, frame: Frame, shape: tuple[int, ...]) -> torch.Tensor:
         """The label-private split's positions (B, T): where the client wants the hidden states (those that predict a label)."""
@@ -395,7 +438,9 @@ class SplitServer:
         *,
         secret: str | None = None,
         tls: tuple[bytes, bytes] | None = None,
+        bundle: Path | None = None,
     ) -> None:
+        """bundle: the client bundle's folder, handed out to nodes that do not hold it (`bundle` op)."""
         cfg = cfg or SplitConfig()
         # A stream holds a gRPC thread for as long as it is open (its handler waits on the LLM thread): a thread
         # for every stream the server admits, and a few more to refuse the ones beyond the limit.
@@ -410,6 +455,7 @@ class SplitServer:
             active=lambda: self._streams,
             score_cache_bytes=int(cfg.max_score_cache_mb * 2**20),
             feature_cache_bytes=int(cfg.feature_cache_mb * 2**20),
+            bundle=bundle,
         )
         self.secret, self.max_streams, self.max_streams_per_client = secret, cfg.max_streams, cfg.max_streams_per_client
         self._streams = 0
