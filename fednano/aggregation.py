@@ -1,7 +1,8 @@
 """Server-side merging of client adapters: pure functions on name -> tensor dicts.
 
     fedavg:       theta = sum_k n_k theta_k / sum_k n_k
-    fisher_merge: theta = sum_k n_k F_k theta_k / sum_k n_k F_k     (element-wise)
+    fisher_merge: theta = sum_k n_k F_k theta_k / sum_k n_k F_k     (element-wise; F^p with a tempering power p)
+    fisher_prior_merge: theta = theta_g + sum_k w_k Δ_k / (sum_k w_k + λ N F_prior)  (a running server Fisher as prior)
     product_merge + low_rank_factors (fednano-product): the adapters' products P_k = B_k A_k merged
                   with Kronecker-factored importance w_k = n_k (r_k c_k^T), then re-factorised to rank r
 
@@ -49,10 +50,11 @@ def dp_fedavg(reference: Tensors, thetas: Sequence[Tensors], clip: float, noise_
               generator: torch.Generator | None) -> Tensors:
     """Client-level DP FedAvg: each client's update clipped to L2 norm `clip`, their sum plus Gaussian noise of std
     noise_multiplier * clip per entry, divided by the expected number of clients per round (a fixed denominator, so
-    that one client's presence moves the result by at most clip / expected_clients). Noise is drawn on each tensor's
-    device from `generator` (one per device: None draws from torch's default one)."""
-    if not thetas or expected_clients <= 0:
-        raise ValueError("dp_fedavg needs at least one client and expected_clients > 0")
+    that one client's presence moves the result by at most clip / expected_clients). With no client (none sampled or
+    none replied) the release is the noise alone. Noise is drawn on each tensor's device from `generator` (one per
+    device: None draws from torch's default one)."""
+    if expected_clients <= 0:
+        raise ValueError("dp_fedavg needs expected_clients > 0")
     total = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in reference.items()}
     for t in thetas:
         clipped, _ = clip_to_norm({k: t[k].double() - reference[k].double() for k in reference}, clip)
@@ -88,11 +90,11 @@ def dp_fisher_merge(reference: Tensors, thetas: Sequence[Tensors], fishers: Sequ
     noise_multiplier × clip goes on the numerator's sum, noise_multiplier × sqrt(g) on the weights' sum. Each client then
     moves (numerator / clip, weights / sqrt(g)) by at most sqrt(2): one Gaussian mechanism of noise multiplier
     noise_multiplier / sqrt(2) a round. The weights' noisy sum is floored at expected_clients / 2 (a data-independent
-    bound on how much a draw of noise can amplify the update)."""
-    if not thetas or len(thetas) != len(fishers) or expected_clients <= 0:
-        raise ValueError("dp_fisher_merge needs one Fisher per client, at least one client and expected_clients > 0")
+    bound on how much a draw of noise can amplify the update). With no client the release is the noise alone."""
+    if len(thetas) != len(fishers) or expected_clients <= 0:
+        raise ValueError("dp_fisher_merge needs one Fisher per client and expected_clients > 0")
     num = {k: torch.zeros_like(v, dtype=torch.float64) for k, v in reference.items()}
-    den = {k: torch.zeros_like(w) for k, w in group_importance({k: fishers[0][k] for k in reference}, by_rank).items()}
+    den = {k: torch.zeros_like(w) for k, w in group_importance(num, by_rank).items()}  # the groups' shapes
     groups = sum(w.numel() for w in den.values())
     sd_num, sd_den = noise_multiplier * clip, noise_multiplier * math.sqrt(groups)
     for t, f in zip(thetas, fishers, strict=True):
@@ -120,23 +122,59 @@ def normalize_fisher(fisher: Tensors) -> Tensors:
     return {k: v / mean for k, v in fisher.items()} if mean > 0 else dict(fisher)
 
 
-def fisher_merge(
-    thetas: Sequence[Tensors], fishers: Sequence[Tensors], n_examples: Sequence[float], floor: float = 1e-6, normalize: bool = False
-) -> Tensors:
-    """Element-wise Fisher-weighted average; F is floored so the merge is always defined."""
-    if not thetas or not (len(thetas) == len(fishers) == len(n_examples)):
-        raise ValueError("fisher_merge needs one Fisher and one example count per client")
+def merge_weights(fishers: Sequence[Tensors], n_examples: Sequence[float], floor: float = 1e-6, normalize: bool = False,
+                  power: float = 1.0) -> list[Tensors]:
+    """Each client's unnormalised per-entry merge weight w_k = n_k * max(F_k, floor)^power (float64), F_k first scaled to
+    mean 1 with `normalize`. power = 1 is Fisher merging, 0 is FedAvg's n_k; in between, a tempered Fisher."""
+    if not fishers or len(fishers) != len(n_examples):
+        raise ValueError("merge_weights needs one Fisher and one example count per client")
     if normalize:
         fishers = [normalize_fisher(f) for f in fishers]
+    return [{k: float(n) * v.double().clamp(min=floor).pow(power) for k, v in f.items()} for f, n in zip(fishers, n_examples, strict=True)]
+
+
+def fisher_merge(
+    thetas: Sequence[Tensors], fishers: Sequence[Tensors], n_examples: Sequence[float], floor: float = 1e-6, normalize: bool = False,
+    power: float = 1.0,
+) -> Tensors:
+    """Element-wise Fisher-weighted average sum_k w_k theta_k / sum_k w_k, w_k from merge_weights (F floored so the merge is
+    always defined)."""
+    if not thetas or not (len(thetas) == len(fishers) == len(n_examples)):
+        raise ValueError("fisher_merge needs one Fisher and one example count per client")
+    weights = merge_weights(fishers, n_examples, floor, normalize, power)
     out = {}
     for k in thetas[0]:
         num = torch.zeros_like(thetas[0][k], dtype=torch.float64)
         den = torch.zeros_like(num)
-        for t, f, n in zip(thetas, fishers, n_examples, strict=True):
-            w = float(n) * f[k].double().clamp(min=floor)
-            num += w * t[k].double()
-            den += w
+        for t, w in zip(thetas, weights, strict=True):
+            num += w[k] * t[k].double()
+            den += w[k]
         out[k] = (num / den).to(thetas[0][k].dtype)
+    return out
+
+
+def fisher_prior_merge(reference: Tensors, thetas: Sequence[Tensors], weights: Sequence[Tensors], n_total: float,
+                       prior: Tensors | None, prior_weight: float) -> Tensors:
+    """Fisher merging of the updates Δ_k = theta_k - reference with the server's running Fisher as a prior on the update
+    (after Daheim et al., "Model merging by uncertainty-based gradient matching", ICLR 2024):
+
+        theta = reference + sum_k w_k Δ_k / (sum_k w_k + prior_weight * n_total * prior)
+
+    w_k the clients' merge weights (merge_weights), n_total = sum_k n_k, `prior` the mean per-example weight of the earlier
+    rounds (what the global state is already known to fit). With no prior (None, or prior_weight = 0) this is exactly
+    fisher_merge. An entry that earlier rounds found important and this round's clients do not moves less."""
+    if not thetas or len(thetas) != len(weights):
+        raise ValueError("fisher_prior_merge needs one weight per client")
+    out = {}
+    for k, ref in reference.items():
+        num = torch.zeros_like(ref, dtype=torch.float64)
+        den = torch.zeros_like(num)
+        for t, w in zip(thetas, weights, strict=True):
+            num += w[k] * (t[k].double() - ref.double())
+            den += w[k]
+        if prior is not None and prior_weight > 0:
+            den = den + prior_weight * n_total * prior[k].double()
+        out[k] = (ref.double() + num / den).to(ref.dtype)
     return out
 
 

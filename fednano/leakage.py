@@ -144,7 +144,9 @@ def audit_run(run_dir: Path, per_client: int = 8, pool_size: int = 200, device: 
 
 
 def as_sent(cfg: RunConfig, samples: list[Sample]) -> tuple[list[Sample], list[Sample] | None]:
-    """(the samples as a client trains on them, the true ones where these differ): privacy.label_epsilon's answers."""
+    """(the samples as a client trains on them, the true ones where these differ): privacy.label_epsilon's answers. The audit
+    draws its own, seeded, of the same law: the clients' draws are secret and stay on their nodes (as does their noise, which
+    client_noise and labels_read likewise redraw)."""
     if not cfg.privacy.label_epsilon:
         return samples, None
     return randomized_answers(samples, load_task(cfg).candidate_sets, cfg.privacy.label_epsilon, cfg.data.seed), samples

@@ -11,6 +11,12 @@ and per typical token pair (ε times the median distance between two distinct ro
 The pure maths here is tested against hand-computed values; `TextNoise` is what a client's NanoEdge
 applies to its text positions (training, Fisher and evaluation frames alike).
 
+Every draw that protects privacy here and elsewhere (this noise, DP-SGD's and DP-FedAvg's, the label-private
+split's gradient noise, randomized response, client sampling under client DP) comes from OS entropy
+(`noise_seed`, `secret_rng`): a seed derived from the config, the round or the model would let any party that
+knows those recompute the noise and subtract it. Only `privacy.reproducible_noise` (tests) seeds it, and such a
+run is marked not private.
+
 Also here: the DP accounts (Opacus's RDP accountant: DP-FedAvg's ε per round, DP-SGD's per-client ledger, the noise
 for a target ε) and randomized response on the answers a client trains with (`privacy.label_epsilon`, label DP).
 """
@@ -19,14 +25,43 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import math
+import os
 import random
+import secrets
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
+from fednano.config import ConfigError, PrivacyConfig
 from fednano.data.samples import DataError, Sample
+
+
+def noise_seed(reproducible: bool, *parts: object) -> int:
+    """A seed for privacy noise: 63 bits of OS entropy, which the side that draws keeps to itself (never sent, logged or
+    checkpointed); with `reproducible` (privacy.reproducible_noise: tests only, the run is not private), a hash of
+    `parts`, which anyone who knows them can recompute."""
+    if not reproducible:
+        return secrets.randbits(63)
+    return int(hashlib.sha256(repr(parts).encode()).hexdigest()[:15], 16)
+
+
+def secret_rng(reproducible: bool, *parts: object) -> random.Random:
+    """A random.Random for privacy choices (randomized response, client sampling under client DP): OS entropy
+    (random.SystemRandom), or with `reproducible` one seeded by `parts` (noise_seed)."""
+    return random.Random(noise_seed(True, *parts)) if reproducible else random.SystemRandom()
+
+
+def not_private(p: PrivacyConfig) -> dict[str, object]:
+    """What results.json `privacy` says of a run whose privacy noise anyone can recompute ({} if none is)."""
+    if not p.reproducible_noise:
+        return {}
+    return {"private": False, "not_private_because": "privacy.reproducible_noise = true: every privacy noise draw, randomized answer "
+            "and client sample is seeded by the config, so whoever knows it can recompute and subtract the noise (for tests only)"}
 
 
 def metric_dp_noise(n: int, d: int, epsilon: float, generator: torch.Generator) -> torch.Tensor:
@@ -64,14 +99,17 @@ def embedding_privacy(noise: float, table: torch.Tensor) -> dict[str, float]:
 
 class TextNoise:
     """Adds metric-DP noise to every text position of the embeddings a client sends (image slots are left alone:
-    the caller scatters the visual tokens over them afterwards). Reseeded per message, so runs repeat."""
+    the caller scatters the visual tokens over them afterwards). Its seed is the client's secret: OS entropy unless
+    given (ClientJob reseeds it per message with noise_seed, a fixed one only under privacy.reproducible_noise);
+    the generator lives on the device of the embeddings it noises."""
 
-    def __init__(self, epsilon: float, seed: int = 0) -> None:
-        self.epsilon, self.seed = epsilon, seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+    def __init__(self, epsilon: float, seed: int | None = None) -> None:
+        self.epsilon = epsilon
+        self.reseed(noise_seed(False) if seed is None else seed)
 
     def reseed(self, seed: int) -> None:
-        self.seed, self._generators = seed, {}
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, text: torch.Tensor) -> torch.Tensor:
         """(B, T, d) text embeddings -> the same plus fresh noise per position (no gradient flows into the noise)."""
@@ -107,8 +145,8 @@ def quiet_orders() -> Iterator[None]:
 
 def client_dp_epsilon(noise_multiplier: float, sample_rate: float, rounds: int, delta: float) -> float:
     """The ε of `rounds` rounds of DP-FedAvg at (noise_multiplier, sample_rate), at δ: one accountant step a round
-    (it assumes Poisson sampling of clients; FedNano samples a fixed number, the usual approximation). Infinite
-    without noise."""
+    (Poisson sampling of clients, as Federated.sample samples under client DP: every node independently with
+    probability sample_rate, from OS entropy). Infinite without noise."""
     return math.inf if noise_multiplier == 0 else rdp_epsilon(noise_multiplier, sample_rate, rounds, delta)
 
 
@@ -157,18 +195,48 @@ def randomized_response(true: int, k: int, epsilon: float, rng: random.Random) -
     return other if other < true else other + 1
 
 
-def randomized_answers(samples: list[Sample], candidate_sets: dict[str, list[str]], epsilon: float, seed: int) -> list[Sample]:
+def label_store(state_dir: Path, partition: int) -> Path:
+    """Where a node keeps its randomized answers (privacy.label_epsilon): its own disk, never sent."""
+    return Path(state_dir) / f"partition-{partition}-label-dp.json"
+
+
+def randomized_answers(samples: list[Sample], candidate_sets: dict[str, list[str]], epsilon: float, seed: int | None = None,
+                       store: Path | None = None) -> list[Sample]:
     """privacy.label_epsilon: each sample with its answer replaced by one randomized-response draw over its candidate
-    answers (the first n_choices for multiple choice), seeded by (seed, sample): the same draw in every round and
-    process, so the answer is released once and ε holds for the whole run. DataError names a sample whose answer is
-    not among its candidates."""
-    out = []
+    answers (the first n_choices for multiple choice). Draws come from OS entropy; `seed` (privacy.reproducible_noise: tests
+    only) seeds each sample's by (seed, sample) instead. `store` (label_store: the node's own disk) keeps every draw
+    (sample id -> answer): a sample drawn before keeps its answer in every round, process and run on that node, so each
+    answer is released once and ε holds for good; new samples are drawn and added. DataError names a sample whose
+    answer is not among its candidates; ConfigError a store drawn at another ε (a second draw would spend ε again)."""
+    book = _read_answers(store, epsilon) if store is not None else {}
+    out, drawn = [], 0
     for s in samples:
         cands = candidate_sets.get(s.candidates, [])
         cands = cands[: s.n_choices] if s.n_choices else cands
         if s.answer not in cands:
             raise DataError(f"privacy.label_epsilon: sample {s.uid}'s answer {s.answer!r} is not among its {len(cands)} candidate "
                             "answers; randomized response needs a closed answer set")
-        pick = randomized_response(cands.index(s.answer), len(cands), epsilon, random.Random(f"{seed}-label-{s.uid}"))
-        out.append(dataclasses.replace(s, answer=cands[pick]))
+        if s.uid not in book:
+            rng = random.Random(f"{seed}-label-{s.uid}") if seed is not None else random.SystemRandom()
+            book[s.uid], drawn = cands[randomized_response(cands.index(s.answer), len(cands), epsilon, rng)], drawn + 1
+        elif book[s.uid] not in cands:
+            raise DataError(f"privacy.label_epsilon: {store} holds answer {book[s.uid]!r} for sample {s.uid}, not one of its candidates "
+                            "(another dataset under the same id?): remove the file to draw again")
+        out.append(dataclasses.replace(s, answer=book[s.uid]))
+    if store is not None and drawn:
+        store.parent.mkdir(parents=True, exist_ok=True)
+        tmp = store.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"epsilon": epsilon, "answers": book}))
+        os.replace(tmp, store)  # whole or not at all
     return out
+
+
+def _read_answers(store: Path, epsilon: float) -> dict[str, str]:
+    if not store.exists():
+        return {}
+    kept = json.loads(store.read_text())
+    if kept["epsilon"] != epsilon:
+        raise ConfigError(f"privacy.label_epsilon: {store} holds answers drawn at epsilon {kept['epsilon']:g}, not {epsilon:g}; drawing "
+                          "them again would release each answer twice (the epsilons add up). Keep the setting, or remove the file "
+                          "knowingly")
+    return dict(kept["answers"])

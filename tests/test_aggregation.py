@@ -301,16 +301,19 @@ def test_dp_fedavg_by_hand_and_its_noise():
     assert torch.equal(noisy["w"], again["w"])
 
 
-def test_the_dp_combiner_is_seeded_by_the_state_it_starts_from_and_keeps_the_server_optimiser():
+def test_the_dp_combiner_draws_secret_noise_is_seeded_by_the_state_only_when_reproducible_and_keeps_the_server_optimiser():
     from fednano.config import FederationConfig
     from fednano.methods.combiners import ClientDP, ServerMemory, ServerOptimiser
 
     ref = {"w": torch.zeros(8)}
     thetas = [{"w": torch.ones(8)}]
-    dp = ClientDP(clip=1.0, noise_multiplier=1.0, expected_clients=2)
+    secret = ClientDP(clip=1.0, noise_multiplier=1.0, expected_clients=2)
+    drawn = [secret(ref, thetas, [None], [1.0], FederationConfig(), ServerMemory())["w"] for _ in range(2)]
+    assert not torch.equal(drawn[0], drawn[1])  # OS entropy: the same inputs, other noise (no one can redraw it)
+    dp = ClientDP(clip=1.0, noise_multiplier=1.0, expected_clients=2, reproducible=True)  # privacy.reproducible_noise (tests)
     a = dp(ref, thetas, [None], [1.0], FederationConfig(), ServerMemory())
     b = dp(ref, thetas, [None], [1.0], FederationConfig(), ServerMemory())
-    assert torch.equal(a["w"], b["w"])  # a resumed round draws the same noise
+    assert torch.equal(a["w"], b["w"])  # the same state draws the same noise
     c = dp({"w": torch.full((8,), 0.5)}, thetas, [None], [1.0], FederationConfig(), ServerMemory())
     assert not torch.equal(a["w"] - 0.0, c["w"] - 0.5)  # another state, other noise
     memory = ServerMemory()

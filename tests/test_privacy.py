@@ -122,10 +122,12 @@ def test_fisher_merging_under_client_dp_accounts_for_its_two_noised_sums():
 def test_a_client_dp_run_reports_the_epsilon_it_spent_each_round(tiny_bundle, tiny_cache, tmp_path):
     out = tmp_path / "run"
     sets = ['federation.strategy="fedavg"', "privacy.client_dp=true", "privacy.noise_multiplier=1.5", "privacy.clip_norm=0.5",
-            "federation.rounds=2"]
+            "federation.rounds=2", "privacy.reproducible_noise=true"]
     proc = run_tiny(tiny_cache, out, *sets)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
+    assert res["privacy"]["private"] is False and "reproducible_noise" in res["privacy"]["not_private_because"]  # seeded noise
+    assert "this run is NOT private" in " ".join((proc.stdout + proc.stderr).split())  # the log says so (rich wraps lines)
     eps = [r["dp_epsilon"] for r in res["rounds"]]
     assert eps == [pytest.approx(client_dp_epsilon(1.5, 1.0, r, 1e-5)) for r in (1, 2)] and eps[0] < eps[1]  # 2 of 2 clients a round
     assert res["final"]["client_dp"] == {"epsilon": eps[1], "delta": 1e-5, "noise_multiplier": 1.5, "clip_norm": 0.5, "sample_rate": 1.0,
@@ -141,6 +143,7 @@ def test_a_fednano_run_under_client_dp_merges_with_noised_fisher_weights(tiny_bu
     res = json.loads((out / "results.json").read_text())
     assert [r["dp_epsilon"] for r in res["rounds"]] == [pytest.approx(client_dp_epsilon(2.0 / 2**0.5, 1.0, r, 1e-5)) for r in (1, 2)]
     assert res["final"]["client_dp"]["noise_multiplier"] == 2.0 and all(r["aggregated"] for r in res["rounds"])
+    assert "privacy" not in res  # secret noise: nothing to disclose
 
 
 def test_randomized_response_keeps_the_answer_with_its_stated_probability():
@@ -215,18 +218,21 @@ def test_under_label_dp_the_audit_reads_only_the_answers_randomized_response_kep
                               "label_keep_probability": pytest.approx(keep_probability_of(0.1, k))}
 
 
-def test_a_clients_job_trains_on_the_randomized_answers_and_tests_on_the_true_ones():
+def test_a_clients_job_trains_on_the_randomized_answers_and_tests_on_the_true_ones(tmp_path):
     from types import SimpleNamespace
 
     from fednano.data import load_task
     from fednano.data.partition import client_data
-    from fednano.privacy import randomized_answers
+    from fednano.privacy import label_store
     from fednano.runtime.client import ClientJob
 
     cfg = load_config(TINY, {"privacy.label_epsilon": 0.5})
     task, data = load_task(cfg), client_data(cfg, 0)
     rt = SimpleNamespace(cfg=cfg, edge=SimpleNamespace(text_noise=None), split=None, task=task)
-    jobs = [ClientJob(rt, data, 0, rnd) for rnd in (1, 2)]  # type: ignore[arg-type]
-    want = randomized_answers(data.train, task.candidate_sets, 0.5, cfg.data.seed)
-    assert jobs[0].data.train == jobs[1].data.train == want and want != data.train  # the same draw in every round
+    jobs = [ClientJob(rt, data, 0, rnd, tmp_path) for rnd in (1, 2)]  # type: ignore[arg-type]
+    stored = json.loads(label_store(tmp_path, 0).read_text())["answers"]
+    assert jobs[0].data.train == jobs[1].data.train != data.train  # the same draw in every round
+    assert [s.answer for s in jobs[0].data.train] == [stored[s.uid] for s in data.train]  # ... kept on the client's own disk
     assert jobs[0].data.test == data.test
+    with pytest.raises(ConfigError, match="privacy.label_epsilon: the client keeps each answer's one randomized draw"):
+        ClientJob(rt, data, 0, 1)  # type: ignore[arg-type]  # nowhere to keep the draw: refused, not redrawn each round

@@ -17,8 +17,11 @@ Everything after ḡ is post-processing: a Fisher taken from these steps' gradie
 `Method.fisher_source`) costs no extra privacy, while a Fisher pass over the raw data would.
 
 The clipping and noise maths is pure and tested against hand-computed values and against Opacus's
-DPOptimizer (tests/test_dp_sgd.py). The noise is seeded so runs repeat: it protects against whoever
-sees the adapters, not against someone who knows the seed (Opacus's `secure_mode` is the answer to that).
+DPOptimizer (tests/test_dp_sgd.py). The noise and the Poisson batches (the accountant's subsampling is part of
+the guarantee) are drawn from seeds of OS entropy that only the client holds (ClientJob.noise_seed): no one who
+knows the config, the round or the model can redraw them. Only privacy.reproducible_noise (tests) fixes them.
+The generators are torch's (not a CSPRNG, as Opacus's `secure_mode` would use): the seed is secret, not the stream's
+future given many of its outputs.
 """
 
 from __future__ import annotations
@@ -77,18 +80,20 @@ class DPSGD:
     rate: float
     n: int
     generator: torch.Generator  # the noise's, on the client's device
+    sampler: torch.Generator | None = None  # the Poisson batches' (CPU; None: the caller's stream)
 
     @classmethod
-    def of(cls, cfg: RunConfig, n: int, train: TrainConfig, device: torch.device, generator: torch.Generator) -> DPSGD:
+    def of(cls, cfg: RunConfig, n: int, train: TrainConfig, device: torch.device, noise_seed: int, batch_seed: int) -> DPSGD:
         """This client's DP-SGD for a round of `train.local_steps` steps over its n samples: q = batch_size / n, σ from
         privacy.noise_multiplier or, with privacy.target_epsilon, Opacus's search for federation.rounds such rounds (as if the
-        client trained in every one). The noise generator, on `device`, is seeded from `generator` (the round's stream)."""
+        client trained in every one). The noise generator, on `device`, and the batch sampler are seeded by the client's secret
+        seeds (ClientJob.noise_seed)."""
         p = cfg.privacy
         rate = min(1.0, train.batch_size / n)
         sigma = noise_for_epsilon(p.target_epsilon, p.delta, rate, train.local_steps * cfg.federation.rounds) if p.target_epsilon \
             else p.noise_multiplier
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        return cls(p.clip_norm, sigma, rate, n, torch.Generator(device=device).manual_seed(seed))
+        return cls(p.clip_norm, sigma, rate, n, torch.Generator(device=device).manual_seed(noise_seed),
+                   torch.Generator().manual_seed(batch_seed))
 
     def report(self, steps: int) -> dict[str, float]:
         """What the client tells the server, for its ledger (privacy.dp_sgd_ledger)."""

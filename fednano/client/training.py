@@ -84,7 +84,7 @@ def train_local(
     opt = torch.optim.AdamW(list(named.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     edge.train()
     losses = []
-    stream = poisson_batches(samples, dp.rate, generator) if dp else batches(samples, cfg.batch_size, generator)
+    stream = poisson_batches(samples, dp.rate, dp.sampler or generator) if dp else batches(samples, cfg.batch_size, generator)
     for step in range(cfg.local_steps):
         chosen = next(stream)
         opt.zero_grad(set_to_none=True)

@@ -43,7 +43,7 @@ GRID_FIELDS = {
 }
 # Privacy fields that name a run's row (privacy_label): runs that differ in them are different rows, not a mixed table.
 LABELLED = {("privacy", k) for k in ("client_dp", "dp_sgd", "target_epsilon", "noise_multiplier", "label_epsilon", "embedding_noise",
-                                     "gradient_noise")} | {("split", "label_private")}
+                                     "gradient_noise", "reproducible_noise")} | {("split", "label_private")}
 
 # --------------------------------------------------------------------------- runs
 
@@ -106,7 +106,8 @@ def privacy_label(p: dict[str, Any], split: dict[str, Any] | None = None) -> str
              f"client DP {eps()}" if p.get("client_dp") else "", f"DP-SGD {eps()}" if p.get("dp_sgd") else "",
              f"label DP ε={p['label_epsilon']:g}" if p.get("label_epsilon") else "",
              f"text noise {p['embedding_noise']:g}" if p.get("embedding_noise") else "",
-             f"gradient noise {p['gradient_noise']:g}" if p.get("gradient_noise") else ""]
+             f"gradient noise {p['gradient_noise']:g}" if p.get("gradient_noise") else "",
+             "seeded noise, not private" if p.get("reproducible_noise") else ""]
     return ", ".join(x for x in parts if x)
 
 

@@ -20,10 +20,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fednano.aggregation import validate_update
+from fednano.aggregation import merge_weights, validate_update
 from fednano.config import FederationConfig
+from fednano.diagnostics import merge_diagnostics
 from fednano.federation import keys
-from fednano.methods.combiners import Average, ServerMemory
+from fednano.methods.combiners import Average, ClientDP, ClientDPFisher, ServerMemory
 from fednano.methods.registry import METHODS
 from fednano.methods.topologies import Update
 
@@ -89,6 +90,7 @@ class FedNanoStrategy(Strategy):
         self.memory = ServerMemory()
         self.last_train: list[ClientOutcome] = []
         self.last_evaluate: list[ClientOutcome] = []
+        self.last_diagnostics: dict | None = None  # federation.merge_diagnostics: the last merge's numbers
         self.node_partition: dict[int, int] = {}  # learned from the clients (query at start, then every reply)
         self._reference: Tensors | None = None
         self._sent: dict[int, Tensors] = {}  # node -> what it was sent, where that is not the global state
@@ -121,8 +123,10 @@ class FedNanoStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._reference, self._sent = arrays.to_torch_state_dict(), {}
         config[keys.SERVER_ROUND] = server_round
+        # privacy.client_dp: Poisson sampling from OS entropy, as its accountant assumes
+        poisson = self.combine.sampler(self.cfg.seed, server_round) if isinstance(self.combine, (ClientDP, ClientDPFisher)) else None
         return self._messages(
-            arrays, config, self.method.topology.sample(list(grid.get_node_ids()), server_round, self.cfg), MessageType.TRAIN
+            arrays, config, self.method.topology.sample(list(grid.get_node_ids()), server_round, self.cfg, poisson), MessageType.TRAIN
         )
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -142,7 +146,7 @@ class FedNanoStrategy(Strategy):
         problems = validate_update(
             reference,
             out.theta,
-            out.fisher if self.method.sends_fisher else None,
+            out.fisher if self._takes_fisher else None,
             out.metrics.get(keys.NUM_EXAMPLES, 0.0),
             self.cfg.max_update_norm,
         )
@@ -151,7 +155,8 @@ class FedNanoStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         assert self._reference is not None, "configure_train must run first"
-        outcomes = parse_replies(replies, arrays=True, fisher=self.method.sends_fisher)
+        self.last_diagnostics = None
+        outcomes = parse_replies(replies, arrays=True, fisher=self._takes_fisher)
         for out in outcomes:
             self._validate(out)
             if out.rejected:
@@ -160,7 +165,12 @@ class FedNanoStrategy(Strategy):
                 )
         self.last_train = outcomes
         accepted = [o for o in outcomes if not o.rejected]
-        if len(accepted) < self.method.topology.min_replies(self.cfg):
+        private = isinstance(self.combine, (ClientDP, ClientDPFisher))
+        if private and len(accepted) < self.method.topology.min_replies(self.cfg):
+            log.warning("round %d: only %d valid updates (< min_train_clients=%d); under privacy.client_dp the round releases its "
+                        "noised sum all the same (keeping the previous adapters would tell whoever sees them how many took part)",
+                        server_round, len(accepted), self.method.topology.min_replies(self.cfg))
+        elif len(accepted) < self.method.topology.min_replies(self.cfg):
             log.warning(
                 "round %d: only %d valid updates (< min_train_clients=%d): keeping the previous global adapters",
                 server_round,
@@ -170,14 +180,36 @@ class FedNanoStrategy(Strategy):
             return None, None
         counts = [o.metrics[keys.NUM_EXAMPLES] for o in accepted]
         total = sum(counts)
-        loss = sum(c * o.metrics[keys.TRAIN_LOSS] for c, o in zip(counts, accepted, strict=True)) / total
+        loss = sum(c * o.metrics[keys.TRAIN_LOSS] for c, o in zip(counts, accepted, strict=True)) / total if accepted else 0.0
         updates = [
             Update(int(o.partition_id if o.partition_id is not None else -1), o.theta, o.fisher, c)  # type: ignore[arg-type]
             for o, c in zip(accepted, counts, strict=True)
         ]
-        merged = self.method.topology.combine(self.combine, self._reference, updates, self.cfg, self.memory)
+        # client DP noises what clients upload only (FFA's frozen A stays as it is), whether or not any replied
+        reference = self.method.trains.shared(self._reference) if private else self._reference
+        merged = self.method.topology.combine(self.combine, reference, updates, self.cfg, self.memory)
+        if merged is not None and self.cfg.merge_diagnostics:
+            self.last_diagnostics = self._diagnose(accepted, counts, merged)
         merged = None if merged is None else self.method.complete(self._reference, merged)
-        return (ArrayRecord(merged) if merged is not None else None), MetricRecord({keys.TRAIN_LOSS: loss, keys.NUM_EXAMPLES: total})
+        metrics = MetricRecord({keys.TRAIN_LOSS: loss, keys.NUM_EXAMPLES: total}) if accepted else None  # none: no client trained
+        return (ArrayRecord(merged) if merged is not None else None), metrics
+
+    @property
+    def _takes_fisher(self) -> bool:
+        """Replies carry a Fisher: the method merges with it, or federation.merge_diagnostics asked for one."""
+        return self.method.sends_fisher or self.cfg.merge_diagnostics
+
+    def _diagnose(self, accepted: list[ClientOutcome], counts: list[float], merged: Tensors) -> dict:
+        """federation.merge_diagnostics: the round's merge in numbers (fednano.diagnostics), clients by partition."""
+        assert self._reference is not None
+        thetas = [o.theta for o in accepted if o.theta is not None]
+        fishers = [o.fisher for o in accepted if o.fisher is not None]
+        weights = merge_weights(fishers, counts, self.cfg.fisher_floor, self.cfg.fisher_normalize, self.cfg.fisher_power)
+        out = merge_diagnostics(self.method.trains.shared(self._reference), thetas, fishers, weights, counts, merged)
+        errors = [o.metrics.get(keys.FISHER_REL_ERROR) for o in accepted]
+        out["clients"] = {str(o.partition_id): c | ({"fisher_rel_error": e} if e is not None else {})
+                          for o, c, e in zip(accepted, out["clients"], errors, strict=True)}
+        return out
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         outcomes = parse_replies(replies)

@@ -56,7 +56,8 @@ class NanoAdapterClient:
     ) -> tuple[float, dict[str, torch.Tensor], dict[str, float]]:
         rt = self.rt
         params = self.trains.shared(rt.edge.adapter_parameters())  # FFA: the optimiser never sees A
-        dp = DPSGD.of(job.cfg, len(samples), cfg, rt.edge.device, job.generator) if job.cfg.privacy.dp_sgd else None
+        dp = (DPSGD.of(job.cfg, len(samples), cfg, rt.edge.device, job.noise_seed("dp-sgd"), job.noise_seed("dp-sgd-batches"))
+              if job.cfg.privacy.dp_sgd else None)
         loss = train_local(rt.edge, rt.split, samples, rt.work, cfg, job.generator, params=params, hooks=hooks, dp=dp)
         return loss, rt.edge.adapter_state(), dp.report(cfg.local_steps) if dp else {}
 

@@ -23,7 +23,7 @@ from fednano.client.evaluation import Scoring, evaluate
 from fednano.client.training import Proximal, StepHook
 from fednano.config import METHOD_NAMES, ConfigError, RunConfig
 from fednano.methods.combiners import Average, ClientDP, ClientDPFisher, FisherMerge, ProductMerge, ServerOptimiser
-from fednano.methods.fisher_sources import FisherOfTraining, FisherPass, NoFisher
+from fednano.methods.fisher_sources import FisherOfTraining, FisherPass, NoFisher, diagnostic_fisher
 from fednano.methods.nanoadapters import NanoAdapters
 from fednano.methods.topologies import Centralized, Federated, Local
 from fednano.methods.whole_llm import WholeLLMLoRA
@@ -71,6 +71,14 @@ class Method:
         if cfg.privacy.label_epsilon and self.topology.kind == "centralized":
             raise ConfigError("privacy.label_epsilon: 'centralized' pools every client's data, answers included, on the server; "
                               "randomized response protects what a client sends")
+        if cfg.federation.merge_diagnostics and (self.trains.in_llm or self.topology.kind != "federated"):
+            raise ConfigError(f"federation.merge_diagnostics: {self.name!r} has no global merge of NanoAdapters to diagnose")
+        if cfg.federation.merge_diagnostics and cfg.privacy.client_dp:
+            raise ConfigError("federation.merge_diagnostics: under privacy.client_dp the diagnostics would publish each client's "
+                              "Fisher and update, which the DP guarantee does not cover")
+        if cfg.federation.fisher_at == "global" and not self.fisher_source(cfg).takes_pass:
+            raise ConfigError(f"federation.fisher_at: {self.name!r} takes no Fisher pass (its Fisher, if any, comes from its training "
+                              "gradients): leave it 'trained'")
         if cfg.privacy.dp_sgd and (self.trains.in_llm or self.trains.personal):
             raise ConfigError(f"privacy.dp_sgd: {self.name!r} trains LoRA inside a whole LLM; DP-SGD is built for the NanoAdapters "
                               "(per-sample gradients in closed form): use a NanoEdge method")
@@ -82,8 +90,9 @@ class Method:
         noise, _ = client_dp_noise(cfg)
         if self.combine.kind == "fisher":
             return ClientDPFisher(clip=cfg.privacy.clip_norm, noise_multiplier=noise, expected_clients=expected_clients(cfg),
-                                  by_rank=cfg.privacy.fisher_groups == "rank")
-        return ClientDP(inner=self.combine, clip=cfg.privacy.clip_norm, noise_multiplier=noise, expected_clients=expected_clients(cfg))
+                                  by_rank=cfg.privacy.fisher_groups == "rank", reproducible=cfg.privacy.reproducible_noise)
+        return ClientDP(inner=self.combine, clip=cfg.privacy.clip_norm, noise_multiplier=noise, expected_clients=expected_clients(cfg),
+                        reproducible=cfg.privacy.reproducible_noise)
 
     def fisher_source(self, cfg: RunConfig) -> NoFisher:
         """Where this run's Fisher comes from: the method's own, except under privacy.dp_sgd, where a Fisher-merging
@@ -111,8 +120,16 @@ class Method:
         mu = job.cfg.federation.proximal_mu
         if self.proximal and mu > 0:
             hooks.append(Proximal(start, mu))
+        at_global = source.takes_pass and job.cfg.federation.fisher_at == "global"
+        fisher = source.fisher(job, part, hooks) if at_global else None  # at the state it received, before training
         loss, state, extra = part.train(job, samples, tcfg, hooks)
-        fisher = source.fisher(job, part, hooks)
+        if not at_global:
+            fisher = source.fisher(job, part, hooks)
+        if job.cfg.federation.merge_diagnostics:  # (after training: the paper's Fisher, whatever this run merges with)
+            diagnostic, error = diagnostic_fisher(job, part, check=job.round % job.cfg.federation.eval_every == 0
+                                                  or job.round == job.cfg.federation.rounds)
+            fisher = diagnostic if fisher is None else fisher
+            extra = extra | ({"fisher_rel_error": error} if error is not None else {})
         return ClientUpdate(self.trains.shared(state), None if fisher is None else self.trains.shared(fisher), loss, len(samples), extra)
 
     def client_evaluate(self, job: ClientJob, state: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -148,9 +165,11 @@ if tuple(METHODS) != METHOD_NAMES:
     raise RuntimeError(f"config.METHOD_NAMES {METHOD_NAMES} and the method registry {tuple(METHODS)} disagree")
 
 
-def expected_clients(cfg: RunConfig) -> int:
-    """Clients sampled per round (as Federated.sample does): the fixed denominator of DP-FedAvg."""
-    return max(1, min(cfg.data.num_clients, round(cfg.data.num_clients * cfg.federation.fraction_train)))
+def expected_clients(cfg: RunConfig) -> float:
+    """privacy.client_dp's expected clients per round, q N: Federated.sample then takes each of the N nodes independently
+    with probability q = federation.fraction_train (Poisson sampling). DP-FedAvg's fixed denominator; over N, the
+    accountant's sampling rate."""
+    return cfg.data.num_clients * cfg.federation.fraction_train
 
 
 def client_dp_noise(cfg: RunConfig) -> tuple[float, float]:

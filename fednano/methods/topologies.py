@@ -37,9 +37,13 @@ class Federated:
     personal_models = False  # the run's model is the global state; clients keep no models of their own
 
     # --- the server ------------------------------------------------------------------
-    def sample(self, nodes: list[int], rnd: int, cfg: FederationConfig) -> list[int]:
-        """The nodes that train this round: a seeded share `fraction_train` of them."""
+    def sample(self, nodes: list[int], rnd: int, cfg: FederationConfig, poisson: random.Random | None = None) -> list[int]:
+        """The nodes that train this round: a seeded share `fraction_train` of them (a fixed number, so runs repeat); with
+        `poisson` (privacy.client_dp: ClientDP.sampler, OS entropy), each node independently with probability fraction_train,
+        as the DP accountant assumes: the number varies from round to round and may be 0."""
         nodes = sorted(nodes)
+        if poisson is not None:
+            return [n for n in nodes if poisson.random() < cfg.fraction_train]
         k = max(1, min(len(nodes), round(len(nodes) * cfg.fraction_train)))
         return sorted(random.Random(f"{cfg.seed}-{rnd}").sample(nodes, k))
 
@@ -121,7 +125,7 @@ class Centralized(Federated):
 
     kind = "centralized"
 
-    def sample(self, nodes: list[int], rnd: int, cfg: FederationConfig) -> list[int]:
+    def sample(self, nodes: list[int], rnd: int, cfg: FederationConfig, poisson: random.Random | None = None) -> list[int]:
         return sorted(nodes)[:1]
 
     def min_replies(self, cfg: FederationConfig) -> int:

@@ -10,6 +10,9 @@ The client's gradients are the standard split's (tests/test_label_private.py).
 What it does not hide: a server that knows the head and the hidden states it sent can read each label from
 the gradient it gets back (`labels_from_gradients`: the known-head attack of the split-learning literature),
 so the labels are hidden only from a server that cannot or does not run it, unless the gradient is noised.
+Nor does it keep the answers out of the inputs: a training frame is teacher-forced, so its input embeddings carry the
+answer tokens (the NanoEdge's embeddings of them, which privacy.audit's text attack reads back by nearest row). Against
+an honest-but-curious server that reads its frames it hides nothing; only privacy.label_epsilon protects the answers.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fednano.data.prompts import IGNORE_INDEX
+from fednano.privacy import noise_seed
 from fednano.split.client import SplitClient
 from fednano.split.parts import EdgeParts
 
@@ -53,12 +57,14 @@ def noised_gradient(grad_hidden: torch.Tensor, level: float, generator: torch.Ge
 class LabelPrivateClient(SplitClient):
     """A SplitClient whose training steps keep the labels on the client (evaluation and generation are unchanged:
     they send no labels). `head`: the output head's weight (V, d), on the client's device; `gradient_noise`: the
-    noise on d loss / d hidden states it sends (privacy.gradient_noise; 0: none), reseeded per message."""
+    noise on d loss / d hidden states it sends (privacy.gradient_noise; 0: none), drawn on the head's device from a
+    seed of OS entropy that only this client knows (ClientJob reseeds it per message; a fixed seed only under
+    privacy.reproducible_noise)."""
 
     def __init__(self, *args: object, head: torch.Tensor, gradient_noise: float = 0.0, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.head, self.gradient_noise = head, gradient_noise
-        self.reseed(0)
+        self.reseed(noise_seed(False))
 
     def reseed(self, seed: int) -> None:
         self._generator = torch.Generator(device=self.head.device).manual_seed(seed)
