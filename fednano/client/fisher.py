@@ -30,6 +30,7 @@ from fednano.client.nanoedge import NanoEdge
 from fednano.config import TrainConfig
 from fednano.data.prompts import TokenBatch, training_batch
 from fednano.data.samples import Sample
+from fednano.diagnostics import relative_error
 from fednano.split.endpoint import LLMEndpoint
 from fednano.split.parts import sample_grads, weighted_squares
 
@@ -171,3 +172,30 @@ class FisherFromTraining:
 
     def fisher(self) -> dict[str, torch.Tensor]:
         return mean_fisher(self._acc, self._steps)
+
+
+def fisher_sample_error(
+    edge: NanoEdge,
+    endpoint: LLMEndpoint,
+    train: list[Sample],
+    work: Workload,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    factor: int = 4,
+) -> tuple[dict[str, torch.Tensor], float | None]:
+    """The empirical Fisher from `cfg.fisher_samples` samples, and (factor > 1) its relative error against the Fisher of
+    `factor` times as many (those samples and more, as far as the client has them) -> (Fisher, error or None). How noisy
+    the per-entry merge weights are at the configured sample count."""
+    order = torch.randperm(len(train), generator=generator).tolist()
+    n = min(cfg.fisher_samples, len(train))
+    first, rest = [train[i] for i in order[:n]], [train[i] for i in order[n : factor * n]]
+
+    def batches(samples: list[Sample]) -> Iterable:
+        return (work.train_batch(samples[i : i + cfg.batch_size]) for i in range(0, len(samples), cfg.batch_size))
+
+    small, n_small = empirical_fisher(edge, endpoint, batches(first))
+    if factor <= 1 or not rest:
+        return small, None
+    more, n_more = empirical_fisher(edge, endpoint, batches(rest))
+    large = {k: (small[k] * n_small + more[k] * n_more) / (n_small + n_more) for k in small}
+    return small, relative_error(small, large)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from fednano.client.fisher import FisherFromTraining, fisher_pass
+from fednano.client.fisher import FisherFromTraining, fisher_pass, fisher_sample_error
 from fednano.client.training import StepHook
 from fednano.config import TrainConfig
 from fednano.runtime.client import ClientJob
@@ -18,6 +18,7 @@ from fednano.runtime.client import ClientJob
 class NoFisher:
     kind = "none"
     sends_fisher = False
+    takes_pass = False  # an extra pass after (or, federation.fisher_at = "global", before) training
 
     def hooks(self) -> list[StepHook]:
         return []
@@ -37,6 +38,7 @@ class FisherPass(NoFisher):
 
     kind = "pass"
     sends_fisher = True
+    takes_pass = True
 
     def fisher(self, job: ClientJob, part: Any, hooks: list[StepHook]) -> dict[str, torch.Tensor] | None:
         rt = job.rt
@@ -60,3 +62,13 @@ class FisherOfTraining(NoFisher):
     def fisher(self, job: ClientJob, part: Any, hooks: list[StepHook]) -> dict[str, torch.Tensor] | None:
         (acc,) = [h for h in hooks if isinstance(h, FisherFromTraining)]
         return acc.fisher()
+
+
+def diagnostic_fisher(job: ClientJob, part: Any, check: bool) -> tuple[dict[str, torch.Tensor], float | None]:
+    """federation.merge_diagnostics: the client's empirical Fisher from train.fisher_samples samples at its current state and,
+    with `check`, its relative error against one from 4x as many (None without). The samples come from a stream of their
+    own, so that the diagnostics leave the run's training and Fisher draws as they were."""
+    seed = job.cfg.federation.seed * 1_000_003 + job.round * 1009 + job.partition
+    generator = torch.Generator().manual_seed(seed ^ 0x5EED_D1A6)
+    return fisher_sample_error(job.rt.edge, part.endpoint(job), job.data.train, job.rt.work, job.cfg.train, generator,
+                               factor=4 if check else 1)
