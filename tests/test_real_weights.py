@@ -69,3 +69,20 @@ def test_real_split_step_over_grpc(smol):
     B, T = batch.input_ids.shape
     assert traffic["activations_up"] >= B * T * 576 * 2  # bf16 embeddings really crossed the wire
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_the_exports_vision_tower_gives_fednanos_features_with_the_imagenet_weights():
+    """An exported smol / compose folder's encoder (modeling_fednano's EfficientNet-Lite0, no package) with the
+    package's ImageNet weights, on images its image processor prepares: the features FedNano's client computes."""
+    from PIL import Image
+
+    from fednano.export_code.image_processing_fednano import FedNanoImageProcessor
+    from fednano.export_code.modeling_fednano import FedNanoVisionTower
+
+    vision = build_vision_encoder({"type": "efficientnet-lite0"}, image_size=224, grid=3)
+    tower = FedNanoVisionTower({"type": "efficientnet-lite0", "grid": 3}).eval()
+    tower.backbone.load_state_dict({k: v for k, v in vision.backbone.state_dict().items() if not k.startswith("_fc.")})
+    paths = [s.image_path for s in load_split("test")[:3]]
+    pixels = FedNanoImageProcessor(image_size=224)([Image.open(p) for p in paths])["pixel_values"]
+    with torch.no_grad():
+        torch.testing.assert_close(tower(pixels), ImageFeatures(vision)(paths), atol=1e-5, rtol=1e-5)
