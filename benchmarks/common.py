@@ -1,5 +1,6 @@
 """What the benchmarks share: timing on any device, this device's matmul rate, FLOP counting,
-and LLMs with random weights at the shapes the paper uses (throughput only, never accuracy)."""
+LLMs with random weights at the shapes the paper uses (throughput only, never accuracy), the cost
+of one server step, and a small LLaVA-format dataset drawn on the spot (for machines without easy-vqa)."""
 
 from __future__ import annotations
 
@@ -16,11 +17,24 @@ from fednano.data.prompts import IGNORE_INDEX
 from fednano.devices import describe
 from fednano.server.llm import ServerLLM
 
-# name -> (visual tokens per image, how to build the LLM's config)
+# name -> visual tokens per image
 SHAPES = {
     "smol": 9,  # EfficientNet-Lite0 pooled to 3x3 -> SmolLM2-135M
     "llava-1.5-7b": 576,  # CLIP ViT-L/14-336 -> Vicuna-7B
     "minigpt4": 32,  # Q-Former queries -> Vicuna-7B
+    "tiny-llava": 4,  # TINY_LLAVA: a 28 px image in 14 px patches -> a 2-layer Llama
+}
+
+# LLaVA-1.5-7B's configuration (fednano/backbones/footprints/llava-1.5-7b.json) at toy width and depth: the same
+# classes and code paths (CLIP tower, GELU projector, Llama), so that a rehearsal on a CPU runs what the GPU will.
+# Its vocabulary covers the word-level tokenizer a random-weight bundle gets (bundle.random_mllm_config).
+TINY_LLAVA = {
+    "model_type": "llava", "architectures": ["LlavaForConditionalGeneration"], "image_token_index": 127, "pad_token_id": 126,
+    "projector_hidden_act": "gelu", "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "image_seq_length": 4,
+    "text_config": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "num_key_value_heads": 4, "vocab_size": 128, "max_position_embeddings": 512, "tie_word_embeddings": False},
+    "vision_config": {"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                      "num_attention_heads": 2, "image_size": 28, "patch_size": 14, "projection_dim": 32},
 }
 
 
@@ -82,17 +96,18 @@ def random_llm(shape: str, device: torch.device, dtype: torch.dtype = torch.bflo
     """The frozen LLM of a named MLLM with random weights, built on `device` in `dtype`."""
     from transformers import AutoModelForCausalLM
 
-    from fednano.backbones.bundle import random_causal_lm, random_mllm_config
-    from fednano.backbones.footprint import smollm2_config
+    from fednano.backbones.bundle import SHIPPED_CONFIGS, random_causal_lm
+    from fednano.backbones.footprint import load_config_file, smollm2_config
 
     if shape == "smol":
         with torch.random.fork_rng(devices=[]), torch.device(device):
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_config(smollm2_config(), dtype=dtype)
-    else:
-        backbone = "llava" if shape.startswith("llava") else "blip2"
-        cfg, _ = random_mllm_config(shape, backbone)
-        model = random_causal_lm(cfg.to_dict(), backbone, dtype, device, seed)
+    elif shape == "tiny-llava":
+        model = random_causal_lm(TINY_LLAVA, "llava", dtype, device, seed)
+    else:  # the shipped configuration alone (random_mllm_config would also build a tokenizer, from easy-vqa's words)
+        backbone, filename = SHIPPED_CONFIGS[shape]
+        model = random_causal_lm(load_config_file(filename), backbone, dtype, device, seed)
     return ServerLLM(model, dtype)
 
 
@@ -105,6 +120,59 @@ def random_request(llm: ServerLLM, batch: int, tokens: int, answer_tokens: int =
     labels = torch.full((batch, tokens), IGNORE_INDEX)
     labels[:, -answer_tokens:] = torch.randint(0, llm.vocab_size, (batch, answer_tokens), generator=g)
     return embeds, torch.ones(batch, tokens, dtype=torch.long), labels, "mean"
+
+
+def server_step_cost(llm: ServerLLM, batch: int, visual: int, text: int, answer_tokens: int, repeats: int, device: torch.device,
+                     matmul_gflops_bf16: float, flops: int | None = None) -> dict:
+    """One split-learning server step (ServerLLM.train_steps, as the split server runs it: CPU tensors from the wire in,
+    loss and d loss / d embeddings out) on batch x (visual + text) tokens: median seconds, FLOPs counted on the real
+    step, the achieved rate as a fraction of the matmul rate given (measured in the same run), samples/s, the peak
+    activation memory above the weights (CUDA only) and the bytes of the frames that would cross the wire. `flops`: counted
+    beforehand, for an LLM under torch.compile (the counter sees eager ops only; compiling keeps the maths)."""
+    from fednano.split.frames import Frame, encode
+
+    req = random_request(llm, batch, visual + text, answer_tokens)
+    step = lambda: llm.train_steps([req])[0]  # noqa: E731 - results left on the device, as the server encodes them later
+    flops = count_flops(step) if flops is None else flops
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    sec = timeit(step, repeats, device)
+    rate = flops / sec / 1e9
+    up = len(encode(Frame("train", {"embeds": req[0], "mask": req[1].to(torch.uint8), "labels": req[2].to(torch.int32)})))
+    down = len(encode(Frame("train", {"loss": torch.zeros(()), "grad": req[0]}, {"n_tokens": 0})))
+    return {"batch": batch, "tokens": visual + text, "visual_tokens": visual, "text_tokens": text, "seconds": sec, "tflop": flops / 1e12,
+            "achieved_tflops": rate / 1000, "fraction_of_matmul": rate / matmul_gflops_bf16, "samples_per_s": batch / sec,
+            "activation_gib": (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else None,
+            "bytes_up": up, "bytes_down": down}
+
+
+def draw_llava_json(folder: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """A small VQA set in LLaVA's conversation JSON (fednano/data/llava_json.py reads it): PNGs of a coloured square on a
+    random background, asked for its colour. For timing and memory where no dataset package is installed (the GPU
+    machine has no easy-vqa); the images are real files through the real loader. Returns data.path (`<stem>_train.json`
+    and `<stem>_test.json` lie beside it)."""
+    import json
+    import random
+
+    from PIL import Image, ImageDraw
+
+    colours = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40), "purple": (140, 50, 170)}
+    rng = random.Random(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        records = []
+        for i in range(n):
+            name = rng.choice(sorted(colours))
+            image = Image.new("RGB", (64, 64), tuple(rng.randrange(256) for _ in range(3)))
+            x, y, size = rng.randrange(0, 32), rng.randrange(0, 32), rng.randrange(16, 32)
+            ImageDraw.Draw(image).rectangle((x, y, x + size, y + size), fill=colours[name])
+            image.save(folder / "images" / f"{split}-{i}.png")
+            records.append({"id": f"{split}-{i}", "image": f"images/{split}-{i}.png",
+                            "conversations": [{"from": "human", "value": "<image>\nWhat colour is the square?"},
+                                              {"from": "gpt", "value": name}]})
+        (folder / f"shapes_{split}.json").write_text(json.dumps(records))
+    return folder / "shapes.json"
 
 
 def cpu_flags(wanted: tuple[str, ...] = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")) -> list[str]:

@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
-from common import SHAPES, count_flops, machine, matmul_gflops, random_llm, random_request, sync, timeit
+from common import SHAPES, count_flops, machine, matmul_gflops, random_llm, server_step_cost, sync, timeit
 
 from fednano.backbones.bundle import load_nanoedge, load_server_llm
 from fednano.backbones.prepare import ensure_prepared
@@ -112,16 +112,7 @@ def paper_scale(args: argparse.Namespace, device: torch.device) -> None:
     t0 = time.perf_counter()
     llm = random_llm(args.backbone, device)
     build = time.perf_counter() - t0
-    tokens = SHAPES[args.backbone] + args.text_tokens
-    req = random_request(llm, args.batch, tokens, args.answer_tokens)
-    step = lambda: llm.train_steps([req])[0]  # noqa: E731 - from CPU tensors (as decoded), results left on the device
-    flops = count_flops(step)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-    sec = timeit(step, args.repeats, device)
-    up = len(encode(Frame("train", {"embeds": req[0], "mask": req[1].to(torch.uint8), "labels": req[2].to(torch.int32)})))
-    down = len(encode(Frame("train", {"loss": torch.zeros(()), "grad": req[0]}, {"n_tokens": 0})))
+    c = server_step_cost(llm, args.batch, SHAPES[args.backbone], args.text_tokens, args.answer_tokens, args.repeats, device, peak)
     n_params = sum(p.numel() for p in llm.model.parameters())
     print(f"\nServer step, random weights at {args.backbone}'s shape: LLM {n_params / 1e9:.2f}B parameters, bf16, "
           f"{llm.model.config._attn_implementation} attention, on {machine(device)}")
@@ -130,10 +121,10 @@ def paper_scale(args: argparse.Namespace, device: torch.device) -> None:
     print("| LLM shape | batch x tokens | seconds | TFLOP counted | achieved TFLOP/s | / matmul rate | samples/s | peak activation "
           "memory | bytes up / down per step |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---|")
-    mem = f"{(torch.cuda.max_memory_allocated(device) - base) / 2**30:.1f} GiB" if device.type == "cuda" else "n/a (CPU)"
-    rate = flops / sec / 1e12
-    print(f"| {args.backbone} | {args.batch} x {tokens} ({SHAPES[args.backbone]} visual + {args.text_tokens} text) | {sec:.3f} | "
-          f"{flops / 1e12:.2f} | {rate:.2f} | **{rate * 1000 / peak:.3f}** | {args.batch / sec:.3g} | {mem} | {up:,} / {down:,} |")
+    mem = f"{c['activation_gib']:.1f} GiB" if c["activation_gib"] is not None else "n/a (CPU)"
+    print(f"| {args.backbone} | {args.batch} x {c['tokens']} ({SHAPES[args.backbone]} visual + {args.text_tokens} text) | "
+          f"{c['seconds']:.3f} | {c['tflop']:.2f} | {c['achieved_tflops']:.2f} | **{c['fraction_of_matmul']:.3f}** | "
+          f"{c['samples_per_s']:.3g} | {mem} | {c['bytes_up']:,} / {c['bytes_down']:,} |")
 
 
 def smol_real(args: argparse.Namespace, device: torch.device) -> None:

@@ -30,13 +30,15 @@ def tiny_words() -> list[str]:
     return vocabulary_words() + re.findall(r"\w+|[^\w\s]+", extra.lower())
 
 
-def tiny_tokenizer(chat_template: bool = True, extra_specials: tuple[str, ...] = ()) -> Any:
+def tiny_tokenizer(chat_template: bool = True, extra_specials: tuple[str, ...] = (), words: list[str] | None = None) -> Any:
+    """A word-level tokenizer over `words` (default tiny_words(), which reads easy-vqa: a machine without the package,
+    such as the GPU machine of benchmarks/gpu_checks.py, passes the words of its own data)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<unk>", "<|im_start|>", "<|im_end|>", "<pad>", *extra_specials]
     vocab = {t: i for i, t in enumerate(specials)}
-    for w in sorted(set(tiny_words())):
+    for w in sorted(set(tiny_words() if words is None else words)):
         vocab.setdefault(w, len(vocab))
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
