@@ -52,7 +52,8 @@ ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="TOML run config (see `fednano options`; defaults apply to anything it omits).")
 ]
 BackboneOpt = Annotated[
-    str | None, typer.Option("--backbone", "-b", help="Shortcut for --set model.backbone=NAME: smol, compose, llava, blip2, tiny.")
+    str | None,
+    typer.Option("--backbone", "-b", help="Shortcut for --set model.backbone=NAME: smol, compose, llava, blip2, idefics3, tiny."),
 ]
 CheckpointOpt = Annotated[
     Path | None, typer.Option("--checkpoint", help="Shortcut for --set model.checkpoint=DIR (a local llava / blip2 checkpoint).")
@@ -333,20 +334,21 @@ def generate(
         raise typer.Exit(2)
     _setup_logging()
     from fednano.generate import answer, load_tuned, read_requests
+    from fednano.split.endpoint import Decoding
 
     samples = list(read_requests(input_file)) if input_file is not None else []  # bad input fails before the model loads
     tuned = load_tuned(run_dir, device, client, client_state)
-    options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    decoding = Decoding(max_new_tokens, temperature, top_p, seed)
     if prompt is not None:
         images = [str(image)] if image else []
         content = f"<image>\n{prompt}" if image and "<image>" not in prompt else prompt
-        answer(tuned, content, images, stream=lambda piece: typer.echo(piece, nl=False), **options)
+        answer(tuned, content, images, decoding, stream=lambda piece: typer.echo(piece, nl=False))
         typer.echo()
         return
-    _answer_file(tuned, samples, output, options)
+    _answer_file(tuned, samples, output, decoding)
 
 
-def _answer_file(tuned: Any, samples: list, output: Path | None, options: dict) -> None:
+def _answer_file(tuned: Any, samples: list, output: Path | None, decoding: Any) -> None:
     import json
 
     from fednano.generate import answer
@@ -355,7 +357,7 @@ def _answer_file(tuned: Any, samples: list, output: Path | None, options: dict) 
     lines = []
     with progress_bar(len(samples), "answering") as bar:
         for s in samples:
-            text = answer(tuned, s.content(), list(s.images), **options)
+            text = answer(tuned, s.content(), list(s.images), decoding)
             lines.append({"id": s.uid, "prompt": s.question, "answer": text, "reference": s.answer})
             typer.echo(f"{s.uid}: {text}")
             bar.update(1)

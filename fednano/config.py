@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fednano.errors import UserError
-
-
-class ConfigError(UserError, ValueError):
-    """A config file or value is malformed; the message names the file and field."""
+from fednano.backbones.registry import BACKBONES
+from fednano.data import DATASETS as _DATASETS
+from fednano.errors import ConfigError as ConfigError  # (defined with the other user errors; callers import it from here)
+from fednano.federation import keys
+from fednano.split.protocols import PROTOCOLS
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -33,7 +33,6 @@ def default_cache_dir() -> str:
     return os.environ.get("FEDNANO_CACHE", str(Path.home() / ".cache" / "fednano"))
 
 
-BACKBONES = ("smol", "tiny", "compose", "llava", "blip2")
 # The federated methods, in the registry's order (their behaviour: fednano/methods/registry.py).
 METHOD_NAMES = ("fednano", "fednano-ef", "fednano-product", "fednano-ffa",
                 "fedavg", "fedprox", "fedadam", "fedyogi", "local", "centralized", "fedit-lora", "feddpa-f")
@@ -45,10 +44,10 @@ ATTENTION = ("sdpa", "eager")  # the LLM's attention kernels (transformers' attn
 @dataclass
 class ModelConfig:
     backbone: str = _f("smol", "MLLM: 'smol' (EfficientNet-Lite0 + SmolLM2-135M, from packages), 'compose' (vision_encoder + "
-                               "connector + the causal LM at llm_path), 'llava' or 'blip2' (a local HF checkpoint at `checkpoint`), "
-                               "'tiny' (random, for tests).")
-    checkpoint: str = _f("", "llava / blip2: local directory of a HF LlavaForConditionalGeneration / Blip2ForConditionalGeneration "
-                             "checkpoint (config, weights, tokenizer).")
+                               "connector + the causal LM at llm_path), 'llava', 'blip2' or 'idefics3' (SmolVLM; a local HF checkpoint at "
+                               "`checkpoint`), 'tiny' (random, for tests).")
+    checkpoint: str = _f("", "llava / blip2 / idefics3: local directory of a HF LlavaForConditionalGeneration / "
+                             "Blip2ForConditionalGeneration / Idefics3ForConditionalGeneration checkpoint (config, weights, tokenizer).")
     llm_path: str = _f("", "compose: local directory of a HF causal LM (config, weights, tokenizer).")
     vision_encoder: str = _f("efficientnet-lite0", "compose: vision encoder ('efficientnet-lite0', ImageNet weights from its package).")
     cache_dir: str = _f("", "Where prepared backbones are cached (default: $FEDNANO_CACHE or ~/.cache/fednano).")
@@ -72,21 +71,14 @@ class ModelConfig:
     client_device: str = _f("auto", "Where each client's NanoEdge (vision encoder, connector, embedding table, adapters, "
                                     "image-feature cache) lives: 'auto' (the GPU the client process may use, else the CPU), 'cpu', "
                                     "'cuda' or 'cuda:N'. A simulated client sees a GPU only with federation.client_gpus > 0.")
-    random_init: bool = _f(False, "llava / blip2: random weights built from the configuration at `checkpoint` (a folder with "
+    random_init: bool = _f(False, "llava / blip2 / idefics3: random weights built from the configuration at `checkpoint` (a folder with "
                                   "config.json, or a shipped name: 'llava-1.5-7b', 'minigpt4'), for measuring time, memory and bytes "
                                   "at the paper's scale without the weights. Never for accuracy: results.json says so and `fednano "
                                   "report` refuses such runs.")
 
     def __post_init__(self) -> None:
         _check(self.backbone in BACKBONES, "model.backbone", f"unknown backbone {self.backbone!r}; choose one of {list(BACKBONES)}")
-        _check(
-            self.backbone not in ("llava", "blip2") or bool(self.checkpoint),
-            "model.checkpoint",
-            f"backbone {self.backbone!r} needs the path of a local checkpoint",
-        )
-        _check(
-            self.backbone != "compose" or bool(self.llm_path), "model.llm_path", "backbone 'compose' needs the path of a local causal LM"
-        )
+        BACKBONES[self.backbone].check(self)  # the fields it needs (backbones/registry.py)
         _check(self.vision_encoder == "efficientnet-lite0", "model.vision_encoder", "only 'efficientnet-lite0' is available")
         _check(1 <= self.visual_grid <= 7, "model.visual_grid", "must be between 1 and 7")
         _check(self.image_size >= 32, "model.image_size", "must be >= 32")
@@ -99,11 +91,6 @@ class ModelConfig:
             )
         _check(self.server_device_map in DEVICE_MAPS, "model.server_device_map", f"must be one of {list(DEVICE_MAPS)}")
         _check(self.attention in ATTENTION, "model.attention", f"must be one of {list(ATTENTION)}")
-        _check(
-            not self.random_init or self.backbone in ("llava", "blip2"),
-            "model.random_init",
-            "only for the llava and blip2 backbones (their shapes come from a configuration)",
-        )
         _check(
             not (self.random_init and self.server_device_map),
             "model.server_device_map",
@@ -152,10 +139,10 @@ class PrepareConfig:
         _check(self.lr > 0, "prepare.lr", "must be > 0")
 
 
-DATASETS = ("easy-vqa", "scienceqa", "iconqa", "llava-json")
+DATASETS = tuple(_DATASETS)  # the dataset registry's names (fednano/data/__init__.py)
 SCORING = ("candidates", "generate")
 WIRE_DTYPES = ("bfloat16", "float32", "float8_e4m3", "float8_e5m2", "int8")  # the last three: split.frames.SCALED
-SPLIT_PROTOCOLS = ("activations", "cached-features", "cached-features+ids")  # split.parts.PROTOCOLS
+SPLIT_PROTOCOLS = tuple(PROTOCOLS)  # the protocol registry's names (split/protocols.py)
 
 
 @dataclass
@@ -214,7 +201,8 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check(self.dataset in DATASETS, "data.dataset", f"unknown dataset {self.dataset!r}; choose one of {list(DATASETS)}")
-        _check(self.dataset == "easy-vqa" or bool(self.path), "data.path", f"dataset {self.dataset!r} needs the path of its files")
+        _check(not _DATASETS[self.dataset].needs_path or bool(self.path), "data.path",
+               f"dataset {self.dataset!r} needs the path of its files")
         _check(self.num_clients >= 1, "data.num_clients", "must be >= 1")
         _check(self.partitioner in ("dirichlet", "iid", "natural"), "data.partitioner", "must be 'dirichlet', 'iid' or 'natural'")
         _check(self.dirichlet_alpha > 0, "data.dirichlet_alpha", "must be > 0")
@@ -552,33 +540,11 @@ class RunConfig:
             "noise on the hidden states' gradient needs split.label_private = true (only that split sends it)",
         )
         _check(
-            not self.split.label_private or self.split.protocol == "activations",
-            "split.label_private",
-            f"the U-shaped split needs split.protocol = 'activations' (not {self.split.protocol!r})",
-        )
-        _check(
-            self.privacy.embedding_noise == 0 or self.split.protocol == "activations",
-            "privacy.embedding_noise",
-            f"noise on the text embeddings needs split.protocol = 'activations' ({self.split.protocol!r} sends the text as token "
-            "ids or as rows the noise does not reach)",
-        )
-        _check(
             self.data.server_test or self.data.validation_samples == 0,
             "data.validation_samples",
             "the server scores the validation set, and with data.server_test = false it holds no data: set it to 0",
         )
-        _check(
-            self.split.protocol == "activations" or self.adapter.dropout == 0,
-            "split.protocol",
-            f"{self.split.protocol!r} needs adapter.dropout = 0 (the server applies the adapters it caches for, without the "
-            "client's dropout mask); use 'activations' or set adapter.dropout = 0",
-        )
-        _check(
-            not self.privacy.dp_sgd or (self.split.protocol == "activations" and self.adapter.dropout == 0),
-            "privacy.dp_sgd",
-            f"per-sample gradients need split.protocol = 'activations' and adapter.dropout = 0 (this config: "
-            f"{self.split.protocol!r}, {self.adapter.dropout})",
-        )
+        PROTOCOLS[self.split.protocol].check(self)  # what the protocol cannot honour (split/protocols.py)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -709,7 +675,7 @@ NODE_SETTINGS: dict[str, tuple[str, str, type]] = {
     "cache-dir": ("model", "cache_dir", str),  # where the node keeps the client bundles it received, and its partition
     # data.on_nodes: the node's own data
     "dataset": ("data", "dataset", str),
-    "data-path": ("data", "path", str),
+    keys.DATA_PATH: ("data", "path", str),
     "test-path": ("data", "test_path", str),
 }
 

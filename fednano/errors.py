@@ -10,3 +10,8 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input or set-up, not a bug."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config file or value is malformed; the message names the file and field. (Here rather than in config.py so
+    that the registries config.py asks for their checks need not import it.)"""

@@ -35,6 +35,7 @@ from fednano.backbones.bundle import BundleError, load_hf_mllm, read_safetensors
 from fednano.backbones.digest import MANIFEST, held, short
 from fednano.backbones.digest import digest as bundle_digest
 from fednano.backbones.prepare import ensure_prepared
+from fednano.backbones.registry import COMPOSED_LLM, HFMLLM, by_server_kind
 from fednano.client.adapters import ADAPTER_PARAM_NAMES
 from fednano.config import AdapterConfig, RunConfig, load_config
 from fednano.data import system_prompt
@@ -194,19 +195,15 @@ def export_model(cfg: RunConfig, state: dict[str, torch.Tensor] | None, out: Pat
     if server.get("random_init"):
         raise ExportError(f"{bundle}: the run used random weights (model.random_init); there is nothing to export")
     tuned = Tuning(state, loras or {}, cfg.adapter)
-    kind = server.get("kind", "causal-lm")
+    backbone = by_server_kind(server.get("kind", COMPOSED_LLM))
     source = Path(server["path"]) if Path(server["path"]).is_absolute() else bundle / server["path"]
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if kind == "causal-lm":
-        _export_composed(bundle / "client", source, tuned, tmp, system_prompt(cfg.data.dataset))
-    else:
-        _export_hf_mllm(source, kind, tuned, tmp)
+    backbone.export(bundle, source, tuned, tmp, system_prompt(cfg.data.dataset))
     (tmp / EXPORT_INFO).write_text(json.dumps({
-        "backbone": cfg.model.backbone, "kind": kind, "method": cfg.federation.strategy, "model": who, "llm_dtype": cfg.model.llm_dtype,
-        "adapter_scale": tuned.scale, "loras_merged": list(tuned.loras), "source": str(source), "system": system_prompt(cfg.data.dataset),
-        "layout": "transformers remote code (FedNanoForConditionalGeneration), NanoEdge in vision/" if kind == "causal-lm"
-        else f"transformers {kind}",
+        "backbone": cfg.model.backbone, "kind": backbone.server_kind, "method": cfg.federation.strategy, "model": who,
+        "llm_dtype": cfg.model.llm_dtype, "adapter_scale": tuned.scale, "loras_merged": list(tuned.loras), "source": str(source),
+        "system": system_prompt(cfg.data.dataset), "layout": backbone.export_layout,
     }, indent=2))
     if out.exists():
         out.rmdir()
@@ -246,19 +243,19 @@ def _copy_missing(src: Path, dst: Path) -> None:
             shutil.copy2(f, dst / f.name)
 
 
-def _export_hf_mllm(source: Path, kind: str, tuned: Tuning, out: Path) -> None:
-    """LLaVA: NanoAdapter-I into multi_modal_projector.linear_2; BLIP-2: into language_projection."""
-    model, tok = load_hf_mllm(source, kind, dtype="auto")
+def export_hf_mllm(source: Path, family: HFMLLM, tuned: Tuning, out: Path) -> None:
+    """NanoAdapter-I into the connector's last linear layer (LLaVA: multi_modal_projector.linear_2; BLIP-2:
+    language_projection), NanoAdapter-T into the embedding table, LoRAs merged: a checkpoint of the same family."""
+    model, tok = load_hf_mllm(source, family.name, dtype="auto")
     model = tuned.into_llm(model, str(source))
     if tuned.adapters is not None:
-        projector = model.model.multi_modal_projector.linear_2 if kind == "llava" else model.language_projection
-        _fold_linear(projector, tuned.adapters, tuned.scale)
+        _fold_linear(family.projector(model), tuned.adapters, tuned.scale)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     _copy_missing(source, out)
 
 
-def _export_composed(client_dir: Path, llm_dir: Path, tuned: Tuning, out: Path, system: str) -> None:
+def export_composed(client_dir: Path, llm_dir: Path, tuned: Tuning, out: Path, system: str) -> None:
     """The NanoEdge folder `vision/` (connector and embedding table folded), then the whole MLLM as one transformers
     folder with its own code (export_remote: encoder, folded connector, the LLM with embeddings folded, head untied)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -18,11 +18,10 @@ from typing import Any
 
 import torch
 
-from fednano.backbones.bundle import load_llm, load_nanoedge, load_server_llm
-from fednano.backbones.prepare import ensure_prepared
+from fednano.backbones.bundle import load_nanoedge, load_server_llm
+from fednano.backbones.registry import COMPOSED_LLM, by_server_kind
 from fednano.client.features import ImageFeatures
 from fednano.client.nanoedge import NanoEdge
-from fednano.config import AdapterConfig, from_dict
 from fednano.data import system_prompt
 from fednano.data.checks import Collector, check_image
 from fednano.data.llava_json import SYSTEM as DEFAULT_SYSTEM
@@ -33,6 +32,7 @@ from fednano.devices import dtype_of, resolve_device
 from fednano.export import EXPORT_INFO, ExportError, read_run, run_bundle
 from fednano.methods.whole_llm import add_lora, load_lora_state
 from fednano.server.llm import ServerLLM
+from fednano.split.endpoint import GREEDY, Decoding
 
 
 @dataclass
@@ -73,25 +73,15 @@ def _load_export(path: Path, dev: torch.device) -> Tuned:
     """An exported folder: the folded weights with identity NanoAdapters (their effect is in the weights)."""
     info = json.loads((path / EXPORT_INFO).read_text())
     dtype = dtype_of(info.get("llm_dtype", "bfloat16"))
-    kind = info.get("kind", "causal-lm")
-    if kind == "causal-lm":  # the remote-code folder's LLM (its code not run) + vision/; before it: llm/ + vision/
-        from fednano.export_remote import load_exported_llm
-
-        side = load_nanoedge(path / "vision", AdapterConfig(), dev)
-        old = (path / "llm" / "config.json").exists()
-        llm = ServerLLM(load_llm(path / "llm", dtype, dev)[0] if old else load_exported_llm(path, dtype, dev), dtype)
-    else:  # a LLaVA / BLIP-2 folder: split into its client and server parts like any checkpoint
-        bundle = ensure_prepared(from_dict({"model": {"backbone": kind, "checkpoint": str(path.resolve())}}, str(path / EXPORT_INFO)))
-        side = load_nanoedge(bundle / "client", AdapterConfig(), dev)
-        llm = load_server_llm(bundle, dtype, dev)
+    side, llm = by_server_kind(info.get("kind", COMPOSED_LLM)).load_export(path, dtype, dev)
     side.edge.eval()
     return Tuned(side.edge, llm, side.tokenizer, str(info.get("system", DEFAULT_SYSTEM)), ImageFeatures(side.edge.vision))
 
 
 @torch.no_grad()
 def generate_ids(
-    t: Tuned, content: str, images: list[str], max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-    seed: int = 0, on_token: Callable[[list[int]], None] | None = None, endpoint: Any = None,
+    t: Tuned, content: str, images: list[str], decoding: Decoding = GREEDY, on_token: Callable[[list[int]], None] | None = None,
+    endpoint: Any = None,
 ) -> list[int]:
     """Token ids of the answer to `content` (a user message with one `<image>` mark per image).
     `endpoint`: where the LLM is (a SplitClient: one round trip per answer); default the run's own LLM."""
@@ -100,11 +90,11 @@ def generate_ids(
     x = t.edge.embed(batch.input_ids, t.features(images) if images else None)
     stop, text_adapter = stop_tokens(tok), t.edge.text_adapter()
     if endpoint is not None:
-        return endpoint.generate(x, batch.attention_mask, text_adapter, stop, max_new_tokens, temperature, top_p, seed)[0]
-    return t.llm.generate(x, batch.attention_mask, text_adapter, stop, max_new_tokens, temperature, top_p, seed, on_token)[0]
+        return endpoint.generate(x, batch.attention_mask, text_adapter, stop, decoding)[0]
+    return t.llm.generate(x, batch.attention_mask, text_adapter, stop, decoding, on_token)[0]
 
 
-def answer(t: Tuned, content: str, images: list[str], stream: Callable[[str], None] | None = None, **options: Any) -> str:
+def answer(t: Tuned, content: str, images: list[str], decoding: Decoding = GREEDY, stream: Callable[[str], None] | None = None) -> str:
     """The decoded answer; `stream` gets each new piece of text as it is generated."""
     shown = [""]
 
@@ -114,7 +104,7 @@ def answer(t: Tuned, content: str, images: list[str], stream: Callable[[str], No
             stream(text[len(shown[0]):])
             shown[0] = text
 
-    ids = generate_ids(t, content, images, on_token=on_token if stream else None, **options)
+    ids = generate_ids(t, content, images, decoding, on_token=on_token if stream else None)
     return t.tokenizer.decode(ids, skip_special_tokens=True).strip()
 
 

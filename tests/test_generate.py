@@ -21,6 +21,7 @@ from fednano.data.easyvqa import SYSTEM_PROMPT, load_image, load_split
 from fednano.data.prompts import IMAGE_PLACEHOLDER, prompt_batch
 from fednano.export import export_model
 from fednano.generate import generate_ids, load_tuned
+from fednano.split.endpoint import Decoding
 from fednano.split.frames import Frame
 from tests.conftest import TINY, randomize_adapters
 
@@ -49,8 +50,8 @@ def test_greedy_answers_equal_transformers_generate_on_the_export(tiny_cache, tm
     hf = LlavaForConditionalGeneration.from_pretrained(exported).eval()
     from_export = load_tuned(exported, "cpu")
     for s in list(load_split("test"))[:3]:
-        ours = generate_ids(tuned, s.content(), [s.image_path], max_new_tokens=8)
-        assert generate_ids(from_export, s.content(), [s.image_path], max_new_tokens=8) == ours
+        ours = generate_ids(tuned, s.content(), [s.image_path], Decoding(max_new_tokens=8))
+        assert generate_ids(from_export, s.content(), [s.image_path], Decoding(max_new_tokens=8)) == ours
         batch = prompt_batch(tuned.tokenizer, [s.content()], edge.num_visual_tokens, SYSTEM_PROMPT)
         ids = batch.input_ids.masked_fill(batch.input_ids == IMAGE_PLACEHOLDER, hf.config.image_token_id)
         with torch.no_grad():
@@ -66,8 +67,8 @@ def test_an_exported_composed_folder_answers_like_its_run(tiny_cfg, tiny_bundle,
     assert from_export.system == tuned.system == SYSTEM_PROMPT  # the export records the task's system prompt
     answers = []
     for s in list(load_split("test"))[:3]:
-        answers.append(generate_ids(tuned, s.content(), [s.image_path], max_new_tokens=6))
-        assert generate_ids(from_export, s.content(), [s.image_path], max_new_tokens=6) == answers[-1]
+        answers.append(generate_ids(tuned, s.content(), [s.image_path], Decoding(max_new_tokens=6)))
+        assert generate_ids(from_export, s.content(), [s.image_path], Decoding(max_new_tokens=6)) == answers[-1]
     assert len({t for a in answers for t in a}) >= 3  # not one repeated token: the adapters shaped the answers
 
 
@@ -82,9 +83,9 @@ def test_a_feddpa_clients_own_model_answers_from_its_run_and_from_its_export(tin
     exported = load_tuned(export_run(run, tmp_path / "export", client=0), "cpu")
     differs = False
     for s in list(load_split("test"))[:3]:
-        ids = generate_ids(own, s.content(), [s.image_path], max_new_tokens=6)
-        assert generate_ids(exported, s.content(), [s.image_path], max_new_tokens=6) == ids
-        differs |= generate_ids(glob, s.content(), [s.image_path], max_new_tokens=6) != ids
+        ids = generate_ids(own, s.content(), [s.image_path], Decoding(max_new_tokens=6))
+        assert generate_ids(exported, s.content(), [s.image_path], Decoding(max_new_tokens=6)) == ids
+        differs |= generate_ids(glob, s.content(), [s.image_path], Decoding(max_new_tokens=6)) != ids
     assert differs  # the personal LoRA changed some answer
     with pytest.raises(ExportError, match="--client applies to a run"):
         load_tuned(tmp_path / "export", "cpu", client=0)
@@ -94,11 +95,11 @@ def test_sampling_is_seeded_and_a_tiny_nucleus_is_greedy(tiny_cfg, tiny_bundle, 
     run, _ = _run(tmp_path, tiny_cfg)
     tuned = load_tuned(run, "cpu")
     s = load_split("test")[0]
-    greedy = generate_ids(tuned, s.content(), [s.image_path], max_new_tokens=6)
-    assert generate_ids(tuned, s.content(), [s.image_path], max_new_tokens=6, temperature=1.0, top_p=1e-6) == greedy
-    a = generate_ids(tuned, s.content(), [s.image_path], max_new_tokens=6, temperature=5.0, seed=1)
-    assert a == generate_ids(tuned, s.content(), [s.image_path], max_new_tokens=6, temperature=5.0, seed=1)
-    others = [generate_ids(tuned, s.content(), [s.image_path], max_new_tokens=6, temperature=5.0, seed=k) for k in range(2, 6)]
+    greedy = generate_ids(tuned, s.content(), [s.image_path], Decoding(max_new_tokens=6))
+    assert generate_ids(tuned, s.content(), [s.image_path], Decoding(max_new_tokens=6, temperature=1.0, top_p=1e-6)) == greedy
+    a = generate_ids(tuned, s.content(), [s.image_path], Decoding(max_new_tokens=6, temperature=5.0, seed=1))
+    assert a == generate_ids(tuned, s.content(), [s.image_path], Decoding(max_new_tokens=6, temperature=5.0, seed=1))
+    others = [generate_ids(tuned, s.content(), [s.image_path], Decoding(max_new_tokens=6, temperature=5.0, seed=k)) for k in range(2, 6)]
     assert any(o != a for o in others)  # at temperature 5 over a random model, seeds disagree
 
 
@@ -144,11 +145,11 @@ def test_generation_through_the_split_channel_equals_in_process_and_is_one_round
     tuned = load_tuned(run, "cpu")
     with SplitServer(tuned.llm) as server, SplitClient(server.address, wire_dtype="float32") as client:
         for s in list(load_split("test"))[:3]:
-            local = generate_ids(tuned, s.content(), [s.image_path], max_new_tokens=8)
+            local = generate_ids(tuned, s.content(), [s.image_path], Decoding(max_new_tokens=8))
             frames = server.service.stats["frames"]
-            assert generate_ids(tuned, s.content(), [s.image_path], max_new_tokens=8, endpoint=client) == local
+            assert generate_ids(tuned, s.content(), [s.image_path], Decoding(max_new_tokens=8), endpoint=client) == local
             assert server.service.stats["frames"] == frames + 1  # the whole answer in one request
-        sampled = [generate_ids(tuned, s.content(), [s.image_path], max_new_tokens=6, temperature=2.0, seed=3, endpoint=e)
+        sampled = [generate_ids(tuned, s.content(), [s.image_path], Decoding(max_new_tokens=6, temperature=2.0, seed=3), endpoint=e)
                    for e in (client, None)]
         assert sampled[0] == sampled[1]
         assert client.bytes_up["generate"] > 0 and client.bytes_down["generate"] > 0  # counted like every op
@@ -171,12 +172,12 @@ def test_prompts_decoded_together_get_the_answers_each_gets_alone(tiny_cache, tm
     questions = ["what shape is it?", "is there a circle in the image at all, or not?", "color?"]
     samples = list(load_split("test"))[:3]
     contents = [f"<image>\n{q}" for q in questions]
-    alone = [generate_ids(tuned, c, [s.image_path], max_new_tokens=8) for c, s in zip(contents, samples, strict=True)]
+    alone = [generate_ids(tuned, c, [s.image_path], Decoding(max_new_tokens=8)) for c, s in zip(contents, samples, strict=True)]
     batch = prompt_batch(tuned.tokenizer, contents, edge.num_visual_tokens, tuned.system)
     assert len(set(batch.attention_mask.sum(1).tolist())) == 3  # three lengths: two prompts padded
     with torch.no_grad():
         x = tuned.edge.embed(batch.input_ids, tuned.features([s.image_path for s in samples]))
-    args = (x, batch.attention_mask, tuned.edge.text_adapter(), [tuned.tokenizer.eos_token_id], 8)
+    args = (x, batch.attention_mask, tuned.edge.text_adapter(), [tuned.tokenizer.eos_token_id], Decoding(max_new_tokens=8))
     assert tuned.llm.generate(*args) == alone and len({t for a in alone for t in a}) >= 3
     with SplitServer(tuned.llm) as server, SplitClient(server.address, wire_dtype="float32") as client:
         assert client.generate(*args) == alone

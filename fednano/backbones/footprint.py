@@ -19,14 +19,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from fednano.backbones.registry import BACKBONES
 from fednano.client.adapters import adapter_param_count
 from fednano.split.parts import PROTOCOLS, StepShape
 
 BYTES_PER_PARAM = 2  # bf16 / fp16 checkpoints
-FOOTPRINTS = {
+FOOTPRINTS = {  # name -> (the backbone that builds it, its shipped configuration)
     "llava-1.5-7b": ("llava", "llava-1.5-7b.json"),
     "minigpt4": ("blip2", "minigpt4-vicuna-7b.json"),
-    "smol": ("compose", None),
+    "smol": ("smol", None),
 }
 FEDIT_LORA = (8, ("q_proj", "v_proj"))  # FedIT's LoRA: rank and layers (AdapterConfig's lora_rank / lora_targets defaults)
 # The paper's own figures, for side-by-side comparison (FedNano, arXiv 2506.14824).
@@ -106,7 +107,7 @@ class Footprint:
         return d
 
 
-def _count(module: nn.Module) -> int:
+def count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
@@ -129,9 +130,9 @@ def lora_param_count(llm: nn.Module, rank: int, targets: tuple[str, ...]) -> int
 def footprint(name: str, rank: int = 64, batch: int = 8, text_tokens: int = 64, steps: int = 25, fisher_samples: int = 32) -> Footprint:
     if name not in FOOTPRINTS:
         raise ValueError(f"unknown footprint backbone {name!r}; choose one of {sorted(FOOTPRINTS)}")
-    kind, filename = FOOTPRINTS[name]
+    backbone, filename = FOOTPRINTS[name]
     with torch.device("meta"):
-        m, vision, connector, visual_tokens = _smol_meta() if filename is None else _hf_meta(kind, filename)
+        m, vision, connector, visual_tokens = BACKBONES[backbone].footprint_model(filename)
     text = m.config.get_text_config()
     d = text.hidden_size
     embed = m.get_input_embeddings().weight.numel()
@@ -141,22 +142,6 @@ def footprint(name: str, rank: int = 64, batch: int = 8, text_tokens: int = 64, 
     server = total - vision - connector - (0 if tied else embed)  # a tied table doubles as the LM head on the server
     lora = lora_param_count(m.get_decoder(), FEDIT_LORA[0], FEDIT_LORA[1])
     return Footprint(name, rank, d, total, client, server, visual_tokens, batch, text_tokens, steps, fisher_samples, lora)
-
-
-def _hf_meta(kind: str, filename: str) -> tuple[Any, int, int, int]:
-    """A shipped LLaVA / BLIP-2 configuration as a model (call on the meta device): the model, and
-    the parameters of its vision encoder and connector, and its visual tokens per image."""
-    from transformers import Blip2Config, Blip2ForConditionalGeneration, LlavaConfig, LlavaForConditionalGeneration
-
-    m: Any
-    if kind == "llava":
-        lcfg = LlavaConfig.from_dict(load_config_file(filename))
-        m = LlavaForConditionalGeneration(lcfg)
-        vision_cfg: Any = lcfg.vision_config
-        return m, _count(m.model.vision_tower), _count(m.model.multi_modal_projector), (vision_cfg.image_size // vision_cfg.patch_size) ** 2
-    bcfg = Blip2Config.from_dict(load_config_file(filename))
-    m = Blip2ForConditionalGeneration(bcfg)
-    return m, _count(m.vision_model), _count(m.qformer) + _count(m.language_projection) + m.query_tokens.numel(), bcfg.num_query_tokens
 
 
 def smollm2_config() -> Any:
@@ -174,7 +159,7 @@ def smollm2_config() -> Any:
     )
 
 
-def _smol_meta() -> tuple[Any, int, int, int]:
+def smol_meta() -> tuple[Any, int, int, int]:
     """EfficientNet-Lite0 + connector 1280->576 + SmolLM2-135M (config of the packaged GGUF)."""
     from efficientnet_lite_pytorch import EfficientNet
     from transformers import LlamaForCausalLM
@@ -189,7 +174,7 @@ def _smol_meta() -> tuple[Any, int, int, int]:
     holder.get_input_embeddings = lm.get_input_embeddings
     holder.get_output_embeddings = lm.get_output_embeddings
     holder.get_decoder = lm.get_decoder
-    return holder, _count(encoder), _count(connector), 9
+    return holder, count(encoder), count(connector), 9
 
 
 def _step_cell(protocol: str, r: Footprint) -> str:
@@ -202,7 +187,7 @@ def _round_cell(protocol: str, r: Footprint) -> str:
     than the activations protocol's."""
     base = r.round_bytes("activations")["total"]
     cells = [r.round_bytes(protocol, new_images=new)["total"] for new in (True, False)]
-    if protocol == "activations":
+    if PROTOCOLS[protocol].sends_embeddings:  # (the baseline itself)
         return f"{base / 2**20:,.1f} MiB"
     return " / ".join(f"{t / 2**20:,.1f} MiB ({base / t:.1f}x)" for t in cells)
 

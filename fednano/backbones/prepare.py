@@ -1,5 +1,8 @@
 """`fednano prepare`: turn a backbone into a bundle (client part + server part), once.
 
+What differs between backbones is in their registry entries (backbones/registry.py); this module holds what
+they share.
+
 * smol / tiny / compose: assemble vision encoder + MLP connector + causal LM and
   pre-train the connector centrally, like LLaVA's stage-1 feature alignment (the
   encoder and the LLM stay frozen) on image-caption pairs from easy-vqa train
@@ -18,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import shutil
 import time
@@ -27,22 +29,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fednano.backbones.bundle import (
-    SHIPPED_CONFIGS,
-    convert_smollm2,
-    input_embedding_weight,
-    load_llm,
-    write_compose_bundle,
-    write_hf_mllm_bundle,
-    write_random_hf_mllm_bundle,
-)
+from fednano.backbones.bundle import input_embedding_weight, load_llm, write_compose_bundle
 from fednano.backbones.digest import MANIFEST, seal
-from fednano.backbones.tiny import build_tiny_llm
+from fednano.backbones.registry import BACKBONES
 from fednano.client.connector import Connector
 from fednano.client.features import ImageFeatures
 from fednano.client.nanoedge import NanoEdge
 from fednano.client.training import split_step
-from fednano.client.vision import TinyCNN, build_vision_encoder
+from fednano.client.vision import build_vision_encoder
 from fednano.config import AdapterConfig, RunConfig
 from fednano.data.easyvqa import captions, held_out_image_ids, load_split
 from fednano.data.prompts import training_batch
@@ -61,20 +55,8 @@ CAPTION_QUESTION = "What is in the image?"
 COMPOSE_VERSION = 2
 
 
-def _abs(path: str) -> str:
-    return str(Path(os.path.expanduser(path)).resolve()) if path else ""
-
-
 def bundle_dir(cfg: RunConfig) -> Path:
-    m = cfg.model
-    if m.backbone in ("llava", "blip2"):
-        key: dict = {"backbone": m.backbone, "checkpoint": _abs(m.checkpoint)}
-        if m.random_init:  # random weights at the shape of a config: a folder, or a shipped name
-            key = {"backbone": m.backbone, "random_init": m.checkpoint if m.checkpoint in SHIPPED_CONFIGS else _abs(m.checkpoint),
-                   "seed": cfg.prepare.seed}
-    else:
-        key = {"model": {"backbone": m.backbone, "visual_grid": m.visual_grid, "image_size": m.image_size, "llm_path": _abs(m.llm_path),
-                         "vision_encoder": m.vision_encoder}, "prepare": cfg.prepare.__dict__, "version": COMPOSE_VERSION}
+    key = BACKBONES[cfg.model.backbone].cache_key(cfg)  # every setting the bundle depends on
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     return cfg.model.resolved_cache_dir / f"{cfg.model.backbone}-{digest}"
 
@@ -97,30 +79,7 @@ def prepare(cfg: RunConfig) -> Path:
     tmp.mkdir(parents=True)
     m = cfg.model
     log.info("preparing backbone %r into %s", m.backbone, out)
-    if m.backbone in ("llava", "blip2") and m.random_init:
-        source = m.checkpoint if m.checkpoint in SHIPPED_CONFIGS else _abs(m.checkpoint)
-        meta = write_random_hf_mllm_bundle(tmp / "client", source, m.backbone, cfg.prepare.seed)
-        server = {"kind": m.backbone, "random_init": True, "config": meta["hf_config"], "seed": cfg.prepare.seed}
-        report: dict = {"random_init": source, "num_visual_tokens": meta["num_visual_tokens"]}
-    elif m.backbone in ("llava", "blip2"):
-        checkpoint = Path(_abs(m.checkpoint))
-        meta = write_hf_mllm_bundle(tmp / "client", checkpoint, m.backbone)
-        server = {"kind": m.backbone, "path": str(checkpoint)}
-        report = {"checkpoint": str(checkpoint), "num_visual_tokens": meta["num_visual_tokens"]}
-    else:
-        if m.backbone == "smol":
-            llm_dir, server_path = convert_smollm2(m.resolved_cache_dir / "smollm2-135m-instruct"), None
-        elif m.backbone == "tiny":
-            llm_dir, server_path = build_tiny_llm(tmp / "llm", seed=cfg.prepare.seed), "llm"
-        else:
-            llm_dir, server_path = Path(_abs(m.llm_path)), None
-        if m.backbone == "tiny":
-            torch.manual_seed(cfg.prepare.seed)
-            vision_spec, vision_state = {"type": "tiny-cnn", "channels": 16}, TinyCNN(16).state_dict()
-        else:
-            vision_spec, vision_state = {"type": m.vision_encoder}, None
-        report = _prepare_compose(cfg, tmp / "client", llm_dir, vision_spec, vision_state)
-        server = {"kind": "causal-lm", "path": server_path or str(llm_dir)}
+    server, report = BACKBONES[m.backbone].prepare(cfg, tmp)
     (tmp / "server.json").write_text(json.dumps(server))
     # the client bundle's content digest: nodes receive exactly these files, and every message names it
     report = {"backbone": m.backbone, "config": {"model": m.__dict__, "prepare": cfg.prepare.__dict__}, **report,
@@ -132,7 +91,7 @@ def prepare(cfg: RunConfig) -> Path:
     return out
 
 
-def _prepare_compose(cfg: RunConfig, client_dir: Path, llm_dir: Path, vision_spec: dict, vision_state: dict | None) -> dict:
+def prepare_compose(cfg: RunConfig, client_dir: Path, llm_dir: Path, vision_spec: dict, vision_state: dict | None) -> dict:
     """Stage-1 alignment: train the connector between a frozen encoder and a frozen LLM."""
     p = cfg.prepare
     device = resolve_device(cfg.model.server_device, "model.server_device")  # stage 1 is central: it runs where the LLM runs

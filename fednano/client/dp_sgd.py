@@ -37,6 +37,7 @@ from fednano.client.nanoedge import NanoEdge
 from fednano.config import RunConfig, TrainConfig
 from fednano.data.prompts import TokenBatch
 from fednano.data.samples import Sample
+from fednano.federation import keys
 from fednano.privacy import noise_for_epsilon
 from fednano.split.endpoint import LLMEndpoint
 
@@ -97,7 +98,7 @@ class DPSGD:
 
     def report(self, steps: int) -> dict[str, float]:
         """What the client tells the server, for its ledger (privacy.dp_sgd_ledger)."""
-        return {"dp_sgd_sigma": self.noise_multiplier, "dp_sgd_rate": self.rate, "dp_sgd_steps": float(steps)}
+        return {keys.DP_SGD_SIGMA: self.noise_multiplier, keys.DP_SGD_RATE: self.rate, keys.DP_SGD_STEPS: float(steps)}
 
     @property
     def expected_batch(self) -> float:

@@ -20,7 +20,7 @@ from fednano.data.answers import Normaliser, exact_match, vqa_normalise
 from fednano.data.prompts import candidate_batch, prompt_batch, stop_tokens
 from fednano.data.samples import Sample, Task
 from fednano.metrics import accuracy_report, generated_report
-from fednano.split.endpoint import LLMEndpoint
+from fednano.split.endpoint import Decoding, LLMEndpoint
 
 
 @torch.no_grad()
@@ -73,7 +73,7 @@ def generated_answers(
         feats = work.images(part)
         embeds = edge.embed(batch.input_ids, feats)
         parts = edge.parts(batch.input_ids, feats)
-        for ids in endpoint.generate(embeds, batch.attention_mask, text_adapter, stop, max_tokens, parts=parts):
+        for ids in endpoint.generate(embeds, batch.attention_mask, text_adapter, stop, Decoding(max_new_tokens=max_tokens), parts=parts):
             yield work.tokenizer.decode(ids, skip_special_tokens=True).strip()
         if on_batch:
             on_batch(len(part))

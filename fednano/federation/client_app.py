@@ -62,7 +62,7 @@ def _job(msg: Message, context: Context) -> tuple[Method, ClientJob]:
     node, node_config = f"node {context.node_id}", dict(context.node_config)
     # the server's run config, with what this node sets for itself (batch size, device, threads, its own data)
     cfg = with_node_settings(from_dict(json.loads(str(conf[keys.RUN_CONFIG])), "run-config"), node_config, node)
-    if cfg.data.on_nodes and "data-path" not in node_config:  # never the packaged data (nor the run's) in its place
+    if cfg.data.on_nodes and keys.DATA_PATH not in node_config:  # never the packaged data (nor the run's) in its place
         raise DataError(f"{node}: data.on_nodes is set, but its node config names no data-path (the node's own data)")
     pid = _identity(node_config, cfg, node)
     # where this message's time goes: a fresh process's start (interpreter, imports, Flower loading the app)
@@ -78,7 +78,7 @@ def _job(msg: Message, context: Context) -> tuple[Method, ClientJob]:
     except UserError as e:
         raise type(e)(f"{node}: {e}") from None
     # what never leaves the client lives on its own disk: the SuperNode's state-dir, or in simulation the run's folder
-    root = node_config.get("state-dir") or conf.get(keys.CLIENT_STATE_DIR, "")
+    root = node_config.get(keys.STATE_DIR) or conf.get(keys.CLIENT_STATE_DIR, "")
     reset_peak_memory(rt.device)  # the peak reported is this message's work
     job = ClientJob(rt, data, pid, int(keys.number(conf[keys.SERVER_ROUND])), Path(str(root)) if root else None)
     job.seconds, job.arrived = seconds, arrived
@@ -139,7 +139,7 @@ def train(msg: Message, context: Context) -> Message:
             **_phases(job),
             **_traffic_delta(job, before),
             **_memory(job),
-            **{k.replace("_", "-"): v for k, v in update.extra.items()},
+            **update.extra,  # (under their record keys)
         }
     )
     content[keys.CLIENT_INFO] = ConfigRecord({k: str(v) for k, v in describe(job.rt.device).items()})

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fednano.errors import UserError
+from fednano.federation import keys
 
 
 class DeployError(UserError, RuntimeError):
@@ -81,7 +82,7 @@ def deploy_run(app_dir: Path, config_file: Path, output: Path, superlink: str | 
     config_file, output = Path(config_file).resolve(), Path(output).resolve()
     if not config_file.is_file():
         raise DeployError(f"{config_file}: no such run config")
-    run_config = f'config-file="{config_file}" output-dir="{output}"' + (" resume=true" if resume else "")
+    run_config = f'{keys.CONFIG_FILE}="{config_file}" {keys.OUTPUT_DIR}="{output}"' + (" resume=true" if resume else "")
     cmd = [_flwr(), "run", str(app_dir), *([superlink] if superlink else []), "--run-config", run_config, "--format", "json"]
     env = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", **os.environ}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)

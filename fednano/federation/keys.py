@@ -1,5 +1,7 @@
 """Record and config keys shared by the ServerApp and the ClientApp (kebab-case, as Flower's), and
-the one way a number is read back from a record."""
+the one way a number is read back from a record. Every key a message, Flower's run config or a node config
+carries is spelled here once; code outside the federation layer (a method's extra metrics) uses these names
+too, so a key never changes spelling on its way. This module imports nothing of Flower."""
 
 from typing import Any
 
@@ -37,6 +39,17 @@ PHASE_PREFIX = "seconds-"  # + start (a fresh process's age), build (NanoEdge, c
 PEAK_GPU_BYTES = "peak-gpu-bytes"  # CUDA clients: peak memory allocated during the message's work
 PEAK_RSS_BYTES = "peak-rss-bytes"  # the client process's peak resident host memory so far
 FISHER_REL_ERROR = "fisher-rel-error"  # federation.merge_diagnostics: the Fisher's relative error against 4x the samples
+DP_SGD_SIGMA = "dp-sgd-sigma"  # privacy.dp_sgd: the noise multiplier the client trained with (its ledger: privacy.dp_sgd_ledger)
+DP_SGD_RATE = "dp-sgd-rate"  # privacy.dp_sgd: its sampling rate (batch / local samples)
+DP_SGD_STEPS = "dp-sgd-steps"  # privacy.dp_sgd: its noised steps this round
+LOCAL_TRAIN_LOSS = "local-train-loss"  # feddpa-f: the personal LoRA's training loss
+
+# Flower's run config (pyproject.toml [tool.flwr.app.config]; `fednano deploy-run` sets them)
+CONFIG_FILE = "config-file"
+OUTPUT_DIR = "output-dir"
+# node config (besides config.NODE_SETTINGS, which maps node settings such as data-path onto the run config)
+STATE_DIR = "state-dir"  # where a node keeps what never leaves it (FedDPA-F's personal LoRA, DP-SGD's noise seeds)
+DATA_PATH = "data-path"  # data.on_nodes: the node's own data (a NODE_SETTINGS key)
 # split-channel bytes this reply's work moved (client-side count)
 BYTES_KEYS = ("activations_up", "gradients_down", "eval_activations_up", "eval_scores_down", "eval_generate_up", "eval_answers_down",
               "features_up", "features_down")

@@ -24,24 +24,19 @@ from fednano.backbones.bundle import BundleError
 from fednano.backbones.digest import short
 from fednano.config import ConfigError, RunConfig, load_config
 from fednano.data.partition import partitions, summary
-from fednano.devices import peak_host_memory, peak_memory, reset_peak_memory
 from fednano.experiments.diagnostics_plot import plot_merge_diagnostics
 from fednano.experiments.results import BYTES_FIELDS, RoundRecord, RunRecorder, plot_partition
 from fednano.federation import keys
+from fednano.federation.accounts import PrivacyAccounts, Traffic
 from fednano.federation.strategy import ClientOutcome, FedNanoStrategy
 from fednano.leakage import RoundAudit, plot_leakage
-from fednano.methods.registry import client_dp_noise, expected_clients, method_of
+from fednano.methods.registry import method_of
 from fednano.metrics import GENERATED, by_category, merge_reports
-from fednano.privacy import client_dp_epsilon, dp_sgd_ledger, embedding_privacy, keep_probability, not_private, worst_epsilon
 from fednano.progress import progress_bar
 from fednano.runtime.server import ServerSide
 
 log = logging.getLogger("fednano")
 Tensors = dict[str, torch.Tensor]
-
-
-def _array_bytes(arrays: ArrayRecord) -> int:
-    return sum(int(a.numpy().nbytes) for a in arrays.values())
 
 
 def wait_for_nodes(grid: Grid, wanted: int, timeout: float) -> int:
@@ -158,6 +153,7 @@ class ServerRun:
                                         combine=self.method.combiner(cfg))
         self.global_state: Tensors = self.part.initial_state()
         self.audit = self._auditor() if cfg.privacy.audit else None
+        self.privacy, self.traffic = PrivacyAccounts(cfg), Traffic(self.side.llm.device)  # what the run counts besides accuracy
         self.base_config = {keys.RUN_CONFIG: cfg.to_json(), keys.SPLIT_ADDRESS: self.side.address, keys.BUNDLE_DIGEST: self.side.digest,
                             keys.SPLIT_CA: Path(cfg.split.tls_ca).read_text() if cfg.split.tls_ca else "",
                             keys.CLIENT_STATE_DIR: str(self.out_dir.resolve() / "client-state")}
@@ -189,26 +185,11 @@ class ServerRun:
         if self.cfg.privacy.reproducible_noise:
             log.warning("privacy.reproducible_noise = true: every privacy noise draw is seeded by the config, which anyone who knows "
                         "it can recompute and subtract: this run is NOT private (results.json privacy.private = false); for tests only")
-        if saved is None and (self.cfg.privacy.embedding_noise or self.cfg.privacy.label_epsilon or self.cfg.privacy.reproducible_noise):
-            self.recorder.set(privacy=self._local_privacy())
+        if saved is None and self.privacy.local:
+            self.recorder.set(privacy=self.privacy.local_guarantees(self.side))
         if saved is None and self.audit is not None:
             self.recorder.set(zero_shot_leakage=self.audited(0))
         return 1 if saved is None else saved[0] + 1
-
-    def _local_privacy(self) -> dict[str, object]:
-        """results.json `privacy`: what the clients' own noise guarantees (privacy.embedding_noise, privacy.label_epsilon), and
-        `private` = false with its reason under privacy.reproducible_noise."""
-        p, out = self.cfg.privacy, dict(not_private(self.cfg.privacy))
-        if p.embedding_noise:
-            out |= embedding_privacy(p.embedding_noise, self.side.edge.embed_tokens.weight.detach())
-            log.info("privacy.embedding_noise=%g: metric LDP with epsilon %.4g per unit distance, %.3g for a typical pair of tokens",
-                     out["embedding_noise"], out["epsilon_per_unit_distance"], out["epsilon_typical_token_pair"])
-        if p.label_epsilon:
-            k = max((len(c) for c in self.side.task.candidate_sets.values()), default=0) if self.side.task else 0  # 0: unknown here
-            out |= {"label_epsilon": p.label_epsilon, "largest_answer_set": k} | (
-                {"label_keep_probability": keep_probability(p.label_epsilon, k)} if k else {})
-            log.info("privacy.label_epsilon=%g: randomized response on every client's answers (largest answer set: %d)", p.label_epsilon, k)
-        return out
 
     def _auditor(self) -> RoundAudit:
         """privacy.audit's attacks, for methods whose clients send their NanoEdge's output through the split channel."""
@@ -351,7 +332,8 @@ class ServerRun:
             clients_accepted=len(ok),
             rejected=[{"node_id": o.node_id, "partition_id": o.partition_id, "reason": o.rejected} for o in train.outcomes if o.rejected],
             dropped=train.dropped,
-            bytes=self._bytes(train, ev),
+            bytes=self.traffic.bytes(train.sent + ev.sent, train.outcomes, self.strategy.last_evaluate,
+                                     ArrayRecord(self.method.trains.shared(self.global_state)), self.method.sends_fisher),
             split_steps=self.side.split_steps() - steps0,
             server_llm_seconds=round(self.side.llm_seconds() - llm0, 2),
             client_seconds={str(o.partition_id): round(o.metrics[keys.SECONDS], 2) for o in train.outcomes if keys.SECONDS in o.metrics},
@@ -361,43 +343,13 @@ class ServerRun:
                 "server_evaluation": round(ev.server_seconds, 2),
             },
             seconds=round(time.time() - t0, 2),
-            memory=self._memory(train.outcomes),
+            memory=self.traffic.memory(train.outcomes),
             client_global_accuracy={pid: r["accuracy"] for pid, r in ev.per_client.items()} or None,
             client_phase_seconds={"train": _phases(train.outcomes), "evaluate": _phases(self.strategy.last_evaluate)},
             merge_diagnostics=self.strategy.last_diagnostics,
-            **self._dp(rnd, ok),
+            **self.privacy.round(rnd, ok, self.recorder.data.get("rounds", [])),
             **self._generated(ev, evaluated),
         )
-
-    def _dp(self, rnd: int, ok: list) -> dict:
-        """The round's privacy accounts: `dp_epsilon`, the ε spent so far (privacy.client_dp: by the federation; privacy.dp_sgd:
-        the most any client's data has spent), and with DP-SGD `dp_sgd`, each client's ledger (privacy.dp_sgd_ledger)."""
-        if not self.cfg.privacy.dp_sgd:
-            return {"dp_epsilon": self._epsilon(rnd)}
-        replies = {str(o.partition_id): (keys.number(o.metrics["dp-sgd-sigma"]), keys.number(o.metrics["dp-sgd-rate"]),
-                                         int(keys.number(o.metrics["dp-sgd-steps"]))) for o in ok}
-        earlier = [r.get("dp_sgd") or {} for r in self.recorder.data.get("rounds", []) if r["round"] < rnd]
-        ledger = dp_sgd_ledger(earlier, replies, self.cfg.privacy.delta)
-        return {"dp_epsilon": worst_epsilon([*earlier, ledger]), "dp_sgd": ledger}
-
-    def _client_dp(self, last: dict) -> dict:
-        """final's `client_dp` / `dp_sgd` entry: the (epsilon, delta) the run spent and the settings it was spent at ({} without)."""
-        p = self.cfg.privacy
-        if p.dp_sgd:
-            return {"dp_sgd": {"epsilon": last["dp_epsilon"], "delta": p.delta, "clip_norm": p.clip_norm,
-                               "target_epsilon": p.target_epsilon, "accountant": "opacus RDP", "epsilon_of": "the most-spent client"}}
-        if not p.client_dp:
-            return {}
-        rate = expected_clients(self.cfg) / self.cfg.data.num_clients
-        return {"client_dp": {"epsilon": last["dp_epsilon"], "delta": p.delta, "noise_multiplier": client_dp_noise(self.cfg)[0],
-                              "clip_norm": p.clip_norm, "sample_rate": rate, "accountant": "opacus RDP"}}
-
-    def _epsilon(self, rnd: int) -> float | None:
-        """privacy.client_dp: the (epsilon, delta=privacy.delta) spent after `rnd` rounds (Opacus's RDP accountant)."""
-        p = self.cfg.privacy
-        if not p.client_dp:
-            return None
-        return client_dp_epsilon(client_dp_noise(self.cfg)[1], expected_clients(self.cfg) / self.cfg.data.num_clients, rnd, p.delta)
 
     @staticmethod
     def _generated(ev: EvaluatePhase, evaluated: list[ClientOutcome]) -> dict:
@@ -408,35 +360,10 @@ class ServerRun:
                 "global_generated_by_category": by_category(ev.report, "gen_acc/"),
                 "client_generated_accuracy": {str(o.partition_id): o.metrics[GENERATED] for o in evaluated if GENERATED in o.metrics}}
 
-    def _bytes(self, train: TrainPhase, ev: EvaluatePhase) -> dict[str, int]:
-        """Every byte of the round: the Flower messages' tensors, and each client's split-channel count."""
-        out = dict.fromkeys(BYTES_FIELDS, 0)
-        out["adapters_down"] = sum(_array_bytes(m.content.array_records[keys.ARRAYS]) for m in train.sent + ev.sent)
-        uploaded = ArrayRecord(self.method.trains.shared(self.global_state))  # what one client sends (FFA: B only)
-        out["adapters_up"] = _array_bytes(uploaded) * len([o for o in train.outcomes if o.metrics])
-        out["fisher_up"] = out["adapters_up"] if self.method.sends_fisher else 0
-        for o in train.outcomes + self.strategy.last_evaluate:
-            for k in keys.BYTES_KEYS:
-                out[k] += int(o.metrics.get(k, 0))
-        return out
-
-    def _memory(self, outcomes: list[ClientOutcome]) -> dict:
-        """Peak memory this round: the server process (host RSS, and the LLM's GPU when on CUDA) and
-        each client (as it reported)."""
-        out: dict = {"server_peak_rss_bytes": peak_host_memory()}
-        gpu = peak_memory(self.side.llm.device)
-        if gpu is not None:
-            out["server_peak_gpu_bytes"] = gpu
-        for key, name in ((keys.PEAK_RSS_BYTES, "client_peak_rss_bytes"), (keys.PEAK_GPU_BYTES, "client_peak_gpu_bytes")):
-            clients = {str(o.partition_id): int(o.metrics[key]) for o in outcomes if key in o.metrics}
-            if clients:
-                out[name] = clients
-        return out
-
     def round(self, rnd: int) -> RoundRecord:
         """Train -> evaluate -> record one round, and commit it (results.json + checkpoint)."""
         t0, llm0, steps0 = time.time(), self.side.llm_seconds(), self.side.split_steps()
-        reset_peak_memory(self.side.llm.device)
+        self.traffic.start_round()
         train = self.train(rnd)
         when = schedule(rnd, self.cfg)
         ev = self.evaluate(rnd, when)
@@ -473,7 +400,7 @@ class ServerRun:
             * (2 if self.method.sends_fisher else 1),
             **({"validation_accuracy": last["validation_accuracy"], "best_validation": self.best_round()}
                if self.cfg.data.validation_samples else {}),
-            **self._client_dp(last),
+            **self.privacy.final(last),
             "seconds": round(time.time() - t_start, 1),
             "devices": data.get("devices", {}),
             # random weights (model.random_init) measure time, memory and bytes only: their accuracy means nothing
@@ -536,9 +463,9 @@ def build_server_app(cfg: RunConfig | None = None, out_dir: Path | None = None, 
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
-        config_file = context.run_config.get("config-file")
+        config_file = context.run_config.get(keys.CONFIG_FILE)
         run_cfg = cfg or load_config(str(config_file) if config_file else None)
-        out = out_dir or Path(str(context.run_config.get("output-dir", "results/flwr-run")))
+        out = out_dir or Path(str(context.run_config.get(keys.OUTPUT_DIR, "results/flwr-run")))
         run_server(grid, run_cfg, out, resume or bool(context.run_config.get("resume", False)))
 
     return server_app

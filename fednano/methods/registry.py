@@ -22,6 +22,7 @@ import torch
 from fednano.client.evaluation import Scoring, evaluate
 from fednano.client.training import Proximal, StepHook
 from fednano.config import METHOD_NAMES, ConfigError, RunConfig
+from fednano.federation import keys
 from fednano.methods.combiners import Average, ClientDP, ClientDPFisher, FisherMerge, ProductMerge, ServerOptimiser
 from fednano.methods.fisher_sources import FisherOfTraining, FisherPass, NoFisher, diagnostic_fisher
 from fednano.methods.nanoadapters import NanoAdapters
@@ -39,7 +40,7 @@ class ClientUpdate:
     fisher: dict[str, torch.Tensor] | None
     train_loss: float
     num_examples: int
-    extra: dict[str, float]
+    extra: dict[str, float]  # more metrics for the reply, under their record keys (federation/keys.py)
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ class Method:
             diagnostic, error = diagnostic_fisher(job, part, check=job.round % job.cfg.federation.eval_every == 0
                                                   or job.round == job.cfg.federation.rounds)
             fisher = diagnostic if fisher is None else fisher
-            extra = extra | ({"fisher_rel_error": error} if error is not None else {})
+            extra = extra | ({keys.FISHER_REL_ERROR: error} if error is not None else {})
         return ClientUpdate(self.trains.shared(state), None if fisher is None else self.trains.shared(fisher), loss, len(samples), extra)
 
     def client_evaluate(self, job: ClientJob, state: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -31,6 +31,7 @@ from fednano.client.training import StepHook, train_local
 from fednano.config import AdapterConfig, TrainConfig
 from fednano.data.samples import Sample
 from fednano.devices import dtype_of
+from fednano.federation import keys
 from fednano.io import atomic_save_tensors
 from fednano.runtime.client import ClientJob, ClientRuntime
 from fednano.runtime.server import ServerSide
@@ -219,7 +220,7 @@ class WholeLLMClient:
             path = self._personal_path(job)
             load_personal(self.llm, path, self.local_init)
             set_active(self.llm, (GLOBAL, LOCAL))
-            extra["local_train_loss"] = train_local(
+            extra[keys.LOCAL_TRAIN_LOSS] = train_local(
                 rt.edge, endpoint, samples, rt.work, cfg, job.generator, params=train_only(self.llm, LOCAL)
             )
             save_personal(self.llm, path)

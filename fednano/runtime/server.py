@@ -12,9 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fednano.backbones.bundle import HF_MLLM_TYPES, BundleError, check_checkpoint, load_nanoedge, load_server_llm, smollm2_gguf_path
+from fednano.backbones.bundle import BundleError, load_nanoedge, load_server_llm
 from fednano.backbones.digest import digest as bundle_digest
 from fednano.backbones.prepare import bundle_dir, ensure_prepared
+from fednano.backbones.registry import BACKBONES
 from fednano.client.evaluation import Scoring, evaluate
 from fednano.client.features import ImageFeatures, Workload
 from fednano.config import ConfigError, RunConfig
@@ -40,16 +41,11 @@ def preflight(cfg: RunConfig) -> None:
         raise DataError(f"{where}: {e}") from None
     if (bundle_dir(cfg) / "prepare.json").exists():
         return  # prepared already: the source is not read again
+    backbone = BACKBONES[m.backbone]
     try:
-        if m.backbone in HF_MLLM_TYPES and not m.random_init:
-            check_checkpoint(Path(m.checkpoint).expanduser(), HF_MLLM_TYPES[m.backbone])
-        elif m.backbone == "compose":
-            check_checkpoint(Path(m.llm_path).expanduser())
-        elif m.backbone == "smol":
-            smollm2_gguf_path()
+        backbone.check_source(m)
     except BundleError as e:
-        field = "model.llm_path" if m.backbone == "compose" else "model.checkpoint"
-        raise BundleError(f"model.backbone={m.backbone!r}, {field}: {e}") from None
+        raise BundleError(f"model.backbone={m.backbone!r}, {backbone.source_field}: {e}") from None
 
 
 class ServerSide:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from fednano.data.prompts import IGNORE_INDEX
 from fednano.devices import module_device
+from fednano.split.endpoint import GREEDY, Decoding
 
 
 class ServerLLM:
@@ -206,8 +207,7 @@ class ServerLLM:
     @torch.no_grad()
     def generate(
         self, embeds: torch.Tensor, mask: torch.Tensor, text_adapter: tuple[torch.Tensor, torch.Tensor, float], stop: Collection[int],
-        max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-        on_token: Callable[[list[int]], None] | None = None, parts: object = None,
+        decoding: Decoding = GREEDY, on_token: Callable[[list[int]], None] | None = None, parts: object = None,
     ) -> list[list[int]]:
         """Decode B prompts together (embeds (B, T, d), mask (B, T), padded on either side) with the KV
         cache -> each answer's token ids.
@@ -216,16 +216,17 @@ class ServerLLM:
         input-embedding row through NanoAdapter-T (`text_adapter` = (A (r, d), B (d, r), scale)), so a
         client sends its prompts once and gets the whole answers back. The prompts are moved to the
         left (positions counted from each one's first token), so every row's next token comes at the
-        same step. Greedy, or sampled (temperature, top_p nucleus, seed); an answer stops at a token in
-        `stop` (not returned) or after max_new_tokens. `on_token` sees the first answer as it grows.
+        same step. Greedy, or sampled (`decoding`: temperature, top_p nucleus, seed); an answer stops at a token in
+        `stop` (not returned) or after decoding.max_new_tokens. `on_token` sees the first answer as it grows.
         `parts` (here and in train_step / score): how a client made `embeds`; in process, unused."""
         embed = self._token_embedder(text_adapter)
         x, mask, pos = left_aligned(embeds.to(self.device, self.dtype), mask.to(self.device, torch.long))
-        generator = torch.Generator(self.head.weight.device).manual_seed(seed) if temperature > 0 else None
+        temperature, top_p = decoding.temperature, decoding.top_p
+        generator = torch.Generator(self.head.weight.device).manual_seed(decoding.seed) if temperature > 0 else None
         out = self.decoder(inputs_embeds=x, attention_mask=mask, position_ids=pos, use_cache=True)
         ids: list[list[int]] = [[] for _ in range(x.shape[0])]
         done = [False] * len(ids)
-        for _ in range(max_new_tokens):
+        for _ in range(decoding.max_new_tokens):
             nxt = next_tokens(self.head(out.last_hidden_state[:, -1]).float(), temperature, top_p, generator)
             for row, token in enumerate(nxt):
                 done[row] = done[row] or token in stop

@@ -20,6 +20,7 @@ import grpc
 import torch
 
 from fednano.devices import DTYPES
+from fednano.split.endpoint import GREEDY, Decoding
 from fednano.split.frames import SCALED, Frame, decode, encode
 from fednano.split.parts import PROTOCOLS, EdgeParts
 from fednano.split.server import METHOD
@@ -165,7 +166,7 @@ class SplitClient:
 
     def generate(
         self, embeds: torch.Tensor, mask: torch.Tensor, text_adapter: tuple[torch.Tensor, torch.Tensor, float], stop: list[int],
-        max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, *, parts: EdgeParts | None = None,
+        decoding: Decoding = GREEDY, *, parts: EdgeParts | None = None,
     ) -> list[list[int]]:
         """A batch of answers in one round trip: the prompts' embeddings and NanoAdapter-T go up (the server
         embeds each generated token with its own table through the adapter), each answer's token ids come down."""
@@ -174,8 +175,7 @@ class SplitClient:
         reply = self._parts_request(Frame(
             "generate",
             {**tensors, "mask": mask.to(torch.uint8), "adapter_t_A": A.detach().float(), "adapter_t_B": B.detach().float()},
-            {**meta, "scale": float(scale), "stop": [int(t) for t in stop], "max_new_tokens": int(max_new_tokens),
-             "temperature": float(temperature), "top_p": float(top_p), "seed": int(seed)},
+            {**meta, "scale": float(scale), "stop": [int(t) for t in stop], **decoding.to_meta()},
             scaled,
         ), parts)
         return [[int(t) for t in row if t >= 0] for row in reply.tensors["tokens"].tolist()]

@@ -9,11 +9,32 @@ embeddings (`split.protocol`, split.parts). In process the embeddings hold every
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from fednano.split.parts import EdgeParts
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How answers are decoded: at most `max_new_tokens` tokens each; greedy at temperature 0, else sampled at
+    `temperature` after nucleus (`top_p`) filtering, from a generator seeded with `seed`. One value travels from
+    the command line (or the evaluation's Scoring) through the split channel to ServerLLM.generate."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def to_meta(self) -> dict:
+        """As a generate frame's meta carries it (split/server.py checks each field)."""
+        return {"max_new_tokens": int(self.max_new_tokens), "temperature": float(self.temperature), "top_p": float(self.top_p),
+                "seed": int(self.seed)}
+
+
+GREEDY = Decoding()
 
 
 class LLMEndpoint(Protocol):
@@ -30,8 +51,7 @@ class LLMEndpoint(Protocol):
         ...
 
     def generate(self, embeds: torch.Tensor, mask: torch.Tensor, text_adapter: tuple[torch.Tensor, torch.Tensor, float],
-                 stop: list[int], max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, *, parts: EdgeParts | None = None) -> list[list[int]]:
+                 stop: list[int], decoding: Decoding = GREEDY, *, parts: EdgeParts | None = None) -> list[list[int]]:
         """-> each answer's token ids after B padded prompts (B, T, d); generated tokens are embedded through
         NanoAdapter-T (`text_adapter` = (A, B, scale))."""
         ...

@@ -22,74 +22,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fednano.split.protocols import PROTOCOLS as PROTOCOLS  # (the registry, re-exported: torch-free, config.py reads it)
+from fednano.split.protocols import Protocol as Protocol
+from fednano.split.protocols import StepShape as StepShape
+
 LowRank = tuple[torch.Tensor, torch.Tensor, float]  # (A (r, d), B (d, r), scale): y = x + scale * B(A(x))
-
-
-@dataclass(frozen=True)
-class StepShape:
-    """A training step's shapes, for counting its bytes: `batch` samples of one image (`visual_tokens`) and
-    `text_tokens` each, hidden size d, adapter rank r, `wire_bytes` per activation value (bf16: 2, fp8/int8: 1)."""
-
-    batch: int
-    visual_tokens: int
-    text_tokens: int
-    hidden: int
-    rank: int
-    wire_bytes: int = 2
-
-    @property
-    def tokens(self) -> int:
-        return self.batch * (self.visual_tokens + self.text_tokens)
-
-
-# Adapters (weights up, gradients and Fisher sums down), the loss and the Fisher weights go as float32 on every wire:
-# rounding the adapters' gradients to bf16 costs more than the activations protocol's bf16 wire does (measured:
-# 1.9e-3 vs 1.3e-3 relative error on the tiny model), so the cached protocols stay exact. Ids and labels go as
-# int32, masks as uint8.
-_F32, _I32, _U8 = 4, 4, 1
-
-
-@dataclass(frozen=True)
-class Protocol:
-    name: str
-    caches_features: bool  # visual tokens cross once per image, as frozen connector outputs
-    sends_ids: bool  # text crosses as token ids (the server embeds them), not as embeddings
-    reveals: str  # what the server learns beyond the activations protocol (docs/architecture.md)
-
-    def step_bytes(self, s: StepShape) -> tuple[int, int]:
-        """Payload bytes (up, down) of one training step as SplitClient sends it (frame headers, a few hundred
-        bytes, not counted); tests/test_protocols.py checks them against encoded frames."""
-        adapter = 2 * s.rank * s.hidden * _F32  # A and B of one adapter
-        text_rows = s.batch * s.text_tokens * s.hidden * s.wire_bytes
-        up, down = s.tokens * (_U8 + _I32), _F32  # mask and labels up; the loss down
-        if not self.caches_features:
-            return up + s.tokens * s.hidden * s.wire_bytes, down + s.tokens * s.hidden * s.wire_bytes
-        if self.sends_ids:
-            return up + s.tokens * _I32 + 2 * adapter, down + 2 * adapter
-        return up + s.tokens * _U8 + text_rows + adapter, down + text_rows + adapter
-
-    def fisher_step_bytes(self, s: StepShape) -> tuple[int, int]:
-        """A Fisher-pass step: activations, the request of a training step and the whole (B, T, d) gradient down; the
-        cached protocols add the rows' weights up and get, for each adapter the server applied, its Fisher sums
-        (the shape of its gradient), and the text rows' gradient if they were sent."""
-        up, down = self.step_bytes(s)
-        if not self.caches_features:
-            return up, _F32 + s.tokens * s.hidden * s.wire_bytes
-        return up + s.batch * _F32, down
-
-    def image_bytes(self, s: StepShape) -> int:
-        """Each image's connector output, sent once (cached protocols)."""
-        return s.visual_tokens * s.hidden * s.wire_bytes if self.caches_features else 0
-
-
-PROTOCOLS: dict[str, Protocol] = {
-    p.name: p
-    for p in (
-        Protocol("activations", False, False, "the adapted input embeddings of every step"),
-        Protocol("cached-features", True, False, "each image's frozen connector output (once), NanoAdapter-I's weights every step"),
-        Protocol("cached-features+ids", True, True, "as cached-features, plus the token ids and NanoAdapter-T's weights"),
-    )
-}
 
 
 def low_rank(x: torch.Tensor, adapter: LowRank) -> torch.Tensor:

@@ -45,6 +45,7 @@ from fednano.config import SplitConfig
 from fednano.data.prompts import IGNORE_INDEX
 from fednano.server.llm import ServerLLM
 from fednano.split.assembly import Assembled, FeatureCache, MissingFeatures, assemble, check_mask, store_features, tensor
+from fednano.split.endpoint import GREEDY, Decoding
 from fednano.split.frames import Frame, FrameError, decode, encode, error_frame
 from fednano.split.parts import low_rank
 
@@ -183,10 +184,10 @@ class OnWorker:
 
     def generate(
         self, embeds: torch.Tensor, mask: torch.Tensor, text_adapter: tuple[torch.Tensor, torch.Tensor, float], stop: list[int],
-        max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, parts: object = None,
+        decoding: Decoding = GREEDY, parts: object = None,
     ) -> list[list[int]]:
         llm = self.worker.llm
-        return self.worker.call(lambda: llm.generate(embeds, mask, text_adapter, stop, max_new_tokens, temperature, top_p, seed))
+        return self.worker.call(lambda: llm.generate(embeds, mask, text_adapter, stop, decoding))
 
 
 class BundleFile:
@@ -386,8 +387,8 @@ class SplitService:
         A, B = tensor(frame, "adapter_t_A", _FLOAT, 2), tensor(frame, "adapter_t_B", _FLOAT, 2)
         if A.shape[1] != d or tuple(B.shape) != (d, A.shape[0]):
             raise FrameError(f"tensors adapter_t_A {tuple(A.shape)} / adapter_t_B {tuple(B.shape)}: expected (r, {d}) and ({d}, r)")
-        opts = _generate_options(frame.meta, self.llm.vocab_size)
-        answers = self.worker.call(lambda: self.llm.generate(emb, mask, (A.float(), B.float(), opts.pop("scale")), **opts))
+        scale, stop, decoding = _generate_options(frame.meta, self.llm.vocab_size)
+        answers = self.worker.call(lambda: self.llm.generate(emb, mask, (A.float(), B.float(), scale), stop, decoding))
         tokens = torch.full((len(answers), max(map(len, answers), default=0)), -1, dtype=torch.int64)  # -1 after an answer's end
         for row, ids in enumerate(answers):
             tokens[row, : len(ids)] = torch.tensor(ids, dtype=torch.int64)
@@ -397,8 +398,9 @@ class SplitService:
 MAX_NEW_TOKENS = 1024  # the most tokens one generate request may ask for
 
 
-def _generate_options(meta: dict, vocab: int) -> dict:
-    """A generate request's settings, checked: each problem names the field."""
+def _generate_options(meta: dict, vocab: int) -> tuple[float, list[int], Decoding]:
+    """A generate request's settings, checked: each problem names the field. -> (NanoAdapter-T's scale, stop tokens,
+    how to decode)."""
 
     def number(key: str, kinds: tuple, ok: Callable[[Any], bool], what: str) -> Any:
         v = meta.get(key)
@@ -409,14 +411,13 @@ def _generate_options(meta: dict, vocab: int) -> dict:
     stop = meta.get("stop")
     if not isinstance(stop, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in stop):
         raise FrameError(f"meta.stop must be a list of token ids in [0, {vocab}), got {stop!r}")
-    return {
-        "scale": float(number("scale", (int, float), lambda v: True, "a number")),
-        "stop": stop,
-        "max_new_tokens": number("max_new_tokens", (int,), lambda v: 1 <= v <= MAX_NEW_TOKENS, f"an integer in [1, {MAX_NEW_TOKENS}]"),
-        "temperature": float(number("temperature", (int, float), lambda v: v >= 0, "a number >= 0")),
-        "top_p": float(number("top_p", (int, float), lambda v: 0 < v <= 1, "a number in (0, 1]")),
-        "seed": number("seed", (int,), lambda v: 0 <= v < 2**63, "a non-negative integer"),
-    }
+    scale = float(number("scale", (int, float), lambda v: True, "a number"))
+    return scale, stop, Decoding(
+        max_new_tokens=number("max_new_tokens", (int,), lambda v: 1 <= v <= MAX_NEW_TOKENS, f"an integer in [1, {MAX_NEW_TOKENS}]"),
+        temperature=float(number("temperature", (int, float), lambda v: v >= 0, "a number >= 0")),
+        top_p=float(number("top_p", (int, float), lambda v: 0 < v <= 1, "a number in (0, 1]")),
+        seed=number("seed", (int,), lambda v: 0 <= v < 2**63, "a non-negative integer"),
+    )
 
 
 class SplitServer:
