@@ -198,6 +198,7 @@ def _check_client_export(run, tiny_cache, tmp_path):
     the run's last checkpoint), which gives that client's logits; without --client the command says which ids exist."""
     from safetensors.torch import load_file
 
+    from fednano.data.easyvqa import SYSTEM_PROMPT
     from tests.test_export import composed_export_logits, split_model_logits
 
     env = {**os.environ, "FEDNANO_CACHE": str(tiny_cache), "FEDNANO_PROGRESS": "off"}
@@ -210,7 +211,7 @@ def _check_client_export(run, tiny_cache, tmp_path):
     strategy = load_file(run / json.loads((run / "results.json").read_text())["checkpoint"]["strategy"])
     own = {k[len("client.1."):]: v for k, v in strategy.items() if k.startswith("client.1.")}
     samples = list(load_split("train")[:2])
-    got, mask = composed_export_logits(tmp_path / "export", cfg, samples)
+    got, _, mask = composed_export_logits(tmp_path / "export", samples, SYSTEM_PROMPT)
     torch.testing.assert_close(got[mask], split_model_logits(cfg, own, {}, samples)[mask], atol=1e-5, rtol=1e-4)
 
 
