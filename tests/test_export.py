@@ -223,6 +223,7 @@ def test_the_export_guide_image_example_answers_like_fednano_generate_without_fe
     import json
 
     from fednano.generate import generate_ids
+    from fednano.split.endpoint import Decoding
 
     tuned, out = tuned_export
     blocked = run_without_fednano(tmp_path, "-c", "import fednano")
@@ -238,7 +239,7 @@ def test_the_export_guide_image_example_answers_like_fednano_generate_without_fe
     res = run_without_fednano(tmp_path, "-c", "\n".join(script))
     assert res.returncode == 0, res.stderr[-3000:]
     got = [_until_stop(ids, tuned.tokenizer) for ids in json.loads(res.stdout.strip().splitlines()[-1])]
-    want = [generate_ids(tuned, s.content(), [s.image_path], max_new_tokens=16) for s in samples]
+    want = [generate_ids(tuned, s.content(), [s.image_path], Decoding(max_new_tokens=16)) for s in samples]
     assert got == want and len({t for a in want for t in a}) >= 3  # several different tokens: the adapters shaped them
 
 
@@ -249,6 +250,7 @@ def test_the_answer_from_export_example_runs_on_llava_json_without_fednano(tuned
     import shutil
 
     from fednano.generate import answer
+    from fednano.split.endpoint import Decoding
 
     tuned, out = tuned_export
     data = tmp_path / "data"
@@ -263,7 +265,7 @@ def test_the_answer_from_export_example_runs_on_llava_json_without_fednano(tuned
     res = run_without_fednano(tmp_path, ROOT / "examples" / "answer_from_export.py", out, data / "questions.json", "--max-new-tokens", "16")
     assert res.returncode == 0, res.stderr[-3000:]
     lines = res.stdout.strip().splitlines()
-    want = [answer(tuned, s.content(), [str(data / f"img{i}.png")], max_new_tokens=16) for i, s in enumerate(samples)]
+    want = [answer(tuned, s.content(), [str(data / f"img{i}.png")], Decoding(max_new_tokens=16)) for i, s in enumerate(samples)]
     assert [line.split(" -> ", 1)[1].rsplit(" (truth: ", 1)[0].strip() for line in lines[:-1]] == want
     right = sum(w.lower().rstrip(".") == s.answer.lower() for w, s in zip(want, samples, strict=True))
     assert lines[-1] == f"{right}/3 exact matches"
