@@ -2,7 +2,11 @@
 
 from types import SimpleNamespace
 
+import pytest
 import torch
+
+pytest.importorskip("flwr", reason="the federation layer needs Flower (absent on the GPU machine: benchmarks/gpu_checks.py)")
+
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from fednano.config import load_config
