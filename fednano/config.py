@@ -33,9 +33,15 @@ def default_cache_dir() -> str:
     return os.environ.get("FEDNANO_CACHE", str(Path.home() / ".cache" / "fednano"))
 
 
-# The federated methods, in the registry's order (their behaviour: fednano/methods/registry.py).
-METHOD_NAMES = ("fednano", "fednano-ef", "fednano-product", "fednano-ffa",
-                "fedavg", "fedprox", "fedadam", "fedyogi", "local", "centralized", "fedit-lora", "feddpa-f")
+
+
+def methods() -> dict:
+    """The method registry (fednano/methods/registry.py), whose names and checks validate `federation.strategy`. Imported
+    when a config is checked, not with this module: the methods are built on the configs defined here."""
+    from fednano.methods.registry import METHODS
+
+    return METHODS
+
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 DEVICE_MAPS = ("", "auto", "balanced", "balanced_low_0", "sequential")
 ATTENTION = ("sdpa", "eager")  # the LLM's attention kernels (transformers' attn_implementation)
@@ -320,9 +326,9 @@ class FederationConfig:
 
     def __post_init__(self) -> None:
         _check(
-            self.strategy in METHOD_NAMES,
+            self.strategy in methods(),
             "federation.strategy",
-            f"unknown strategy {self.strategy!r}; choose one of {sorted(METHOD_NAMES)}",
+            f"unknown strategy {self.strategy!r}; choose one of {sorted(methods())}",
         )
         _check(self.rounds >= 1, "federation.rounds", "must be >= 1")
         _check(self.eval_every >= 1, "federation.eval_every", "must be >= 1")
@@ -519,11 +525,6 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check(
-            not (self.data.on_nodes and self.federation.strategy == "centralized"),
-            "data.on_nodes",
-            "'centralized' trains on every client's data on the server, which nodes that keep their own data do not allow",
-        )
-        _check(
             self.data.server_test or self.data.on_nodes,
             "data.server_test",
             "false means the server holds no data and scores with the clients' own test splits, which needs data.on_nodes "
@@ -545,6 +546,7 @@ class RunConfig:
             "the server scores the validation set, and with data.server_test = false it holds no data: set it to 0",
         )
         PROTOCOLS[self.split.protocol].check(self)  # what the protocol cannot honour (split/protocols.py)
+        methods()[self.federation.strategy].check(self)  # what the method cannot honour (methods/registry.py)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,5 +1,5 @@
-"""Backbones, split protocols and datasets are registry objects: config.py takes their names and checks from the
-registries, and no code outside a registry chooses behaviour by comparing their names."""
+"""Methods, backbones, split protocols and datasets are registry objects: config.py takes their names and checks from
+the registries, and no code outside a registry chooses behaviour by comparing their names."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import pytest
 from fednano.backbones.registry import BACKBONES, HFMLLM, Composed, by_client_kind, by_server_kind, hf_family
 from fednano.config import DATASETS, SPLIT_PROTOCOLS, ConfigError, ModelConfig, RunConfig, from_dict
 from fednano.data import DATASETS as DATASET_REGISTRY
+from fednano.methods.registry import METHODS
 from fednano.split.protocols import PROTOCOLS
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fednano"
-REGISTRIES = {PACKAGE / "backbones" / "registry.py", PACKAGE / "split" / "protocols.py", PACKAGE / "data" / "__init__.py"}
+REGISTRIES = {PACKAGE / "backbones" / "registry.py", PACKAGE / "split" / "protocols.py", PACKAGE / "data" / "__init__.py",
+              PACKAGE / "methods" / "registry.py"}
 
 
 def test_config_takes_its_names_from_the_registries():
@@ -24,6 +26,17 @@ def test_config_takes_its_names_from_the_registries():
     assert tuple(PROTOCOLS) == SPLIT_PROTOCOLS
     with pytest.raises(ConfigError, match=r"model.backbone: unknown backbone 'nope'; choose one of \['smol', 'tiny', 'compose'"):
         ModelConfig(backbone="nope")
+    with pytest.raises(ConfigError, match=r"federation.strategy: unknown strategy 'nope'; choose one of \['centralized', 'fedadam'"):
+        from_dict({"federation": {"strategy": "nope"}})
+
+
+def test_config_asks_the_method_for_its_checks():
+    # Each error comes from Method.check (methods/registry.py), called when the config is built, not when it runs
+    with pytest.raises(ConfigError, match="data.on_nodes: 'centralized' trains on every client's data on the server"):
+        from_dict({"data": {"on_nodes": True}, "federation": {"strategy": "centralized"}})
+    with pytest.raises(ConfigError, match="federation.merge_diagnostics: 'local' has no global merge"):
+        from_dict({"federation": {"strategy": "local", "merge_diagnostics": True}})
+    assert from_dict({"federation": {"strategy": "fednano", "merge_diagnostics": True}}).federation.merge_diagnostics
 
 
 def test_importing_config_pulls_in_neither_torch_nor_flower():
@@ -85,7 +98,7 @@ def _name_comparisons(path: Path, names: set[str]) -> list[str]:
     return found
 
 
-def test_no_code_outside_the_registries_compares_backbone_protocol_or_dataset_names():
-    names = set(BACKBONES) | set(PROTOCOLS) | set(DATASET_REGISTRY) | {"causal-lm", "blip-2"}
+def test_no_code_outside_the_registries_compares_method_backbone_protocol_or_dataset_names():
+    names = set(METHODS) | set(BACKBONES) | set(PROTOCOLS) | set(DATASET_REGISTRY) | {"causal-lm", "blip-2"}
     found = [hit for path in sorted(PACKAGE.rglob("*.py")) if path not in REGISTRIES for hit in _name_comparisons(path, names)]
     assert found == []

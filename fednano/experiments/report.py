@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fednano.config import METHOD_NAMES
+from fednano.config import methods as method_registry
 from fednano.experiments.results import markdown_table
 
 DASH = "—"
 METRICS = ("global", "local", "best")  # final global test, final mean local test, global test at the best validation round
-METHOD_ORDER = METHOD_NAMES  # rows in registry order
 # Config fields the grid varies (or that never change results); any other field that
 # differs between runs is reported in a note.
 GRID_FIELDS = {
@@ -192,7 +191,8 @@ def base_method(method: str) -> str:
 def method_key(method: str) -> tuple[int, str]:
     """Rows in registry order; a method's privacy variants ("fednano (DP-SGD ε=8)") right after it."""
     base = base_method(method)
-    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), method)
+    order = tuple(method_registry())  # rows in registry order
+    return (order.index(base) if base in order else len(order), method)
 
 
 @dataclass

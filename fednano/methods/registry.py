@@ -7,8 +7,8 @@
     topology  who trains on what, what each node is sent, and how the result is evaluated
     proximal  the client adds FedProx's mu/2 ||theta - theta_global||^2 to its loss
 
-The ClientApp and the ServerApp only call these objects; a new method is one new entry (plus its
-name in config.METHOD_NAMES, which validates configs) and its tests.
+The ClientApp and the ServerApp only call these objects; a new method is one new entry and its tests
+(config.py validates `federation.strategy` with this registry's names and each entry's `check`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from fednano.client.evaluation import Scoring, evaluate
 from fednano.client.training import Proximal, StepHook
-from fednano.config import METHOD_NAMES, ConfigError, RunConfig
+from fednano.config import ConfigError, RunConfig
 from fednano.federation import keys
 from fednano.methods.combiners import Average, ClientDP, ClientDPFisher, FisherMerge, ProductMerge, ServerOptimiser
 from fednano.methods.fisher_sources import FisherOfTraining, FisherPass, NoFisher, diagnostic_fisher
@@ -61,7 +61,10 @@ class Method:
         return {**reference, **merged}
 
     def check(self, cfg: RunConfig) -> None:
-        """Refuse settings this method cannot honour (ConfigError naming the field)."""
+        """Refuse settings this method cannot honour (ConfigError naming the field). RunConfig calls it on every config."""
+        if cfg.data.on_nodes and self.topology.pools_data:
+            raise ConfigError(f"data.on_nodes: {self.name!r} trains on every client's data on the server, which nodes that keep "
+                              "their own data do not allow")
         if cfg.privacy.audit and (self.trains.in_llm or self.topology.personal_models):
             raise ConfigError(f"privacy.audit: {self.name!r} has no global NanoEdge adapters whose frames to audit "
                               "(its clients hold the whole LLM, or keep adapters of their own)")
@@ -69,7 +72,7 @@ class Method:
             raise ConfigError(f"privacy.client_dp: {self.name!r} is neither a FedAvg-family nor a Fisher-merging federated method "
                               "(client-level DP needs one global merge of client updates; merging products under DP is not built): "
                               "use fednano, fednano-ef, fednano-ffa, fedavg, fedprox, fedadam, fedyogi or fedit-lora")
-        if cfg.privacy.label_epsilon and self.topology.kind == "centralized":
+        if cfg.privacy.label_epsilon and self.topology.pools_data:
             raise ConfigError("privacy.label_epsilon: 'centralized' pools every client's data, answers included, on the server; "
                               "randomized response protects what a client sends")
         if cfg.federation.merge_diagnostics and (self.trains.in_llm or self.topology.kind != "federated"):
@@ -162,8 +165,6 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("fedit-lora", WholeLLMLoRA(), NoFisher(), Average(), Federated()),
     Method("feddpa-f", WholeLLMLoRA(personal=True), NoFisher(), Average(), Federated()),
 )}
-if tuple(METHODS) != METHOD_NAMES:
-    raise RuntimeError(f"config.METHOD_NAMES {METHOD_NAMES} and the method registry {tuple(METHODS)} disagree")
 
 
 def expected_clients(cfg: RunConfig) -> float:

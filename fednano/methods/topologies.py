@@ -35,6 +35,7 @@ class Update:
 class Federated:
     kind = "federated"
     personal_models = False  # the run's model is the global state; clients keep no models of their own
+    pools_data = False  # every client trains on its own data where it is
 
     # --- the server ------------------------------------------------------------------
     def sample(self, nodes: list[int], rnd: int, cfg: FederationConfig, poisson: random.Random | None = None) -> list[int]:
@@ -124,6 +125,7 @@ class Centralized(Federated):
     """One trainer holds every client's data and takes the federation's total steps per round."""
 
     kind = "centralized"
+    pools_data = True  # the server trains on every client's data
 
     def sample(self, nodes: list[int], rnd: int, cfg: FederationConfig, poisson: random.Random | None = None) -> list[int]:
         return sorted(nodes)[:1]
