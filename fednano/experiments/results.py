@@ -15,7 +15,7 @@ from fednano.config import RunConfig, same_config
 from fednano.io import atomic_save_tensors, atomic_write_text
 
 BYTES_FIELDS = ("adapters_down", "adapters_up", "fisher_up", "activations_up", "gradients_down", "eval_activations_up", "eval_scores_down",
-                "eval_generate_up", "eval_answers_down", "features_up", "features_down")
+                "eval_generate_up", "eval_answers_down", "features_up", "features_down", "bundle_down")
 
 
 @dataclass

@@ -93,7 +93,9 @@ def _phases(job: ClientJob) -> dict[str, float]:
 
 def _traffic_delta(job: ClientJob, before: dict[str, int]) -> dict[str, float]:
     after = job.rt.traffic()
-    return {k: float(after[k] - before[k]) for k in keys.BYTES_KEYS}
+    moved = {k: float(after[k] - before[k]) for k in after}
+    moved["bundle_down"] = float(job.rt.take_fetched_bytes())  # the NanoEdge, if building this message's runtime fetched it
+    return moved
 
 
 def _memory(job: ClientJob) -> dict[str, int]:

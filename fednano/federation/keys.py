@@ -52,4 +52,4 @@ STATE_DIR = "state-dir"  # where a node keeps what never leaves it (FedDPA-F's p
 DATA_PATH = "data-path"  # data.on_nodes: the node's own data (a NODE_SETTINGS key)
 # split-channel bytes this reply's work moved (client-side count)
 BYTES_KEYS = ("activations_up", "gradients_down", "eval_activations_up", "eval_scores_down", "eval_generate_up", "eval_answers_down",
-              "features_up", "features_down")
+              "features_up", "features_down", "bundle_down")  # bundle_down: the NanoEdge, when the message's node fetched it

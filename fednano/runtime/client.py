@@ -38,6 +38,7 @@ class ClientRuntime:
     device: torch.device
     task: Task
     part: Any = None  # the method's client part (methods.trainables): what it keeps in this process
+    fetched_bytes: int = 0  # split-channel bytes of fetching the client bundle for this runtime, until a reply reports them
 
     @classmethod
     def build(cls, cfg: RunConfig, address: str, token: str = "", ca: str = "", digest: str = "", fetch: bool = True) -> ClientRuntime:
@@ -53,6 +54,7 @@ class ClientRuntime:
         finally:
             if fetcher is not None:
                 fetcher.close()
+        fetched = fetcher.bytes_up["bundle"] + fetcher.bytes_down["bundle"] if fetcher is not None else 0
         task = load_task(cfg)
         work = Workload(bundle.tokenizer, ImageFeatures(bundle.edge.vision), bundle.edge.num_visual_tokens, task.system)
         head = bundle.edge.embed_tokens.weight.detach()  # the LLM's output head, tied to the embedding table the client holds
@@ -60,10 +62,15 @@ class ClientRuntime:
                  if cfg.split.label_private else SplitClient(*args, **channel))  # type: ignore[arg-type]
         if cfg.privacy.embedding_noise:
             bundle.edge.text_noise = TextNoise(metric_epsilon(cfg.privacy.embedding_noise, bundle.edge.embed_tokens.weight))
-        return cls(cfg, bundle.edge, work, split, device, task)
+        return cls(cfg, bundle.edge, work, split, device, task, fetched_bytes=fetched)
 
     def traffic(self) -> dict[str, int]:
         return self.split.traffic()
+
+    def take_fetched_bytes(self) -> int:
+        """The bundle fetch's bytes, once: the first reply after the fetch counts them (keys.BYTES_KEYS' bundle_down)."""
+        n, self.fetched_bytes = self.fetched_bytes, 0
+        return n
 
 
 @dataclass
