@@ -82,9 +82,11 @@ def test_bundle_pack_command_prints_the_digest(tiny_bundle, tiny_cache, tmp_path
     assert f"sha256:{digest(tiny_bundle / 'client')}" in res.output and (tmp_path / "n.tar").exists()
 
 
-def test_a_node_fetches_the_bundle_over_the_split_channel_in_frames_and_verifies_it(tiny_bundle, tiny_llm, tiny_cfg, tmp_path):
+def test_a_node_fetches_the_bundle_over_the_split_channel_in_frames_and_verifies_it(tiny_bundle, tiny_llm, tiny_cfg, tmp_path, monkeypatch):
     from fednano.config import SplitConfig
     from fednano.runtime.bundle import client_bundle
+
+    monkeypatch.setenv("FEDNANO_CACHE", str(tmp_path / "env-cache"))  # (a node also looks there: this machine's may hold the bundle)
 
     d = digest(tiny_bundle / "client")
     node_cfg = dataclasses.replace(tiny_cfg, model=dataclasses.replace(tiny_cfg.model, cache_dir=str(tmp_path / "node")))
@@ -126,6 +128,21 @@ def test_a_message_naming_another_bundle_fails_naming_both_digests(tiny_bundle, 
         _node_job(tiny_cfg, OTHER, base, monkeypatch, tmp_path)
     with pytest.raises(BundleError, match=r"node 21: the node holds no NanoEdge bundle .*fednano bundle pack .*fednano bundle unpack"):
         _node_job(tiny_cfg, d, {**base, "cache-dir": str(tmp_path / "empty")}, monkeypatch, tmp_path)
+
+
+def test_a_node_refuses_a_held_bundle_whose_file_changed_on_its_disk(tiny_bundle, tiny_cfg, tmp_path, monkeypatch):
+    d = digest(tiny_bundle / "client")
+    node = tmp_path / "node"
+    pack(tiny_bundle / "client", tmp_path / "n.tar")
+    unpack(tmp_path / "n.tar", node)
+    connector = node / NODE_BUNDLES / d / "connector.safetensors"
+    data = bytearray(connector.read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte in a weight: same size, same folder name, same manifest
+    connector.write_bytes(bytes(data))
+    base = {"partition-id": 0, "cache-dir": str(node), "fetch-bundle": 0}
+    with pytest.raises(BundleError, match=rf"node 21: the node's NanoEdge bundle {short(d)} .*: connector.safetensors does not match "
+                                          r"its manifest \(size or sha256 differs\): the bundle is corrupt"):
+        _node_job(tiny_cfg, d, base, monkeypatch, tmp_path)
 
 
 def test_nodes_identity_is_checked_against_the_run(tiny_bundle, tiny_cfg, tmp_path, monkeypatch):

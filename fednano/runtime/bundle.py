@@ -1,5 +1,6 @@
-"""Which client bundle a node loads: the one the run's messages name, by digest, from the node's own cache;
-a node that does not hold it fetches it from the split server (unless its node config says `fetch-bundle=0`).
+"""Which client bundle a node loads: the one the run's messages name, by digest, from the node's own cache
+(every file hashed again when a process first loads it); a node that does not hold it fetches it from the split
+server (unless its node config says `fetch-bundle=0`).
 A node never prepares a backbone, so it never needs an LLM weight."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import uuid
 from pathlib import Path
 
 from fednano.backbones.bundle import BundleError
-from fednano.backbones.digest import NODE_BUNDLES, locate, short, unpack
+from fednano.backbones.digest import NODE_BUNDLES, locate, short, unpack, verify
 from fednano.config import RunConfig, default_cache_dir
 from fednano.split.client import SplitChannelError, SplitClient
 
@@ -28,11 +29,14 @@ def client_bundle(cfg: RunConfig, digest: str, split: SplitClient | None = None)
         raise BundleError("the message names no NanoEdge bundle digest (a server older than this node?)")
     caches = node_caches(cfg)
     try:
-        return locate(caches, digest)
+        folder = locate(caches, digest)
     except BundleError as missing:
         if split is None:
             raise
         problem = missing
+    else:  # held: every file hashed again against its manifest, so a file changed on the node's disk is caught here
+        verify(folder, digest, what=f"the node's NanoEdge bundle {short(digest)} ({folder})")
+        return folder
     cache = caches[0]
     (cache / NODE_BUNDLES).mkdir(parents=True, exist_ok=True)
     tmp = cache / NODE_BUNDLES / f".fetch-{uuid.uuid4().hex[:8]}.tar"
