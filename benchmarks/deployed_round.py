@@ -1,8 +1,9 @@
 """Where a deployed round's time goes, against the same round in simulation.
 
 Runs `deploy/local-federation.sh` (a SuperLink and --nodes SuperNodes as separate processes on
-loopback, TLS and SuperNode auth, `flwr run`) on the tiny config for --rounds rounds, then `fednano run`
-(Flower's Ray simulation) on the same config, and prints from both results.json files:
+loopback, TLS and SuperNode auth, `flwr run`) on --config (the tiny one by default; `configs/default.toml`
+is `make run`'s smol experiment) for --rounds rounds, then `fednano run` (Flower's Ray simulation) on the
+same config, and prints from both results.json files:
 
 - seconds per round (the first round apart: it builds the simulation's actors);
 - each message kind (train, evaluate) split into what the ClientApp process reported (`start`: a fresh
@@ -12,7 +13,11 @@ loopback, TLS and SuperNode auth, `flwr run`) on the tiny config for --rounds ro
   the ClientApp process, pushing the reply);
 - the ratio deployed / simulation.
 
-    python benchmarks/deployed_round.py [--rounds 4] [--nodes 2] [--output DIR]
+    python benchmarks/deployed_round.py [--config configs/tiny.toml] [--rounds 4] [--nodes 2] [--output DIR]
+
+Both sides use one prepared bundle: the one in the cache (FEDNANO_CACHE) if it is there, linked into the
+deployment's server cache (the deployment would otherwise prepare its own, which for smol means minutes
+of connector pre-training and a NanoEdge that differs from the simulation's on another CPU kind).
 
 Set FLWR_SUPEREXEC_TASK_POLL_INTERVAL=1 to measure Flower's default polling instead of the script's 0.1 s.
 """
@@ -31,14 +36,24 @@ from pathlib import Path
 import torch
 from common import machine
 
+from fednano.backbones.prepare import bundle_dir
+from fednano.config import dump_toml, load_config
+
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("start", "build", "data", "work")
 
 
-def config(rounds: int, out: Path) -> Path:
-    text = (ROOT / "configs" / "tiny.toml").read_text().replace("rounds = 2", f"rounds = {rounds}")
-    path = out / "tiny.toml"
-    path.write_text(text)
+def config(base: Path, rounds: int, nodes: int, out: Path) -> Path:
+    """The run config both sides run: `base` with --rounds and --nodes; the prepared bundle linked for the deployment."""
+    cfg = load_config(base, {"federation.rounds": rounds, "data.num_clients": nodes})
+    path = out / "run.toml"
+    path.write_text(dump_toml(cfg.to_dict()))
+    prepared = bundle_dir(cfg)  # under FEDNANO_CACHE (the config leaves model.cache_dir empty)
+    if (prepared / "prepare.json").exists():
+        link = out / "deployed" / "cache" / prepared.name  # the deployment's server cache (local-federation.sh)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if not link.exists():
+            link.symlink_to(prepared, target_is_directory=True)
     return path
 
 
@@ -50,9 +65,9 @@ def deployed(cfg: Path, nodes: int, out: Path) -> dict:
     return json.loads((out / "deployed" / "out" / "results.json").read_text())
 
 
-def simulated(cfg: Path, nodes: int, out: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "fednano", "run", "--config", str(cfg), "--output", str(out / "simulated"),
-                           "--set", f"data.num_clients={nodes}"], capture_output=True, text=True, cwd=ROOT,
+def simulated(cfg: Path, out: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "fednano", "run", "--config", str(cfg), "--output", str(out / "simulated")],
+                          capture_output=True, text=True, cwd=ROOT,
                           env={**os.environ, "FEDNANO_PROGRESS": "off"})
     if proc.returncode != 0:
         raise SystemExit(f"simulation failed:\n{proc.stderr[-3000:]}")
@@ -83,15 +98,16 @@ def per_round(res: dict) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", type=Path, default=ROOT / "configs" / "tiny.toml")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--output", type=Path, default=None)
     a = ap.parse_args()
     out = a.output or Path(tempfile.mkdtemp(prefix="fednano-deployed-"))
     out.mkdir(parents=True, exist_ok=True)
-    cfg = config(a.rounds, out)
-    dep, sim = deployed(cfg, a.nodes, out), simulated(cfg, a.nodes, out)
-    print(f"# deployed vs simulated round, tiny config, {a.nodes} clients, {a.rounds} rounds; {machine(torch.device('cpu'))}")
+    cfg = config(a.config, a.rounds, a.nodes, out)
+    dep, sim = deployed(cfg, a.nodes, out), simulated(cfg, out)
+    print(f"# deployed vs simulated round, {a.config.name}, {a.nodes} clients, {a.rounds} rounds; {machine(torch.device('cpu'))}")
     print(f"poll interval FLWR_SUPEREXEC_TASK_POLL_INTERVAL={os.environ.get('FLWR_SUPEREXEC_TASK_POLL_INTERVAL', '0.1 (script)')}\n")
     print("| | first round s | later rounds s (median) |\n|---|---:|---:|")
     for name, res in (("deployed", dep), ("simulation", sim)):
