@@ -133,6 +133,7 @@ def test_a_client_dp_run_reports_the_epsilon_it_spent_each_round(tiny_bundle, ti
     assert res["final"]["client_dp"] == {"epsilon": eps[1], "delta": 1e-5, "noise_multiplier": 1.5, "clip_norm": 0.5, "sample_rate": 1.0,
                                          "accountant": "opacus RDP"}
     assert all(r["aggregated"] for r in res["rounds"])
+    assert json.loads((out / "privacy_spent.json").read_text()) == {"releases": 2, "dp_sgd": {}}  # what a resume starts from
 
 
 def test_a_fednano_run_under_client_dp_merges_with_noised_fisher_weights(tiny_bundle, tiny_cache, tmp_path):

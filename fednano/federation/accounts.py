@@ -4,9 +4,11 @@ the maths is in fednano/privacy.py and fednano/devices.py."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,6 +19,7 @@ from fednano.devices import peak_host_memory, peak_memory, reset_peak_memory
 from fednano.experiments.results import BYTES_FIELDS
 from fednano.federation import keys
 from fednano.federation.strategy import ClientOutcome
+from fednano.io import atomic_write_text
 from fednano.methods.registry import client_dp_noise, expected_clients
 from fednano.privacy import client_dp_epsilon, dp_sgd_ledger, embedding_privacy, keep_probability, not_private, worst_epsilon
 from fednano.runtime.server import ServerSide
@@ -28,13 +31,62 @@ def array_bytes(arrays: ArrayRecord) -> int:
     return sum(a.numpy().nbytes for a in arrays.values())
 
 
-@dataclass(frozen=True)
+SPENT = "privacy_spent.json"  # in the run folder: what the run has spent, written before anything of a round leaves the server
+
+
+@dataclass
 class PrivacyAccounts:
     """The run's privacy guarantees, from its settings and what the clients report: the clients' own noise
     (privacy.embedding_noise, privacy.label_epsilon), client-level DP (privacy.client_dp: one account for the
-    federation) and DP-SGD (privacy.dp_sgd: a ledger per client)."""
+    federation) and DP-SGD (privacy.dp_sgd: a ledger per client).
+
+    What client_dp and dp_sgd spend is counted when a round's replies are in, before its merged model leaves the
+    server, and kept in `spent_file` (the run folder's privacy_spent.json), which resuming never rolls back: a round cut
+    short after its model went out to evaluating clients, and run again, is counted twice, as it released twice."""
 
     cfg: RunConfig
+    spent_file: Path | None = None  # None: kept in memory only (tests)
+    spent: dict[str, Any] = field(default_factory=lambda: {"releases": 0, "dp_sgd": {}})
+
+    @property
+    def spends(self) -> bool:
+        return bool(self.cfg.privacy.client_dp or self.cfg.privacy.dp_sgd)
+
+    def begin(self, done: int, rounds: Sequence[dict]) -> None:
+        """At the start: a new run has spent nothing; a resumed one (`done` rounds completed, results.json's `rounds`)
+        what its spent file says, or, for a run from before that file, what its completed rounds recorded."""
+        if not self.spends:
+            return
+        if done and self.spent_file is not None and self.spent_file.exists():
+            self.spent = json.loads(self.spent_file.read_text())
+            return
+        ledger: dict[str, dict] = {}
+        for r in rounds[:done]:
+            ledger.update(r.get("dp_sgd") or {})  # (each entry holds the client's total so far)
+        self.spent = {"releases": done, "dp_sgd": ledger}
+        self._save()
+
+    def spend(self, accepted: Sequence[ClientOutcome]) -> dict:
+        """Count the round whose accepted replies these are: one more release under client_dp (every round releases, even
+        with no replies), each client's DP-SGD steps under dp_sgd; saved before the caller sends anything of the round.
+        Returns the round's results.json entries: `dp_epsilon`, the ε spent so far (client_dp: by the federation; dp_sgd:
+        the most any client's data has spent), and with DP-SGD `dp_sgd`, the ledger of the clients that trained in it."""
+        if not self.spends:
+            return {"dp_epsilon": None}
+        self.spent["releases"] += 1
+        if not self.cfg.privacy.dp_sgd:
+            self._save()
+            return {"dp_epsilon": self.epsilon(self.spent["releases"])}
+        replies = {str(o.partition_id): (keys.number(o.metrics[keys.DP_SGD_SIGMA]), keys.number(o.metrics[keys.DP_SGD_RATE]),
+                                         int(keys.number(o.metrics[keys.DP_SGD_STEPS]))) for o in accepted}
+        ledger = dp_sgd_ledger([self.spent["dp_sgd"]], replies, self.cfg.privacy.delta)
+        self.spent["dp_sgd"].update(ledger)
+        self._save()
+        return {"dp_epsilon": worst_epsilon([self.spent["dp_sgd"]]), "dp_sgd": ledger}
+
+    def _save(self) -> None:
+        if self.spent_file is not None:
+            atomic_write_text(self.spent_file, json.dumps(self.spent, indent=2))
 
     @property
     def local(self) -> bool:
@@ -57,18 +109,6 @@ class PrivacyAccounts:
             log.info("privacy.label_epsilon=%g: randomized response on every client's answers (largest answer set: %d)", p.label_epsilon, k)
         return out
 
-    def round(self, rnd: int, accepted: Sequence[ClientOutcome], rounds: Sequence[dict]) -> dict:
-        """The round's entries: `dp_epsilon`, the ε spent so far (privacy.client_dp: by the federation; privacy.dp_sgd: the
-        most any client's data has spent), and with DP-SGD `dp_sgd`, each client's ledger (privacy.dp_sgd_ledger) after
-        the earlier `rounds` (results.json's)."""
-        if not self.cfg.privacy.dp_sgd:
-            return {"dp_epsilon": self.epsilon(rnd)}
-        replies = {str(o.partition_id): (keys.number(o.metrics[keys.DP_SGD_SIGMA]), keys.number(o.metrics[keys.DP_SGD_RATE]),
-                                         int(keys.number(o.metrics[keys.DP_SGD_STEPS]))) for o in accepted}
-        earlier = [r.get("dp_sgd") or {} for r in rounds if r["round"] < rnd]
-        ledger = dp_sgd_ledger(earlier, replies, self.cfg.privacy.delta)
-        return {"dp_epsilon": worst_epsilon([*earlier, ledger]), "dp_sgd": ledger}
-
     def final(self, last: dict) -> dict:
         """final's `client_dp` / `dp_sgd` entry: the (epsilon, delta) the run spent and the settings it was spent at ({} without)."""
         p = self.cfg.privacy
@@ -81,12 +121,12 @@ class PrivacyAccounts:
         return {"client_dp": {"epsilon": last["dp_epsilon"], "delta": p.delta, "noise_multiplier": client_dp_noise(self.cfg)[0],
                               "clip_norm": p.clip_norm, "sample_rate": rate, "accountant": "opacus RDP"}}
 
-    def epsilon(self, rnd: int) -> float | None:
-        """privacy.client_dp: the (epsilon, delta=privacy.delta) spent after `rnd` rounds (Opacus's RDP accountant)."""
+    def epsilon(self, releases: int) -> float | None:
+        """privacy.client_dp: the (epsilon, delta=privacy.delta) spent after `releases` noised merges (Opacus's RDP accountant)."""
         p = self.cfg.privacy
         if not p.client_dp:
             return None
-        return client_dp_epsilon(client_dp_noise(self.cfg)[1], expected_clients(self.cfg) / self.cfg.data.num_clients, rnd, p.delta)
+        return client_dp_epsilon(client_dp_noise(self.cfg)[1], expected_clients(self.cfg) / self.cfg.data.num_clients, releases, p.delta)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from fednano.data.partition import partitions, summary
 from fednano.experiments.diagnostics_plot import plot_merge_diagnostics
 from fednano.experiments.results import BYTES_FIELDS, RoundRecord, RunRecorder, plot_partition
 from fednano.federation import keys
-from fednano.federation.accounts import PrivacyAccounts, Traffic
+from fednano.federation.accounts import SPENT, PrivacyAccounts, Traffic
 from fednano.federation.strategy import ClientOutcome, FedNanoStrategy
 from fednano.leakage import RoundAudit, plot_leakage
 from fednano.methods.registry import method_of
@@ -153,7 +153,8 @@ class ServerRun:
                                         combine=self.method.combiner(cfg))
         self.global_state: Tensors = self.part.initial_state()
         self.audit = self._auditor() if cfg.privacy.audit else None
-        self.privacy, self.traffic = PrivacyAccounts(cfg), Traffic(self.side.llm.device)  # what the run counts besides accuracy
+        self.privacy = PrivacyAccounts(cfg, self.out_dir / SPENT)  # what the run counts besides accuracy
+        self.traffic = Traffic(self.side.llm.device)
         self.base_config = {keys.RUN_CONFIG: cfg.to_json(), keys.SPLIT_ADDRESS: self.side.address, keys.BUNDLE_DIGEST: self.side.digest,
                             keys.SPLIT_CA: Path(cfg.split.tls_ca).read_text() if cfg.split.tls_ca else "",
                             keys.CLIENT_STATE_DIR: str(self.out_dir.resolve() / "client-state")}
@@ -169,6 +170,7 @@ class ServerRun:
                               f"{self.side.bundle / 'client'} is {short(self.side.digest)}: resume with the run's bundle")
         self.recorder.set(bundle_digest=self.side.digest)  # the client bundle every node held (backbones/digest.py)
         saved = self.recorder.resume_state()
+        self.privacy.begin(saved[0] if saved is not None else 0, self.recorder.data.get("rounds", []))
         if saved is not None:
             done, self.global_state, strategy_state = saved
             self.strategy.load_state_dict(strategy_state)
@@ -312,8 +314,9 @@ class ServerRun:
                                           if not o.rejected}}
 
     # --- record ----------------------------------------------------------------------------
-    def record(self, rnd: int, train: TrainPhase, ev: EvaluatePhase, t0: float, llm0: float, steps0: int,
+    def record(self, rnd: int, train: TrainPhase, ev: EvaluatePhase, t0: float, llm0: float, steps0: int, spent: dict,
                validation: float | None = None) -> RoundRecord:
+        """spent: the round's privacy entries (PrivacyAccounts.spend)."""
         ok = [o for o in train.outcomes if not o.rejected]
         evaluated = [o for o in self.strategy.last_evaluate if not o.rejected]
         m = train.metrics
@@ -347,7 +350,7 @@ class ServerRun:
             client_global_accuracy={pid: r["accuracy"] for pid, r in ev.per_client.items()} or None,
             client_phase_seconds={"train": _phases(train.outcomes), "evaluate": _phases(self.strategy.last_evaluate)},
             merge_diagnostics=self.strategy.last_diagnostics,
-            **self.privacy.round(rnd, ok, self.recorder.data.get("rounds", [])),
+            **spent,
             **self._generated(ev, evaluated),
         )
 
@@ -365,11 +368,12 @@ class ServerRun:
         t0, llm0, steps0 = time.time(), self.side.llm_seconds(), self.side.split_steps()
         self.traffic.start_round()
         train = self.train(rnd)
+        spent = self.privacy.spend([o for o in train.outcomes if not o.rejected])  # counted before the model leaves
         when = schedule(rnd, self.cfg)
         ev = self.evaluate(rnd, when)
         t_val = time.time()
         validation = self.validate() if when.validate else None
-        rec = self.record(rnd, train, ev, t0, llm0, steps0, validation)
+        rec = self.record(rnd, train, ev, t0, llm0, steps0, spent, validation)
         rec.phase_seconds["validation"] = round(time.time() - t_val, 2)
         t_audit = time.time()
         rec.leakage = self.audited(rnd)

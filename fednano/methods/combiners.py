@@ -151,10 +151,9 @@ class ClientDP(Average):
     alone): skipping a round with few replies would tell whoever sees the model how many took part.
 
     The noise is fresh OS entropy every call (state_seeded), on resume too: no seed is kept, not even in the server's
-    checkpoint. ε stays right: the checkpoint holds completed rounds only, each counted once by the accountant, and a round
-    cut short is run again from the checkpoint (with fresh client updates, so its release would differ in any case). The one
-    release the accountant misses is that of a round cut short after its noised model went out to evaluating clients and
-    before its checkpoint. `reproducible` (privacy.reproducible_noise, tests only) seeds the noise by the starting state."""
+    checkpoint. ε stays right: every release is counted before it leaves the server, in a file resuming never rolls back
+    (federation/accounts.py, PrivacyAccounts), so a round cut short and run again from the checkpoint counts twice.
+    `reproducible` (privacy.reproducible_noise, tests only) seeds the noise by the starting state."""
 
     kind = "dp-average"
     inner: Average = Average()
