@@ -6,6 +6,7 @@ import threading
 import pytest
 import torch
 
+from fednano.config import SplitConfig
 from fednano.split.client import SplitClient
 from fednano.split.server import SplitServer
 
@@ -83,7 +84,7 @@ def test_concurrent_clients_are_batched_by_the_server(tiny_llm):
     d = tiny_llm.hidden_size
     n_clients, steps = 4, 6
     results: dict[int, list] = {}
-    with SplitServer(tiny_llm) as server:
+    with SplitServer(tiny_llm, SplitConfig(micro_batching=True)) as server:
         gate = threading.Barrier(n_clients)
 
         def client(i):
