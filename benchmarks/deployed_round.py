@@ -6,14 +6,18 @@ is `make run`'s smol experiment) for --rounds rounds, then `fednano run` (Flower
 same config, and prints from both results.json files:
 
 - seconds per round (the first round apart: it builds the simulation's actors);
-- each message kind (train, evaluate) split into what the ClientApp process reported (`start`: a fresh
+- each message kind (train, evaluate) split into what the client reported (`start`: the fresh ClientApp
   process's age when the message reached FedNano's handler, i.e. interpreter, imports and Flower loading
-  the app; `build`: NanoEdge and split channel; `data`: loading and checking the node's data; `work`) and
+  the app; `relay`: handing the message to the node's warm worker, its start included on a node's first
+  message; `build`: NanoEdge and split channel; `data`: loading and checking the node's data; `work`) and
   what is left of the server's wait for the replies (Flower's delivery: the SuperNode's polling, starting
   the ClientApp process, pushing the reply);
 - the ratio deployed / simulation.
 
-    python benchmarks/deployed_round.py [--config configs/tiny.toml] [--rounds 4] [--nodes 2] [--output DIR]
+With --cold it also runs the deployment without warm workers (node config warm-worker=0: every message
+builds the NanoEdge in Flower's fresh ClientApp process), so the three are measured side by side.
+
+    python benchmarks/deployed_round.py [--config configs/tiny.toml] [--rounds 4] [--nodes 2] [--cold] [--output DIR]
 
 Both sides use one prepared bundle: the one in the cache (FEDNANO_CACHE) if it is there, linked into the
 deployment's server cache (the deployment would otherwise prepare its own, which for smol means minutes
@@ -40,7 +44,7 @@ from fednano.backbones.prepare import bundle_dir
 from fednano.config import dump_toml, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-PHASES = ("start", "build", "data", "work")
+PHASES = ("start", "relay", "build", "data", "work")
 
 
 def config(base: Path, rounds: int, nodes: int, out: Path) -> Path:
@@ -50,19 +54,21 @@ def config(base: Path, rounds: int, nodes: int, out: Path) -> Path:
     path.write_text(dump_toml(cfg.to_dict()))
     prepared = bundle_dir(cfg)  # under FEDNANO_CACHE (the config leaves model.cache_dir empty)
     if (prepared / "prepare.json").exists():
-        link = out / "deployed" / "cache" / prepared.name  # the deployment's server cache (local-federation.sh)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        if not link.exists():
-            link.symlink_to(prepared, target_is_directory=True)
+        for name in ("deployed", "deployed-cold"):
+            link = out / name / "cache" / prepared.name  # the deployment's server cache (local-federation.sh)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to(prepared, target_is_directory=True)
     return path
 
 
-def deployed(cfg: Path, nodes: int, out: Path) -> dict:
-    proc = subprocess.run(["bash", str(ROOT / "deploy" / "local-federation.sh"), str(out / "deployed"), str(cfg), str(nodes)],
-                          capture_output=True, text=True)
+def deployed(cfg: Path, nodes: int, out: Path, warm: bool = True) -> dict:
+    name = "deployed" if warm else "deployed-cold"
+    proc = subprocess.run(["bash", str(ROOT / "deploy" / "local-federation.sh"), str(out / name), str(cfg), str(nodes)],
+                          capture_output=True, text=True, env={**os.environ, "WARM_WORKER": "1" if warm else "0"})
     if proc.returncode != 0:
         raise SystemExit(f"deployment failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
-    return json.loads((out / "deployed" / "out" / "results.json").read_text())
+    return json.loads((out / name / "out" / "results.json").read_text())
 
 
 def simulated(cfg: Path, out: Path) -> dict:
@@ -102,22 +108,31 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--output", type=Path, default=None)
+    ap.add_argument("--cold", action="store_true", help="also deploy without warm workers (node config warm-worker=0)")
     a = ap.parse_args()
     out = a.output or Path(tempfile.mkdtemp(prefix="fednano-deployed-"))
     out.mkdir(parents=True, exist_ok=True)
     cfg = config(a.config, a.rounds, a.nodes, out)
-    dep, sim = deployed(cfg, a.nodes, out), simulated(cfg, out)
+    runs = {"deployed, warm workers": deployed(cfg, a.nodes, out)}
+    if a.cold:
+        runs["deployed, no worker"] = deployed(cfg, a.nodes, out, warm=False)
+    sim = runs["simulation"] = simulated(cfg, out)
     print(f"# deployed vs simulated round, {a.config.name}, {a.nodes} clients, {a.rounds} rounds; {machine(torch.device('cpu'))}")
     print(f"poll interval FLWR_SUPEREXEC_TASK_POLL_INTERVAL={os.environ.get('FLWR_SUPEREXEC_TASK_POLL_INTERVAL', '0.1 (script)')}\n")
-    print("| | first round s | later rounds s (median) |\n|---|---:|---:|")
-    for name, res in (("deployed", dep), ("simulation", sim)):
-        print(f"| {name} | {res['rounds'][0]['seconds']:.2f} | {per_round(res):.2f} |")
-    print(f"\nratio deployed / simulation, later rounds: {per_round(dep) / per_round(sim):.1f}x; "
-          f"deployed later rounds / simulation's first: {per_round(dep) / sim['rounds'][0]['seconds']:.1f}x\n")
-    print("deployed, per message (slowest client, median of later rounds, seconds):\n")
-    print("| message | " + " | ".join(PHASES) + " | Flower delivery | server waited |\n|---|" + "---:|" * (len(PHASES) + 2))
-    for kind, row in breakdown(dep).items():
-        print(f"| {kind} | " + " | ".join(f"{row[k]:.2f}" for k in (*PHASES, "delivery", "total")) + " |")
+    print("| | first round s | later rounds s (median) | / simulation | accuracy by round | train loss by round |\n"
+          "|---|---:|---:|---:|---|---|")
+    for name, res in runs.items():
+        acc, loss = (" ".join("-" if r[k] is None else f"{r[k]:.{d}f}" for r in res["rounds"]) for k, d in (("global_accuracy", 3),
+                                                                                                          ("train_loss", 6)))
+        ratio = per_round(res) / per_round(sim)
+        print(f"| {name} | {res['rounds'][0]['seconds']:.1f} | {per_round(res):.1f} | {ratio:.2f}x | {acc} | {loss} |")
+    for name, res in runs.items():
+        if name == "simulation":
+            continue
+        print(f"\n{name}, per message (slowest client, median of later rounds, seconds):\n")
+        print("| message | " + " | ".join(PHASES) + " | Flower delivery | server waited |\n|---|" + "---:|" * (len(PHASES) + 2))
+        for kind, row in breakdown(res).items():
+            print(f"| {kind} | " + " | ".join(f"{row[k]:.2f}" for k in (*PHASES, "delivery", "total")) + " |")
     print(f"\nresults: {out}")
 
 

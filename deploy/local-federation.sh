@@ -16,6 +16,9 @@
 # federation.round_timeout. CLIENTAPP=package.module:app runs another ClientApp
 # (e.g. one that wraps FedNano's; the tests' makes a client hang): its top-level
 # package is packed into the app next to fednano.
+# Each node hands its messages to a warm worker (fednano/federation/node_worker.py), which keeps
+# the NanoEdge and the split channel between messages and logs to WORK_DIR/node<i>/state/node-worker.log;
+# WARM_WORKER=0 makes every message do its work in Flower's fresh ClientApp process instead.
 # Nodes with their own data: ON_NODES=1 sets data.on_nodes, and NODE_CONFIG_<i> is
 # added to SuperNode i's node config, e.g.
 #   ON_NODES=1 NODE_CONFIG_0="dataset='llava-json' data-path='/srv/a/data.json'" \
@@ -42,6 +45,8 @@ descendants() { local p kids; for p in "$@"; do kids=$(pgrep -P "$p" | tr '\n' '
 cleanup() {
   local pids
   pids=$(descendants $(for g in "${PGIDS[@]}"; do pgrep -g "$g" || true; done)) || true
+  # the nodes' warm workers (in sessions of their own; they would also leave within a second of their SuperNode)
+  pids="$pids $(pgrep -f "fednano.federation.node_worker .*--log $ROOT/" | tr '\n' ' ')" || true
   for g in "${PGIDS[@]}"; do kill -TERM -- "-$g" 2>/dev/null || true; done
   for p in $pids; do kill -TERM "$p" 2>/dev/null || true; done
   for _ in $(seq 20); do
@@ -111,7 +116,7 @@ for ((i = 0; i < NODES; i++)); do
   flwr supernode register "keys/node$i.pub" fednano >>logs/register.log 2>&1
   start "logs/supernode$i.log" env FEDNANO_CACHE="$ROOT/node$i/cache" flower-supernode --root-certificates "$ROOT/certs/ca.crt" \
     --superlink "127.0.0.1:$LINK_PORT" --auth-supernode-private-key "$ROOT/keys/node$i" \
-    --node-config "partition-id=$(partition "$i") num-partitions=$NODES cache-dir='$ROOT/node$i/cache' fetch-bundle=0 $(node_config "$i")" \
+    --node-config "partition-id=$(partition "$i") num-partitions=$NODES cache-dir='$ROOT/node$i/cache' state-dir='$ROOT/node$i/state' fetch-bundle=0 warm-worker=${WARM_WORKER:-1} $(node_config "$i")" \
     --port "$(free_port)"
 done
 for _ in $(seq 120); do [ "$(flwr supernode list 2>/dev/null | grep -c online)" -ge "$NODES" ] && break; sleep 1; done

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from fednano.config import DEVICE_PATTERN, ConfigError
+from fednano.proc import peak_host_memory as peak_host_memory  # (torch-free: fednano/proc.py)
+from fednano.proc import process_age as process_age
 
 # Every dtype FedNano names (configs, the wire format): one map, both ways.
 DTYPES: dict[str, torch.dtype] = {
@@ -90,23 +91,6 @@ def peak_memory(device: torch.device) -> int | None:
 def reset_peak_memory(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-
-def process_age() -> float | None:
-    """Seconds since this process started (Linux's /proc), or None where that cannot be read."""
-    try:
-        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()  # after the command name
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return max(0.0, uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK"))  # field 22: start time, in clock ticks
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def peak_host_memory() -> int:
-    """Peak resident memory of this process in bytes (Linux ru_maxrss is in KiB)."""
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def gpus_visible() -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fednano.config import NODE_SETTINGS, RunConfig
+from fednano.federation import keys
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG_PAGE = ROOT / "docs" / "reference" / "config.md"
@@ -75,6 +76,8 @@ def config_reference() -> str:
         "|---|---|",
     ]
     lines += [f"| `{key}` | `{section}.{name}` |" for key, (section, name, _) in NODE_SETTINGS.items()]
+    lines += ["", "and these, which are not run-config options:", "", "| node-config key | meaning |", "|---|---|"]
+    lines += [f"| `{key}` | {_cell(meaning)} |" for key, meaning in keys.NODE_KEYS.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -104,14 +104,15 @@ def _node_job(cfg, digest_sent, node_config, monkeypatch, tmp_path):
     from flwr.app import Context, RecordDict
     from flwr.supercore.task_identity import TaskIdentity
 
-    from fednano.federation import client_app
+    from fednano.federation import client_work
+    from fednano.federation.node_worker import Node
     from tests.test_client_app import _close_runtimes, _message
 
     for attr in ("_task_id", "_run_id", "_node_id"):
         monkeypatch.setattr(TaskIdentity, attr, 1)
     monkeypatch.setenv("FEDNANO_CACHE", str(tmp_path / "env-cache"))
     try:
-        return client_app._job(_message(cfg, digest_sent), Context(0, 21, node_config, RecordDict(), {}))[1]
+        return client_work._job(_message(cfg, digest_sent).content, Node.of(Context(0, 21, node_config, RecordDict(), {})))[1]
     finally:
         _close_runtimes()
 

@@ -9,7 +9,8 @@ pytest.importorskip("flwr", reason="the federation layer needs Flower (absent on
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from fednano.federation import client_app, keys
+from fednano.federation import client_work, keys
+from fednano.federation.node_worker import Node
 
 
 def test_a_nodes_own_batch_size_and_threads_reach_its_work(tiny_cfg, tiny_bundle, monkeypatch):
@@ -21,19 +22,17 @@ def test_a_nodes_own_batch_size_and_threads_reach_its_work(tiny_cfg, tiny_bundle
     threads = torch.get_num_threads()
     try:
         small = Context(0, 7, {keys.PARTITION_ID: 1, "num-partitions": 2, "batch-size": 1, "threads": 1, "device": "cpu"}, RecordDict(), {})
-        _, job = client_app._job(msg, small)
+        _, job = client_work._job(msg.content, Node.of(small))
         assert (job.cfg.train.batch_size, job.cfg.federation.client_cpus, job.partition) == (1, 1.0, 1)
         assert torch.get_num_threads() == 1 and job.rt.device.type == "cpu"
         assert job.cfg.train.local_steps == tiny_cfg.train.local_steps  # the rest is the server's
         plain = Context(0, 8, {keys.PARTITION_ID: 0, "num-partitions": 2}, RecordDict(), {})
-        _, other = client_app._job(msg, plain)
+        _, other = client_work._job(msg.content, Node.of(plain))
         assert other.cfg.train.batch_size == tiny_cfg.train.batch_size and other.rt is not job.rt
         assert json.loads(other.rt.cfg.to_json()) == json.loads(tiny_cfg.to_json())
     finally:
         torch.set_num_threads(threads)
-        for rt in client_app._RUNTIMES.values():
-            rt.split.close()
-        client_app._RUNTIMES.clear()
+        client_work.close_runtimes()
 
 
 def _message(cfg, digest=None):
@@ -48,9 +47,7 @@ def _message(cfg, digest=None):
 
 
 def _close_runtimes():
-    for rt in client_app._RUNTIMES.values():
-        rt.split.close()
-    client_app._RUNTIMES.clear()
+    client_work.close_runtimes()
 
 
 def test_a_node_brings_its_own_data_and_a_bad_one_is_named(tiny_cfg, tiny_bundle, tmp_path, monkeypatch):
@@ -73,7 +70,7 @@ def test_a_node_brings_its_own_data_and_a_bad_one_is_named(tiny_cfg, tiny_bundle
         jobs = {}
         for node, path in ((11, a), (12, b)):
             ctx = Context(0, node, {keys.PARTITION_ID: node - 11, "dataset": "llava-json", "data-path": str(path)}, RecordDict(), {})
-            _, jobs[node] = client_app._job(_message(cfg), ctx)
+            _, jobs[node] = client_work._job(_message(cfg).content, Node.of(ctx))
         for node, n, root in ((11, 30, "site-a"), (12, 20, "site-b")):
             data = jobs[node].data
             assert len(data.train) + len(data.test) == n  # all of its own data: nothing partitioned away
@@ -82,13 +79,13 @@ def test_a_node_brings_its_own_data_and_a_bad_one_is_named(tiny_cfg, tiny_bundle
         server = make_llava_json(tmp_path / "server", n=20)  # the server's own (test) data: never a node's
         on_server = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset="llava-json", path=str(server)))
         with pytest.raises(DataError, match="node 13: data.on_nodes is set, but its node config names no data-path"):
-            client_app._job(_message(on_server), Context(0, 13, {keys.PARTITION_ID: 2}, RecordDict(), {}))
+            client_work._job(_message(on_server).content, Node.of(Context(0, 13, {keys.PARTITION_ID: 2}, RecordDict(), {})))
         (tmp_path / "site-c").mkdir()
         (tmp_path / "site-c" / "data.json").write_text("[{broken")
         bad = Context(0, 14, {keys.PARTITION_ID: 3, "dataset": "llava-json", "data-path": str(tmp_path / "site-c" / "data.json")},
                       RecordDict(), {})
         with pytest.raises(DataError, match=r"node 14: .*site-c/data.json: not valid JSON"):
-            client_app._job(_message(cfg), bad)
+            client_work._job(_message(cfg).content, Node.of(bad))
     finally:
         _close_runtimes()
 
@@ -100,13 +97,14 @@ from flwr.supercore.task_identity import TaskIdentity
 for attr in ("_task_id", "_run_id", "_node_id"):
     setattr(TaskIdentity, attr, 1)
 from fednano.config import from_dict
-from fednano.federation import client_app, keys
+from fednano.federation import client_work, keys
+from fednano.federation.node_worker import Node
 from tests.test_client_app import _message
 opened = []
 sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" and isinstance(args[0], str) else None)
 cfg = from_dict(json.loads(sys.argv[1]))
 ctx = Context(0, 11, {keys.PARTITION_ID: 0, "dataset": "llava-json", "data-path": sys.argv[2]}, RecordDict(), {})
-_, job = client_app._job(_message(cfg), ctx)
+_, job = client_work._job(_message(cfg).content, Node.of(ctx))
 job.rt.work.images(job.data.train[:4])  # and its images are encoded
 print(json.dumps(opened))
 """

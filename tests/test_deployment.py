@@ -22,10 +22,16 @@ def test_tls_authenticated_federation(tmp_path):
     res = json.loads((work / "out" / "results.json").read_text())
     assert res["final"] and all(r["clients_accepted"] == 2 for r in res["rounds"])
     assert res["rounds"][0]["bytes"]["activations_up"] > 0  # the split channel carried the steps
-    # every message starts a fresh ClientApp process, which reports its start-up; the partition is kept on the node's disk
+    # every message starts a fresh ClientApp process, which reports its start-up and hands the work to the node's warm
+    # worker: one per node, which built the client runtime once and served every train and evaluate message
     for r in res["rounds"]:
         for p in [*r["client_phase_seconds"]["train"].values(), *r["client_phase_seconds"]["evaluate"].values()]:
-            assert p["start"] > 0 and p["work"] > 0
+            assert p["start"] > 0 and p["work"] > 0 and p["relay"] >= 0
+    messages = len(res["rounds"]) * 2  # train and evaluate, each round (the zero-shot accuracy is the server's)
+    for i in (0, 1):
+        log = (work / f"node{i}" / "state" / "node-worker.log").read_text()
+        assert log.count("listening on") == 1 and log.count("(built the client runtime)") == 1, log[-3000:]
+        assert log.count(" message served in ") == messages, log[-3000:]
     # only the server prepared: each node's cache holds the client bundle it was sent (and its partition), no LLM file
     digest = res["bundle_digest"]
     for i in (0, 1):

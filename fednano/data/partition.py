@@ -4,8 +4,8 @@ flwr-datasets' partitioners on an in-memory Dataset of partition keys:
 IidPartitioner, DirichletPartitioner over `partition_by` (answer, subject,
 subtask, ...), NaturalIdPartitioner (one client per value of the key).
 Everything is a pure function of (samples, config): every client process
-computes the same partition from the same seed. A deployed node starts a fresh
-process per message, so the indices are also kept on the node's disk
+computes the same partition from the same seed. A deployed node without a warm
+worker starts a fresh process per message, so the indices are also kept on the node's disk
 (`<cache_dir>/partitions/`), keyed by a hash of the partition keys and of the
 settings they depend on: a changed dataset or setting is a new key.
 """

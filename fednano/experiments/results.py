@@ -48,7 +48,7 @@ class RoundRecord:
     dp_epsilon: float | None = None  # privacy.client_dp / dp_sgd: epsilon spent after this round (at privacy.delta; dp_sgd: worst client)
     dp_sgd: dict[str, dict] | None = None  # privacy.dp_sgd: per client that trained, its steps so far, sigma, rate and epsilon
     client_global_accuracy: dict[str, float] | None = None  # clients' own states on the global test set ('local')
-    # per message kind (train, evaluate), per client: its time by phase (start, build, data, work)
+    # per message kind (train, evaluate), per client: its time by phase (start, relay, build, data, work)
     client_phase_seconds: dict[str, dict[str, dict[str, float]]] | None = None
     # data.scoring = "generate": the same evaluations scored by the model's own (generated) answers
     global_generated_accuracy: float | None = None

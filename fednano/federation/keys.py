@@ -35,7 +35,7 @@ FETCH_BUNDLE = "fetch-bundle"  # node config: 0 = never fetch the client bundle 
 TRAIN_LOSS = "train-loss"
 ACCURACY = "accuracy"
 SECONDS = "seconds"
-PHASE_PREFIX = "seconds-"  # + start (a fresh process's age), build (NanoEdge, channel), data (load, check), work
+PHASE_PREFIX = "seconds-"  # + start (a fresh process's age), relay (to the warm worker), build (NanoEdge, channel), data, work
 PEAK_GPU_BYTES = "peak-gpu-bytes"  # CUDA clients: peak memory allocated during the message's work
 PEAK_RSS_BYTES = "peak-rss-bytes"  # the client process's peak resident host memory so far
 FISHER_REL_ERROR = "fisher-rel-error"  # federation.merge_diagnostics: the Fisher's relative error against 4x the samples
@@ -50,6 +50,19 @@ OUTPUT_DIR = "output-dir"
 # node config (besides config.NODE_SETTINGS, which maps node settings such as data-path onto the run config)
 STATE_DIR = "state-dir"  # where a node keeps what never leaves it (FedDPA-F's personal LoRA, DP-SGD's noise seeds)
 DATA_PATH = "data-path"  # data.on_nodes: the node's own data (a NODE_SETTINGS key)
+WARM_WORKER = "warm-worker"  # 1: hand messages to the node's long-lived worker (node_worker.py; default in flwr-clientapp)
+WORKER_IDLE = "worker-idle"  # seconds a warm worker waits for a message before it exits (default 1800)
+# the node-config keys that are not settings of the run config (those are config.NODE_SETTINGS), for the reference
+NODE_KEYS = {
+    PARTITION_ID: "which partition the node holds: unique, 0 .. data.num_clients - 1 (with data.on_nodes it only names the node)",
+    NUM_PARTITIONS: "when given, must equal the run's data.num_clients",
+    STATE_DIR: "where the node keeps what never leaves it (FedDPA-F's personal LoRA, label DP's randomized answers) and its "
+               "warm worker's log",
+    FETCH_BUNDLE: "0: never fetch the client bundle from the split server (it must be unpacked on the node)",
+    WARM_WORKER: "1 (the default under a SuperNode): hand train and evaluate messages to the node's long-lived worker, which "
+                 "keeps the NanoEdge between messages; 0: do each one in Flower's fresh ClientApp process",
+    WORKER_IDLE: "seconds the warm worker waits for a message before it exits (default 1800)",
+}
 # split-channel bytes this reply's work moved (client-side count)
 BYTES_KEYS = ("activations_up", "gradients_down", "eval_activations_up", "eval_scores_down", "eval_generate_up", "eval_answers_down",
               "features_up", "features_down", "bundle_down")  # bundle_down: the NanoEdge, when the message's node fetched it

@@ -1,7 +1,7 @@
 """What a client process holds for a run, and one message's work.
 
 A ClientRuntime is built once per process and run config (in simulation a Ray actor serves
-several clients in turn; under a SuperNode each message starts a fresh process): the NanoEdge
+several clients in turn; under a SuperNode, the node's warm worker): the NanoEdge
 on the client's device, its batches and image features, and the split channel to the server
 LLM. It holds nothing of one client in particular: a ClientJob names the partition, the
 round and the client's own folder for one message.

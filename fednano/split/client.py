@@ -200,8 +200,8 @@ class SplitClient:
 
     def _ensure_held(self, keys: list[str], parts: EdgeParts) -> None:
         """Before a request: of the images this process has not seen the server hold, ask which it lacks (a few
-        bytes a key) and send those. A deployed node starts a fresh process per message; the server's cache
-        outlives it, so what it already holds is not sent again."""
+        bytes a key) and send those. A node without a warm worker starts a fresh process per message; the
+        server's cache outlives it, so what it already holds is not sent again."""
         unknown = [k for k in dict.fromkeys(keys) if k not in self._held]
         if not unknown:
             return
