@@ -33,8 +33,8 @@ NODES=${3:-2}
 VENV=${VENV:-$REPO/.venv}
 export PATH="$VENV/bin:$PATH"
 export FLWR_HOME="$ROOT/flwr-home" FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-# a SuperNode hands each message to a fresh ClientApp process: poll for them every 0.1 s (Flower's default: 1 s)
-export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}"
+# Flower's SuperExecs poll for tasks every FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (Flower's default, 1 s, unless set):
+# 0.1 s starts each ClientApp up to 0.9 s sooner, but 12 idle Flower processes then burn 29 % of a core (6 % at 1 s)
 export FEDNANO_CACHE="${FEDNANO_CACHE:-$ROOT/cache}"
 mkdir -p "$ROOT"/{logs,app,flwr-home}
 cd "$ROOT"
