@@ -25,6 +25,7 @@
 #   NODE_CONFIG_1="dataset='scienceqa' data-path='/srv/b/ScienceQA'" deploy/local-federation.sh WORK
 # The run config's own data is then only the server's global test set. PARTITION_ID_<i> gives SuperNode i
 # another partition-id than i (the tests make two nodes claim one).
+# IDLE_CPU_SECONDS=60 starts everything, measures the CPU the idle Flower processes use over 60 s, and stops.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 ROOT=$(mkdir -p "$1" && cd "$1" && pwd)
@@ -34,7 +35,8 @@ VENV=${VENV:-$REPO/.venv}
 export PATH="$VENV/bin:$PATH"
 export FLWR_HOME="$ROOT/flwr-home" FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 # Flower's SuperExecs poll for tasks every FLWR_SUPEREXEC_TASK_POLL_INTERVAL seconds (Flower's default, 1 s, unless set):
-# 0.1 s starts each ClientApp up to 0.9 s sooner, but 12 idle Flower processes then burn 29 % of a core (6 % at 1 s)
+# 0.1 s starts each ClientApp up to 0.9 s sooner, but the idle Flower processes of 5 nodes then burn 38 % of a core
+# (3-7 % at 1 s; IDLE_CPU_SECONDS=60 measures it, BENCHMARKS.md)
 export FEDNANO_CACHE="${FEDNANO_CACHE:-$ROOT/cache}"
 mkdir -p "$ROOT"/{logs,app,flwr-home}
 cd "$ROOT"
@@ -121,6 +123,15 @@ for ((i = 0; i < NODES; i++)); do
 done
 for _ in $(seq 120); do [ "$(flwr supernode list 2>/dev/null | grep -c online)" -ge "$NODES" ] && break; sleep 1; done
 echo "SuperLink on 127.0.0.1:$LINK_PORT (TLS, SuperNode auth), $NODES SuperNodes online"
+
+if [ -n "${IDLE_CPU_SECONDS:-}" ]; then  # what the idle Flower processes cost (the task poll), then stop: no run
+  flower_pids() { local p; p=$(for g in "${PGIDS[@]}"; do pgrep -g "$g" || true; done); echo $p $(descendants $p); }
+  ticks() { local t=0 p; for p in $(flower_pids); do [ -r "/proc/$p/stat" ] && t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
+  a=$(ticks); sleep "$IDLE_CPU_SECONDS"; b=$(ticks)
+  echo "idle: $(flower_pids | wc -w) Flower processes used $(python3 -c "print(f'{($b - $a) / $(getconf CLK_TCK) / $IDLE_CPU_SECONDS:.1%}')") \
+of a core over $IDLE_CPU_SECONDS s (FLWR_SUPEREXEC_TASK_POLL_INTERVAL=${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-1 (Flower default)})"
+  exit 0
+fi
 
 set +e  # an unregistered SuperNode must be refused
 timeout 60 flower-supernode --root-certificates "$ROOT/certs/ca.crt" --superlink "127.0.0.1:$LINK_PORT" \
