@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from fednano.config import ConfigError, RunConfig, from_dict, with_node_settings
@@ -101,6 +102,12 @@ def _job(content: RecordDict, node: Node) -> tuple[Method, ClientJob]:
     return method_of(rt.cfg), job
 
 
+def _opened(content: RecordDict, node: Node) -> tuple[Method, ClientJob, dict[str, int], dict[str, torch.Tensor]]:
+    """The message's job, the split channel's counters before its work, and the state it was sent."""
+    method, job = _job(content, node)
+    return method, job, job.rt.traffic(), content.array_records[keys.ARRAYS].to_torch_state_dict()
+
+
 def _phases(job: ClientJob) -> dict[str, float]:
     """The message's time by phase (keys.PHASE_PREFIX + start, relay, build, data, work)."""
     job.seconds["work"] = time.time() - job.arrived - sum(v for k, v in job.seconds.items() if k != "start")
@@ -139,9 +146,8 @@ def _one_stream(handler: Callable[[RecordDict, Node], RecordDict]) -> Callable[[
 @_one_stream
 def train(content: RecordDict, node: Node) -> RecordDict:
     """Train the method's client part from the state it was sent; reply with the update (and its Fisher)."""
-    method, job = _job(content, node)
-    before = job.rt.traffic()
-    update = method.client_train(job, content.array_records[keys.ARRAYS].to_torch_state_dict())
+    method, job, before, state = _opened(content, node)
+    update = method.client_train(job, state)
     reply = RecordDict({keys.ARRAYS: ArrayRecord(update.state)})
     if update.fisher is not None:
         reply[keys.FISHER] = ArrayRecord(update.fisher)
@@ -167,9 +173,8 @@ def train(content: RecordDict, node: Node) -> RecordDict:
 @_one_stream
 def evaluate(content: RecordDict, node: Node) -> RecordDict:
     """Accuracy of the state it was sent (as the method answers with it) on this client's local test split."""
-    method, job = _job(content, node)
-    before = job.rt.traffic()
-    res = method.client_evaluate(job, content.array_records[keys.ARRAYS].to_torch_state_dict())
+    method, job, before, state = _opened(content, node)
+    res = method.client_evaluate(job, state)
     res.pop("num_examples")
     metrics = MetricRecord({keys.NUM_EXAMPLES: len(job.data.test), keys.PARTITION_ID: job.partition, **res, **_phases(job),
                              **_traffic_delta(job, before)})
