@@ -146,6 +146,7 @@ class Place:
     log: Path
     parent: int
     idle: float
+    code: str  # the folder FedNano's code was loaded from (Flower's installed app): the worker imports the same
 
     @classmethod
     def of(cls, node: Node) -> Place:
@@ -163,7 +164,7 @@ class Place:
             raise ConfigError(f"{node.name}: node config {keys.WORKER_IDLE}: {e}") from None
         if idle <= 0:
             raise ConfigError(f"{node.name}: node config {keys.WORKER_IDLE}={idle:g} must be > 0 (seconds)")
-        return cls(folder / f"{key}.sock", logfile, parent, idle)
+        return cls(folder / f"{key}.sock", logfile, parent, idle, code)
 
     def connect(self) -> socket.socket:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -190,11 +191,8 @@ class Place:
                 return self._start(node)
 
     def _start(self, node: Node) -> socket.socket:
-        import fednano
-
         self.log.parent.mkdir(parents=True, exist_ok=True)
-        code = str(Path(fednano.__file__).resolve().parent.parent)  # the app's code (Flower's installed FAB), first on the path
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (code, os.environ.get("PYTHONPATH", "")) if p)}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (self.code, os.environ.get("PYTHONPATH", "")) if p)}
         cmd = [sys.executable, "-m", "fednano.federation.node_worker", "--socket", str(self.path), "--parent", str(self.parent),
                "--idle", f"{self.idle:g}", "--log", str(self.log)]
         with open(self.log, "ab") as out:
@@ -245,7 +243,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
+    except PermissionError:  # alive, under another user
         return True
     return True
 
