@@ -36,7 +36,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fednano.experiments.report import Cell, Paired, format_paired, mean, paired_difference  # noqa: E402
+from fednano.experiments.report import Cell, Paired, Run, format_paired, mean, paired_difference, plot_curves  # noqa: E402
 from fednano.experiments.results import markdown_table  # noqa: E402
 from fednano.experiments.verdicts import MARGIN, Claim, gap_closed  # noqa: E402
 
@@ -194,6 +194,26 @@ def screening_table(scored: Sequence[Scored]) -> str:
                           ["---", "---", "---:", "---:", "---:", "---:", "---:"])
 
 
+def plot_screening(cands: Sequence[Candidate], path: Path, root: Path = ROOT) -> int:
+    """Each candidate's validation curve over its first 16 rounds, mean ± std over the seeds it has, beside the paper's
+    fednano and fedavg from the convergence archive (references: without model.compile). Returns the runs drawn."""
+    refs = [Candidate(m, m, {}, root / "benchmarks" / "runs" / "convergence" / m) for m in ("fednano", "fedavg")]
+    runs = []
+    for c in [*cands, *refs]:
+        for seed in SCREEN_SEEDS:
+            path_ = c.folder / RUN.format(seed=seed) / "results.json"
+            if not path_.is_file():
+                continue
+            r = read_results(path_)
+            label = c.name if c.name.startswith("screen-") or c.name == REFERENCE else f"{c.name} (reference)"
+            config = {**r.get("config", {}), "federation": {**r.get("config", {}).get("federation", {}), "strategy": label}}
+            rounds = [x for x in r.get("rounds") or [] if isinstance(x, dict) and x.get("round", 0) <= max(SCORED_ROUNDS)]
+            runs.append(Run(path_.parent, {**r, "config": config, "rounds": rounds}))
+    if runs:
+        plot_curves(runs, path)
+    return len(runs)
+
+
 # --------------------------------------------------------------------------- the sweep files it writes
 
 
@@ -313,6 +333,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="step", required=True)
     s = sub.add_parser("screen", help="score the screening by merge.toml's rule; --write the confirmation's sweep files")
+    s.add_argument("--plot", type=Path, help="draw the candidates' validation curves (and the references') into this PNG")
     s.add_argument("--write", action="store_true", help="write merge-confirm.toml and merge-default.toml (refused until "
                    "every candidate has all three seeds, and if they exist)")
     c = sub.add_parser("confirm", help="the candidate against fedavg on seeds 5-9, by the verdict rule")
@@ -322,8 +343,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.step == "confirm":
             print(confirmation(args.archive))
             return 0
-        scored = [score(c) for c in candidates()]
+        cands = candidates()
+        scored = [score(c) for c in cands]
         print(screening_table(scored))
+        if args.plot:
+            print(f"{args.plot}: {plot_screening(cands, args.plot)} runs drawn")
         missing = [m for s in scored for m in s.missing]
         if missing:
             print("\nNo choice until every candidate has all three seeds. Missing:\n" + "\n".join(f"- {m}" for m in missing))

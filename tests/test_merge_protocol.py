@@ -113,6 +113,8 @@ def test_screening_scores_each_candidate_by_hand_computed_values(tmp_path):
     assert by["fednano-ffa"].score == pytest.approx(0.50)  # round 24's 0.9 is not read
     assert by["screen-64"].bytes == 16 * 2 * 300
     assert by["screen-64"].candidate.settings == {"train.fisher_samples": 64}  # federation.rounds is the screen's, not a setting
+    png = tmp_path / "screening.png"
+    assert mp.plot_screening([s.candidate for s in scored], png, root=tmp_path) == 9 and png.stat().st_size > 0  # no references here
     table = mp.screening_table(scored)
     assert "| screen-64 | train.fisher_samples = 64 | 72.0 | 62.0 | 52.0 | 62.0 |" in table
 
