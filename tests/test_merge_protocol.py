@@ -67,25 +67,10 @@ archive = "arch/merge"
 "federation.rounds" = 24
 "train.fisher_samples" = 16
 "data.validation_samples" = 20
-[[grid]]
-variant = "screen-normalized"
-methods = ["fednano"]
-alphas = [0.1]
-num_clients = [5]
-seeds = [0]
-[grid.set]
-"federation.rounds" = 16
-"federation.fisher_normalize" = true
-[[grid]]
-variant = "screen-64"
-methods = ["fednano"]
-alphas = [0.1]
-num_clients = [5]
-seeds = [0]
-[grid.set]
-"federation.rounds" = 16
-"train.fisher_samples" = 64
 """
+SCREENS = {"screen-normalized": '"federation.fisher_normalize" = true', "screen-64": '"train.fisher_samples" = 64'}
+SWEEP += "".join(f'[[grid]]\nvariant = "{name}"\nmethods = ["fednano"]\nalphas = [0.1]\nnum_clients = [5]\nseeds = [0]\n'
+                 f'[grid.set]\n"federation.rounds" = 16\n{setting}\n' for name, setting in SCREENS.items())
 
 
 def screening(tmp_path: Path, seeds: tuple[int, ...] = (0, 1, 2)) -> tuple[Path, list]:
