@@ -303,7 +303,7 @@ def confirm_cell(label: str, folder: Path, seeds: Sequence[int]) -> tuple[Cell, 
 def confirmation(archive: Path, confirm_file: Path = CONFIRM) -> str:
     sweep = tomllib.loads(confirm_file.read_text())
     variants = {g["variant"]: g["methods"][0] for g in sweep["grid"]}
-    chosen = next(v for v in variants if v not in ("confirm-fedavg", "confirm-centralized", "confirm-fednano", "confirm-fednano-ffa"))
+    chosen = sweep["grid"][0]["variant"]  # confirm_files writes the candidate's grid first
     cells, falls, missing = {}, {}, []
     for v, method in variants.items():
         cells[v], falls[v], miss = confirm_cell(v, archive / v / method, CONFIRM_SEEDS)

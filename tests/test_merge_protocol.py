@@ -135,6 +135,15 @@ def test_the_written_sweep_files_plan_the_protocols_runs(tmp_path):
     assert "| screen-64 |" in confirm  # the screening it was chosen on, in its header
 
 
+def test_the_reference_as_the_candidate_is_confirmed_once(tmp_path):
+    sweep, scored = screening(tmp_path)
+    ffa = next(s.candidate for s in scored if s.candidate.name == "fednano-ffa")
+    confirm = mp.confirm_files(ffa, scored, sweep)[0]
+    assert confirm.count('variant = "confirm-fednano-ffa"') == 5 and 'variant = "confirm-fednano"\n' in confirm
+    (tmp_path / "c.toml").write_text(confirm)
+    assert "Confirmation of confirm-fednano-ffa against fedavg" in mp.confirmation(tmp_path / "none", tmp_path / "c.toml")
+
+
 def test_confirmation_decides_by_the_verdict_rule(tmp_path):
     sweep, scored = screening(tmp_path)
     chosen = next(s.candidate for s in scored if s.candidate.name == "screen-64")
