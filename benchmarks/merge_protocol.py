@@ -2,6 +2,7 @@
 
     python benchmarks/merge_protocol.py screen  [--write]   # scores by merge.toml's rule; --write: merge-confirm.toml
     python benchmarks/merge_protocol.py confirm             # the chosen candidate against fedavg on the fresh seeds
+    python benchmarks/merge_protocol.py default             # the same pair at make run's setting (alpha = 1)
 
 `screen` reads the screening runs (configs/sweeps/merge.toml: every `screen-*` variant at seeds 0, 1 and 2, from its
 archive benchmarks/runs/merge) and the reference `fednano-ffa` (its first 16 rounds in the convergence archive), scores
@@ -19,7 +20,12 @@ and nothing is written until every candidate has all three.
 fednano/experiments/verdicts.py's rule (fixed before the convergence sweep), "candidate ≥ fedavg" on the test accuracy
 at the best validation round and at round 24; it reports the issue's goals beside it: the interval's lower bound above
 0, the share of fedavg's gap to centralized closed (where centralized ran at the same seeds), and how far each
-validation curve falls back after its best.
+validation curve falls back after its best. The paper's fednano, where it ran at the same seeds, is reported beside
+them (its difference to fedavg and to the candidate), outside the verdict.
+
+`default` reads benchmarks/runs/merge-default (configs/sweeps/merge-default.toml: the candidate and fedavg at make
+run's alpha = 1, 3 rounds, seeds 0 to 2) and decides "candidate ≥ fedavg" by the same rule on the final global test
+accuracy (make run validates nothing), with the clients' own test splits beside it.
 """
 
 from __future__ import annotations
@@ -36,7 +42,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fednano.experiments.report import Cell, Paired, Run, format_paired, mean, paired_difference, plot_curves  # noqa: E402
+from fednano.experiments.report import (  # noqa: E402
+    Cell,
+    Paired,
+    Run,
+    format_paired,
+    local_accuracy,
+    mean,
+    paired_difference,
+    plot_curves,
+)
 from fednano.experiments.results import markdown_table  # noqa: E402
 from fednano.experiments.verdicts import MARGIN, Claim, gap_closed  # noqa: E402
 
@@ -277,11 +292,12 @@ def confirm_files(chosen: Candidate, scored: Sequence[Scored], sweep_file: Path 
 # --------------------------------------------------------------------------- confirmation
 
 
-def confirm_cell(label: str, folder: Path, seeds: Sequence[int]) -> tuple[Cell, dict[int, float | None], list[str]]:
+def confirm_cell(label: str, folder: Path, seeds: Sequence[int], run: str = RUN,
+                 alpha: float = 0.1) -> tuple[Cell, dict[int, float | None], list[str]]:
     """The finished runs under `folder` as a report Cell, each run's fall-back after its best validation, what is missing."""
-    cell, falls, missing = Cell(label, 0.1, 5), {}, []
+    cell, falls, missing = Cell(label, alpha, 5), {}, []
     for seed in seeds:
-        path = folder / RUN.format(seed=seed) / "results.json"
+        path = folder / run.format(seed=seed) / "results.json"
         try:
             r = read_results(path)
         except ProtocolError as e:
@@ -294,10 +310,21 @@ def confirm_cell(label: str, folder: Path, seeds: Sequence[int]) -> tuple[Cell, 
         best = final.get("best_validation") or {}
         cell.seeds.append(seed)
         cell.global_acc.append(float(final["global_accuracy"]))
-        cell.local_by_run.append(None)
+        cell.local_by_run.append(local_accuracy(r))
         cell.best_by_run.append(best.get("global_accuracy") if isinstance(best, dict) else None)
         falls[seed] = fall_back([x.get("validation_accuracy") for x in r.get("rounds") or [] if isinstance(x, dict)])
     return cell, falls, missing
+
+
+def paired_rows(pairs: Sequence[tuple[Cell, Cell]], metrics: Sequence[tuple[str, str]]) -> list[list[str]]:
+    """One row per pair and metric: 'a − b' and its paired difference; pairs with no common seed are left out."""
+    rows = []
+    for a, b in pairs:
+        for metric, label in metrics:
+            p = paired_difference(a, b, metric)
+            if p.n:
+                rows.append([f"{a.method} − {b.method}", label, format_paired(p)])
+    return rows
 
 
 def confirmation(archive: Path, confirm_file: Path = CONFIRM) -> str:
@@ -324,6 +351,40 @@ def confirmation(archive: Path, confirm_file: Path = CONFIRM) -> str:
     lines += ["", "Fall-back of each validation curve after its best (goal: ≤ 5 points), by seed:", ""]
     frows = [[v, *("—" if falls[v].get(s) is None else f"{100 * falls[v][s]:.1f}" for s in CONFIRM_SEEDS)] for v in variants if cells[v].n]
     lines.append(markdown_table(["variant", *(f"seed {s}" for s in CONFIRM_SEEDS)], frows))
+    others = [cells[v] for v in variants if v not in (chosen, "confirm-fedavg", "confirm-centralized") and cells[v].n]
+    extra = paired_rows([p for o in others for p in ((o, fedavg), (cand, o))],
+                        (("best", "at the best validation round"), ("global", f"at round {CONFIRM_ROUNDS}")))
+    if extra:
+        lines += ["", "The other methods at the same seeds (reported, not part of the verdict):", "",
+                  markdown_table(["difference", "test accuracy", "points [95 %] (seeds higher / seeds)"], extra)]
+    if missing:
+        lines += ["", "Not there yet:", *(f"- {m}" for m in missing)]
+    return "\n".join(lines)
+
+
+def default_setting(archive: Path, default_file: Path = DEFAULT) -> str:
+    """The candidate against fedavg at make run's setting (alpha = 1, seeds 0-2), by the same verdict rule.
+
+    make run validates nothing (data.validation_samples = 0), so the rule reads the final global test accuracy; the
+    clients' own test splits are reported beside it.
+    """
+    sweep = tomllib.loads(default_file.read_text())
+    variants = {g["variant"]: (g["methods"][0], float(g["alphas"][0])) for g in sweep["grid"]}
+    chosen = sweep["grid"][0]["variant"]  # confirm_files writes the candidate's grid first
+    cells, missing = {}, []
+    for v, (method, alpha) in variants.items():
+        cells[v], _, miss = confirm_cell(v, archive / v / method, DEFAULT_SEEDS, run=f"a{alpha}-c5-s{{seed}}", alpha=alpha)
+        missing += miss
+    cand, fedavg = cells[chosen], cells["default-fedavg"]
+    claim = Claim(f"{chosen} ≥ fedavg", chosen, "default-fedavg", MARGIN)
+    rows = []
+    for metric, label in (("global", "global test, after the last round"), ("local", "the clients' own test splits")):
+        p = paired_difference(cand, fedavg, metric)
+        verdict = f"**{claim.decide(p)}**" if metric == "global" else "(not decided on)"
+        rows.append([label, format_paired(p), verdict, "—" if p.interval is None else ("yes" if p.interval[0] > 0 else "no")])
+    lines = [f"{chosen} against fedavg at make run's setting, seeds {list(DEFAULT_SEEDS)} (archive {archive}):", "",
+             markdown_table(["accuracy", f"{chosen} − fedavg, points [95 %] (seeds higher / seeds)",
+                             "verdict (≥, margin 2 points)", "lower bound > 0"], rows)]
     if missing:
         lines += ["", "Not there yet:", *(f"- {m}" for m in missing)]
     return "\n".join(lines)
@@ -338,10 +399,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "every candidate has all three seeds, and if they exist)")
     c = sub.add_parser("confirm", help="the candidate against fedavg on seeds 5-9, by the verdict rule")
     c.add_argument("--archive", type=Path, default=ROOT / "benchmarks" / "runs" / "merge-confirm", help="the confirmation's archive")
+    d = sub.add_parser("default", help="the candidate against fedavg at make run's setting (alpha = 1), seeds 0-2")
+    d.add_argument("--archive", type=Path, default=ROOT / "benchmarks" / "runs" / "merge-default", help="the default setting's archive")
     args = ap.parse_args(argv)
     try:
         if args.step == "confirm":
             print(confirmation(args.archive))
+            return 0
+        if args.step == "default":
+            print(default_setting(args.archive))
             return 0
         cands = candidates()
         scored = [score(c) for c in cands]

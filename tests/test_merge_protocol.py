@@ -162,3 +162,43 @@ def test_confirmation_decides_by_the_verdict_rule(tmp_path):
     assert "+4.0 [+2.0, +6.0] (5/5) | **holds** | yes | 50 %" in out  # 4 of fedavg's 8 points to centralized
     assert "| confirm-64 | 10.0 | 10.0 | 10.0 | 10.0 | 10.0 |" in out  # 0.8 at round 4, then 0.7
     assert "confirm-fednano/fednano/a0.1-c5-s5/results.json: not there" in out  # not run yet: said, not guessed
+
+
+def test_confirmation_reports_the_papers_fednano_beside_the_verdict(tmp_path):
+    sweep, scored = screening(tmp_path)
+    chosen = next(s.candidate for s in scored if s.candidate.name == "screen-64")
+    confirm_file = tmp_path / "merge-confirm.toml"
+    confirm_file.write_text(mp.confirm_files(chosen, scored, sweep)[0])
+    arch = tmp_path / "confirm"
+    diffs = {5: 0.03, 6: 0.05, 7: 0.04, 8: 0.06, 9: 0.02}  # candidate − fedavg, as above
+    behind = {5: 0.04, 6: 0.06, 7: 0.05, 8: 0.07, 9: 0.03}  # fedavg − fednano: mean 5, sd 1.58 -> [−7.0, −3.0]
+    for seed in diffs:  # candidate − fednano = 7, 11, 9, 13, 5: mean 9, sd 3.16 -> ±2.776·3.16/√5 = ±3.9
+        for v, m, acc in (("confirm-64", "fednano", 0.6 + diffs[seed]), ("confirm-fedavg", "fedavg", 0.6),
+                          ("confirm-fednano", "fednano", 0.6 - behind[seed])):
+            write_run(arch / v / m / f"a0.1-c5-s{seed}", {2: 0.5}, n=6,
+                      final={"global_accuracy": acc, "best_validation": {"global_accuracy": acc}})
+    out = mp.confirmation(arch, confirm_file)
+    assert "+4.0 [+2.0, +6.0] (5/5) | **holds**" in out  # the verdict is the candidate's against fedavg, as before
+    assert "| confirm-fednano − confirm-fedavg | at round 24 | -5.0 [-7.0, -3.0] (0/5) |" in out
+    assert "| confirm-64 − confirm-fednano | at the best validation round | +9.0 [+5.1, +12.9] (5/5) |" in out
+    assert "confirm-fednano-ffa/fednano-ffa/a0.1-c5-s5/results.json: not there" in out  # still not run: said
+
+
+def test_the_default_setting_is_decided_on_the_final_global_accuracy(tmp_path):
+    sweep, scored = screening(tmp_path)
+    chosen = next(s.candidate for s in scored if s.candidate.name == "screen-64")
+    default_file = tmp_path / "merge-default.toml"
+    default_file.write_text(mp.confirm_files(chosen, scored, sweep)[1])
+    arch = tmp_path / "default"
+    diffs = {0: 0.01, 1: 0.02, 2: 0.03}  # mean +2, sd 1: ±4.303/√3 = ±2.48 -> [−0.5, +4.5]: holds (> −2), not > 0
+    for seed, d in diffs.items():
+        write_run(arch / "default-64" / "fednano" / f"a1.0-c5-s{seed}", {}, n=3,
+                  final={"global_accuracy": 0.6 + d, "client_accuracy": {"0": 0.5, "1": 0.7 + 2 * d}})
+        write_run(arch / "default-fedavg" / "fedavg" / f"a1.0-c5-s{seed}", {}, n=3,
+                  final={"global_accuracy": 0.6, "client_accuracy": {"0": 0.5, "1": 0.7}})
+    out = mp.default_setting(arch, default_file)
+    assert "| global test, after the last round | +2.0 [-0.5, +4.5] (3/3) | **holds** | no |" in out
+    assert "| the clients' own test splits | +2.0 [-0.5, +4.5] (3/3) | (not decided on) | no |" in out  # (0.5 + 0.7 + 2d)/2 − 0.6 = d
+    (arch / "default-fedavg" / "fedavg" / "a1.0-c5-s2" / "results.json").unlink()
+    out = mp.default_setting(arch, default_file)
+    assert "(2/2)" in out and "default-fedavg/fedavg/a1.0-c5-s2/results.json: not there" in out
