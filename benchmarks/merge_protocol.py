@@ -3,6 +3,7 @@
     python benchmarks/merge_protocol.py screen  [--write]   # scores by merge.toml's rule; --write: merge-confirm.toml
     python benchmarks/merge_protocol.py confirm             # the chosen candidate against fedavg on the fresh seeds
     python benchmarks/merge_protocol.py default             # the same pair at make run's setting (alpha = 1)
+    python benchmarks/merge_protocol.py stability ARCHIVE...  # how far each variant's validation curves fall and swing
 
 `screen` reads the screening runs (configs/sweeps/merge.toml: every `screen-*` variant at seeds 0, 1 and 2, from its
 archive benchmarks/runs/merge) and the reference `fednano-ffa` (its first 16 rounds in the convergence archive), scores
@@ -36,6 +37,7 @@ import sys
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +144,17 @@ def fall_back(curve: Sequence[float | None]) -> float | None:
     top_i, top = max(vals, key=lambda iv: (iv[1], -iv[0]))  # the first best
     later = [v for i, v in vals if i > top_i]
     return max(0.0, top - min(later)) if later else 0.0
+
+
+def largest_swing(curve: Sequence[float | None]) -> float | None:
+    """The largest change between two consecutive validated rounds (None below two)."""
+    vals = [v for v in curve if v is not None]
+    return max((abs(b - a) for a, b in pairwise(vals)), default=None)
+
+
+def validation_error(p: float, n: int) -> float:
+    """The binomial standard error of one accuracy measured on n validation questions."""
+    return (p * (1 - p) / n) ** 0.5
 
 
 # --------------------------------------------------------------------------- reading the sweeps
@@ -362,6 +375,37 @@ def confirmation(archive: Path, confirm_file: Path = CONFIRM) -> str:
     return "\n".join(lines)
 
 
+def stability(archives: Sequence[Path]) -> str:
+    """Per run folder of each archive (<variant>/<method> or <method>): every finished run's fall-back after its best
+    validation and its largest swing between validated rounds, beside what one validation measurement's own noise is
+    (its binomial standard error at the best)."""
+    rows = []
+    for archive in archives:
+        for folder in sorted({path.parent.parent for path in archive.rglob("a*-s*/results.json")}):
+            runs = sorted(folder.glob("a*-s*/results.json"))
+            falls, swings, errors = [], [], []
+            for path in runs:
+                r = read_results(path)
+                if not isinstance((r.get("final") or {}).get("global_accuracy"), (int, float)):
+                    continue  # unfinished: its curve is not whole
+                curve = [x.get("validation_accuracy") for x in r.get("rounds") or [] if isinstance(x, dict)]
+                n = ((r.get("config") or {}).get("data") or {}).get("validation_samples")
+                best = max((v for v in curve if v is not None), default=None)
+                if best is None or not n:
+                    continue
+                falls.append(fall_back(curve))
+                swings.append(largest_swing(curve))
+                errors.append(validation_error(best, n))
+            if not falls:
+                continue
+            pts = ", ".join
+            rows.append([f"{archive.name}: {folder.relative_to(archive).as_posix()}", str(len(falls)), pts(f"{100 * f:.1f}" for f in falls),
+                         f"{100 * mean(falls):.1f}", pts(f"{100 * w:.1f}" for w in swings), f"{100 * mean(errors):.1f}"])
+    header = ["archive: variant", "runs", "fall-back after the best, points (by seed)", "mean",
+              "largest swing between validated rounds (by seed)", "one validation's standard error at the best"]
+    return markdown_table(header, rows, ["---", "---:", "---", "---:", "---", "---:"])
+
+
 def default_setting(archive: Path, default_file: Path = DEFAULT) -> str:
     """The candidate against fedavg at make run's setting (alpha = 1, seeds 0-2), by the same verdict rule.
 
@@ -401,8 +445,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--archive", type=Path, default=ROOT / "benchmarks" / "runs" / "merge-confirm", help="the confirmation's archive")
     d = sub.add_parser("default", help="the candidate against fedavg at make run's setting (alpha = 1), seeds 0-2")
     d.add_argument("--archive", type=Path, default=ROOT / "benchmarks" / "runs" / "merge-default", help="the default setting's archive")
+    st = sub.add_parser("stability", help="each variant's fall-back and swings, beside the validation set's own noise")
+    st.add_argument("archives", type=Path, nargs="+", help="archives of runs, <archive>/[<variant>/]<method>/a*-s*/results.json")
     args = ap.parse_args(argv)
     try:
+        if args.step == "stability":
+            print(stability(args.archives))
+            return 0
         if args.step == "confirm":
             print(confirmation(args.archive))
             return 0

@@ -202,3 +202,20 @@ def test_the_default_setting_is_decided_on_the_final_global_accuracy(tmp_path):
     (arch / "default-fedavg" / "fedavg" / "a1.0-c5-s2" / "results.json").unlink()
     out = mp.default_setting(arch, default_file)
     assert "(2/2)" in out and "default-fedavg/fedavg/a1.0-c5-s2/results.json: not there" in out
+
+
+def test_stability_reports_fall_back_and_swings_beside_the_validation_noise(tmp_path):
+    assert mp.largest_swing([None, 0.5, 0.7, None, 0.4, 0.45]) == pytest.approx(0.3)  # 0.7 -> 0.4, across the unvalidated round
+    assert mp.largest_swing([0.5, None]) is None
+    assert mp.validation_error(0.8, 100) == pytest.approx(0.04)  # sqrt(0.8 * 0.2 / 100)
+    arch = tmp_path / "convergence"  # <archive>/<method>/<run>, as the convergence archive is laid out
+    for seed, curve in ((0, {2: 0.5, 4: 0.8, 6: 0.6}), (1, {2: 0.6, 4: 0.7, 6: 0.7})):
+        write_run(arch / "fedavg" / f"a0.1-c5-s{seed}", curve, n=6)
+    write_run(arch / "fedavg" / "a0.1-c5-s2", {2: 0.1, 4: 0.9}, n=6, final={})  # unfinished: left out
+    for path in arch.rglob("results.json"):
+        r = json.loads(path.read_text())
+        r["config"] = {"data": {"validation_samples": 100}}
+        path.write_text(json.dumps(r))
+    out = mp.stability([arch])
+    # fall-back 20 and 0 (mean 10); swings 30 (0.5 -> 0.8) and 10; errors sqrt(.8*.2/100) = 4.0 and sqrt(.7*.3/100) = 4.58
+    assert "| convergence: fedavg | 2 | 20.0, 0.0 | 10.0 | 30.0, 10.0 | 4.3 |" in out
