@@ -144,11 +144,18 @@ def test_the_reference_as_the_candidate_is_confirmed_once(tmp_path):
     assert "Confirmation of confirm-fednano-ffa against fedavg" in mp.confirmation(tmp_path / "none", tmp_path / "c.toml")
 
 
-def test_confirmation_decides_by_the_verdict_rule(tmp_path):
+def written(tmp_path: Path) -> tuple[Path, Path]:
+    """merge-confirm.toml and merge-default.toml as the protocol writes them for the screening's choice, screen-64."""
     sweep, scored = screening(tmp_path)
     chosen = next(s.candidate for s in scored if s.candidate.name == "screen-64")
-    confirm_file = tmp_path / "merge-confirm.toml"
-    confirm_file.write_text(mp.confirm_files(chosen, scored, sweep)[0])
+    paths = (tmp_path / "merge-confirm.toml", tmp_path / "merge-default.toml")
+    for path, text in zip(paths, mp.confirm_files(chosen, scored, sweep), strict=True):
+        path.write_text(text)
+    return paths
+
+
+def test_confirmation_decides_by_the_verdict_rule(tmp_path):
+    confirm_file = written(tmp_path)[0]
     arch = tmp_path / "confirm"
     diffs = {5: 0.03, 6: 0.05, 7: 0.04, 8: 0.06, 9: 0.02}  # candidate − fedavg: mean +4, sd 1.58 -> [+2.0, +6.0]
     for seed, d in diffs.items():
@@ -165,10 +172,7 @@ def test_confirmation_decides_by_the_verdict_rule(tmp_path):
 
 
 def test_confirmation_reports_the_papers_fednano_beside_the_verdict(tmp_path):
-    sweep, scored = screening(tmp_path)
-    chosen = next(s.candidate for s in scored if s.candidate.name == "screen-64")
-    confirm_file = tmp_path / "merge-confirm.toml"
-    confirm_file.write_text(mp.confirm_files(chosen, scored, sweep)[0])
+    confirm_file = written(tmp_path)[0]
     arch = tmp_path / "confirm"
     diffs = {5: 0.03, 6: 0.05, 7: 0.04, 8: 0.06, 9: 0.02}  # candidate − fedavg, as above
     behind = {5: 0.04, 6: 0.06, 7: 0.05, 8: 0.07, 9: 0.03}  # fedavg − fednano: mean 5, sd 1.58 -> [−7.0, −3.0]
@@ -185,10 +189,7 @@ def test_confirmation_reports_the_papers_fednano_beside_the_verdict(tmp_path):
 
 
 def test_the_default_setting_is_decided_on_the_final_global_accuracy(tmp_path):
-    sweep, scored = screening(tmp_path)
-    chosen = next(s.candidate for s in scored if s.candidate.name == "screen-64")
-    default_file = tmp_path / "merge-default.toml"
-    default_file.write_text(mp.confirm_files(chosen, scored, sweep)[1])
+    default_file = written(tmp_path)[1]
     arch = tmp_path / "default"
     diffs = {0: 0.01, 1: 0.02, 2: 0.03}  # mean +2, sd 1: ±4.303/√3 = ±2.48 -> [−0.5, +4.5]: holds (> −2), not > 0
     for seed, d in diffs.items():
